@@ -1,0 +1,185 @@
+"""The CORAL drafter checkpoint: write it, read it, and check it against its target.
+
+A drafter directory holds
+- `config.json`: a one-layer Llama config (sizes copied from the target), architecture
+  `EagleCoralLlamaForCausalLM`, and a `"coral"` section (:class:`CoralConfig`);
+- `model.safetensors` with these tensors (EAGLE naming, which vLLM's EAGLE loader maps):
+    fc.weight                                [d, 2d]   over [token embedding, target feature]
+    layers.0.self_attn.{q,k,v,o}_proj.weight           Llama attention (no input norm)
+    layers.0.mlp.{gate,up,down}_proj.weight            Llama MLP
+    layers.0.post_attention_layernorm.weight [d]
+    router.w1.weight [d, d], router.w1.bias [d], router.w2.weight [N, d], router.w2.bias [N]
+    partition.token_order                    [V] int64, a permutation of the vocabulary
+    lm_head.weight, embed_tokens.weight      [V, d], optional: shared with the target if absent
+
+Everything here is checked before an engine starts, from the safetensors header, so a
+drafter that does not fit its target fails with the field and the fix, not deep inside a
+worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from coral_vllm.config import DRAFTER_ARCHITECTURE, CoralConfig, CoralConfigError
+from coral_vllm.partition import validate_token_order
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+OPTIONAL_TENSORS = ("lm_head.weight", "embed_tokens.weight")
+
+# Target config keys a drafter copies so its layer matches the target's geometry.
+_COPIED_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta",
+                "rope_scaling", "rope_parameters", "max_position_embeddings", "vocab_size",
+                "hidden_act", "attention_bias", "mlp_bias", "bos_token_id", "eos_token_id",
+                "torch_dtype", "dtype")
+
+
+def drafter_llama_config(target_config: dict[str, Any], coral: CoralConfig) -> dict[str, Any]:
+    """Config of a one-layer drafter matching a Llama-family target's sizes."""
+    cfg = {k: target_config[k] for k in _COPIED_KEYS if k in target_config}
+    cfg.update(architectures=[DRAFTER_ARCHITECTURE], model_type="llama",
+               num_hidden_layers=1, tie_word_embeddings=False, coral=coral.to_dict())
+    return cfg
+
+
+def expected_shapes(config: dict[str, Any], coral: CoralConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of every required tensor, from the config."""
+    d = config["hidden_size"]
+    heads = config["num_attention_heads"]
+    kv = config.get("num_key_value_heads", heads)
+    hd = config.get("head_dim") or d // heads
+    inter = config["intermediate_size"]
+    p = "layers.0."
+    return {
+        "fc.weight": (d, 2 * d),
+        p + "self_attn.q_proj.weight": (heads * hd, d),
+        p + "self_attn.k_proj.weight": (kv * hd, d),
+        p + "self_attn.v_proj.weight": (kv * hd, d),
+        p + "self_attn.o_proj.weight": (d, heads * hd),
+        p + "mlp.gate_proj.weight": (inter, d),
+        p + "mlp.up_proj.weight": (inter, d),
+        p + "mlp.down_proj.weight": (d, inter),
+        p + "post_attention_layernorm.weight": (d,),
+        "router.w1.weight": (d, d),
+        "router.w1.bias": (d,),
+        "router.w2.weight": (coral.num_groups, d),
+        "router.w2.bias": (coral.num_groups,),
+        "partition.token_order": (coral.vocab_size,),
+    }
+
+
+@dataclasses.dataclass
+class DrafterCheckpoint:
+    """A drafter directory as read from disk (tensors not loaded, except the partition)."""
+
+    path: Path
+    config: dict[str, Any]
+    coral: CoralConfig
+    shapes: dict[str, tuple[int, ...]]
+    token_order: torch.Tensor
+
+    @property
+    def has_own_lm_head(self) -> bool:
+        return "lm_head.weight" in self.shapes
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> DrafterCheckpoint:
+    """Reads and self-checks a drafter directory; raises CoralConfigError naming the fix."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CoralConfigError(
+            f'speculative_config "model": drafter directory {str(path)!r} does not exist. '
+            "Pass the directory written by `coral-vllm train export` or "
+            "`coral-vllm init-drafter`.")
+    cfg_file, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
+    for f in (cfg_file, weights):
+        if not f.is_file():
+            raise CoralConfigError(f"drafter directory {str(path)!r} has no {f.name}; "
+                                   "re-export the drafter.")
+    config = json.loads(cfg_file.read_text())
+    coral = CoralConfig.from_dict(config.get("coral"))
+    for field in ("vocab_size", "hidden_size"):
+        if config.get(field) != getattr(coral, field):
+            raise CoralConfigError(
+                f'config.json "{field}" is {config.get(field)} but "coral.{field}" is '
+                f"{getattr(coral, field)}; they must agree (re-export the drafter).")
+    with safe_open(str(weights), framework="pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        token_order = (f.get_tensor("partition.token_order")
+                       if "partition.token_order" in shapes else None)
+    expected = expected_shapes(config, coral)
+    for name, shape in expected.items():
+        if name not in shapes:
+            raise CoralConfigError(
+                f"{weights}: tensor {name!r} is missing (expected shape {list(shape)}); "
+                "the checkpoint is incomplete or not a CORAL drafter. Re-export it.")
+        if shapes[name] != shape:
+            raise CoralConfigError(
+                f"{weights}: tensor {name!r} has shape {list(shapes[name])}, expected "
+                f"{list(shape)} from config.json; the weights and config disagree.")
+    for name in OPTIONAL_TENSORS:
+        want = (coral.vocab_size, coral.hidden_size)
+        if name in shapes and shapes[name] != want:
+            raise CoralConfigError(
+                f"{weights}: tensor {name!r} has shape {list(shapes[name])}, expected "
+                f"{list(want)}; drop it to share the target's, or re-export.")
+    assert token_order is not None
+    validate_token_order(token_order, coral.vocab_size)
+    return DrafterCheckpoint(path, config, coral, shapes, token_order.long())
+
+
+def check_against_target(ckpt: DrafterCheckpoint, *, vocab_size: int, hidden_size: int,
+                         target_name: str = "the target") -> None:
+    """The drafter must score the target's vocabulary from the target's hidden states."""
+    if ckpt.coral.vocab_size != vocab_size:
+        raise CoralConfigError(
+            f'drafter {str(ckpt.path)!r}: "vocab_size" is {ckpt.coral.vocab_size} but '
+            f"{target_name} has {vocab_size} tokens; train/export a drafter for this target.")
+    if ckpt.coral.hidden_size != hidden_size:
+        raise CoralConfigError(
+            f'drafter {str(ckpt.path)!r}: "hidden_size" is {ckpt.coral.hidden_size} but '
+            f"{target_name}'s hidden size is {hidden_size}; the drafter reads the target's "
+            "hidden states, so it must be trained for this target.")
+
+
+def save_checkpoint(path: str | os.PathLike[str], config: dict[str, Any],
+                    tensors: dict[str, torch.Tensor]) -> Path:
+    """Writes config.json + model.safetensors atomically (a half-written drafter never
+    replaces a good one), then reads it back through the same checks the plugin runs."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        read_checkpoint(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            if old.exists():
+                _rmtree(old)
+            path.rename(old)
+            tmp.rename(path)
+            _rmtree(old)
+        else:
+            tmp.rename(path)
+    finally:
+        if tmp.exists():
+            _rmtree(tmp)
+    return path
+
+
+def _rmtree(p: Path) -> None:
+    import shutil
+    shutil.rmtree(p, ignore_errors=True)

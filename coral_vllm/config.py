@@ -1,0 +1,111 @@
+"""The `coral` section of a drafter's config.json: what the router and grouped head need.
+
+A CORAL drafter directory is an EAGLE-style Llama drafter checkpoint (a Llama
+`config.json` with one layer, plus `model.safetensors`) whose config carries one more
+section, `"coral"`, described by :class:`CoralConfig`. vLLM's `SpeculativeConfig`
+forbids unknown keys, so every drafter-specific setting lives here, in the checkpoint,
+not on the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+FORMAT_VERSION = 1
+DRAFTER_ARCHITECTURE = "EagleCoralLlamaForCausalLM"
+PARTITION_STRATEGIES = ("contiguous", "frequency", "cluster")
+ROUTER_ACTIVATIONS = ("silu", "gelu", "relu")
+
+
+class CoralConfigError(ValueError):
+    """A drafter checkpoint or setting is wrong; the message names the field and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CoralConfig:
+    """Router and grouped-head settings stored under `"coral"` in the drafter's config.json.
+
+    The vocabulary is split into `num_groups` groups of `group_size` tokens (the last one
+    may be ragged: `num_groups * group_size >= vocab_size`). Per drafted token the router
+    activates `top_k_groups` of them, so the head reads `top_k_groups / num_groups` of its
+    rows.
+    """
+
+    num_groups: int
+    group_size: int
+    top_k_groups: int
+    vocab_size: int
+    hidden_size: int
+    partition: str = "frequency"
+    router_act: str = "silu"
+    trained: bool = False
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def padded_vocab(self) -> int:
+        """Rows of the grouped head: every group padded to `group_size`."""
+        return self.num_groups * self.group_size
+
+    @property
+    def active_fraction(self) -> float:
+        return self.top_k_groups / self.num_groups
+
+    def validate(self) -> None:
+        def need(ok: bool, field: str, msg: str) -> None:
+            if not ok:
+                raise CoralConfigError(f'config.json "coral.{field}": {msg}')
+
+        need(self.format_version == FORMAT_VERSION, "format_version",
+             f"is {self.format_version}, this coral-vllm reads version {FORMAT_VERSION}; "
+             "re-export the drafter with this version's `coral-vllm train export`.")
+        for name in ("num_groups", "group_size", "top_k_groups", "vocab_size", "hidden_size"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and value > 0, name,
+                 f"must be a positive integer, got {value!r}.")
+        need(self.top_k_groups <= self.num_groups, "top_k_groups",
+             f"is {self.top_k_groups} but there are only num_groups={self.num_groups} "
+             "groups; lower top_k_groups or use more groups.")
+        need(self.group_size == math.ceil(self.vocab_size / self.num_groups), "group_size",
+             f"is {self.group_size}, but {self.num_groups} groups over a vocabulary of "
+             f"{self.vocab_size} need group_size = ceil(vocab_size / num_groups) = "
+             f"{math.ceil(self.vocab_size / self.num_groups)}.")
+        need((self.num_groups - 1) * self.group_size < self.vocab_size, "num_groups",
+             f"{self.num_groups} groups of {self.group_size} leave the last group empty; "
+             "use fewer groups.")
+        need(self.partition in PARTITION_STRATEGIES, "partition",
+             f"is {self.partition!r}; choose one of {PARTITION_STRATEGIES}.")
+        need(self.router_act in ROUTER_ACTIVATIONS, "router_act",
+             f"is {self.router_act!r}; choose one of {ROUTER_ACTIVATIONS}.")
+
+    @classmethod
+    def for_vocab(cls, vocab_size: int, hidden_size: int, num_groups: int,
+                  top_k_groups: int, **kw: Any) -> "CoralConfig":
+        """Derives the group size from the vocabulary and the number of groups."""
+        return cls(num_groups=num_groups, group_size=math.ceil(vocab_size / num_groups),
+                   top_k_groups=top_k_groups, vocab_size=vocab_size,
+                   hidden_size=hidden_size, **kw)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "CoralConfig":
+        if not isinstance(d, dict):
+            raise CoralConfigError(
+                'config.json has no "coral" section: this is not a CORAL drafter. Export '
+                "one with `coral-vllm train export` or make one with `coral-vllm init-drafter`.")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise CoralConfigError(
+                f'config.json "coral" has unknown keys {unknown}; known keys: {sorted(fields)}.')
+        missing = sorted(f.name for f in dataclasses.fields(cls)
+                         if f.default is dataclasses.MISSING and f.name not in d)
+        if missing:
+            raise CoralConfigError(f'config.json "coral" lacks {missing}.')
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
