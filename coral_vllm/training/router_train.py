@@ -1,0 +1,171 @@
+"""Stage 2: freeze the drafter, partition the vocabulary, train the router.
+
+1. Run the trained drafter (all n steps, as it drafts) over the data and keep, per
+   response position, its output feature h, the target's top-1 next token and (for the
+   KL label) the target's probabilities summed per group.
+2. For each partition (contiguous, frequency from the data's token counts, cluster of
+   LM-head rows) train a fresh router on the training split:
+     ce: cross-entropy to the group holding the target's top-1 token   [default]
+     kl: KL(group-summed target probs || softmax(router(h)))
+3. Report on the held-out split recall@k = P(target top-1 lies in the k chosen groups)
+   and dense-agreement = P(the drafter's dense top-1 lies in them); keep the partition
+   with the best recall (or the one asked for) in `out/router.pt`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from coral_vllm.partition import build_token_order, group_of_token
+from coral_vllm.config import PARTITION_STRATEGIES, CoralConfig
+from coral_vllm.router import Router
+from coral_vllm.training.config import TrainConfig
+from coral_vllm.training.data import TokenDataset, collate, split_indices
+from coral_vllm.training.model import CoralDrafter
+from coral_vllm.training.target import load_target, pick_device, target_features
+from coral_vllm.training.trainer import load_state, multi_step_forward, shift_for_drafter
+
+ROUTER_FILE = "router.pt"
+
+
+def load_trained_drafter(out: str | Path, target_model, device) -> tuple[CoralDrafter, TrainConfig]:
+    state = load_state(out)
+    if state is None:
+        raise FileNotFoundError(f"{out}: no stage-1 state (state/latest.pt); run `train` first.")
+    cfg = TrainConfig.from_dict(state["config"])
+    drafter = CoralDrafter(state["target_config"], cfg.num_groups, cfg.router_act)
+    drafter.load_target_heads(target_model)
+    drafter.load_state_dict(state["model"], strict=False)
+    return drafter.to(device).eval(), cfg
+
+
+@torch.no_grad()
+def collect(drafter: CoralDrafter, target_model, ds: TokenDataset, indices: list[int],
+            num_steps: int, batch_size: int, max_tokens: int, device,
+            partitions: dict[str, torch.Tensor], group_size: int, num_groups: int
+            ) -> dict[str, Any]:
+    """Drafter features and labels at response positions, over all drafting steps."""
+    feats, top1, dense1 = [], [], []
+    gprobs: dict[str, list[torch.Tensor]] = {k: [] for k in partitions}
+    groups = {k: group_of_token(v, group_size).to(device) for k, v in partitions.items()}
+    head = drafter.lm_head.weight
+    n = 0
+    for i in range(0, len(indices), batch_size):
+        batch = {k: v.to(device) for k, v in
+                 collate([ds[j] for j in indices[i: i + batch_size]]).items()}
+        f = target_features(target_model, batch["input_ids"], batch["attention_mask"])
+        b = shift_for_drafter(f, batch["input_ids"], batch["loss_mask"],
+                              batch["attention_mask"])
+        sel = b["mask"].bool()
+        t_logits = (b["feat_tgt"][sel].float() @ head.float().T)
+        t_probs = t_logits.softmax(-1)
+        for out in multi_step_forward(drafter, b["ids_in"], b["feat_in"], num_steps):
+            h = out[sel].float()
+            feats.append(h.cpu())
+            top1.append(t_logits.argmax(-1).cpu())
+            dense1.append((h @ head.float().T).argmax(-1).cpu())
+            for k, g in groups.items():
+                gp = t_probs.new_zeros(len(h), num_groups).index_add_(1, g, t_probs)
+                gprobs[k].append(gp.cpu())
+            n += len(h)
+        if n >= max_tokens:
+            break
+    return {"h": torch.cat(feats)[:max_tokens], "top1": torch.cat(top1)[:max_tokens],
+            "dense1": torch.cat(dense1)[:max_tokens],
+            "gprobs": {k: torch.cat(v)[:max_tokens] for k, v in gprobs.items()}}
+
+
+def recall_at_k(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    chosen = logits.topk(k, dim=-1).indices
+    return (chosen == labels.unsqueeze(1)).any(1).float().mean().item()
+
+
+def train_router(h: torch.Tensor, labels: torch.Tensor, gprobs: torch.Tensor | None,
+                 num_groups: int, *, act: str = "silu", label: str = "ce",
+                 epochs: int = 5, lr: float = 1e-3, batch_size: int = 1024,
+                 seed: int = 0, device=None) -> Router:
+    """Fits Router(h) -> group logits. `label`: 'ce' (labels) or 'kl' (gprobs)."""
+    torch.manual_seed(seed)
+    device = device or h.device
+    router = Router(h.shape[1], num_groups, act=act).to(device)
+    opt = torch.optim.AdamW(router.parameters(), lr=lr, betas=(0.9, 0.95))
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        perm = torch.randperm(len(h), generator=g)
+        for i in range(0, len(h), batch_size):
+            idx = perm[i: i + batch_size]
+            logits = router(h[idx].to(device))
+            if label == "kl":
+                loss = F.kl_div(logits.log_softmax(-1), gprobs[idx].to(device),
+                                reduction="batchmean")
+            else:
+                loss = F.cross_entropy(logits, labels[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return router.eval()
+
+
+def run_router_stage(out: str | Path, cfg_overrides: dict[str, Any] | None = None,
+                     device: str | None = None) -> dict[str, Any]:
+    """The `train router` command; writes out/router.pt and out/router_report.json."""
+    out = Path(out)
+    dev = pick_device(device)
+    state = load_state(out)
+    if state is None:
+        raise FileNotFoundError(f"{out}: no stage-1 state; run `train` first.")
+    cfg = TrainConfig.from_dict({**state["config"], **(cfg_overrides or {})})
+    target, _, tcfg = load_target(cfg.target, dev)
+    drafter, _ = load_trained_drafter(out, target, dev)
+    vocab, d = tcfg["vocab_size"], tcfg["hidden_size"]
+    coral = CoralConfig.for_vocab(vocab, d, cfg.num_groups, cfg.top_k_groups)
+    ds = TokenDataset(cfg.data, cfg.max_len)
+    strategies = PARTITION_STRATEGIES if cfg.partition == "auto" else (cfg.partition,)
+    partitions = {s: build_token_order(s, vocab, cfg.num_groups, token_counts=ds.token_counts(),
+                                       lm_head=drafter.lm_head.weight.detach().cpu())
+                  for s in strategies}
+    train_idx, held_idx = split_indices(len(ds), cfg.router_holdout)
+    kw = dict(num_steps=cfg.num_steps, batch_size=cfg.batch_size, device=dev,
+              partitions=partitions, group_size=coral.group_size, num_groups=cfg.num_groups)
+    tr = collect(drafter, target, ds, train_idx, max_tokens=cfg.router_max_tokens, **kw)
+    ho = collect(drafter, target, ds, held_idx, max_tokens=cfg.router_max_tokens, **kw)
+    k = cfg.top_k_groups
+    report: dict[str, Any] = {"top_k_groups": k, "num_groups": cfg.num_groups,
+                              "label": cfg.router_label, "train_tokens": len(tr["h"]),
+                              "heldout_tokens": len(ho["h"]),
+                              "random_recall": k / cfg.num_groups, "partitions": {}}
+    routers = {}
+    for s, order in partitions.items():
+        grp = group_of_token(order, coral.group_size)
+        router = train_router(tr["h"], grp[tr["top1"]], tr["gprobs"][s], cfg.num_groups,
+                              act=cfg.router_act, label=cfg.router_label,
+                              epochs=cfg.router_epochs, lr=cfg.router_lr,
+                              batch_size=cfg.router_batch_size, seed=cfg.seed, device=dev)
+        with torch.no_grad():
+            logits = router(ho["h"].to(dev)).cpu()
+        routers[s] = router
+        report["partitions"][s] = {
+            "recall_at_k": recall_at_k(logits, grp[ho["top1"]], k),
+            "dense_agreement": recall_at_k(logits, grp[ho["dense1"]], k),
+            # the best a context-free router could do: always the k most frequent groups
+            "static_recall": _static_recall(grp[tr["top1"]], grp[ho["top1"]], k,
+                                            cfg.num_groups)}
+    best = max(report["partitions"], key=lambda s: report["partitions"][s]["recall_at_k"])
+    report["chosen"] = best
+    torch.save({"partition": best, "token_order": partitions[best],
+                "router": {k_: v.cpu() for k_, v in routers[best].state_dict().items()},
+                "num_groups": cfg.num_groups, "top_k_groups": k, "router_act": cfg.router_act,
+                "report": report}, out / ROUTER_FILE)
+    (out / "router_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _static_recall(train_labels: torch.Tensor, held_labels: torch.Tensor, k: int,
+                   num_groups: int) -> float:
+    top = torch.bincount(train_labels, minlength=num_groups).topk(k).indices
+    return torch.isin(held_labels, top).float().mean().item()

@@ -1,0 +1,77 @@
+"""The frozen target: load it with transformers and read the features a drafter learns from.
+
+Features are the target's LAST hidden state AFTER the final norm (what vLLM hands an
+EAGLE drafter); the target's next-token logits are `lm_head(feature)`, so only features
+are ever needed: logits are recomputed from them where a loss wants them.
+
+Features are computed on the fly, batch by batch (the default and only path here): the
+135M target's forward costs a fraction of the drafter's forward+backward with n steps.
+Caching them instead would cost, in bf16, samples x tokens x hidden x 2 bytes, e.g.
+1k samples x 400 tokens x 576 x 2 B = 0.46 GB per 1k samples for SmolLM2-135M
+(68k ShareGPT dialogues: ~31 GB), and ties the cache to one target and max_len.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_target(path: str | Path, device: str | torch.device | None = None,
+                dtype: torch.dtype | None = None):
+    """(model, tokenizer or None, config dict). float32 on CPU, bf16 on GPU by default."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = pick_device(str(device) if device else None)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    model.to(device).eval().requires_grad_(False)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception:  # a bare test model has no tokenizer files
+        tokenizer = None
+    return model, tokenizer, target_config_dict(path)
+
+
+def target_config_dict(path: str | Path) -> dict[str, Any]:
+    """The target's config.json as a plain dict (what the exported drafter copies)."""
+    return json.loads((Path(path) / "config.json").read_text())
+
+
+def base_model(model):
+    """The decoder stack (LlamaModel) of a *ForCausalLM."""
+    return model.model if hasattr(model, "model") else model.get_decoder()
+
+
+def head_weights(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embed_tokens.weight, lm_head.weight) of the target (the same tensor when tied)."""
+    return model.get_input_embeddings().weight, model.get_output_embeddings().weight
+
+
+@torch.no_grad()
+def target_features(model, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Post-final-norm last hidden states [B, S, d] (vLLM's EAGLE input)."""
+    out = base_model(model)(input_ids=input_ids, attention_mask=attention_mask,
+                            use_cache=False)
+    return out.last_hidden_state
+
+
+@torch.no_grad()
+def target_features_and_logits(model, input_ids: torch.Tensor,
+                               attention_mask: torch.Tensor | None = None
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features [B, S, d], next-token logits [B, S, V] float32)."""
+    feats = target_features(model, input_ids, attention_mask)
+    logits = model.get_output_embeddings()(feats).float()
+    return feats, logits

@@ -1,0 +1,118 @@
+"""Every bad-drafter case fails before an engine starts, naming the field and the fix."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from coral_vllm.checkpoint import check_against_target, read_checkpoint
+from coral_vllm.config import CoralConfigError
+
+
+def _variant(src: Path, dst: Path, config_edit=None, tensor_edit=None) -> Path:
+    shutil.copytree(src, dst)
+    if config_edit:
+        cfg = json.loads((dst / "config.json").read_text())
+        config_edit(cfg)
+        (dst / "config.json").write_text(json.dumps(cfg))
+    if tensor_edit:
+        tensors = load_file(dst / "model.safetensors")
+        tensor_edit(tensors)
+        save_file(tensors, dst / "model.safetensors")
+    return dst
+
+
+def _set_coral(**kw):
+    def edit(cfg):
+        cfg["coral"].update(kw)
+    return edit
+
+
+def _swap_token(t):
+    order = t["partition.token_order"].clone()
+    order[1] = order[0]  # token order[0] twice, the old order[1] nowhere
+    t["partition.token_order"] = order
+
+
+BAD = {
+    "top_k_exceeds_groups": (dict(config_edit=_set_coral(top_k_groups=65)),
+                             ["coral.top_k_groups", "num_groups=64"]),
+    "partition_not_a_cover": (dict(tensor_edit=_swap_token),
+                              ["partition.token_order", "exactly once"]),
+    "missing_tensor": (dict(tensor_edit=lambda t: t.pop("router.w2.weight")),
+                       ["router.w2.weight", "missing"]),
+    "wrong_shape": (dict(tensor_edit=lambda t: t.update(
+        {"fc.weight": torch.zeros(576, 576)})), ["fc.weight", "[576, 1152]"]),
+    "group_size_inconsistent": (dict(config_edit=_set_coral(group_size=700)),
+                                ["coral.group_size", "ceil"]),
+    "no_coral_section": (dict(config_edit=lambda c: c.pop("coral")), ['"coral"']),
+    "bad_partition_name": (dict(config_edit=_set_coral(partition="alphabetical")),
+                           ["coral.partition", "contiguous"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_checkpoint_is_named(case, random_drafter, tmp_path):
+    kwargs, needles = BAD[case]
+    bad = _variant(random_drafter, tmp_path / case, **kwargs)
+    with pytest.raises(CoralConfigError) as err:
+        read_checkpoint(bad)
+    for needle in needles:
+        assert needle in str(err.value), str(err.value)
+
+
+def test_missing_directory_is_named(tmp_path):
+    with pytest.raises(CoralConfigError, match="does not exist"):
+        read_checkpoint(tmp_path / "nope")
+
+
+def test_target_mismatch_is_named(random_drafter):
+    ckpt = read_checkpoint(random_drafter)
+    with pytest.raises(CoralConfigError, match=r'"vocab_size" is 49152 but .* 50000 tokens'):
+        check_against_target(ckpt, vocab_size=50000, hidden_size=576)
+    with pytest.raises(CoralConfigError, match=r'"hidden_size" is 576 .* hidden size is 640'):
+        check_against_target(ckpt, vocab_size=49152, hidden_size=640)
+
+
+def _drafter_for_other_target(src: Path, dst: Path, vocab: int, hidden: int) -> Path:
+    """A self-consistent drafter (passes its own checks) made for another target."""
+    from coral_vllm.drafter_init import init_drafter
+
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.pop("coral")
+    cfg.update(vocab_size=vocab, hidden_size=hidden, intermediate_size=64,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4)
+    other = dst.parent / f"{dst.name}-target"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps(cfg))
+    return init_drafter(other, dst, num_groups=8, top_k_groups=2)
+
+
+@pytest.mark.parametrize("vocab,hidden,needle", [(32000, 576, '"vocab_size" is 32000'),
+                                                 (49152, 256, '"hidden_size" is 256')])
+def test_real_engine_refuses_mismatched_drafter_before_start(target_dir, tmp_path, vocab,
+                                                             hidden, needle, random_drafter):
+    """Through vLLM's own front end: the error comes from the coral plugin, fast."""
+    from vllm import LLM
+
+    bad = _drafter_for_other_target(random_drafter, tmp_path / "other", vocab, hidden)
+    t0 = time.monotonic()
+    with pytest.raises(CoralConfigError, match=needle):
+        LLM(model=str(target_dir), dtype="float32", max_model_len=512,
+            speculative_config={"method": "coral", "model": str(bad),
+                                "num_speculative_tokens": 2})
+    assert time.monotonic() - t0 < 60, "error should come before any engine starts"
+
+
+def test_real_engine_refuses_missing_model_key(target_dir):
+    from vllm import LLM
+
+    with pytest.raises(CoralConfigError, match='"model" is missing'):
+        LLM(model=str(target_dir), dtype="float32", max_model_len=512,
+            speculative_config={"method": "coral", "num_speculative_tokens": 2})
