@@ -80,6 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--groups", type=int, default=None,
                    help=f"number of groups N (default {NUM_GROUPS}, tiny {TINY_GROUPS})")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budget", type=float, default=300.0,
+                   help="seconds; past this, forced-path timings and the sweep are skipped")
     return p.parse_args(argv)
 
 
@@ -210,7 +212,8 @@ def sweep(glh, timer, device, gen, tiny):
     import torch
     out = []
     points = [((4096, 128256), 1, 1 / 8, "per_token",
-               [{"BLOCK_R": br, "num_warps": nw} for br in (16, 32, 64) for nw in (4, 8)]),
+               [{"BLOCK_R": br, "num_warps": nw, "num_stages": ns}
+                for br in (8, 16, 32) for nw in (4, 8) for ns in (1, 3)]),
               ((4096, 128256), 64, 1 / 4, "union",
                [{"BLOCK_R": br, "BLOCK_D": bd, "num_warps": nw, "num_stages": ns}
                 for br, bd, nw, ns in ((64, 64, 4, 4), (128, 64, 4, 4), (128, 64, 8, 4),
@@ -294,7 +297,8 @@ def run_benchmark(args):
         for n in (TINY_TOKENS if tiny else TOKENS):
             for frac in (TINY_FRACTIONS if tiny else FRACTIONS):
                 r = bench_row(glh, grouped_logits_torch, timer, d, vocab, n, frac, num_groups,
-                              weights, rows, device, gen)
+                              weights, rows, device, gen,
+                              alt_paths=time.time() - t_start < args.budget)
                 rows_out.append(r)
                 print(f"d={d:5d} V={vocab:6d} n={n:3d} f=1/{round(1 / frac):<3d} "
                       f"{r['path']:9s} dense {r['dense_ms']:.4f} gather {r['gather_ms']:.4f} "
@@ -304,7 +308,10 @@ def run_benchmark(args):
         del weights, rows
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-    sweep_rows = [] if args.no_sweep else sweep(glh, timer, device, gen, tiny)
+    over = time.time() - t_start > args.budget
+    if over and not args.no_sweep:
+        print(f"over the {args.budget:.0f}s budget: sweep skipped")
+    sweep_rows = [] if args.no_sweep or over else sweep(glh, timer, device, gen, tiny)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"device": name, "copy_bandwidth_gbs": copy_bw, "num_groups": num_groups,
@@ -313,13 +320,16 @@ def run_benchmark(args):
     (out / "lm_head.json").write_text(json.dumps(result, indent=1))
     print(f"wrote {out / 'lm_head.json'}")
     plot(rows_out, out / "lm_head.png")
-    print("\n   d   vocab   n  frac   path       dense_ms  gather_ms grouped_ms  speedup "
-          "GB/s  %copy")
+    print("\n    d  vocab   n frac  path       dense_ms gather_ms grouped_ms per_tok_ms "
+          "union_ms  speedup   GB/s %copy")
     for r in rows_out:
-        print(f"{r['d']:5d} {r['vocab']:6d} {r['tokens']:3d}  1/{round(1 / r['active_fraction']):<3d}"
-              f" {r['path']:9s} {r['dense_ms']:9.4f} {r['gather_ms']:9.4f} {r['grouped_ms']:9.4f}"
-              f"  {r['speedup_vs_dense']:6.2f} {r['grouped_bandwidth_gbs']:6.0f} "
-              f"{100 * r['grouped_bandwidth_gbs'] / copy_bw:5.1f}")
+        frac = f"1/{round(1 / r['active_fraction'])}"
+        alt = [r.get(key) for key in ("per_token_ms", "union_ms")]
+        alt = [f"{a:10.4f}" if a is not None else f"{'-':>10s}" for a in alt]
+        print(f"{r['d']:5d} {r['vocab']:6d} {r['tokens']:3d} {frac:5s} {r['path']:9s}"
+              f" {r['dense_ms']:9.4f} {r['gather_ms']:9.4f} {r['grouped_ms']:10.4f}"
+              f" {alt[0]} {alt[1]} {r['speedup_vs_dense']:7.2f}"
+              f" {r['grouped_bandwidth_gbs']:6.0f} {100 * r['grouped_bandwidth_gbs'] / copy_bw:5.1f}")
     print(f"total {time.time() - t_start:.0f}s")
 
 

@@ -22,17 +22,21 @@ Two paths, chosen from static shapes only (see `choose_path`):
   mat-vec). n*k*NB programs: at n = 1 the row-block size is picked so there are enough of
   them to fill the GPU. A group chosen by several tokens is read once per token (L2 may
   absorb some of it).
-* union      -- program (g, rb) loads the group ids (int32 copy, [n, k] tiny, L2 resident),
-  sees which tokens chose group g, exits at once if none, otherwise streams its BLOCK_R x d
-  weight block ONCE and multiplies it against a padded tile of those tokens with `tl.dot`
-  (BLOCK_N x BLOCK_R, fp32 accumulation), then writes only the (token, slot) columns
-  that chose g. Every active group is read once per token tile (one tile while n <= 64),
-  so a batch whose choices cover the whole vocabulary costs about a dense head.
+* union      -- program (g, rb, token tile) loads the group ids ([n, k], tiny and L2
+  resident), sees which tokens chose group g and runs its d-loop with a zero trip count
+  if none did (an early exit that keeps the loop outside any `if`, so it stays
+  software-pipelined); otherwise streams its BLOCK_R x d weight block ONCE per token tile
+  (one tile while n <= 64) and multiplies it against the padded tile of those tokens with
+  `tl.dot` (BLOCK_N x BLOCK_R, fp32 accumulation), then writes only the (token, slot)
+  columns that chose g. A batch whose choices cover the whole vocabulary costs about a
+  dense head.
 
-Path rule (`choose_path`): union if n >= UNION_MIN_TOKENS (16) or n*k >= N (the batch's
-group choices would, in expectation, make the per-token path re-read groups: with
-independent choices the per-token/union byte ratio is n*k / (N*(1-(1-k/N)^n)), >= ~1.6 once
-n*k >= N); per-token otherwise. Both are correct for every shape; `path=` forces one.
+Path rule (`choose_path`): union if n >= UNION_MIN_TOKENS (16) or n*k >= N; per-token
+otherwise. Reason: with independent choices the per-token/union byte ratio is
+n*k / (N*(1-(1-k/N)^n)), i.e. ~1 while n*k << N, 1.3-1.6 at n*k = N and growing with n,
+while the union path pays a group-id scan per program and pads tokens to a 16-row dot
+tile. Both paths are correct for every shape; `path=` forces one (the benchmark times
+both, to move the threshold).
 
 Every (token, slot, row block) is written by exactly one program in either path (program
 (group_ids[i, j], rb) in the union path), so outputs need no initialisation. Duplicate
@@ -76,7 +80,8 @@ def _next_pow2(x: int) -> int:
 @triton.jit
 def _per_token_kernel(h_ptr, w_ptr, rt_ptr, gid_ptr, out_ptr, tok_ptr,
                       n_tokens, k, d, G, NB, scale, stride_h, stride_w,
-                      TOP1: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                      TOP1: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                      STAGES: tl.constexpr):
     pid = tl.program_id(0)            # i * k + j
     rb = tl.program_id(1)
     i = pid // k
@@ -87,8 +92,11 @@ def _per_token_kernel(h_ptr, w_ptr, rt_ptr, gid_ptr, out_ptr, tok_ptr,
     rows = g * G + c
     acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
     h_row = h_ptr + i.to(tl.int64) * stride_h
-    w_rows = w_ptr + rows[:, None] * stride_w
-    for d0 in range(0, d, BLOCK_D):
+    cl = tl.arange(0, BLOCK_R)
+    w_rows = (w_ptr + (g * G + rb * BLOCK_R) * stride_w) + cl[:, None] * stride_w
+    # explicit stages: Triton only software-pipelines loads that feed a dot unless asked;
+    # this gets the weight tiles cp.async-prefetched STAGES-1 iterations ahead
+    for d0 in tl.range(0, d, BLOCK_D, num_stages=STAGES):
         dd = d0 + tl.arange(0, BLOCK_D)
         dmask = dd < d
         hv = tl.load(h_row + dd, mask=dmask, other=0.0).to(tl.float32)
@@ -113,72 +121,81 @@ def _per_token_kernel(h_ptr, w_ptr, rt_ptr, gid_ptr, out_ptr, tok_ptr,
 def _union_kernel(h_ptr, w_ptr, rt_ptr, gid_ptr, out_ptr, tok_ptr,
                   n_tokens, k, d, G, NB, scale, stride_h, stride_w,
                   TOP1: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                  BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
     g = tl.program_id(0)
     rb = tl.program_id(1)
-    c = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    ti = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)     # token tile
+    tmask = ti < n_tokens
+    ti64 = ti.to(tl.int64)
+    # which tokens (and which of their k slots) chose group g; the [BLOCK_N, BLOCK_K]
+    # tile dies here, only per-token vectors stay live through the main loop
+    kk = tl.arange(0, BLOCK_K)
+    gids = tl.load(gid_ptr + ti64[:, None] * k + kk[None, :],
+                   mask=tmask[:, None] & (kk < k)[None, :], other=-1)
+    eq = gids == g
+    nhit = tl.sum(eq.to(tl.int32), axis=1)                      # [BLOCK_N]
+    jfirst = tl.min(tl.where(eq, kk[None, :], BLOCK_K), axis=1)  # first slot choosing g
+    hit = nhit > 0
+    max_hit = tl.max(nhit, axis=0)
+    # early exit without a branch around the loop (keeps it software-pipelined): no
+    # token chose g -> zero trip count and every store below is masked off
+    d_end = tl.where(max_hit > 0, d, 0)
+
+    cl = tl.arange(0, BLOCK_R)
+    c = rb * BLOCK_R + cl
     cmask = c < G
     rows = g.to(tl.int64) * G + c
-    w_rows = w_ptr + rows[:, None] * stride_w
-    kk = tl.arange(0, BLOCK_K)
-    kmask = kk < k
-    for n0 in range(0, n_tokens, BLOCK_N):
-        ti = n0 + tl.arange(0, BLOCK_N)
-        tmask = ti < n_tokens
-        gids = tl.load(gid_ptr + ti[:, None] * k + kk[None, :],
-                       mask=tmask[:, None] & kmask[None, :], other=-1)
-        eq = gids == g
-        nhit = tl.sum(eq.to(tl.int32), axis=1)          # [BLOCK_N]
-        if tl.max(nhit, axis=0) > 0:                    # in-kernel early exit
-            hit = nhit > 0
-            acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-            h_rows = h_ptr + ti.to(tl.int64)[:, None] * stride_h
-            for d0 in range(0, d, BLOCK_D):
-                dd = d0 + tl.arange(0, BLOCK_D)
-                dmask = dd < d
-                hv = tl.load(h_rows + dd[None, :], mask=hit[:, None] & dmask[None, :],
-                             other=0.0)
-                wv = tl.load(w_rows + dd[None, :], mask=cmask[:, None] & dmask[None, :],
-                             other=0.0)
-                if UPCAST:   # interpreter only: its tl.dot mis-handles bf16 operands
-                    acc = tl.dot(hv.to(tl.float32), tl.trans(wv.to(tl.float32)), acc,
-                                 input_precision="ieee")
-                elif IEEE:
-                    acc = tl.dot(hv, tl.trans(wv), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(hv, tl.trans(wv), acc)
-            tok = tl.load(rt_ptr + rows, mask=cmask, other=-1)
-            logit = acc * scale
-            logit = tl.where(tok[None, :] >= 0, logit, float("-inf"))
-            jfirst = tl.min(tl.where(eq, kk[None, :], BLOCK_K), axis=1)   # [BLOCK_N]
-            ti64 = ti.to(tl.int64)
-            if TOP1:
-                best = tl.max(logit, axis=1)
-                best_tok = tl.max(tl.where(logit == best[:, None], tok[None, :], -1), axis=1)
-                slot = (ti64 * k + jfirst) * NB + rb
-                tl.store(out_ptr + slot, best, mask=hit)
-                tl.store(tok_ptr + slot, best_tok, mask=hit)
-                if tl.max(nhit, axis=0) > 1:            # duplicate group within a token
-                    for j in range(0, k):
-                        gj = tl.load(gid_ptr + ti * k + j, mask=tmask, other=-1)
-                        m = gj == g
-                        slot_j = (ti64 * k + j) * NB + rb
-                        tl.store(out_ptr + slot_j, best, mask=m)
-                        tl.store(tok_ptr + slot_j, best_tok, mask=m)
-            else:
-                col = ti64[:, None] * (k * G) + jfirst[:, None] * G + c[None, :]
-                m2 = hit[:, None] & cmask[None, :]
-                tok2 = tok[None, :] + tl.zeros((BLOCK_N, BLOCK_R), dtype=tok.dtype)
-                tl.store(out_ptr + col, logit, mask=m2)
-                tl.store(tok_ptr + col, tok2, mask=m2)
-                if tl.max(nhit, axis=0) > 1:
-                    for j in range(0, k):
-                        gj = tl.load(gid_ptr + ti * k + j, mask=tmask, other=-1)
-                        mj = (gj == g)[:, None] & cmask[None, :]
-                        col_j = ti64[:, None] * (k * G) + j * G + c[None, :]
-                        tl.store(out_ptr + col_j, logit, mask=mj)
-                        tl.store(tok_ptr + col_j, tok2, mask=mj)
+    # 64-bit block base + 32-bit in-tile offsets (64-bit offset tiles would cost two
+    # registers per element and spill)
+    w_rows = (w_ptr + (g.to(tl.int64) * G + rb * BLOCK_R) * stride_w) + cl[:, None] * stride_w
+    tn = tl.arange(0, BLOCK_N)
+    h_rows = (h_ptr + tl.program_id(2).to(tl.int64) * BLOCK_N * stride_h) + tn[:, None] * stride_h
+    acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    for d0 in range(0, d_end, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        dmask = dd < d
+        hv = tl.load(h_rows + dd[None, :], mask=hit[:, None] & dmask[None, :], other=0.0)
+        wv = tl.load(w_rows + dd[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
+        if UPCAST:   # interpreter only: its tl.dot mis-handles bf16 operands
+            acc = tl.dot(hv.to(tl.float32), tl.trans(wv.to(tl.float32)), acc,
+                         input_precision="ieee")
+        elif IEEE:
+            acc = tl.dot(hv, tl.trans(wv), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(hv, tl.trans(wv), acc)
+    tok = tl.load(rt_ptr + rows, mask=cmask, other=-1)
+    valid = tok >= 0
+    logit = tl.where(valid[None, :], acc * scale, float("-inf"))
+    if TOP1:
+        best = tl.max(logit, axis=1)                              # [BLOCK_N]
+        arg = tl.argmax(logit, axis=1)                            # first max
+        arg_c = rb * BLOCK_R + arg
+        best_tok = tl.load(rt_ptr + g.to(tl.int64) * G + arg_c,
+                           mask=hit & (arg_c < G), other=-1)
+        slot = (ti64 * k + jfirst) * NB + rb
+        tl.store(out_ptr + slot, best, mask=hit)
+        tl.store(tok_ptr + slot, best_tok, mask=hit)
+        if max_hit > 1:                                           # duplicate group in a
+            for j in range(0, k):                                 # token's k (rare)
+                gj = tl.load(gid_ptr + ti64 * k + j, mask=tmask, other=-1)
+                m = (gj == g) & (j != jfirst)
+                slot_j = (ti64 * k + j) * NB + rb
+                tl.store(out_ptr + slot_j, best, mask=m)
+                tl.store(tok_ptr + slot_j, best_tok, mask=m)
+    else:
+        m2 = hit[:, None] & cmask[None, :]
+        col = ti64[:, None] * (k * G) + jfirst[:, None] * G + c[None, :]
+        tl.store(out_ptr + col, logit, mask=m2)
+        tl.store(tok_ptr + col, tl.broadcast_to(tok[None, :], (BLOCK_N, BLOCK_R)), mask=m2)
+        if max_hit > 1:
+            for j in range(0, k):
+                gj = tl.load(gid_ptr + ti64 * k + j, mask=tmask, other=-1)
+                mj = ((gj == g) & (j != jfirst))[:, None] & cmask[None, :]
+                col_j = ti64[:, None] * (k * G) + j * G + c[None, :]
+                tl.store(out_ptr + col_j, logit, mask=mj)
+                tl.store(tok_ptr + col_j, tl.broadcast_to(tok[None, :], (BLOCK_N, BLOCK_R)),
+                         mask=mj)
 
 
 @triton.jit
@@ -209,8 +226,8 @@ def _per_token_config(n, k, G, d, config):
     cfg = dict(config or {})
     br = cfg.get("BLOCK_R")
     if br is None:
-        br = 16
-        for cand in (64, 32):
+        br = 8
+        for cand in (64, 32, 16):
             if n * k * triton.cdiv(G, cand) >= _TARGET_PROGRAMS:
                 br = cand
                 break
@@ -256,12 +273,11 @@ def _launch(hidden, grouped_weight, row_tokens, group_ids, group_size, scale, ou
     rt = row_tokens.contiguous()
     if path == "auto":
         path = choose_path(n, k, num_groups)
+    gids = group_ids.contiguous()
     if path == "per_token":
         cfg = _per_token_config(n, k, G, d, config)
-        gids = group_ids.contiguous()
     elif path == "union":
         cfg = _union_config(n, k, G, d, config)
-        gids = group_ids.to(torch.int32).contiguous()   # tiny, read by every program
     else:
         raise ValueError(f"path must be 'auto', 'per_token' or 'union', not {path!r}")
     nb = triton.cdiv(G, cfg["BLOCK_R"])
@@ -272,9 +288,10 @@ def _launch(hidden, grouped_weight, row_tokens, group_ids, group_size, scale, ou
         _per_token_kernel[grid](hidden, w, rt, gids, out_a, out_b, n, k, d, G, nb,
                                 float(scale), hidden.stride(0), w.stride(0), TOP1=top1,
                                 BLOCK_R=cfg["BLOCK_R"], BLOCK_D=cfg["BLOCK_D"],
+                                STAGES=cfg["num_stages"],
                                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     else:
-        grid = (num_groups, nb)
+        grid = (num_groups, nb, triton.cdiv(n, cfg["BLOCK_N"]))
         _union_kernel[grid](hidden, w, rt, gids, out_a, out_b, n, k, d, G, nb,
                             float(scale), hidden.stride(0), w.stride(0), TOP1=top1,
                             IEEE=w.dtype == torch.float32, UPCAST=_interpreting(),
