@@ -13,17 +13,23 @@ can sit inside a captured CUDA graph.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
-def _kernels_available(t: torch.Tensor) -> bool:
-    if not t.is_cuda:
-        return False
+@functools.lru_cache(maxsize=1)
+def _kernels_importable() -> bool:
     try:
         import coral_kernels.grouped_lm_head  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+def head_backend(t: torch.Tensor) -> str:
+    """Which implementation serves tensors like `t`: "triton" (CUDA) or "torch"."""
+    return "triton" if t.is_cuda and _kernels_importable() else "torch"
 
 
 def column_tokens(row_tokens: torch.Tensor, group_ids: torch.Tensor,
@@ -69,7 +75,7 @@ def grouped_logits(hidden: torch.Tensor, grouped_weight: torch.Tensor,
                    row_tokens: torch.Tensor, group_ids: torch.Tensor, group_size: int,
                    scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of the active rows and their token ids; Triton on CUDA, torch elsewhere."""
-    if _kernels_available(hidden):
+    if head_backend(hidden) == "triton":
         from coral_kernels.grouped_lm_head import grouped_logits_triton
         return grouped_logits_triton(hidden, grouped_weight, row_tokens, group_ids,
                                      group_size, scale)
@@ -85,7 +91,7 @@ def grouped_top1(hidden: torch.Tensor, grouped_weight: torch.Tensor,
     The draft step's greedy path: on CUDA the kernel fuses the max into the head so no
     [n, V] (or even [n, k*G]) tensor is written.
     """
-    if _kernels_available(hidden):
+    if head_backend(hidden) == "triton":
         from coral_kernels.grouped_lm_head import grouped_top1_triton
         return grouped_top1_triton(hidden, grouped_weight, row_tokens, group_ids,
                                    group_size, scale)

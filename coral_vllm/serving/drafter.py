@@ -30,7 +30,8 @@ from vllm.model_executor.models.llama_eagle import EagleLlamaForCausalLM
 from vllm.model_executor.models.utils import maybe_prefix
 
 from coral_vllm.config import CoralConfig
-from coral_vllm.grouped_head import grouped_logits, grouped_top1, scatter_to_vocab
+from coral_vllm.grouped_head import (grouped_logits, grouped_top1, head_backend,
+                                     scatter_to_vocab)
 from coral_vllm.router import Router
 
 
@@ -72,6 +73,11 @@ class EagleCoralLlamaForCausalLM(EagleLlamaForCausalLM):
         rows[c.vocab_size:] = -1
         rows[: c.vocab_size] = order
         self.row_tokens = rows
+        from vllm.logger import init_logger
+        init_logger(__name__).info(
+            "coral: grouped head %s on %s (%s), %d groups x %d rows, top-%d",
+            tuple(self.grouped_weight.shape), weight.device, head_backend(weight),
+            c.num_groups, c.group_size, c.top_k_groups)
 
     def _active_groups(self, h: torch.Tensor) -> torch.Tensor:
         return self.router.select(h.to(self.router.w1.weight.dtype), self.coral.top_k_groups)
