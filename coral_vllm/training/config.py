@@ -45,6 +45,7 @@ class TrainConfig:
     dtype: str = "auto"              # auto: bf16 autocast on CUDA, float32 on CPU
     # EAGLE/HASS losses
     num_steps: int = 3               # HASS multi-step n (EAGLE = 1)
+    context_alignment: bool = True  # HASS harmonized context (keys/values per step)
     step_weight_decay: float = 1.0   # loss weight of step j is step_weight_decay ** (j-1)
     feature_noise: float = 0.2       # step-1 input noise (U(0,1) - 0.5) * feature_noise
     feature_loss_weight: float = 1.0
@@ -68,7 +69,7 @@ class TrainConfig:
     router_lr: float = 1e-3
     router_batch_size: int = 1024
     router_max_tokens: int = 200_000  # drafter features collected for router training
-    router_holdout: float = 0.1
+    router_holdout: float = 0.1      # last 10% of samples: held out of BOTH stages (recall@k)
 
     @classmethod
     def from_preset(cls, name: str, **kw: Any) -> "TrainConfig":

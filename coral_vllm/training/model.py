@@ -77,17 +77,44 @@ class Attention(nn.Module):
         xf = x.float()
         return (xf * emb.cos() + rotate_half(xf) * emb.sin()).to(x.dtype)
 
-    def forward(self, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, positions: torch.Tensor,
+                past_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """(output, this call's (k, v)). With `past_kv` (the keys/values of HASS steps
+        1..j-1 over the same positions) attention follows :func:`hass_context_mask`;
+        without, it is plain causal attention."""
         b, s, _ = h.shape
         q = self.q_proj(h).view(b, s, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(h).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = self.rope(q, positions), self.rope(k, positions)
+        kv = (k, v)
+        mask = None
+        if past_kv:
+            k = torch.cat([pk for pk, _ in past_kv] + [k], dim=2)
+            v = torch.cat([pv for _, pv in past_kv] + [v], dim=2)
+            mask = hass_context_mask(s, len(past_kv) + 1, h.device)
         if self.kv_heads != self.heads:
             rep = self.heads // self.kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # scale hd^-0.5
-        return self.o_proj(o.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           is_causal=mask is None)  # scale hd^-0.5
+        return self.o_proj(o.transpose(1, 2).reshape(b, s, self.heads * self.head_dim)), kv
+
+
+def hass_context_mask(s: int, step: int, device=None) -> torch.Tensor:
+    """HASS harmonized context: which keys the step-`step` query at t may read, [s, step*s].
+
+    At inference the depth-j draft at position t started at u0 = t - j + 1: positions
+    <= u0 hold keys made from target features (step 1), position u0 + i (i = 1..j-1)
+    holds the key made at depth i + 1. So the query reads step-1 keys u <= t - j + 1 and
+    the step-i key at u = t - j + i for i = 2..j (i = j: itself).
+    """
+    t = torch.arange(s, device=device).unsqueeze(1)
+    u = torch.arange(s, device=device).unsqueeze(0)
+    blocks = [u <= t - step + 1]
+    blocks += [u == t - step + i for i in range(2, step + 1)]
+    return torch.cat(blocks, dim=1)
 
 
 class MLP(nn.Module):
@@ -113,13 +140,14 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(d, cfg["intermediate_size"], bool(cfg.get("mlp_bias", False)))
         self.post_attention_layernorm = RMSNorm(d, float(cfg.get("rms_norm_eps", 1e-6)))
 
-    def forward(self, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, past_kv=None):
+        """(output, (k, v) of this call); see Attention.forward for past_kv."""
         residual = h
-        h = self.self_attn(h, positions)
+        h, kv = self.self_attn(h, positions, past_kv)
         # vLLM fuses this add into the norm (in float32); in float32 it is the same.
         residual = h + residual
         h = self.mlp(self.post_attention_layernorm(residual))
-        return h + residual
+        return h + residual, kv
 
 
 class CoralDrafter(nn.Module):
@@ -171,20 +199,25 @@ class CoralDrafter(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, features: torch.Tensor,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, past_kv=None,
+                return_kv: bool = False):
         """Output features [B, S, d]; position t reads (x_{t+1}, f_t) and predicts f_{t+1}.
 
         `input_ids` [B, S] are the tokens ONE AHEAD of `features` [B, S, d]; positions
         default to 0..S-1 (vLLM gives the drafter the rope position of f_t).
+        Training only: `past_kv` = keys/values of earlier HASS steps (one list per
+        layer); `return_kv` also returns this call's, to pass to the next step.
         """
         b, s = input_ids.shape
         if positions is None:
             positions = torch.arange(s, device=input_ids.device).expand(b, s)
         emb = self.embed_tokens(input_ids).to(features.dtype)
         h = self.fc(torch.cat([emb, features], dim=-1))
-        for layer in self.layers:
-            h = layer(h, positions)
-        return h
+        kvs = []
+        for i, layer in enumerate(self.layers):
+            h, kv = layer(h, positions, past_kv[i] if past_kv else None)
+            kvs.append(kv)
+        return (h, kvs) if return_kv else h
 
     def logits(self, out_features: torch.Tensor) -> torch.Tensor:
         """Dense head (no final norm)."""

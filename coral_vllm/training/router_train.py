@@ -47,8 +47,8 @@ def load_trained_drafter(out: str | Path, target_model, device) -> tuple[CoralDr
 @torch.no_grad()
 def collect(drafter: CoralDrafter, target_model, ds: TokenDataset, indices: list[int],
             num_steps: int, batch_size: int, max_tokens: int, device,
-            partitions: dict[str, torch.Tensor], group_size: int, num_groups: int
-            ) -> dict[str, Any]:
+            partitions: dict[str, torch.Tensor], group_size: int, num_groups: int,
+            context_alignment: bool = True) -> dict[str, Any]:
     """Drafter features and labels at response positions, over all drafting steps."""
     feats, top1, dense1 = [], [], []
     gprobs: dict[str, list[torch.Tensor]] = {k: [] for k in partitions}
@@ -64,7 +64,8 @@ def collect(drafter: CoralDrafter, target_model, ds: TokenDataset, indices: list
         sel = b["mask"].bool()
         t_logits = (b["feat_tgt"][sel].float() @ head.float().T)
         t_probs = t_logits.softmax(-1)
-        for out in multi_step_forward(drafter, b["ids_in"], b["feat_in"], num_steps):
+        for out in multi_step_forward(drafter, b["ids_in"], b["feat_in"], num_steps,
+                                      context_alignment):
             h = out[sel].float()
             feats.append(h.cpu())
             top1.append(t_logits.argmax(-1).cpu())
@@ -126,12 +127,14 @@ def run_router_stage(out: str | Path, cfg_overrides: dict[str, Any] | None = Non
     coral = CoralConfig.for_vocab(vocab, d, cfg.num_groups, cfg.top_k_groups)
     ds = TokenDataset(cfg.data, cfg.max_len)
     strategies = PARTITION_STRATEGIES if cfg.partition == "auto" else (cfg.partition,)
-    partitions = {s: build_token_order(s, vocab, cfg.num_groups, token_counts=ds.token_counts(),
+    train_idx, held_idx = split_indices(len(ds), cfg.router_holdout)
+    counts = train_token_counts(ds, train_idx, vocab)  # not the held-out split's
+    partitions = {s: build_token_order(s, vocab, cfg.num_groups, token_counts=counts,
                                        lm_head=drafter.lm_head.weight.detach().cpu())
                   for s in strategies}
-    train_idx, held_idx = split_indices(len(ds), cfg.router_holdout)
     kw = dict(num_steps=cfg.num_steps, batch_size=cfg.batch_size, device=dev,
-              partitions=partitions, group_size=coral.group_size, num_groups=cfg.num_groups)
+              partitions=partitions, group_size=coral.group_size, num_groups=cfg.num_groups,
+              context_alignment=cfg.context_alignment)
     tr = collect(drafter, target, ds, train_idx, max_tokens=cfg.router_max_tokens, **kw)
     ho = collect(drafter, target, ds, held_idx, max_tokens=cfg.router_max_tokens, **kw)
     k = cfg.top_k_groups
@@ -163,6 +166,15 @@ def run_router_stage(out: str | Path, cfg_overrides: dict[str, Any] | None = Non
                 "report": report}, out / ROUTER_FILE)
     (out / "router_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def train_token_counts(ds: TokenDataset, indices: list[int], vocab: int) -> torch.Tensor:
+    """Response-token counts per id over some samples (the frequency partition's input)."""
+    counts = torch.zeros(vocab, dtype=torch.int64)
+    for i in indices:
+        ids, mask = ds[i]
+        counts += torch.bincount(ids[mask.bool()], minlength=vocab)[:vocab]
+    return counts
 
 
 def _static_recall(train_labels: torch.Tensor, held_labels: torch.Tensor, k: int,

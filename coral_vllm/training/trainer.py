@@ -10,9 +10,10 @@ One optimizer step:
            + csra_weight * InfoNCE(o_1..o_n across steps)
 on positions whose predicted token x_{t+2} is a response token.
 
-Simplification vs HASS: at step j every context position reads step j-1's features
-(HASS additionally keeps the keys/values of earlier positions from the steps that match
-inference, "harmonized context alignment"); queries see the right inputs.
+HASS's harmonized context alignment is on by default (`context_alignment`): at step j
+a query attends to the keys/values the same draft sees at inference (target-feature keys
+before the draft's start, then one key per earlier step); off, all context keys come
+from step j's own inputs (naive multi-step).
 
 Resumable: `out/state/latest.pt` (model, optimizer, scheduler, step, RNG) is written
 atomically every `save_every` steps, at the time limit and at the end; rerunning the
@@ -35,7 +36,7 @@ import torch.distributed as dist
 
 from coral_vllm.training.config import TrainConfig
 from coral_vllm.training.data import TokenDataset, collate, split_indices
-from coral_vllm.training.losses import csra_loss, step_loss
+from coral_vllm.training.losses import csra_loss, step_loss, target_distribution
 from coral_vllm.training.model import CoralDrafter
 from coral_vllm.training.target import load_target, target_features
 
@@ -59,13 +60,25 @@ def shift_for_drafter(feats: torch.Tensor, input_ids: torch.Tensor,
 
 
 def multi_step_forward(drafter, ids_in: torch.Tensor, feat_in: torch.Tensor,
-                       num_steps: int) -> list[torch.Tensor]:
+                       num_steps: int, context_alignment: bool = True) -> list[torch.Tensor]:
     """HASS: step 1 reads target features; step j+1 reads step j's detached outputs
-    shifted one position right (o_j[t-1] stands in for f_t; position 0 keeps f_0)."""
-    outs = []
+    shifted one position right (o_j[t-1] stands in for f_t; position 0 keeps f_0).
+
+    context_alignment (HASS): step j's queries attend to the keys/values that the
+    same draft would see at inference (target-feature keys before the draft's start,
+    then one key per earlier step); off, every context key is from step j's inputs.
+    """
+    outs: list[torch.Tensor] = []
     feat = feat_in
+    past: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per step, per layer
     for _ in range(num_steps):
-        out = drafter(ids_in, feat)
+        if context_alignment:
+            layers_past = ([[p[i] for p in past] for i in range(len(past[0]))]
+                           if past else None)
+            out, kv = drafter(ids_in, feat, past_kv=layers_past, return_kv=True)
+            past.append(kv)
+        else:
+            out = drafter(ids_in, feat)
         outs.append(out)
         feat = torch.cat([feat_in[:, :1], out[:, :-1].detach().to(feat_in.dtype)], dim=1)
     return outs
@@ -74,12 +87,12 @@ def multi_step_forward(drafter, ids_in: torch.Tensor, feat_in: torch.Tensor,
 class MultiStep(torch.nn.Module):
     """The n-step forward as one module call (what DDP wraps: one forward per backward)."""
 
-    def __init__(self, drafter: CoralDrafter, num_steps: int) -> None:
+    def __init__(self, drafter: CoralDrafter, num_steps: int, context_alignment: bool) -> None:
         super().__init__()
-        self.drafter, self.num_steps = drafter, num_steps
+        self.drafter, self.num_steps, self.align = drafter, num_steps, context_alignment
 
     def forward(self, ids_in: torch.Tensor, feat_in: torch.Tensor) -> list[torch.Tensor]:
-        return multi_step_forward(self.drafter, ids_in, feat_in, self.num_steps)
+        return multi_step_forward(self.drafter, ids_in, feat_in, self.num_steps, self.align)
 
 
 def compute_loss(outs: list[torch.Tensor], feat_tgt: torch.Tensor, mask: torch.Tensor,
@@ -94,9 +107,10 @@ def compute_loss(outs: list[torch.Tensor], feat_tgt: torch.Tensor, mask: torch.T
     if tgt.shape[0] == 0:
         return total + sum(o.sum() for o in outs) * 0.0, {"loss": 0.0}
     picked = [o[sel].float() for o in outs]
+    target = target_distribution(tgt, head)
     for j, pred in enumerate(picked):
         loss_j, s = step_loss(pred, tgt, head, feature_weight=cfg.feature_loss_weight,
-                              distill_weight=cfg.distill_weight)
+                              distill_weight=cfg.distill_weight, target=target)
         total = total + (cfg.step_weight_decay ** j) * loss_j
         stats.update({f"{k}{j + 1}": v for k, v in s.items()})
     if cfg.csra_weight > 0 and len(picked) > 1:
@@ -172,6 +186,7 @@ def train(cfg: TrainConfig, device: str | None = None,
     """
     from tqdm.auto import tqdm
 
+    t0 = time.time()  # the time limit counts loading too
     rank, world, dev = setup_distributed()
     if device is not None:
         dev = torch.device(device)
@@ -212,7 +227,7 @@ def train(cfg: TrainConfig, device: str | None = None,
         set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
         if rank == 0:
             print(f"resuming {out} at step {step}/{total_steps}")
-    model: torch.nn.Module = MultiStep(drafter, cfg.num_steps)
+    model: torch.nn.Module = MultiStep(drafter, cfg.num_steps, cfg.context_alignment)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dev.index] if dev.type == "cuda" else None)
@@ -221,7 +236,8 @@ def train(cfg: TrainConfig, device: str | None = None,
                                                   shuffle=True, seed=cfg.seed,
                                                   drop_last=True)
     csra_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    t0 = time.time()
+    if state is not None and "csra_rng" in state:
+        csra_gen.set_state(state["csra_rng"])
     bar = tqdm(total=total_steps, initial=step, desc=f"train {out.name}",
                disable=rank != 0, dynamic_ncols=True)
     metrics_file = out / "metrics.jsonl"
@@ -261,9 +277,13 @@ def train(cfg: TrainConfig, device: str | None = None,
                 f.write(json.dumps({"step": step, "lr": sched.get_last_lr()[0],
                                     **stats}) + "\n")
         out_of_time = cfg.time_limit_min > 0 and time.time() - t0 > cfg.time_limit_min * 60
+        if world > 1 and cfg.time_limit_min > 0:  # every rank must stop at the same step
+            flag = torch.tensor([float(out_of_time)], device=dev)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            out_of_time = bool(flag.item())
         chunk_end = stop_at_step is not None and step >= stop_at_step
         if step % cfg.save_every == 0 or step == total_steps or out_of_time or chunk_end:
-            _save(out, drafter, opt, sched, step, total_steps, cfg, world, rank)
+            _save(out, drafter, opt, sched, step, total_steps, cfg, world, rank, csra_gen)
         if (out_of_time or chunk_end) and step < total_steps:
             stopped_early = True
             break
@@ -280,7 +300,7 @@ def train(cfg: TrainConfig, device: str | None = None,
 
 
 def _save(out: Path, drafter: CoralDrafter, opt, sched, step: int, total: int,
-          cfg: TrainConfig, world: int, rank: int) -> None:
+          cfg: TrainConfig, world: int, rank: int, csra_gen: torch.Generator) -> None:
     rngs = [rng_state()]
     if world > 1:
         gathered: list[Any] = [None] * world
@@ -290,6 +310,7 @@ def _save(out: Path, drafter: CoralDrafter, opt, sched, step: int, total: int,
         return
     atomic_save({"model": drafter.drafter_state_dict(), "optimizer": opt.state_dict(),
                  "scheduler": sched.state_dict(), "step": step, "total_steps": total,
-                 "rng": rngs, "config": cfg.to_dict(), "target_config": drafter.cfg},
+                 "rng": rngs, "csra_rng": csra_gen.get_state(), "config": cfg.to_dict(),
+                 "target_config": drafter.cfg},
                 out / STATE_FILE)
     cfg.save(out / "train_config.json")
