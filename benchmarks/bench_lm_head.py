@@ -17,7 +17,8 @@ G = V / N rows each, so k = 8, 16, 32, 64 for f = 1/32 .. 1/4):
                 k*G rows per token when n*k < N, else scores every row and picks
                 columns) + max over the columns;
 * grouped_ms -- `grouped_top1_triton` (auto path), the hot path: fused top-1;
-* per_token_ms / union_ms -- the same kernel with each path forced (tuning the rule);
+* per_token_ms / union_ms / dense_path_ms -- the same call with each path forced (tuning
+  the rule; dense_path = cuBLAS scores of every row + the Triton column select);
 * grouped_bandwidth_gbs -- bytes the grouped kernel must read (distinct activated groups
   of the batch * G * d * 2 + hidden) / grouped time.
 
@@ -52,6 +53,8 @@ TINY_TOKENS = [1, 16]
 TINY_FRACTIONS = [1 / 8, 1 / 4]
 TINY_GROUPS = 32
 REPS_IN_GRAPH = 8
+# row key of each forced-path timing ("dense_ms" is the cuBLAS logits-only baseline)
+PATH_KEYS = {"per_token": "per_token_ms", "union": "union_ms", "dense": "dense_path_ms"}
 
 
 def load_kernels():
@@ -74,7 +77,7 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true",
                    help="tiny shapes, for a CPU/interpreter smoke test of the script")
     p.add_argument("--check", action="store_true",
-                   help="run correctness checks (both paths, dtypes, CUDA-graph replay) "
+                   help="run correctness checks (all paths, dtypes, CUDA-graph replay) "
                         "instead of the benchmark")
     p.add_argument("--no-sweep", action="store_true", help="skip the block-size sweep")
     p.add_argument("--groups", type=int, default=None,
@@ -175,13 +178,14 @@ def bench_row(glh, torch_ref, timer, d, vocab, n, frac, num_groups, weights, row
            "k": k, "group_size": G}
     row["dense_ms"] = timer([dense(i) for i in idx])
     row["gather_ms"] = timer([gather(i) for i in idx])
-    auto = glh.choose_path(n, k, num_groups)
+    auto = glh.choose_path(n, k, num_groups, G, d)
     row["path"] = auto
     row["grouped_ms"] = timer([grouped(i, "auto") for i in idx])
-    row[f"{auto}_ms"] = row["grouped_ms"]
+    row[PATH_KEYS[auto]] = row["grouped_ms"]
     if alt_paths:
-        other = "union" if auto == "per_token" else "per_token"
-        row[f"{other}_ms"] = timer([grouped(i, other) for i in idx])
+        for other in PATH_KEYS:
+            if other != auto:
+                row[PATH_KEYS[other]] = timer([grouped(i, other) for i in idx])
     distinct = sum(int(torch.unique(s).numel()) for s in sets) / len(sets)
     need = distinct * G * d * 2 + n * d * 2
     row["distinct_groups"] = distinct
@@ -208,7 +212,12 @@ def make_weights(d, vocab, num_groups, device, gen, tiny):
 
 
 def sweep(glh, timer, device, gen, tiny):
-    """A few block configurations at the two target points, to tune the defaults."""
+    """A few block configurations at the target points, to tune the defaults.
+
+    Dense-path points: the fully covered n = 64 small heads, where it has to stay within
+    10% of cuBLAS: one-pass top-1 (no reduce launch) or not, select block size, and what
+    fp32 scores (SCORES_FP32) would cost.
+    """
     import torch
     out = []
     points = [((4096, 128256), 1, 1 / 8, "per_token",
@@ -218,12 +227,20 @@ def sweep(glh, timer, device, gen, tiny):
                [{"BLOCK_R": br, "BLOCK_D": bd, "num_warps": nw, "num_stages": ns}
                 for br, bd, nw, ns in ((64, 64, 4, 4), (128, 64, 4, 4), (128, 64, 8, 4),
                                        (128, 128, 8, 3), (256, 64, 8, 3), (64, 128, 4, 3))])]
+    points += [((576, 49152), 64, 1 / 4, "dense",
+                [{}, {"ONE_PASS": False}, {"ONE_PASS": False, "BLOCK": 256},
+                 {"BLOCK": 2048}, {"SCORES_FP32": True}]),
+               ((640, 262144), 64, 1 / 4, "dense",
+                [{}, {"BLOCK": 256}, {"BLOCK": 1024}, {"num_warps": 8},
+                 {"ONE_PASS": True, "BLOCK": 4096}, {"SCORES_FP32": True}])]
     if tiny:
         points = [((64, 1000), 1, 1 / 8, "per_token", [{"BLOCK_R": 16}, {"BLOCK_R": 32}]),
-                  ((64, 1000), 16, 1 / 4, "union", [{"BLOCK_R": 64}, {"BLOCK_R": 128}])]
+                  ((64, 1000), 16, 1 / 4, "union", [{"BLOCK_R": 64}, {"BLOCK_R": 128}]),
+                  ((64, 1000), 16, 1 / 4, "dense", [{}, {"ONE_PASS": False, "BLOCK": 64}])]
     num_groups = TINY_GROUPS if tiny else NUM_GROUPS
     for (d, vocab), n, frac, path, configs in points:
-        weights, rows = make_weights(d, vocab, num_groups, device, gen, True)
+        # weight copies as in the main rows (small heads would otherwise sit in L2)
+        weights, rows = make_weights(d, vocab, num_groups, device, gen, tiny)
         G = math.ceil(vocab / num_groups)
         k = round(frac * num_groups)
         sets = [torch.randint(0, num_groups, (n, k), generator=gen).to(device)
@@ -233,9 +250,10 @@ def sweep(glh, timer, device, gen, tiny):
         ot = torch.empty(n, dtype=torch.int64, device=device)
         for cfg in configs:
             try:
-                ms = timer([(lambda s=s, cfg=cfg: glh.grouped_top1_triton(
-                    hidden, weights[0], rows, s, G, 1.0, ov, ot, path=path, config=cfg))
-                    for s in sets])
+                ms = timer([(lambda s=s, w=weights[i % len(weights)], cfg=cfg:
+                             glh.grouped_top1_triton(hidden, w, rows, s, G, 1.0, ov, ot,
+                                                     path=path, config=cfg))
+                            for i, s in enumerate(sets)])
             except Exception as exc:  # pragma: no cover - a config may not compile
                 ms = None
                 print(f"  sweep {cfg}: failed {exc!r}")
@@ -321,14 +339,14 @@ def run_benchmark(args):
     print(f"wrote {out / 'lm_head.json'}")
     plot(rows_out, out / "lm_head.png")
     print("\n    d  vocab   n frac  path       dense_ms gather_ms grouped_ms per_tok_ms "
-          "union_ms  speedup   GB/s %copy")
+          "  union_ms dense_path  speedup   GB/s %copy")
     for r in rows_out:
         frac = f"1/{round(1 / r['active_fraction'])}"
-        alt = [r.get(key) for key in ("per_token_ms", "union_ms")]
-        alt = [f"{a:10.4f}" if a is not None else f"{'-':>10s}" for a in alt]
+        alt = [r.get(key) for key in PATH_KEYS.values()]
+        alt = " ".join(f"{a:10.4f}" if a is not None else f"{'-':>10s}" for a in alt)
         print(f"{r['d']:5d} {r['vocab']:6d} {r['tokens']:3d} {frac:5s} {r['path']:9s}"
               f" {r['dense_ms']:9.4f} {r['gather_ms']:9.4f} {r['grouped_ms']:10.4f}"
-              f" {alt[0]} {alt[1]} {r['speedup_vs_dense']:7.2f}"
+              f" {alt} {r['speedup_vs_dense']:7.2f}"
               f" {r['grouped_bandwidth_gbs']:6.0f} {100 * r['grouped_bandwidth_gbs'] / copy_bw:5.1f}")
     print(f"total {time.time() - t_start:.0f}s")
 
@@ -336,14 +354,28 @@ def run_benchmark(args):
 # --------------------------------------------------------------------------- check
 
 
+def fp32_scores_supported(device):
+    """Whether torch.mm(bf16, bf16, out_dtype=float32) runs here (CUDA, recent torch)."""
+    import torch
+    a = torch.zeros(2, 16, dtype=torch.bfloat16, device=device)
+    try:
+        torch.mm(a, a.T, out_dtype=torch.float32)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return True
+
+
 def run_check(args):
-    """GPU correctness: both paths, three dtypes, ragged groups, CUDA-graph replay."""
+    """GPU correctness: all three paths, three dtypes, ragged groups, CUDA-graph replay."""
     import torch
     glh = load_kernels()
     from coral_vllm.grouped_head import grouped_logits_torch
     device = args.device
     gen = torch.Generator().manual_seed(args.seed)
     failures = []
+    fp32_scores = fp32_scores_supported(device)
+    print(f"dense path with SCORES_FP32 (torch.mm out_dtype): "
+          f"{'checked' if fp32_scores else 'not supported here, skipped'}")
     cases = [(1000, 64, 128, 1, 3), (1000, 64, 128, 70, 5), (5000, 100, 576, 4, 8),
              (20000, 79, 1024, 16, 32), (32000, 128, 4096, 64, 16), (333, 10, 40, 3, 4)]
     if args.tiny:
@@ -363,16 +395,19 @@ def run_check(args):
             h, wd, rt, gi = (t.to(device) for t in (hidden, w, rows, gids))
             tol = 1e-4 if dtype == torch.float32 else 1e-2
             mag = ref[torch.isfinite(ref)].abs().max().clamp(min=1)
-            for path in ("per_token", "union", "auto"):
+            variants = [(p, None) for p in (*PATH_KEYS, "auto")]
+            if fp32_scores:
+                variants.append(("dense", {"SCORES_FP32": True}))
+            for path, cfg in variants:
                 L = torch.full((n, k * G), float("nan"), device=device)
                 T = torch.full((n, k * G), -7777, dtype=torch.int64, device=device)
-                glh.grouped_logits_triton(h, wd, rt, gi, G, 0.5, L, T, path=path)
+                glh.grouped_logits_triton(h, wd, rt, gi, G, 0.5, L, T, path=path, config=cfg)
                 L, T = L.cpu().double(), T.cpu()
                 fin = torch.isfinite(ref)
                 ok = (torch.equal(T, ref_tok) and torch.equal(torch.isinf(L), torch.isinf(ref))
                       and not torch.isnan(L).any()
                       and float((L[fin] - ref[fin]).abs().max()) <= tol * float(mag))
-                v, t = glh.grouped_top1_triton(h, wd, rt, gi, G, 0.5, path=path)
+                v, t = glh.grouped_top1_triton(h, wd, rt, gi, G, 0.5, path=path, config=cfg)
                 v, t = v.cpu().double(), t.cpu()
                 rmax = ref.max(1).values
                 ok_top = bool(((v - rmax).abs() <= tol * mag).all())
@@ -382,11 +417,12 @@ def run_check(args):
                         <= tol * float(mag)
                 status = "ok" if ok and ok_top else "FAIL"
                 if status == "FAIL":
-                    failures.append((vocab, G, d, n, k, str(dtype), path))
+                    failures.append((vocab, G, d, n, k, str(dtype), path, cfg))
                 print(f"V={vocab} G={G} d={d} n={n} k={k} {str(dtype):15s} {path:9s} "
+                      f"{'' if cfg is None else str(cfg) + ' '}"
                       f"logits {'ok' if ok else 'FAIL'} top1 {'ok' if ok_top else 'FAIL'}")
     if device.startswith("cuda"):
-        for path in ("per_token", "union"):
+        for path in PATH_KEYS:
             vocab, G, d, n, k = 128256, 501, 4096, 8, 32
             N = math.ceil(vocab / G)
             w = torch.randn(N * G, d, device=device, dtype=torch.bfloat16)

@@ -100,17 +100,20 @@ def assert_logits(got, ref, dtype):
 
 
 # (vocab, G, d, n, k, choices): exact and ragged last groups, n = 1, n > k*G, n > 64
-# (two token tiles in the union path), identical / duplicate choices.
+# (two token tiles in the union path), identical / duplicate choices; "auto" picks
+# per_token, union, dense, dense for them.
 SHAPES = [
     (128, 16, 64, 1, 3, "random"),
-    (130, 20, 48, 5, 3, "dups"),
+    (130, 11, 48, 5, 3, "dups"),
     (55, 12, 40, 66, 2, "dups"),
     (190, 33, 96, 8, 4, "identical"),
 ]
-PATHS = ["per_token", "union", "auto"]
+PATHS = ["per_token", "union", "dense", "auto"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-CONFIGS = {"per_token": {"BLOCK_R": 16}, "union": {"BLOCK_R": 16, "BLOCK_N": 16},
-           "auto": None}
+# small blocks: several row blocks per group, several select blocks per token (one
+# program looping over them, or one program each plus the reduce), ragged tails
+CONFIGS = {"per_token": [{"BLOCK_R": 16}], "union": [{"BLOCK_R": 16, "BLOCK_N": 16}],
+           "dense": [{"BLOCK": 16}, {"BLOCK": 16, "ONE_PASS": False}], "auto": []}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
@@ -124,12 +127,12 @@ def test_logits_and_top1(shape, path, dtype):
     ref, ref_tok = reference(head, hidden, gids, rows, G, scale)
     dev = lambda t: t.to(DEVICE)  # noqa: E731
     h, w, rt, gi = dev(hidden), dev(weight), dev(rows), dev(gids)
-    # hidden in the weight dtype too on one path (the serving case)
-    if dtype != torch.float32 and path == "union":
+    # hidden in the weight dtype too on two paths (the serving case)
+    if dtype != torch.float32 and path in ("union", "dense"):
         h = h.to(dtype)
 
     # block-size overrides change only the tiling, not the dtype handling: fp32 only
-    configs = (None, CONFIGS[path]) if dtype == torch.float32 else (None,)
+    configs = [None] + CONFIGS[path] if dtype == torch.float32 else [None]
     for config in configs:
         out_l = torch.full((n, k * G), float("nan"), device=DEVICE)
         out_t = torch.full((n, k * G), SENTINEL, dtype=torch.int64, device=DEVICE)
@@ -154,26 +157,74 @@ def test_logits_and_top1(shape, path, dtype):
             assert hits.numel() > 0, f"token {int(tok[i])} not among the active columns"
             assert (ref_max[i] - ref[i, hits].max()).abs() <= TOL[dtype] * mag[i]
 
-    # defaults: fresh outputs allocated by the wrappers
+    # defaults: fresh outputs allocated by the wrappers (dtype-independent: fp32 only)
+    if dtype != torch.float32:
+        return
     got_l, got_t = glh.grouped_logits_triton(h, w, rt, gi, G, scale, path=path)
     assert got_l.shape == (n, k * G) and got_l.dtype == torch.float32
     assert got_t.dtype == torch.int64
     assert_logits(got_l.cpu(), ref, dtype)
 
 
+@pytest.mark.parametrize("path", ["per_token", "union", "dense"])
+def test_padding_never_wins_top1(path):
+    """All real logits negative: a padding row (zero weights, score 0) must not win."""
+    vocab, G, d, n, k = 55, 12, 40, 3, 2          # 5 groups, 5 padding rows in the last
+    head, order, _, rows, hidden, gids = make_case(vocab, G, d, n, k, torch.float32, 11)
+    head = torch.where((head @ hidden[0] > 0)[:, None], -head, head)
+    weight = grouped_rows(head, order, math.ceil(vocab / G), G)
+    gids[0] = torch.tensor([4, 1])
+    ref, ref_tok = reference(head, hidden, gids, rows, G)
+    val, tok = glh.grouped_top1_triton(hidden.to(DEVICE), weight.to(DEVICE), rows.to(DEVICE),
+                                       gids.to(DEVICE), G, path=path)
+    assert float(ref[0].max()) < 0
+    torch.testing.assert_close(val.cpu().double(), ref.max(1).values, rtol=1e-4, atol=1e-4)
+    assert torch.equal(tok.cpu(), ref_tok.gather(1, ref.argmax(1, keepdim=True)).squeeze(1))
+
+
+@pytest.mark.parametrize("path", ["per_token", "union", "dense"])
+def test_single_partial_per_token(path):
+    """k = 1 and G <= BLOCK_R: the kernel's one partial per token is written straight to
+    the outputs (no reduce launch), as the dense path's one-pass top-1 always does."""
+    vocab, G, d, n, k = 45, 10, 32, 4, 1
+    head, _, weight, rows, hidden, gids = make_case(vocab, G, d, n, k, torch.float32, 5)
+    gids[0, 0] = math.ceil(vocab / G) - 1      # ragged last group
+    ref, ref_tok = reference(head, hidden, gids, rows, G)
+    out_v = torch.full((n,), float("nan"), device=DEVICE)
+    out_i = torch.full((n,), SENTINEL, dtype=torch.int64, device=DEVICE)
+    glh.grouped_top1_triton(hidden.to(DEVICE), weight.to(DEVICE), rows.to(DEVICE),
+                            gids.to(DEVICE), G, 1.0, out_v, out_i, path=path,
+                            config={"BLOCK_R": 16})
+    torch.testing.assert_close(out_v.cpu().double(), ref.max(1).values, rtol=1e-4, atol=1e-4)
+    assert torch.equal(out_i.cpu(), ref_tok.gather(1, ref.argmax(1, keepdim=True)).squeeze(1))
+
+
 def test_path_rule():
-    assert glh.choose_path(1, 32, 256) == "per_token"
-    assert glh.choose_path(4, 8, 256) == "per_token"
-    assert glh.choose_path(4, 64, 256) == "union"      # n*k >= N
-    assert glh.choose_path(16, 8, 256) == "union"      # n >= 16
-    assert glh.choose_path(64, 8, 256) == "union"
+    # (n, k, N, G, d): rows of the v1 H100 table the rule was fitted to
+    assert glh.choose_path(1, 32, 256, 501, 4096) == "per_token"
+    assert glh.choose_path(4, 16, 256, 192, 576) == "per_token"
+    assert glh.choose_path(4, 64, 256, 501, 4096) == "union"      # n*k >= N
+    assert glh.choose_path(16, 8, 256, 501, 4096) == "union"      # n >= 16
+    assert glh.choose_path(64, 64, 256, 501, 4096) == "union"     # large d: never dense
+    assert glh.choose_path(16, 16, 256, 192, 576) == "union"      # 19 MiB uncovered
+    assert glh.choose_path(16, 32, 256, 192, 576) == "dense"      # 6 MiB uncovered
+    assert glh.choose_path(64, 8, 256, 192, 576) == "dense"
+    assert glh.choose_path(64, 8, 256, 1024, 640) == "union"      # 42 MiB uncovered
+    assert glh.choose_path(16, 64, 256, 1024, 640) == "dense"     # 3 MiB uncovered
+    assert glh.choose_path(64, 64, 256, 1024, 640) == "dense"
+
+
+def test_auto_uses_every_path():
+    """The SHAPES above reach all three paths through "auto" (so "auto" tests the rule)."""
+    got = {glh.choose_path(n, k, math.ceil(v / g), g, d, 4) for v, g, d, n, k, _ in SHAPES}
+    assert got == {"per_token", "union", "dense"}
 
 
 def test_bad_path_rejected():
     head, _, weight, rows, hidden, gids = make_case(64, 16, 32, 2, 2, torch.float32, 0)
     with pytest.raises(ValueError):
         glh.grouped_logits_triton(hidden.to(DEVICE), weight.to(DEVICE), rows.to(DEVICE),
-                                  gids.to(DEVICE), 16, path="dense")
+                                  gids.to(DEVICE), 16, path="gather")
 
 
 @pytest.mark.parametrize("n,k", [(3, 2), (40, 4)])   # gather strategy, then score-all
@@ -189,7 +240,7 @@ def test_torch_reference_matches_dense(n, k):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("path", ["per_token", "union"])
+@pytest.mark.parametrize("path", ["per_token", "union", "dense"])
 def test_cuda_graph_capture(path):
     head, _, weight, rows, hidden, gids = make_case(1000, 64, 128, 4, 3, torch.bfloat16, 3)
     h, w, rt, gi = (t.cuda() for t in (hidden.to(torch.bfloat16), weight, rows, gids))
