@@ -11,7 +11,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["coral_vllm", "coral_vllm.*"]) + ["coral_kernels"],
     package_dir={"coral_kernels": "kernels"},
-    package_data={"coral_vllm": ["assets/*/*"]},
+    package_data={"coral_vllm": ["assets/drafters/*/*"]},
     install_requires=["torch>=2.4", "safetensors", "transformers>=4.50", "gguf", "accelerate", "numpy",
                       "tqdm", "openai", "requests"],
     extras_require={

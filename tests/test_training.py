@@ -258,3 +258,38 @@ def test_build_data_resumes_by_part(tiny, tmp_path, monkeypatch):
     assert calls == [1, 1, 1, 1] and m["samples"] == 3
     ds = TokenDataset(out, verify=True)
     assert ds[1][0].tolist() == [1, 2, 2, 7, 8, 9] and ds[1][1].tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_mixed_dtypes_and_router_on_exported_drafter(tiny, tmp_path):
+    """A bf16 target with a float32 drafter (or the reverse) meets at the fc boundary
+    (`train eval` / `train router` on a GPU used to crash there), and stage 2 runs from
+    an exported dense drafter (`train router --drafter`)."""
+    from transformers import AutoModelForCausalLM
+
+    from coral_vllm.partition import contiguous_order
+    from coral_vllm.training.evaluate import load_drafter, speculative_generate
+    from coral_vllm.training.export import export
+    from coral_vllm.training.router_train import collect, run_router_on_drafter
+
+    train(_cfg(tiny, tmp_path / "run", max_steps=4))
+    dense = export(tmp_path / "run", tmp_path / "dense", dense=True)
+    bf16 = AutoModelForCausalLM.from_pretrained(tiny["target"], dtype=torch.bfloat16).eval()
+    prompt = tiny["prompts"][0]
+    for dtype in (None, torch.float32):  # None: the target's (bf16); float32: mixed
+        drafter = load_drafter(dense, bf16, dtype=dtype)
+        assert drafter.fc.weight.dtype == (dtype or torch.bfloat16)
+        for use_router in (False, True):
+            r = speculative_generate(bf16, drafter, prompt, k=3, max_new_tokens=8,
+                                     use_router=use_router)
+            assert len(r["tokens"]) == 8
+        got = collect(drafter, bf16, TokenDataset(tiny["data"]), [0, 1], 2, 2, 10**6, "cpu",
+                      {"contiguous": contiguous_order(VOCAB)}, VOCAB // 16, 16)
+        assert got["h"].dtype == torch.float32 and len(got["h"]) > 0
+
+    report = run_router_on_drafter(dense, tiny["target"], tiny["data"], tmp_path / "routed",
+                                   {"num_groups": 16, "top_k_groups": 4, "router_epochs": 2},
+                                   device="cpu", report_path=tmp_path / "report.json")
+    ckpt = read_checkpoint(tmp_path / "routed")
+    assert ckpt.coral.top_k_groups == 4 and ckpt.coral.partition == report["chosen"]
+    assert set(report["partitions"]) == {"contiguous", "frequency", "cluster"}
+    assert json.loads((tmp_path / "report.json").read_text())["chosen"] == report["chosen"]

@@ -55,8 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-prompt-tokens", type=int, default=512)
     d.add_argument("--max-new-tokens", type=int, default=512)
     d.add_argument("--temperature", type=float, default=0.0)
-    d.add_argument("--backend", choices=["auto", "vllm", "transformers"], default="auto",
-                   help="auto: vLLM when importable with a GPU, else transformers")
+    d.add_argument("--backend", choices=["auto", "vllm", "transformers", "reference"],
+                   default="auto",
+                   help="auto: vLLM when importable with a GPU, else transformers; "
+                   "reference: NO generation, ShareGPT's original gpt replies "
+                   "(teacher-forced, not self-distilled; --max-prompts samples)")
+    d.add_argument("--max-tokens", type=int, default=150_000,
+                   help="reference backend only: stop after this many tokens")
     d.add_argument("--batch-size", type=int, default=8, help="transformers backend only")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--chunk-prompts", type=int, default=2000,
@@ -78,13 +83,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(t)
 
     r = sub.add_parser("router", help="stage 2: partitions + router",
-                       description="Unset flags keep the values saved by `train`.")
-    r.add_argument("--out", required=True, help="run directory of a finished `train`")
+                       description="Either --out RUN (a finished `train` run; unset flags "
+                       "keep the values it saved, writes RUN/router.pt for `export`) or "
+                       "--drafter DIR --target T --data D --dest OUT (an exported drafter, "
+                       "kept frozen; writes the routed drafter directory OUT).")
+    r.add_argument("--out", default=None, help="run directory of a finished `train`")
+    r.add_argument("--drafter", default=None, help="exported drafter directory")
+    r.add_argument("--target", default=None, help="with --drafter: the target model")
+    r.add_argument("--data", default=None, help="with --drafter: data directory")
+    r.add_argument("--dest", default=None, help="with --drafter: routed drafter to write")
+    r.add_argument("--report", default=None, help="with --drafter: also write the report here")
     r.add_argument("--device", default=None)
     for name in ("num_groups", "top_k_groups", "router_epochs", "router_batch_size",
-                 "router_max_tokens"):
+                 "router_max_tokens", "num_steps", "batch_size", "max_len", "seed"):
         r.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     r.add_argument("--router-lr", type=float, default=None)
+    r.add_argument("--router-holdout", type=float, default=None)
     r.add_argument("--partition", choices=["auto", "contiguous", "frequency", "cluster"],
                    default=None, help="auto: best held-out recall@k")
     r.add_argument("--router-label", choices=["ce", "kl"], default=None)
@@ -116,7 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.cmd == "data":
-        from coral_vllm.training.data import build_data
+        from coral_vllm.training.data import build_data, build_reference_data
+        if args.backend == "reference":
+            m = build_reference_data(args.target, args.out, max_samples=args.max_prompts,
+                                     max_tokens=args.max_tokens,
+                                     max_prompt_tokens=args.max_prompt_tokens,
+                                     max_len=args.max_prompt_tokens + args.max_new_tokens)
+            print(json.dumps({k: m[k] for k in ("samples", "tokens", "loss_tokens")}))
+            return 0
         m = build_data(args.target, args.out, max_prompts=args.max_prompts,
                        sources=args.sources, max_prompt_tokens=args.max_prompt_tokens,
                        max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -137,7 +158,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.cmd == "router":
         from coral_vllm.training.router_train import run_router_stage
         over = _overrides(args)
-        print(json.dumps(run_router_stage(args.out, over, device=args.device), indent=2))
+        if args.drafter:
+            from coral_vllm.training.router_train import run_router_on_drafter
+            if not (args.target and args.data and args.dest) or args.out:
+                build_parser().error("router --drafter needs --target, --data and --dest "
+                                     "(and no --out)")
+            rep = run_router_on_drafter(args.drafter, args.target, args.data, args.dest,
+                                        over, device=args.device, report_path=args.report)
+        elif args.out:
+            rep = run_router_stage(args.out, over, device=args.device)
+        else:
+            build_parser().error("router: pass --out RUN or --drafter DIR ...")
+        print(json.dumps(rep, indent=2))
     elif args.cmd == "export":
         from coral_vllm.training.export import export
         print(export(args.run, args.dest, dense=args.dense, include_heads=args.include_heads,

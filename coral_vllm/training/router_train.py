@@ -25,7 +25,7 @@ from coral_vllm.partition import build_token_order, group_of_token
 from coral_vllm.config import PARTITION_STRATEGIES, CoralConfig
 from coral_vllm.router import Router
 from coral_vllm.training.config import TrainConfig
-from coral_vllm.training.data import TokenDataset, collate, split_indices
+from coral_vllm.training.data import MANIFEST, TokenDataset, collate, split_indices
 from coral_vllm.training.model import CoralDrafter
 from coral_vllm.training.target import load_target, pick_device, target_features
 from coral_vllm.training.trainer import load_state, multi_step_forward, shift_for_drafter
@@ -33,7 +33,11 @@ from coral_vllm.training.trainer import load_state, multi_step_forward, shift_fo
 ROUTER_FILE = "router.pt"
 
 
-def load_trained_drafter(out: str | Path, target_model, device) -> tuple[CoralDrafter, TrainConfig]:
+def load_trained_drafter(out: str | Path, target_model, device,
+                         dtype: torch.dtype | None = None) -> tuple[CoralDrafter, TrainConfig]:
+    """The stage-1 drafter of a run directory, in `dtype` (default: the target's, so the
+    target's features and the drafter meet in one dtype; bf16 target + float32 drafter
+    used to crash in fc with 'expected mat1 and mat2 to have the same dtype')."""
     state = load_state(out)
     if state is None:
         raise FileNotFoundError(f"{out}: no stage-1 state (state/latest.pt); run `train` first.")
@@ -41,7 +45,8 @@ def load_trained_drafter(out: str | Path, target_model, device) -> tuple[CoralDr
     drafter = CoralDrafter(state["target_config"], cfg.num_groups, cfg.router_act)
     drafter.load_target_heads(target_model)
     drafter.load_state_dict(state["model"], strict=False)
-    return drafter.to(device).eval(), cfg
+    dtype = dtype or next(target_model.parameters()).dtype
+    return drafter.to(device=device, dtype=dtype).eval(), cfg
 
 
 @torch.no_grad()
@@ -59,6 +64,7 @@ def collect(drafter: CoralDrafter, target_model, ds: TokenDataset, indices: list
         batch = {k: v.to(device) for k, v in
                  collate([ds[j] for j in indices[i: i + batch_size]]).items()}
         f = target_features(target_model, batch["input_ids"], batch["attention_mask"])
+        f = f.to(drafter.fc.weight.dtype)  # the boundary: target dtype -> drafter dtype
         b = shift_for_drafter(f, batch["input_ids"], batch["loss_mask"],
                               batch["attention_mask"])
         sel = b["mask"].bool()
@@ -94,6 +100,10 @@ def train_router(h: torch.Tensor, labels: torch.Tensor, gprobs: torch.Tensor | N
     torch.manual_seed(seed)
     device = device or h.device
     router = Router(h.shape[1], num_groups, act=act).to(device)
+    with torch.no_grad():  # start at the group prior: the static top-k baseline
+        prior = (gprobs.float().mean(0) if label == "kl" and gprobs is not None else
+                 torch.bincount(labels, minlength=num_groups).float() / max(1, len(labels)))
+        router.w2.bias.copy_(prior.clamp_min(1e-6).log().to(device))
     opt = torch.optim.AdamW(router.parameters(), lr=lr, betas=(0.9, 0.95))
     g = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
@@ -112,25 +122,20 @@ def train_router(h: torch.Tensor, labels: torch.Tensor, gprobs: torch.Tensor | N
     return router.eval()
 
 
-def run_router_stage(out: str | Path, cfg_overrides: dict[str, Any] | None = None,
-                     device: str | None = None) -> dict[str, Any]:
-    """The `train router` command; writes out/router.pt and out/router_report.json."""
-    out = Path(out)
-    dev = pick_device(device)
-    state = load_state(out)
-    if state is None:
-        raise FileNotFoundError(f"{out}: no stage-1 state; run `train` first.")
-    cfg = TrainConfig.from_dict({**state["config"], **(cfg_overrides or {})})
-    target, _, tcfg = load_target(cfg.target, dev)
-    drafter, _ = load_trained_drafter(out, target, dev)
-    vocab, d = tcfg["vocab_size"], tcfg["hidden_size"]
+def fit_routers(drafter: CoralDrafter, target, ds: TokenDataset, cfg: TrainConfig, dev
+                ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Router]]:
+    """Partitions + one router each on the frozen drafter; (report, orders, routers).
+
+    The last `cfg.router_holdout` of the samples are held out: recall@k is measured on
+    them, and the frequency partition counts tokens of the other samples only.
+    """
+    vocab, d = drafter.vocab_size, drafter.hidden_size
     coral = CoralConfig.for_vocab(vocab, d, cfg.num_groups, cfg.top_k_groups)
-    ds = TokenDataset(cfg.data, cfg.max_len)
     strategies = PARTITION_STRATEGIES if cfg.partition == "auto" else (cfg.partition,)
     train_idx, held_idx = split_indices(len(ds), cfg.router_holdout)
     counts = train_token_counts(ds, train_idx, vocab)  # not the held-out split's
     partitions = {s: build_token_order(s, vocab, cfg.num_groups, token_counts=counts,
-                                       lm_head=drafter.lm_head.weight.detach().cpu())
+                                       lm_head=drafter.lm_head.weight.detach().float().cpu())
                   for s in strategies}
     kw = dict(num_steps=cfg.num_steps, batch_size=cfg.batch_size, device=dev,
               partitions=partitions, group_size=coral.group_size, num_groups=cfg.num_groups,
@@ -139,8 +144,9 @@ def run_router_stage(out: str | Path, cfg_overrides: dict[str, Any] | None = Non
     ho = collect(drafter, target, ds, held_idx, max_tokens=cfg.router_max_tokens, **kw)
     k = cfg.top_k_groups
     report: dict[str, Any] = {"top_k_groups": k, "num_groups": cfg.num_groups,
-                              "label": cfg.router_label, "train_tokens": len(tr["h"]),
-                              "heldout_tokens": len(ho["h"]),
+                              "label": cfg.router_label, "num_steps": cfg.num_steps,
+                              "train_samples": len(train_idx), "heldout_samples": len(held_idx),
+                              "train_tokens": len(tr["h"]), "heldout_tokens": len(ho["h"]),
                               "random_recall": k / cfg.num_groups, "partitions": {}}
     routers = {}
     for s, order in partitions.items():
@@ -158,13 +164,82 @@ def run_router_stage(out: str | Path, cfg_overrides: dict[str, Any] | None = Non
             # the best a context-free router could do: always the k most frequent groups
             "static_recall": _static_recall(grp[tr["top1"]], grp[ho["top1"]], k,
                                             cfg.num_groups)}
-    best = max(report["partitions"], key=lambda s: report["partitions"][s]["recall_at_k"])
-    report["chosen"] = best
+    report["chosen"] = max(report["partitions"],
+                           key=lambda s: report["partitions"][s]["recall_at_k"])
+    return report, partitions, routers
+
+
+def run_router_stage(out: str | Path, cfg_overrides: dict[str, Any] | None = None,
+                     device: str | None = None) -> dict[str, Any]:
+    """The `train router --out RUN` command; writes out/router.pt and out/router_report.json."""
+    out = Path(out)
+    dev = pick_device(device)
+    state = load_state(out)
+    if state is None:
+        raise FileNotFoundError(f"{out}: no stage-1 state; run `train` first.")
+    cfg = TrainConfig.from_dict({**state["config"], **(cfg_overrides or {})})
+    target, _, _ = load_target(cfg.target, dev)
+    drafter, _ = load_trained_drafter(out, target, dev)
+    ds = TokenDataset(cfg.data, cfg.max_len)
+    report, partitions, routers = fit_routers(drafter, target, ds, cfg, dev)
+    best, k = report["chosen"], cfg.top_k_groups
     torch.save({"partition": best, "token_order": partitions[best],
                 "router": {k_: v.cpu() for k_, v in routers[best].state_dict().items()},
                 "num_groups": cfg.num_groups, "top_k_groups": k, "router_act": cfg.router_act,
                 "report": report}, out / ROUTER_FILE)
     (out / "router_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def run_router_on_drafter(drafter_dir: str | Path, target_path: str | Path,
+                          data_dir: str | Path, dest: str | Path,
+                          cfg_overrides: dict[str, Any] | None = None,
+                          device: str | None = None,
+                          report_path: str | Path | None = None) -> dict[str, Any]:
+    """`train router --drafter DIR --target T --data D --dest OUT`: stage 2 starting from an
+    EXPORTED drafter (no run directory). The drafter stays frozen; `dest` is the same
+    checkpoint with the chosen partition, the trained router and top_k_groups set, in
+    the source checkpoint's dtype. num_steps defaults to the drafter's training steps."""
+    from safetensors.torch import load_file
+
+    from coral_vllm.checkpoint import WEIGHTS_FILE, read_checkpoint, save_checkpoint
+    from coral_vllm.training.evaluate import load_drafter
+
+    dev = pick_device(device)
+    ckpt = read_checkpoint(drafter_dir)
+    src_cfg = json.loads((Path(drafter_dir) / "config.json").read_text())
+    steps = (src_cfg.get("coral_training") or {}).get("num_steps", 1)
+    over = {"num_steps": steps, "router_act": ckpt.coral.router_act, **(cfg_overrides or {}),
+            "target": str(target_path), "data": str(data_dir)}
+    cfg = TrainConfig.from_dict(over)
+    if cfg.num_groups != ckpt.coral.num_groups:
+        raise ValueError(f"--num-groups {cfg.num_groups} != the drafter's "
+                         f"{ckpt.coral.num_groups} (its router shape)")
+    target, _, _ = load_target(target_path, dev)
+    drafter = load_drafter(drafter_dir, target, dev)
+    ds = TokenDataset(data_dir, cfg.max_len)
+    report, partitions, routers = fit_routers(drafter, target, ds, cfg, dev)
+    best = report["chosen"]
+    report.update(drafter=str(drafter_dir), data=str(data_dir), dest=str(dest))
+    try:
+        report["data_backend"] = json.loads((Path(data_dir) / MANIFEST).read_text()).get(
+            "backend")
+    except (OSError, ValueError):
+        pass
+    tensors = load_file(str(Path(drafter_dir) / WEIGHTS_FILE))
+    dtype = tensors["fc.weight"].dtype
+    tensors.update({f"router.{k}": v.detach().to("cpu", dtype)
+                    for k, v in routers[best].state_dict().items()})
+    tensors["partition.token_order"] = partitions[best].to(torch.int64).cpu()
+    coral = dict(src_cfg["coral"], partition=best, top_k_groups=cfg.top_k_groups,
+                 trained=True)
+    config = dict(src_cfg, coral=coral)
+    config["coral_training"] = dict(src_cfg.get("coral_training") or {}, router_stage=True,
+                                    router_report={"chosen": best,
+                                                   "partitions": report["partitions"]})
+    save_checkpoint(dest, config, tensors)
+    if report_path:
+        Path(report_path).write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
