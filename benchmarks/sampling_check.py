@@ -13,8 +13,6 @@ plain-vs-plain value (see coral_vllm/lossless.py). Writes sampling_check.json.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
 import json
 import sys
 from pathlib import Path
@@ -24,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from coral_vllm.drafters import default_drafter  # noqa: E402
 from coral_vllm.lossless import binned_tv, noise_bound, token_marginals  # noqa: E402
 from coral_vllm.model_store import fetch_model  # noqa: E402
+from coral_vllm.offline_engine import offline_engine  # noqa: E402
 
 PROMPT = "Name a colour."
 
@@ -45,23 +44,16 @@ def stock_eagle_copy(drafter: Path, out: Path) -> Path:
 
 def sample(model: Path, spec: dict | None, temperatures: list[float], n: int,
            on_gpu: bool) -> list[list[list[int]]]:
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
-    kw = (dict(dtype="bfloat16", enforce_eager=True, gpu_memory_utilization=0.5) if on_gpu
-          else dict(dtype="float32", kv_cache_memory_bytes=1 << 30))
-    llm = LLM(model=str(model), max_model_len=512, seed=0, speculative_config=spec, **kw)
-    try:
+    kw = dict(enforce_eager=True, gpu_memory_utilization=0.5) if on_gpu else {}
+    with offline_engine(model, spec, max_model_len=512, **kw) as llm:
         out = []
         for t in temperatures:
             res = llm.chat([[{"role": "user", "content": PROMPT}]] * n,
                            SamplingParams(temperature=t, max_tokens=3), use_tqdm=False)
             out.append([list(r.outputs[0].token_ids) for r in res])
         return out
-    finally:
-        with contextlib.suppress(Exception):
-            llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,8 +15,6 @@ kernel streams without gathers. Three strategies, compared by router recall in t
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from coral_vllm.config import CoralConfigError
@@ -132,6 +130,3 @@ def group_of_token(token_order: torch.Tensor, group_size: int) -> torch.Tensor:
     groups[token_order.long()] = torch.arange(token_order.numel()) // group_size
     return groups
 
-
-def num_groups_for(vocab_size: int, group_size: int) -> int:
-    return math.ceil(vocab_size / group_size)

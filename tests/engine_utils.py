@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+from coral_vllm.offline_engine import offline_engine
 from coral_vllm.smoke_prompts import SMOKE_PROMPTS
 
 PROMPTS = SMOKE_PROMPTS
@@ -15,22 +14,11 @@ PROMPTS = SMOKE_PROMPTS
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
 
-@contextlib.contextmanager
 def engine(target_dir: Path, speculative_config: dict[str, Any] | None = None,
-           **kwargs: Any) -> Iterator[Any]:
-    """A float32 CPU engine with stats on, torn down on exit so the next one fits."""
-    from vllm import LLM
-
-    llm = LLM(model=str(target_dir), dtype="float32", max_model_len=1024, seed=0,
-              kv_cache_memory_bytes=1 << 30, disable_log_stats=False,
-              speculative_config=speculative_config, **kwargs)
-    try:
-        yield llm
-    finally:
-        with contextlib.suppress(Exception):
-            llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
+           **kwargs: Any):
+    """A float32 CPU engine with stats on (see coral_vllm.offline_engine)."""
+    return offline_engine(target_dir, speculative_config, max_model_len=1024,
+                          disable_log_stats=False, **kwargs)
 
 
 def chat(llm: Any, prompts: list[str], params: Any) -> list[list[int]]:
