@@ -25,6 +25,7 @@ from collections.abc import Iterable
 
 import torch
 from vllm.config import VllmConfig
+from vllm.logger import init_logger
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.models.llama_eagle import EagleLlamaForCausalLM
 from vllm.model_executor.models.utils import maybe_prefix
@@ -33,6 +34,8 @@ from coral_vllm.config import CoralConfig
 from coral_vllm.grouped_head import (grouped_logits, grouped_top1, head_backend,
                                      scatter_to_vocab)
 from coral_vllm.router import Router
+
+logger = init_logger(__name__)
 
 
 class EagleCoralLlamaForCausalLM(EagleLlamaForCausalLM):
@@ -52,12 +55,11 @@ class EagleCoralLlamaForCausalLM(EagleLlamaForCausalLM):
         self.register_buffer("grouped_weight", torch.zeros(c.padded_vocab, c.hidden_size),
                              persistent=False)
         self.logit_scale = float(getattr(self.config, "logit_scale", 1.0))
-        self._coral_ready = True
 
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
-        if name == "lm_head" and getattr(self, "_coral_ready", False) and \
-                getattr(self, "_weights_loaded", False):
+        # vLLM shares the target's head by assigning `lm_head` after loading the weights
+        if name == "lm_head" and getattr(self, "_weights_loaded", False):
             self._refresh_grouped_head()
 
     @torch.no_grad()
@@ -73,8 +75,7 @@ class EagleCoralLlamaForCausalLM(EagleLlamaForCausalLM):
         rows[c.vocab_size:] = -1
         rows[: c.vocab_size] = order
         self.row_tokens = rows
-        from vllm.logger import init_logger
-        init_logger(__name__).info(
+        logger.info(
             "coral: grouped head %s on %s (%s), %d groups x %d rows, top-%d",
             tuple(self.grouped_weight.shape), weight.device, head_backend(weight),
             c.num_groups, c.group_size, c.top_k_groups)
