@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU host (no package index), after the vLLM 0.26 bundle is staged
 # (../shared/gpu-host/README.md): makes coral-vllm importable and visible to vLLM's plugin
-# loader without pip, installs carried wheels (.whl/), converts the default target from
+# loader without pip, installs carried wheels (.whl/: accelerate, for GGUF loading), points
+# the dataset loaders at carried dataset wheels (.gpu-data/), converts the default target from
 # the staged GGUF. Source it: `source scripts/gpu_host_setup.sh`.
 source /root/coral-site/env.sh
 REPO=$(pwd)
