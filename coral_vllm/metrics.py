@@ -13,6 +13,7 @@ from typing import Any, Iterable
 
 _SAMPLE = re.compile(r"^(vllm:spec_decode_[a-z_]+?)(?:_total)?(\{[^}]*\})?\s+([0-9.eE+-]+)$")
 _POSITION = re.compile(r'position="(\d+)"')
+_ANY_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})?\s+([0-9.eE+-]+)$")
 
 
 @dataclasses.dataclass
@@ -92,3 +93,20 @@ def from_llm_metrics(metrics: Iterable[Any]) -> SpecDecodeStats:
         elif m.name == "vllm:spec_decode_num_accepted_tokens_per_pos":
             stats.accepted_per_position = [float(v) for v in m.values]
     return stats
+
+
+def prometheus_totals(text: str) -> dict[str, float]:
+    """Every numeric sample summed over its labels, by metric name (histograms give
+    NAME_sum and NAME_count, so a difference of two scrapes yields a mean)."""
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        m = _ANY_SAMPLE.match(line.strip())
+        if m and not line.startswith("#"):
+            totals[m.group(1)] = totals.get(m.group(1), 0.0) + float(m.group(2))
+    return totals
+
+
+def histogram_mean(before: dict[str, float], after: dict[str, float], name: str) -> float | None:
+    """Mean of the observations a histogram got between two scrapes (None if none)."""
+    n = after.get(name + "_count", 0.0) - before.get(name + "_count", 0.0)
+    return (after.get(name + "_sum", 0.0) - before.get(name + "_sum", 0.0)) / n if n else None

@@ -83,9 +83,42 @@ def coral_sampled(target_dir, drafter):
     spec = {"method": "coral", "model": str(drafter), "num_speculative_tokens": K,
             "draft_sample_method": "probabilistic"}
     with engine(target_dir, spec) as llm:
+        llm.collective_rpc(_record_draft_support)
         samples = _samples(llm, 1.0)
         stats = from_llm_metrics(llm.get_metrics())
-    return samples, stats
+        support = llm.collective_rpc(_draft_support)[0]
+    return samples, stats, support
+
+
+def _record_draft_support(worker) -> None:
+    """Runs inside vLLM's worker: wraps the hand-over of draft probabilities to the
+    rejection sampler so each step records how many tokens have non-zero draft probability."""
+    proposer = worker.model_runner.drafter
+    proposer.coral_support = []
+    take = proposer.take_last_draft_probs
+
+    def recorded():
+        probs = take()
+        if probs is not None:
+            proposer.coral_support.append(int((probs > 0).sum(-1).max()))
+        return probs
+
+    proposer.take_last_draft_probs = recorded
+
+
+def _draft_support(worker) -> list[int]:
+    return worker.model_runner.drafter.coral_support
+
+
+def test_rejection_test_sees_the_restricted_draft_distribution(coral_sampled, drafter):
+    """With probabilistic drafting, the q the rejection sampler divides by is CORAL's
+    restricted distribution: mass only on the router's active groups' tokens."""
+    from coral_vllm.checkpoint import read_checkpoint
+
+    _, _, support = coral_sampled
+    c = read_checkpoint(drafter).coral
+    assert support, "no draft probabilities reached the rejection sampler"
+    assert 0 < max(support) <= c.top_k_groups * c.group_size < c.vocab_size
 
 
 def test_greedy_equals_plain_decoding(plain, coral_greedy):
@@ -164,7 +197,7 @@ def test_sampling_keeps_target_distribution(plain, coral_sampled):
     it can fail: temperature 0.7 sampling is caught by it.
     """
     _, s = plain
-    samples, stats = coral_sampled
+    samples, stats, _ = coral_sampled
     assert stats.num_drafts > 0
     ref = token_marginals(s["a"])
     bound = noise_bound(ref, token_marginals(s["b"]))

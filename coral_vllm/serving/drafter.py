@@ -50,8 +50,11 @@ class EagleCoralLlamaForCausalLM(EagleLlamaForCausalLM):
         self.lm_head = ParallelLMHead(c.vocab_size, c.hidden_size,
                                       prefix=maybe_prefix(prefix, "lm_head"))
         self.register_buffer("token_order", torch.arange(c.vocab_size), persistent=False)
-        self.register_buffer("row_tokens", torch.full((c.padded_vocab,), -1, dtype=torch.long),
-                             persistent=False)
+        # Valid (contiguous) until the checkpoint's partition is loaded, so that a model
+        # built with load_format="dummy" (no load_weights call) still drafts real token ids.
+        rows = torch.full((c.padded_vocab,), -1, dtype=torch.long)
+        rows[: c.vocab_size] = torch.arange(c.vocab_size)
+        self.register_buffer("row_tokens", rows, persistent=False)
         self.register_buffer("grouped_weight", torch.zeros(c.padded_vocab, c.hidden_size),
                              persistent=False)
         self.logit_scale = float(getattr(self.config, "logit_scale", 1.0))

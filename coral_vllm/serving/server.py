@@ -4,6 +4,7 @@ benchmarks all talk to a real OpenAI-compatible server through this one helper."
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -56,21 +57,50 @@ def running_server(model: str | Path, drafter: str | Path | None = None, *,
                    extra_args: list[str] | None = None, startup_timeout: float = 600.0,
                    log_path: str | Path | None = None) -> Iterator[str]:
     """Yields the server's base URL (http://127.0.0.1:PORT) once /health answers."""
-    port = free_port()
-    cmd = serve_command(model, drafter, port=port, num_speculative_tokens=num_speculative_tokens,
-                        extra_spec=extra_spec, extra_args=extra_args)
-    log_file = Path(log_path) if log_path else Path(tempfile.mkstemp(suffix=".log",
-                                                                     prefix="vllm-serve-")[1])
-    env = {**os.environ, "VLLM_HOST_IP": "127.0.0.1"}
-    with open(log_file, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    spec = ServerSpec(model, drafter, num_speculative_tokens, extra_spec, extra_args, log_path)
+    with running_servers({"server": spec}, startup_timeout=startup_timeout) as urls:
+        yield urls["server"]
+
+
+@dataclasses.dataclass
+class ServerSpec:
+    """One `vllm serve` process: target, optional drafter and its speculative settings."""
+
+    model: str | Path
+    drafter: str | Path | None = None
+    num_speculative_tokens: int = 3
+    extra_spec: dict | None = None
+    extra_args: list[str] | None = None
+    log_path: str | Path | None = None
+
+
+@contextlib.contextmanager
+def running_servers(specs: dict[str, ServerSpec], *,
+                    startup_timeout: float = 600.0) -> Iterator[dict[str, str]]:
+    """Starts every server at once (their start-ups overlap: compilation and CUDA-graph
+    capture dominate), yields {name: base URL} once all answer /health, stops them all."""
+    procs: dict[str, tuple[subprocess.Popen, Path]] = {}
+    urls: dict[str, str] = {}
     try:
-        _wait_healthy(url, proc, startup_timeout, log_file)
-        yield url
+        for name, spec in specs.items():
+            port = free_port()
+            cmd = serve_command(spec.model, spec.drafter, port=port,
+                                num_speculative_tokens=spec.num_speculative_tokens,
+                                extra_spec=spec.extra_spec, extra_args=spec.extra_args)
+            log_file = Path(spec.log_path) if spec.log_path else Path(
+                tempfile.mkstemp(suffix=".log", prefix=f"vllm-serve-{name}-")[1])
+            env = {**os.environ, "VLLM_HOST_IP": "127.0.0.1"}
+            with open(log_file, "w") as log:
+                procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                                env=env, start_new_session=True), log_file)
+            urls[name] = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + startup_timeout
+        for name, (proc, log_file) in procs.items():
+            _wait_healthy(urls[name], proc, deadline - time.monotonic(), log_file)
+        yield urls
     finally:
-        _stop(proc)
+        for proc, _ in procs.values():
+            _stop(proc)
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float, log_file: Path) -> None:
@@ -87,7 +117,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float, log_file: Pa
         except OSError:
             pass
         time.sleep(1.0)
-    raise TimeoutError(f"vllm serve did not become healthy in {timeout:.0f}s; log: {log_file}")
+    raise TimeoutError(f"vllm serve was not healthy before the start-up deadline; log: {log_file}")
 
 
 def _stop(proc: subprocess.Popen) -> None:

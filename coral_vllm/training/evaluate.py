@@ -130,19 +130,10 @@ def evaluate_tau(target, drafter: CoralDrafter, prompts: Sequence[Sequence[int]]
 
 def benchmark_prompts(name: str, tokenizer, limit: int | None = None) -> list[list[int]]:
     """Chat-templated first turns of mtbench / humaneval / gsm8k."""
-    from coral_vllm import datasets
+    from coral_vllm.datasets import benchmark_texts
     from coral_vllm.training.data import chat_prompt_ids
 
-    if name == "mtbench":
-        texts = [q["turns"][0] for q in datasets.load_mtbench()]
-    elif name == "humaneval":
-        texts = ["Complete the following Python function.\n\n" + p["prompt"]
-                 for p in datasets.load_humaneval()]
-    elif name == "gsm8k":
-        texts = [p["question"] for p in datasets.load_gsm8k()]
-    else:
-        raise ValueError(f"unknown benchmark {name!r}: mtbench, humaneval or gsm8k")
-    return [chat_prompt_ids(tokenizer, t) for t in texts[:limit]]
+    return [chat_prompt_ids(tokenizer, t) for t in benchmark_texts(name, limit)]
 
 
 def run_eval(target_path: str, drafters: Sequence[str], benchmarks: Sequence[str], *,

@@ -1,0 +1,70 @@
+"""A load generator that talks to `vllm serve` the way users do: the OpenAI client,
+chat completions, a fixed number of requests in flight.
+
+Non-streaming on purpose: a streaming Python client parses one SSE chunk per step and at
+tens of thousands of tokens/s on one host becomes the bottleneck it is meant to measure.
+Time per output token comes from the server's own histogram instead (see `e2e.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+
+@dataclasses.dataclass
+class LoadResult:
+    num_requests: int
+    output_tokens: int
+    wall_s: float
+    latencies_s: list[float]
+    replies: list[str]
+
+    @property
+    def output_tok_s(self) -> float:
+        return self.output_tokens / self.wall_s
+
+    @property
+    def mean_latency_per_token_ms(self) -> float:
+        """Request latency / its output tokens, averaged (prefill included)."""
+        return 1000 * sum(self.latencies_s) / max(self.output_tokens, 1)
+
+
+def run_load(base_url: str, prompts: list[str], *, concurrency: int, max_tokens: int,
+             temperature: float, model: str | None = None) -> LoadResult:
+    """Sends every prompt once, at most `concurrency` at a time; wall time runs from the
+    first request sent to the last reply received."""
+    return asyncio.run(_run(base_url, prompts, concurrency, max_tokens, temperature, model))
+
+
+async def _run(base_url: str, prompts: list[str], concurrency: int, max_tokens: int,
+               temperature: float, model: str | None) -> LoadResult:
+    import httpx
+    from openai import AsyncOpenAI
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with AsyncOpenAI(base_url=base_url + "/v1", api_key="EMPTY", max_retries=0,
+                           timeout=1800, http_client=httpx.AsyncClient(limits=limits,
+                                                                       timeout=1800)) as client:
+        if model is None:
+            model = (await client.models.list()).data[0].id
+        gate = asyncio.Semaphore(concurrency)
+        latencies = [0.0] * len(prompts)
+        tokens = [0] * len(prompts)
+        replies = [""] * len(prompts)
+
+        async def one(i: int, prompt: str) -> None:
+            async with gate:
+                t0 = time.perf_counter()
+                r = await client.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": prompt}],
+                    max_tokens=max_tokens, temperature=temperature)
+                latencies[i] = time.perf_counter() - t0
+                tokens[i] = r.usage.completion_tokens
+                replies[i] = r.choices[0].message.content or ""
+
+        t_start = time.perf_counter()
+        await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        wall = time.perf_counter() - t_start
+    return LoadResult(len(prompts), sum(tokens), wall, latencies, replies)

@@ -1,0 +1,280 @@
+"""End-to-end benchmark with real acceptance: `vllm serve` without speculation and with
+each drafter, driven through the OpenAI API, every variant on the same card in one run.
+
+Every server starts at once (start-up is compilation and CUDA-graph capture, which
+overlap), then the cells run one after another, all variants of a cell back to back:
+datasets x temperatures x concurrency levels. Per cell and variant it records
+
+- output tokens/s: completion tokens / wall time from first request to last reply;
+- time per output token: the server's `vllm:request_time_per_output_token_seconds`
+  (excludes the first token), and time to first token;
+- acceptance: vLLM's spec-decode counters (mean acceptance length incl. the bonus token,
+  acceptance rate per draft position), real, from the drafter's own drafts.
+
+At T > 0 every drafter drafts probabilistically (`draft_sample_method: probabilistic`)
+unless told not to, so the rejection test uses the draft distribution; for a CORAL
+drafter that is the restricted distribution of its active groups (`compute_logits`
+returns -inf elsewhere). T = 0 uses greedy drafting servers (for CORAL the grouped
+top-1 path). The drafter-to-target step-time ratio c is derived from the batch-1 T=0
+cells of the same run (see `step_time_ratio`).
+
+    coral-vllm bench e2e --drafters eagle=DIR hass=DIR coral=DIR -k 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from coral_vllm.bench.client import run_load
+from coral_vllm.checkpoint import is_coral_checkpoint
+from coral_vllm.datasets import BENCHMARKS, benchmark_texts
+from coral_vllm.metrics import histogram_mean, parse_prometheus, prometheus_totals
+from coral_vllm.serving.server import ServerSpec, fetch_metrics, on_cpu, running_servers
+
+PLAIN = "plain"
+TPOT_METRIC = "vllm:request_time_per_output_token_seconds"
+TTFT_METRIC = "vllm:time_to_first_token_seconds"
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One server: a drafter (or none) and how it drafts."""
+
+    drafter: str                    # "plain" or the name given on the command line
+    path: Path | None
+    draft_sample_method: str = "greedy"
+
+    @property
+    def server_name(self) -> str:
+        return self.drafter if self.draft_sample_method == "greedy" \
+            else f"{self.drafter}-{self.draft_sample_method}"
+
+    def server_spec(self, model: Path, k: int, extra_args: list[str], log_dir: Path) -> ServerSpec:
+        if self.path is None:
+            return ServerSpec(model, None, extra_args=extra_args,
+                              log_path=log_dir / f"serve_{self.server_name}.log")
+        spec: dict[str, Any] = {"method": "coral" if is_coral_checkpoint(self.path) else "eagle"}
+        if self.draft_sample_method != "greedy":
+            spec["draft_sample_method"] = self.draft_sample_method
+        return ServerSpec(model, self.path, k, spec, extra_args,
+                          log_dir / f"serve_{self.server_name}.log")
+
+
+def plan_variants(drafters: dict[str, Path], temperatures: list[float],
+                  probabilistic: bool) -> dict[float, list[Variant]]:
+    """Which server answers which temperature."""
+    plain = Variant(PLAIN, None)
+    out = {}
+    for t in temperatures:
+        method = "probabilistic" if t > 0 and probabilistic else "greedy"
+        out[t] = [plain] + [Variant(n, p, method) for n, p in drafters.items()]
+    return out
+
+
+def scrape(url: str) -> tuple[Any, dict[str, float]]:
+    text = fetch_metrics(url)
+    return parse_prometheus(text), prometheus_totals(text)
+
+
+def measure_cell(url: str, prompts: list[str], *, concurrency: int, max_tokens: int,
+                 temperature: float) -> dict[str, Any]:
+    spec0, tot0 = scrape(url)
+    load = run_load(url, prompts, concurrency=concurrency, max_tokens=max_tokens,
+                    temperature=temperature)
+    spec1, tot1 = scrape(url)
+    spec = spec1 - spec0
+    tpot = histogram_mean(tot0, tot1, TPOT_METRIC)
+    ttft = histogram_mean(tot0, tot1, TTFT_METRIC)
+    return {
+        "num_requests": load.num_requests, "output_tokens": load.output_tokens,
+        "wall_s": round(load.wall_s, 3), "output_tok_s": round(load.output_tok_s, 1),
+        "tpot_ms": None if tpot is None else round(1000 * tpot, 3),
+        "ttft_ms": None if ttft is None else round(1000 * ttft, 2),
+        "latency_per_token_ms": round(load.mean_latency_per_token_ms, 3),
+        "acceptance_length": round(spec.acceptance_length, 3) if spec.num_drafts else None,
+        "acceptance_per_position": [round(x, 3) for x in spec.per_position_rate]
+        if spec.num_drafts else None,
+    }
+
+
+def step_time_ratio(tpot_spec_ms: float, tau: float, tpot_plain_ms: float, k: int) -> float:
+    """c = T_draft / T_target from one run: a speculative step costs TPOT_spec * tau
+    (tau tokens per step) = T_verify + k * T_draft; with T_verify ~ one plain step
+    (verifying k+1 tokens at batch 1 is memory/launch bound like decoding one),
+    c = (TPOT_spec * tau - TPOT_plain) / (k * TPOT_plain). It folds the proposer's own
+    overhead (input preparation, launches) into T_draft, which is what the speedup sees."""
+    return (tpot_spec_ms * tau - tpot_plain_ms) / (k * tpot_plain_ms)
+
+
+def summarize(rows: list[dict[str, Any]], k: int) -> dict[str, Any]:
+    """Speedups vs plain (same cell) and vs each other drafter, and c per drafter."""
+    cells: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        cells.setdefault((r["dataset"], r["temperature"], r["concurrency"]), {})[r["drafter"]] = r
+    for r in rows:
+        plain = cells[(r["dataset"], r["temperature"], r["concurrency"])].get(PLAIN)
+        r["speedup_vs_plain"] = round(r["output_tok_s"] / plain["output_tok_s"], 3) \
+            if plain else None
+    ratios: dict[str, dict[str, float]] = {}
+    for (dataset, t, conc), variants in cells.items():
+        plain = variants.get(PLAIN)
+        if t != 0 or conc != 1 or not plain or plain["tpot_ms"] is None:
+            continue
+        for name, r in variants.items():
+            if name != PLAIN and r["acceptance_length"] and r["tpot_ms"]:
+                ratios.setdefault(name, {})[dataset] = round(step_time_ratio(
+                    r["tpot_ms"], r["acceptance_length"], plain["tpot_ms"], k), 3)
+    return {"step_time_ratio_c": ratios}
+
+
+def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets, each with its measured number (met or not)."""
+    def get(drafter: str, concurrency: int, dataset: str = "mtbench", t: float = 0.0):
+        for r in rows:
+            if (r["drafter"], r["concurrency"], r["dataset"], r["temperature"]) == \
+                    (drafter, concurrency, dataset, t):
+                return r
+        return None
+
+    out = []
+    coral, hass = get("coral", 1), get("hass", 1)
+    if coral and coral["speedup_vs_plain"] is not None:
+        out.append({"target": "MT-bench, batch 1, T=0: CORAL >= 2.0x plain",
+                    "measured": coral["speedup_vs_plain"],
+                    "met": coral["speedup_vs_plain"] >= 2.0})
+    if coral and hass:
+        x = round(coral["output_tok_s"] / hass["output_tok_s"], 3)
+        out.append({"target": "MT-bench, batch 1, T=0: CORAL >= 1.10x HASS",
+                    "measured": x, "met": x >= 1.10})
+    c32 = get("coral", 32)
+    if c32 and c32["speedup_vs_plain"] is not None:
+        out.append({"target": "MT-bench, concurrency 32, T=0: CORAL >= 1.2x plain",
+                    "measured": c32["speedup_vs_plain"], "met": c32["speedup_vs_plain"] >= 1.2})
+    return out
+
+
+def device_name() -> str:
+    if on_cpu():
+        return f"CPU ({platform.machine()}), float32"
+    import torch
+    return torch.cuda.get_device_name(0)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import vllm
+
+    from coral_vllm.drafters import default_drafter
+    from coral_vllm.model_store import fetch_model
+
+    model = Path(args.model) if args.model else fetch_model()
+    drafters = dict(d.split("=", 1) for d in args.drafters) if args.drafters \
+        else {"coral": str(default_drafter())}
+    drafters = {n: Path(p) for n, p in drafters.items()}
+    plan = plan_variants(drafters, args.temperatures, not args.greedy_drafts_only)
+    servers = {v.server_name: v for vs in plan.values() for v in vs}
+    out = Path(args.out)
+    log_dir = Path(args.log_dir or out.parent / "logs")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    extra = ["--disable-uvicorn-access-log", "--max-num-seqs", str(max(args.concurrency))]
+    if not on_cpu():
+        extra += ["--gpu-memory-utilization", str(args.gpu_memory_utilization),
+                  "--kv-cache-memory-bytes", str(args.kv_cache_gib << 30)]
+    specs = {name: v.server_spec(model, args.k, extra, log_dir) for name, v in servers.items()}
+    result: dict[str, Any] = {
+        "device": device_name(), "vllm_version": vllm.__version__, "model": model.name,
+        "k": args.k, "max_tokens": args.max_tokens,
+        "acceptance": "real: the drafters' own drafts verified by the target",
+        "drafters": {n: {"path": str(p), "served_as": "coral" if is_coral_checkpoint(p)
+                         else "eagle"} for n, p in drafters.items()},
+        "draft_sample_method": {str(t): vs[-1].draft_sample_method for t, vs in plan.items()},
+        "prompts": {d: f"coral_vllm.datasets.benchmark_texts({d!r}), chat template, first "
+                    f"N per level" for d in args.datasets},
+        "requests_per_concurrency": dict(zip(map(str, args.concurrency), args.requests)),
+        "tpot": "server-side mean of vllm:request_time_per_output_token_seconds",
+        "rows": [],
+    }
+    print(f"starting {len(specs)} servers: {', '.join(specs)} (logs in {log_dir})", flush=True)
+    t0 = time.perf_counter()
+    with running_servers(specs, startup_timeout=args.startup_timeout) as urls:
+        result["startup_s"] = round(time.perf_counter() - t0, 1)
+        print(f"all up in {result['startup_s']}s", flush=True)
+        for url in urls.values():  # warm-up, not timed
+            run_load(url, ["Hello!"], concurrency=1, max_tokens=16, temperature=0.0)
+        for dataset in args.datasets:
+            texts = benchmark_texts(dataset)
+            for t in args.temperatures:
+                for conc, n in zip(args.concurrency, args.requests):
+                    prompts = [texts[i % len(texts)] for i in range(n)]
+                    for v in plan[t]:
+                        row = {"drafter": v.drafter, "dataset": dataset, "temperature": t,
+                               "concurrency": conc,
+                               "draft_sample_method": None if v.path is None
+                               else v.draft_sample_method}
+                        row.update(measure_cell(urls[v.server_name], prompts,
+                                                concurrency=conc, max_tokens=args.max_tokens,
+                                                temperature=t))
+                        result["rows"].append(row)
+                        print(f"{dataset:9s} T={t:g} c={conc:<3d} {v.server_name:18s} "
+                              f"{row['output_tok_s']:9.1f} tok/s  tpot {row['tpot_ms']} ms  "
+                              f"tau {row['acceptance_length']}", flush=True)
+                    result.update(summarize(result["rows"], args.k))
+                    result["targets"] = check_targets(result["rows"])
+                    write_json(out, result)  # after every cell: a cut-off run keeps its rows
+    return result
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = p or argparse.ArgumentParser(prog="coral-vllm bench e2e")
+    p.description = __doc__
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("--model", help="target model dir (default: the converted SmolLM2-135M)")
+    p.add_argument("--drafters", nargs="+", metavar="NAME=DIR",
+                   help="drafters to compare; a CORAL checkpoint is served as 'coral', a "
+                   "plain EAGLE one (`coral-vllm to-eagle`) as 'eagle' (default: "
+                   "coral=the shipped drafter)")
+    p.add_argument("-k", type=int, default=3, help="draft tokens per step (default 3)")
+    p.add_argument("--datasets", nargs="+", default=list(BENCHMARKS), choices=BENCHMARKS)
+    p.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0])
+    p.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32],
+                   help="requests in flight (1 = batch 1, one request at a time)")
+    p.add_argument("--requests", nargs="+", type=int, default=[8, 32, 64],
+                   help="requests sent per concurrency level (same order)")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--greedy-drafts-only", action="store_true",
+                   help="draft greedily at T > 0 too (default: probabilistic drafting)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.08,
+                   help="per server (all run at once; default 0.08)")
+    p.add_argument("--kv-cache-gib", type=int, default=2, help="KV cache per server (GPU)")
+    p.add_argument("--startup-timeout", type=float, default=900)
+    p.add_argument("--out", default="benchmarks/results/e2e_smollm2.json")
+    p.add_argument("--log-dir", help="server logs (default: OUT's folder/logs)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if len(args.requests) != len(args.concurrency):
+        raise SystemExit("--requests needs one number per --concurrency level")
+    result = run(args)
+    for t in result["targets"]:
+        print(f"{'MET ' if t['met'] else 'MISS'} {t['target']}: {t['measured']}")
+    print(f"c (drafter/target step time): {result['step_time_ratio_c']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

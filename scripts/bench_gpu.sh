@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The GPU-host commands behind benchmarks/results/e2e_*.json, one per 10-minute host command
+# (run from the repo root; sources scripts/gpu_host_setup.sh itself).
+#   bash scripts/bench_gpu.sh e2e                 # SmolLM2: plain / EAGLE / HASS / CORAL, vllm serve
+#   bash scripts/bench_gpu.sh synthetic SHAPE     # llama-3.1-8b or qwen2.5-7b, dummy weights
+# Drafters: .gpu-drafters/{eagle,hass} (`coral-vllm to-eagle` of the trained baselines),
+# CORAL = the shipped one. Results and server logs go to $OUT (default results/).
+set -uo pipefail
+source scripts/gpu_host_setup.sh > /tmp/gpu_host_setup.log 2>&1 || { tail -n 20 /tmp/gpu_host_setup.log; exit 1; }
+export VLLM_WORKER_MULTIPROC_METHOD=spawn VLLM_USE_FLASHINFER_SAMPLER=0
+R=${OUT:-results}
+mkdir -p "$R"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$R/gpu.csv"
+case "${1:?e2e | synthetic SHAPE}" in
+  e2e)
+    python3 -m coral_vllm.cli bench e2e -k "${K:-3}" --drafters eagle=.gpu-drafters/eagle \
+      hass=.gpu-drafters/hass coral=coral_vllm/assets/drafters/smollm2-135m-instruct \
+      --out "$R/e2e_smollm2.json" --log-dir "$R/logs" ;;
+  synthetic)
+    prior=()
+    [ -f benchmarks/results/e2e_synthetic.json ] && [ -n "${EXTEND:-}" ] && \
+      prior=(--extend benchmarks/results/e2e_synthetic.json)
+    python3 -m coral_vllm.cli bench synthetic --shapes "${2:?shape}" "${prior[@]}" \
+      --work-dir /root/coral-synthetic --out "$R/e2e_synthetic.json" 2>&1 \
+      | grep -v "^(\|^INFO\|^WARNING\|^\[" | tail -n 80 ;;
+esac

@@ -1,0 +1,116 @@
+"""The end-to-end benchmark suite: its arithmetic, its baseline export, and one small real
+run through `vllm serve` + the OpenAI client on the CPU (plain, a stock-EAGLE baseline and
+the CORAL drafter), checked for what the GPU run relies on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from coral_vllm.bench.e2e import plan_variants, step_time_ratio, summarize
+from coral_vllm.bench.synthetic import ratios
+from coral_vllm.checkpoint import (is_coral_checkpoint, read_checkpoint,
+                                   write_eagle_checkpoint)
+from coral_vllm.drafters import default_drafter
+from coral_vllm.metrics import histogram_mean, prometheus_totals
+
+SCRAPE_1 = """# HELP vllm:request_time_per_output_token_seconds x
+vllm:request_time_per_output_token_seconds_sum{engine="0",model_name="m"} 1.5
+vllm:request_time_per_output_token_seconds_count{engine="0",model_name="m"} 3.0
+vllm:request_time_per_output_token_seconds_bucket{engine="0",le="0.01"} 2.0
+"""
+SCRAPE_2 = SCRAPE_1.replace("} 1.5", "} 2.1").replace("} 3.0", "} 9.0")
+
+
+def test_histogram_mean_is_the_mean_of_new_observations():
+    a, b = prometheus_totals(SCRAPE_1), prometheus_totals(SCRAPE_2)
+    name = "vllm:request_time_per_output_token_seconds"
+    assert histogram_mean(a, b, name) == pytest.approx(0.6 / 6)
+    assert histogram_mean(a, a, name) is None
+
+
+def test_step_time_ratio_inverts_the_speedup_model():
+    # plain 2 ms/token; drafter step c=0.2 of a target step, k=3, tau=2 tokens per step:
+    # a step costs 2 + 3*0.4 = 3.2 ms for 2 tokens -> 1.6 ms per token
+    assert step_time_ratio(1.6, 2.0, 2.0, 3) == pytest.approx(0.2)
+
+
+def _row(drafter, conc, tok_s, tpot, tau, dataset="mtbench", t=0.0):
+    return {"drafter": drafter, "dataset": dataset, "temperature": t, "concurrency": conc,
+            "output_tok_s": tok_s, "tpot_ms": tpot, "acceptance_length": tau}
+
+
+def test_summary_speedups_are_per_cell_and_c_uses_batch_one_greedy():
+    rows = [_row("plain", 1, 100.0, 10.0, None), _row("coral", 1, 150.0, 8.0, 2.0),
+            _row("plain", 8, 400.0, 20.0, None), _row("coral", 8, 200.0, 30.0, 2.0)]
+    s = summarize(rows, k=3)
+    assert [r["speedup_vs_plain"] for r in rows] == [1.0, 1.5, 1.0, 0.5]
+    assert s["step_time_ratio_c"] == {"coral": {"mtbench": round((16 - 10) / 30, 3)}}
+
+
+def test_t1_uses_probabilistic_drafting_servers_unless_disabled():
+    plan = plan_variants({"coral": Path("d")}, [0.0, 1.0], probabilistic=True)
+    assert [v.server_name for v in plan[0.0]] == ["plain", "coral"]
+    assert [v.server_name for v in plan[1.0]] == ["plain", "coral-probabilistic"]
+    greedy = plan_variants({"coral": Path("d")}, [1.0], probabilistic=False)
+    assert [v.server_name for v in greedy[1.0]] == ["plain", "coral"]
+
+
+def test_synthetic_ratios_pair_coral_with_eagle_and_plain():
+    rows = [{"shape": "s", "drafter": "plain", "batch": 1, "synthetic_acceptance_length": None,
+             "output_tok_s": 100.0},
+            {"shape": "s", "drafter": "eagle", "batch": 1, "synthetic_acceptance_length": 3.5,
+             "output_tok_s": 200.0},
+            {"shape": "s", "drafter": "coral", "batch": 1, "synthetic_acceptance_length": 3.5,
+             "output_tok_s": 250.0}]
+    assert ratios(rows) == [{"shape": "s", "batch": 1, "synthetic_acceptance_length": 3.5,
+                             "coral_vs_eagle": 1.25, "coral_vs_plain": 2.5,
+                             "eagle_vs_plain": 2.0}]
+
+
+def test_eagle_export_keeps_the_layer_and_drops_the_router(tmp_path):
+    from safetensors import safe_open
+
+    src = default_drafter()
+    dest = write_eagle_checkpoint(src, tmp_path / "eagle")
+    assert not is_coral_checkpoint(dest) and is_coral_checkpoint(src)
+    cfg = json.loads((dest / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and "coral" not in cfg
+    ckpt = read_checkpoint(src)
+    with safe_open(str(dest / "model.safetensors"), "pt") as f, \
+            safe_open(str(src / "model.safetensors"), "pt") as g:
+        assert set(f.keys()) == {k for k in ckpt.shapes
+                                 if not k.startswith(("router.", "partition."))}
+        for k in f.keys():
+            assert f.get_tensor(k).equal(g.get_tensor(k))
+
+
+def test_e2e_run_through_vllm_serve(target_dir, tmp_path):
+    """A small real run: three servers at once, T=0, two concurrency levels. Checks the
+    JSON the GPU run writes: every variant in every cell, replies' tokens counted,
+    server-side TPOT present, acceptance only for drafters, c derived."""
+    from coral_vllm.bench.e2e import main
+
+    eagle = write_eagle_checkpoint(default_drafter(), tmp_path / "eagle")
+    out = tmp_path / "e2e.json"
+    assert main(["--model", str(target_dir), "--drafters", f"eagle={eagle}",
+                 f"coral={default_drafter()}", "--datasets", "mtbench", "--temperatures",
+                 "0", "--concurrency", "1", "2", "--requests", "2", "2", "--max-tokens", "12",
+                 "-k", "2", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["drafters"]["eagle"]["served_as"] == "eagle"
+    assert r["drafters"]["coral"]["served_as"] == "coral"
+    cells = {(x["drafter"], x["concurrency"]): x for x in r["rows"]}
+    assert set(cells) == {(d, c) for d in ("plain", "eagle", "coral") for c in (1, 2)}
+    for (d, c), x in cells.items():
+        assert x["num_requests"] == 2 and 0 < x["output_tokens"] <= 24
+        assert x["tpot_ms"] and x["tpot_ms"] > 0 and x["output_tok_s"] > 0
+        assert (x["acceptance_length"] is None) == (d == "plain")
+        if d != "plain":
+            assert 1.0 <= x["acceptance_length"] <= 3.0
+            assert len(x["acceptance_per_position"]) == 2
+    assert set(r["step_time_ratio_c"]) == {"eagle", "coral"}
+    from coral_vllm.bench.plots import plot_file
+    assert plot_file(out).stat().st_size > 0
