@@ -90,6 +90,12 @@ def _bench_synthetic(args: argparse.Namespace) -> int:
     return main(args.rest)
 
 
+def _bench_profile(args: argparse.Namespace) -> int:
+    from coral_vllm.bench.profile import main
+
+    return main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="coral-vllm",
@@ -143,12 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="end-to-end benchmarks: `bench e2e` (real models "
                        "through vllm serve), `bench synthetic` (8B shapes, dummy weights), "
-                       "`bench plot RESULT.json`")
+                       "`bench profile` (draft step time), `bench plot RESULT.json`")
     bsub = b.add_subparsers(dest="bench", required=True)
     for name, func, what in (("e2e", _bench_e2e, "plain vs drafters through vllm serve + "
                               "the OpenAI API, real acceptance (see -h)"),
                              ("synthetic", _bench_synthetic, "8B-shaped targets, dummy "
-                              "weights, synthetic acceptance (see -h)")):
+                              "weights, synthetic acceptance (see -h)"),
+                             ("profile", _bench_profile, "where a draft step's time goes: "
+                              "timed and profiled proposer inside the engine (see -h)")):
         bp = bsub.add_parser(name, help=what, add_help=False)
         bp.add_argument("rest", nargs=argparse.REMAINDER)
         bp.set_defaults(func=func)
@@ -171,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _PASSTHROUGH = {"train": _train, "serve": _serve}
-_BENCH_PASSTHROUGH = {"e2e": _bench_e2e, "synthetic": _bench_synthetic}
+_BENCH_PASSTHROUGH = {"e2e": _bench_e2e, "synthetic": _bench_synthetic,
+                      "profile": _bench_profile}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,8 @@
 # (run from the repo root; sources scripts/gpu_host_setup.sh itself).
 #   bash scripts/bench_gpu.sh e2e                 # SmolLM2: plain / EAGLE / HASS / CORAL, vllm serve
 #   bash scripts/bench_gpu.sh synthetic SHAPE     # llama-3.1-8b or qwen2.5-7b, dummy weights
+#   bash scripts/bench_gpu.sh profile             # SmolLM2 draft-step time: EAGLE vs CORAL
+#   bash scripts/bench_gpu.sh e2e-k1              # SmolLM2, k=1, MT-bench T=0, batch 1 and 32
 # Drafters: .gpu-drafters/{eagle,hass} (`coral-vllm to-eagle` of the trained baselines),
 # CORAL = the shipped one. Results and server logs go to $OUT (default results/).
 set -uo pipefail
@@ -16,6 +18,15 @@ case "${1:?e2e | synthetic SHAPE}" in
     python3 -m coral_vllm.cli bench e2e -k "${K:-3}" --drafters eagle=.gpu-drafters/eagle \
       hass=.gpu-drafters/hass coral=coral_vllm/assets/drafters/smollm2-135m-instruct \
       --out "$R/e2e_smollm2.json" --log-dir "$R/logs" ;;
+  profile)
+    python3 -m coral_vllm.cli bench profile -k "${K:-3}" --drafters eagle=.gpu-drafters/eagle \
+      coral=coral_vllm/assets/drafters/smollm2-135m-instruct \
+      --out "$R/draft_step_profile.json" 2>&1 | grep -v "^(\|^INFO\|^WARNING\|^\[" | tail -n 20 ;;
+  e2e-k1)
+    python3 -m coral_vllm.cli bench e2e -k 1 --drafters eagle=.gpu-drafters/eagle \
+      hass=.gpu-drafters/hass coral=coral_vllm/assets/drafters/smollm2-135m-instruct \
+      --datasets mtbench --temperatures 0 --concurrency 1 32 --requests 16 64 \
+      --out "$R/e2e_smollm2_k1.json" --log-dir "$R/logs_k1" ;;
   synthetic)
     prior=()
     [ -f benchmarks/results/e2e_synthetic.json ] && [ -n "${EXTEND:-}" ] && \
