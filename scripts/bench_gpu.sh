@@ -5,6 +5,7 @@
 #   bash scripts/bench_gpu.sh synthetic SHAPE     # llama-3.1-8b or qwen2.5-7b, dummy weights
 #   bash scripts/bench_gpu.sh profile             # SmolLM2 draft-step time: EAGLE vs CORAL
 #   bash scripts/bench_gpu.sh e2e-k1              # SmolLM2, k=1, MT-bench T=0, batch 1 and 32
+#   bash scripts/bench_gpu.sh e2e-repeats         # MT-bench T=0, 3 rotated rounds: k=3 (c=1, 32), k=1 (c=1)
 # Drafters: .gpu-drafters/{eagle,hass} (`coral-vllm to-eagle` of the trained baselines),
 # CORAL = the shipped one. Results and server logs go to $OUT (default results/).
 set -uo pipefail
@@ -27,6 +28,14 @@ case "${1:?e2e | synthetic SHAPE}" in
       hass=.gpu-drafters/hass coral=coral_vllm/assets/drafters/smollm2-135m-instruct \
       --datasets mtbench --temperatures 0 --concurrency 1 32 --requests 16 64 \
       --out "$R/e2e_smollm2_k1.json" --log-dir "$R/logs_k1" ;;
+  e2e-repeats)
+    for k in 3 1; do
+      conc=(1 32); req=(16 64); [ "$k" = 1 ] && conc=(1) && req=(16)
+      python3 -m coral_vllm.cli bench e2e -k "$k" --drafters eagle=.gpu-drafters/eagle \
+        hass=.gpu-drafters/hass coral=coral_vllm/assets/drafters/smollm2-135m-instruct \
+        --datasets mtbench --temperatures 0 --concurrency "${conc[@]}" --requests "${req[@]}" \
+        --repeats 3 --out "$R/e2e_smollm2_repeats_k$k.json" --log-dir "$R/logs_r$k" | tail -n 12
+    done ;;
   synthetic)
     prior=()
     [ -f benchmarks/results/e2e_synthetic.json ] && [ -n "${EXTEND:-}" ] && \

@@ -104,6 +104,16 @@ def measure_cell(url: str, prompts: list[str], *, concurrency: int, max_tokens: 
     }
 
 
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median throughput, plus every round's throughput (the spread
+    between rounds is the noise floor comparisons must clear)."""
+    ranked = sorted(runs, key=lambda r: r["output_tok_s"])
+    row = dict(ranked[(len(ranked) - 1) // 2])
+    if len(runs) > 1:
+        row["output_tok_s_rounds"] = [r["output_tok_s"] for r in runs]
+    return row
+
+
 def step_time_ratio(tpot_spec_ms: float, tau: float, tpot_plain_ms: float, k: int) -> float:
     """c = T_draft / T_target from one run: a speculative step costs TPOT_spec * tau
     (tau tokens per step) = T_verify + k * T_draft; with T_verify ~ one plain step
@@ -198,6 +208,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     f"N per level" for d in args.datasets},
         "requests_per_concurrency": dict(zip(map(str, args.concurrency), args.requests)),
         "tpot": "server-side mean of vllm:request_time_per_output_token_seconds",
+        "repeats": args.repeats,
         "rows": [],
     }
     print(f"starting {len(specs)} servers: {', '.join(specs)} (logs in {log_dir})", flush=True)
@@ -212,14 +223,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for t in args.temperatures:
                 for conc, n in zip(args.concurrency, args.requests):
                     prompts = [texts[i % len(texts)] for i in range(n)]
+                    runs: dict[str, list[dict[str, Any]]] = {v.server_name: [] for v in plan[t]}
+                    for rnd in range(args.repeats):  # rotate the order: no variant always first
+                        order = plan[t][rnd % len(plan[t]):] + plan[t][:rnd % len(plan[t])]
+                        for v in order:
+                            runs[v.server_name].append(measure_cell(
+                                urls[v.server_name], prompts, concurrency=conc,
+                                max_tokens=args.max_tokens, temperature=t))
                     for v in plan[t]:
                         row = {"drafter": v.drafter, "dataset": dataset, "temperature": t,
                                "concurrency": conc,
                                "draft_sample_method": None if v.path is None
                                else v.draft_sample_method}
-                        row.update(measure_cell(urls[v.server_name], prompts,
-                                                concurrency=conc, max_tokens=args.max_tokens,
-                                                temperature=t))
+                        row.update(median_run(runs[v.server_name]))
                         result["rows"].append(row)
                         print(f"{dataset:9s} T={t:g} c={conc:<3d} {v.server_name:18s} "
                               f"{row['output_tok_s']:9.1f} tok/s  tpot {row['tpot_ms']} ms  "
@@ -254,6 +270,8 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--requests", nargs="+", type=int, default=[8, 32, 64],
                    help="requests sent per concurrency level (same order)")
     p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=1, help="rounds per cell, variant order "
+                   "rotated; rows report the median round and list all (default 1)")
     p.add_argument("--greedy-drafts-only", action="store_true",
                    help="draft greedily at T > 0 too (default: probabilistic drafting)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.08,
