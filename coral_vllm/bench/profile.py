@@ -202,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         "k": args.k, "batch_size": 1, "temperature": 0.0, "max_tokens": args.max_tokens,
         "prompts": f"first {args.prompts} MT-bench first turns, one request at a time",
         "c": "timed draft phase / k / (step - draft phase), from synchronized timing",
+        "profiler_limits": "kernels replayed inside CUDA graphs are not attributed to a "
+                           "launch by the torch profiler: kernel lists and GPU times cover "
+                           "eagerly launched work only; cudaGraphLaunch counts the replays",
         "drafters": {}}
     for spec in args.drafters:
         name, path = spec.split("=", 1)
