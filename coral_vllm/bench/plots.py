@@ -38,12 +38,8 @@ def plot_e2e(result: dict[str, Any], dest: Path) -> Path:
             if j == 0:
                 ax.set_ylabel("output tok/s vs plain")
     axes[0][0].legend()
-    fig.suptitle(f"{result['model']}, k={result['k']}, {result['device']}, vLLM "
-                 f"{result['vllm_version']} (real acceptance)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(dest, dpi=120)
-    plt.close(fig)
-    return dest
+    return _save(fig, f"{result['model']}, k={result['k']}, {result['device']}, vLLM "
+                      f"{result['vllm_version']} (real acceptance)", dest)
 
 
 def plot_synthetic(result: dict[str, Any], dest: Path) -> Path:
@@ -65,11 +61,16 @@ def plot_synthetic(result: dict[str, Any], dest: Path) -> Path:
         ax.set_xlabel("batch")
         ax.set_ylabel("CORAL tok/s / EAGLE tok/s")
         ax.legend(fontsize=8)
-    fig.suptitle(f"SYNTHETIC acceptance, dummy weights, k={result['k']}, {result['device']}, "
-                 f"vLLM {result['vllm_version']}", fontsize=10)
+    return _save(fig, f"SYNTHETIC acceptance, dummy weights, k={result['k']}, "
+                      f"{result['device']}, vLLM {result['vllm_version']}", dest)
+
+
+def _save(fig: Any, title: str, dest: Path) -> Path:
+    """Every figure states card, vLLM version and whether acceptance was real."""
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(dest, dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
     return dest
 
 
