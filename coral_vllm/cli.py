@@ -185,12 +185,12 @@ _BENCH_PASSTHROUGH = {"e2e": _bench_e2e, "synthetic": _bench_synthetic,
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in _PASSTHROUGH:  # their own parsers see every argument, -h too
-        return _PASSTHROUGH[argv[0]](argparse.Namespace(rest=argv[1:]))
-    if argv[:1] == ["bench"] and argv[1:2] and argv[1] in _BENCH_PASSTHROUGH:
-        return _BENCH_PASSTHROUGH[argv[1]](argparse.Namespace(rest=argv[2:]))
-    args = build_parser().parse_args(argv)
     try:
+        if argv and argv[0] in _PASSTHROUGH:  # their own parsers see every argument, -h too
+            return _PASSTHROUGH[argv[0]](argparse.Namespace(rest=argv[1:]))
+        if argv[:1] == ["bench"] and argv[1:2] and argv[1] in _BENCH_PASSTHROUGH:
+            return _BENCH_PASSTHROUGH[argv[1]](argparse.Namespace(rest=argv[2:]))
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except Exception as e:  # clear one-line errors for known failure kinds
         from coral_vllm.config import CoralConfigError

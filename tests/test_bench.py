@@ -124,3 +124,15 @@ def test_repeated_cells_report_the_median_round_and_all_rounds():
     assert median_run(rounds) == {"output_tok_s": 2.0, "tpot_ms": 2.0,
                                   "output_tok_s_rounds": [3.0, 1.0, 2.0]}
     assert median_run(rounds[:1]) == rounds[0]
+
+
+def test_bad_drafter_arguments_name_the_fix(tmp_path):
+    from coral_vllm.bench.e2e import parse_drafters
+    from coral_vllm.cli import main
+
+    with pytest.raises(SystemExit, match="not NAME=DIR"):
+        parse_drafters(["coral"])
+    with pytest.raises(SystemExit, match="'plain' is taken"):
+        parse_drafters([f"plain={default_drafter()}"])
+    assert main(["bench", "e2e", "--drafters", f"x={tmp_path / 'missing'}"]) == 2
+    assert parse_drafters([f"c={default_drafter()}"]) == {"c": default_drafter()}

@@ -184,9 +184,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from coral_vllm.model_store import fetch_model
 
     model = Path(args.model) if args.model else fetch_model()
-    drafters = dict(d.split("=", 1) for d in args.drafters) if args.drafters \
-        else {"coral": str(default_drafter())}
-    drafters = {n: Path(p) for n, p in drafters.items()}
+    drafters = parse_drafters(args.drafters) if args.drafters \
+        else {"coral": default_drafter()}
     plan = plan_variants(drafters, args.temperatures, not args.greedy_drafts_only)
     servers = {v.server_name: v for vs in plan.values() for v in vs}
     out = Path(args.out)
@@ -244,6 +243,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     result["targets"] = check_targets(result["rows"])
                     write_json(out, result)  # after every cell: a cut-off run keeps its rows
     return result
+
+
+def parse_drafters(specs: list[str]) -> dict[str, Path]:
+    """--drafters NAME=DIR ...: names are row labels, each directory checked up front."""
+    out: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--drafters: {spec!r} is not NAME=DIR (e.g. coral=./drafter)")
+        if name == PLAIN or name in out:
+            raise SystemExit(f"--drafters: name {name!r} is taken; use another label")
+        is_coral_checkpoint(path)  # raises naming the missing directory / config
+        out[name] = Path(path)
+    return out
 
 
 def write_json(path: Path, obj: Any) -> None:
