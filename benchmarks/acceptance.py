@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from coral_vllm.bench.results import device_name  # noqa: E402
 from coral_vllm.metrics import from_llm_metrics  # noqa: E402
 from coral_vllm.model_store import fetch_model  # noqa: E402
 from coral_vllm.offline_engine import offline_engine  # noqa: E402
@@ -52,11 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="benchmarks/results/acceptance.json")
     args = ap.parse_args(argv)
 
-    import torch
     import vllm
     from transformers import AutoTokenizer
 
-    on_gpu = torch.cuda.is_available()
     model = fetch_model()
     tok = AutoTokenizer.from_pretrained(str(model))
     prompts = {d: benchmark_prompts(d, tok, args.limit) for d in ("mtbench", "humaneval")}
@@ -76,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                          "active_groups": f"{coral['top_k_groups']}/{coral['num_groups']}"})
             print(f"{name:14s} {dataset:10s} tau {tau:.3f}", flush=True)
     result = {"target": str(model.name), "k": args.k,
-              "device": torch.cuda.get_device_name(0) if on_gpu
-              else f"CPU ({platform.machine()}), float32",
+              "device": device_name(),
               "vllm_version": vllm.__version__, "temperature": 0.0,
               "prompts_per_dataset": args.limit, "max_tokens": args.max_tokens,
               "measured_by": "vLLM spec-decode counters (chain drafting, target verifying)",

@@ -19,27 +19,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from coral_vllm.bench.results import device_name  # noqa: E402
+from coral_vllm.checkpoint import write_eagle_checkpoint  # noqa: E402
 from coral_vllm.drafters import default_drafter  # noqa: E402
 from coral_vllm.lossless import binned_tv, noise_bound, token_marginals  # noqa: E402
 from coral_vllm.model_store import fetch_model  # noqa: E402
 from coral_vllm.offline_engine import offline_engine  # noqa: E402
 
 PROMPT = "Name a colour."
-
-
-def stock_eagle_copy(drafter: Path, out: Path) -> Path:
-    """The drafter's EAGLE part as a checkpoint vLLM's own EAGLE class loads."""
-    from safetensors.torch import load_file, save_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v for k, v in load_file(drafter / "model.safetensors").items()
-               if not k.startswith(("router.", "partition."))}
-    save_file(tensors, out / "model.safetensors")
-    cfg = json.loads((drafter / "config.json").read_text())
-    cfg.pop("coral")
-    cfg["architectures"] = ["LlamaForCausalLM"]
-    (out / "config.json").write_text(json.dumps(cfg))
-    return out
 
 
 def sample(model: Path, spec: dict | None, temperatures: list[float], n: int,
@@ -74,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     drafter = Path(args.drafter) if args.drafter else default_drafter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stock = stock_eagle_copy(drafter, out / "stock-eagle-drafter")
+    stock = write_eagle_checkpoint(drafter, out / "stock-eagle-drafter")
     coral = {"method": "coral", "model": str(drafter), "num_speculative_tokens": args.k}
     a, b, t07 = sample(model, None, [1.0, 1.0, 0.7], args.samples, on_gpu)
     ref = token_marginals(a)
@@ -92,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = {name: {"tv": binned_tv(token_marginals(s), ref),
                    "within_noise": binned_tv(token_marginals(s), ref) <= bound}
             for name, s in variants.items()}
-    result = {"device": torch.cuda.get_device_name(0) if on_gpu else "CPU",
+    result = {"device": device_name(),
               "vllm_version": vllm.__version__, "model": str(model), "drafter": str(drafter),
               "k": args.k, "temperature": 1.0, "prompt": PROMPT, "samples": args.samples,
               "statistic": "binned TV over first 3 positions (coral_vllm/lossless.py)",

@@ -12,26 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from coral_vllm.bench.results import device_name  # noqa: E402
 from coral_vllm.drafters import default_drafter  # noqa: E402
 from coral_vllm.metrics import parse_prometheus  # noqa: E402
 from coral_vllm.model_store import fetch_model  # noqa: E402
 from coral_vllm.serving.server import fetch_metrics, running_server  # noqa: E402
 from coral_vllm.smoke_prompts import SMOKE_PROMPTS  # noqa: E402
-
-
-def device_name() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"CPU ({platform.processor() or platform.machine()})"
 
 
 def run_variant(model: Path, drafter: Path | None, k: int, prompts: list[str],

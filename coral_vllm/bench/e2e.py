@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from coral_vllm.bench.client import run_load
+from coral_vllm.bench.results import device_name, write_json
 from coral_vllm.checkpoint import is_coral_checkpoint
 from coral_vllm.datasets import BENCHMARKS, benchmark_texts
 from coral_vllm.metrics import histogram_mean, parse_prometheus, prometheus_totals
@@ -57,12 +56,11 @@ class Variant:
             else f"{self.drafter}-{self.draft_sample_method}"
 
     def server_spec(self, model: Path, k: int, extra_args: list[str], log_dir: Path) -> ServerSpec:
-        if self.path is None:
-            return ServerSpec(model, None, extra_args=extra_args,
-                              log_path=log_dir / f"serve_{self.server_name}.log")
-        spec: dict[str, Any] = {"method": "coral" if is_coral_checkpoint(self.path) else "eagle"}
-        if self.draft_sample_method != "greedy":
-            spec["draft_sample_method"] = self.draft_sample_method
+        spec: dict[str, Any] | None = None
+        if self.path is not None:
+            spec = {"method": "coral" if is_coral_checkpoint(self.path) else "eagle"}
+            if self.draft_sample_method != "greedy":
+                spec["draft_sample_method"] = self.draft_sample_method
         return ServerSpec(model, self.path, k, spec, extra_args,
                           log_dir / f"serve_{self.server_name}.log")
 
@@ -124,7 +122,7 @@ def step_time_ratio(tpot_spec_ms: float, tau: float, tpot_plain_ms: float, k: in
 
 
 def summarize(rows: list[dict[str, Any]], k: int) -> dict[str, Any]:
-    """Speedups vs plain (same cell) and vs each other drafter, and c per drafter."""
+    """Speedup vs plain in the same cell (added to each row), and c per drafter."""
     cells: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         cells.setdefault((r["dataset"], r["temperature"], r["concurrency"]), {})[r["drafter"]] = r
@@ -168,13 +166,6 @@ def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append({"target": "MT-bench, concurrency 32, T=0: CORAL >= 1.2x plain",
                     "measured": c32["speedup_vs_plain"], "met": c32["speedup_vs_plain"] >= 1.2})
     return out
-
-
-def device_name() -> str:
-    if on_cpu():
-        return f"CPU ({platform.machine()}), float32"
-    import torch
-    return torch.cuda.get_device_name(0)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -257,13 +248,6 @@ def parse_drafters(specs: list[str]) -> dict[str, Path]:
         is_coral_checkpoint(path)  # raises naming the missing directory / config
         out[name] = Path(path)
     return out
-
-
-def write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from coral_vllm.bench.e2e import device_name, write_json
+from coral_vllm.bench.results import device_name, write_json
 
 RANGE = "coral_bench::propose"
 _SYNC_OPS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")

@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from coral_vllm.bench.e2e import device_name, step_time_ratio, write_json
+from coral_vllm.bench.e2e import step_time_ratio
+from coral_vllm.bench.results import device_name, write_json
 
 # Public config.json values of the two targets (sizes only; weights are dummy).
 SHAPES: dict[str, dict[str, Any]] = {
