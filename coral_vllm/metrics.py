@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
-_SAMPLE = re.compile(r"^(vllm:spec_decode_[a-z_]+?)(?:_total)?(\{[^}]*\})?\s+([0-9.eE+-]+)$")
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([0-9.eE+-]+)$")
 _POSITION = re.compile(r'position="(\d+)"')
-_ANY_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})?\s+([0-9.eE+-]+)$")
 
 
 @dataclasses.dataclass
@@ -55,17 +54,20 @@ class SpecDecodeStats:
                 "accepted_per_position": self.per_position_rate}
 
 
+def _samples(text: str) -> Iterator[tuple[str, str, float]]:
+    """(name, labels, value) of every numeric sample in a Prometheus text exposition."""
+    for line in text.splitlines():
+        m = _SAMPLE.match(line.strip())
+        if m and not line.startswith("#"):
+            yield m.group(1), m.group(2) or "", float(m.group(3))
+
+
 def parse_prometheus(text: str) -> SpecDecodeStats:
     """Sums the spec-decode counters over engines in a Prometheus text exposition."""
     stats = SpecDecodeStats()
     per_pos: dict[int, float] = {}
-    for line in text.splitlines():
-        m = _SAMPLE.match(line.strip())
-        if not m or line.startswith("#"):
-            continue
-        name, labels, value = m.group(1), m.group(2) or "", float(m.group(3))
-        if name.endswith("_created"):
-            continue
+    for name, labels, value in _samples(text):
+        name = name.removesuffix("_total")
         if name == "vllm:spec_decode_num_accepted_tokens_per_pos":
             pos = _POSITION.search(labels)
             if pos:
@@ -99,10 +101,8 @@ def prometheus_totals(text: str) -> dict[str, float]:
     """Every numeric sample summed over its labels, by metric name (histograms give
     NAME_sum and NAME_count, so a difference of two scrapes yields a mean)."""
     totals: dict[str, float] = {}
-    for line in text.splitlines():
-        m = _ANY_SAMPLE.match(line.strip())
-        if m and not line.startswith("#"):
-            totals[m.group(1)] = totals.get(m.group(1), 0.0) + float(m.group(2))
+    for name, _, value in _samples(text):
+        totals[name] = totals.get(name, 0.0) + value
     return totals
 
 
