@@ -36,6 +36,7 @@ from coral_vllm.partition import validate_token_order
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 OPTIONAL_TENSORS = ("lm_head.weight", "embed_tokens.weight")
+EAGLE_ARCHITECTURE = "LlamaForCausalLM"  # vLLM's method "eagle" maps it to EagleLlamaForCausalLM
 
 # Target config keys a drafter copies so its layer matches the target's geometry.
 _COPIED_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads",
@@ -190,9 +191,6 @@ def _write_atomically(path: str | os.PathLike[str], config: dict[str, Any],
 def _rmtree(p: Path) -> None:
     import shutil
     shutil.rmtree(p, ignore_errors=True)
-
-
-EAGLE_ARCHITECTURE = "LlamaForCausalLM"  # vLLM's method "eagle" maps it to EagleLlamaForCausalLM
 
 
 def write_eagle_checkpoint(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:

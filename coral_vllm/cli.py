@@ -78,22 +78,18 @@ def _bench_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_e2e(args: argparse.Namespace) -> int:
-    from coral_vllm.bench.e2e import main
-
-    return main(args.rest)
-
-
-def _bench_synthetic(args: argparse.Namespace) -> int:
-    from coral_vllm.bench.synthetic import main
-
-    return main(args.rest)
+# `coral-vllm bench NAME ...` -> coral_vllm.bench.NAME.main (each has its own --help)
+_BENCH_COMMANDS = {
+    "e2e": "plain vs drafters through vllm serve + the OpenAI API, real acceptance",
+    "synthetic": "8B-shaped targets, dummy weights, synthetic acceptance",
+    "profile": "where a draft step's time goes: timed and profiled proposer in the engine",
+}
 
 
-def _bench_profile(args: argparse.Namespace) -> int:
-    from coral_vllm.bench.profile import main
+def _bench(args: argparse.Namespace) -> int:
+    import importlib
 
-    return main(args.rest)
+    return importlib.import_module(f"coral_vllm.bench.{args.bench}").main(args.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,15 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "through vllm serve), `bench synthetic` (8B shapes, dummy weights), "
                        "`bench profile` (draft step time), `bench plot RESULT.json`")
     bsub = b.add_subparsers(dest="bench", required=True)
-    for name, func, what in (("e2e", _bench_e2e, "plain vs drafters through vllm serve + "
-                              "the OpenAI API, real acceptance (see -h)"),
-                             ("synthetic", _bench_synthetic, "8B-shaped targets, dummy "
-                              "weights, synthetic acceptance (see -h)"),
-                             ("profile", _bench_profile, "where a draft step's time goes: "
-                              "timed and profiled proposer inside the engine (see -h)")):
-        bp = bsub.add_parser(name, help=what, add_help=False)
+    for name, what in _BENCH_COMMANDS.items():
+        bp = bsub.add_parser(name, help=what + " (see -h)", add_help=False)
         bp.add_argument("rest", nargs=argparse.REMAINDER)
-        bp.set_defaults(func=func)
+        bp.set_defaults(func=_bench)
     bp = bsub.add_parser("plot", help="draw the PNG next to a result JSON")
     bp.add_argument("results", nargs="+")
     bp.set_defaults(func=_bench_plot)
@@ -179,8 +170,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _PASSTHROUGH = {"train": _train, "serve": _serve}
-_BENCH_PASSTHROUGH = {"e2e": _bench_e2e, "synthetic": _bench_synthetic,
-                      "profile": _bench_profile}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] in _PASSTHROUGH:  # their own parsers see every argument, -h too
             return _PASSTHROUGH[argv[0]](argparse.Namespace(rest=argv[1:]))
-        if argv[:1] == ["bench"] and argv[1:2] and argv[1] in _BENCH_PASSTHROUGH:
-            return _BENCH_PASSTHROUGH[argv[1]](argparse.Namespace(rest=argv[2:]))
+        if argv[:1] == ["bench"] and argv[1:2] and argv[1] in _BENCH_COMMANDS:
+            return _bench(argparse.Namespace(bench=argv[1], rest=argv[2:]))
         args = build_parser().parse_args(argv)
         return args.func(args)
     except Exception as e:  # clear one-line errors for known failure kinds

@@ -35,6 +35,10 @@ def _proposer(worker: Any) -> Any:
     return getattr(runner, "speculator", None) or runner.drafter  # MRV2 (GPU) / V1 (CPU)
 
 
+def _unwrap_propose(prop: Any) -> None:
+    del prop.propose  # the instance attribute goes; the class's method shows again
+
+
 def install_timer(worker: Any) -> None:
     """Wraps propose: wall time of each call between two synchronizations."""
     import torch
@@ -52,14 +56,13 @@ def install_timer(worker: Any) -> None:
         prop.coral_times.append(time.perf_counter() - t0)
         return out
 
-    prop.propose, prop.coral_inner = timed, inner
+    prop.propose = timed
 
 
 def collect_times(worker: Any) -> list[float]:
     prop = _proposer(worker)
-    times = prop.coral_times
-    prop.propose = prop.coral_inner
-    return times
+    _unwrap_propose(prop)
+    return prop.coral_times
 
 
 def start_profile(worker: Any) -> None:
@@ -73,7 +76,7 @@ def start_profile(worker: Any) -> None:
         with record_function(RANGE):
             return inner(*a, **kw)
 
-    prop.propose, prop.coral_inner = ranged, inner
+    prop.propose = ranged
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available()
                                      else [])
     prop.coral_prof = profile(activities=acts)
@@ -84,7 +87,7 @@ def stop_profile(worker: Any) -> dict[str, Any]:
     """Summary computed in the worker (plain data crosses the RPC boundary)."""
     prop = _proposer(worker)
     prop.coral_prof.__exit__(None, None, None)
-    prop.propose = prop.coral_inner
+    _unwrap_propose(prop)
     events = prop.coral_prof.events()
     ranges = sorted((e.time_range.start, e.time_range.end) for e in events if e.name == RANGE)
 

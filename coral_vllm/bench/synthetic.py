@@ -91,14 +91,33 @@ def set_synthetic_acceptance(worker: Any, length: float) -> list[float]:
     return rates
 
 
+def run_batch(llm: Any, batch: int, prompt_len: int, max_tokens: int) -> dict[str, Any]:
+    """`batch` requests at once (token-id prompts, no tokenizer), greedy, no early stop."""
+    from vllm import SamplingParams, TokensPrompt
+
+    from coral_vllm.metrics import from_llm_metrics
+
+    prompts = [TokensPrompt(prompt_token_ids=[(7 * i + 13 * j) % 1000 + 100
+                                              for j in range(prompt_len)])
+               for i in range(batch)]
+    params = dict(temperature=0, ignore_eos=True, detokenize=False)
+    llm.generate(prompts[:1], SamplingParams(max_tokens=8, **params),
+                 use_tqdm=False)  # warm-up, not timed
+    before = from_llm_metrics(llm.get_metrics())
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, **params), use_tqdm=False)
+    wall = time.perf_counter() - t0
+    stats = from_llm_metrics(llm.get_metrics()) - before
+    return {"output_tokens": sum(len(o.outputs[0].token_ids) for o in outs), "wall_s": wall,
+            "acceptance_length": stats.acceptance_length if stats.num_drafts else None}
+
+
 def engine_worker(variant: str, dirs: dict[str, str | None], k: int, first_length: float | None,
                   engine_kwargs: dict[str, Any], conn: Any) -> None:
     """One engine in its own process: builds it, says ready, then runs what it is told."""
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc(fn)
     try:
-        from vllm import LLM, SamplingParams, TokensPrompt
-
-        from coral_vllm.metrics import from_llm_metrics
+        from coral_vllm.offline_engine import offline_engine
 
         spec = None
         if dirs[variant] is not None:
@@ -107,35 +126,17 @@ def engine_worker(variant: str, dirs: dict[str, str | None], k: int, first_lengt
             if first_length is not None:
                 spec.update(rejection_sample_method="synthetic",
                             synthetic_acceptance_length=first_length)
-        llm = LLM(model=dirs["target"], load_format="dummy", skip_tokenizer_init=True,
-                  speculative_config=spec, seed=0, disable_log_stats=False, **engine_kwargs)
-        conn.send(("ready", None))
-        while True:
-            cmd, arg = conn.recv()
-            if cmd == "stop":
-                break
-            if cmd == "acceptance":
-                conn.send(("ok", llm.collective_rpc(set_synthetic_acceptance, args=(arg,))[0]))
-                continue
-            batch, prompt_len, max_tokens = arg
-            prompts = [TokensPrompt(prompt_token_ids=[(7 * i + 13 * j) % 1000 + 100
-                                                      for j in range(prompt_len)])
-                       for i in range(batch)]
-            params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
-                                    detokenize=False)
-            llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=8,
-                                                     ignore_eos=True, detokenize=False),
-                         use_tqdm=False)  # warm-up, not timed
-            before = from_llm_metrics(llm.get_metrics())
-            t0 = time.perf_counter()
-            outs = llm.generate(prompts, params, use_tqdm=False)
-            wall = time.perf_counter() - t0
-            stats = from_llm_metrics(llm.get_metrics()) - before
-            tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-            conn.send(("result", {"output_tokens": tokens, "wall_s": wall,
-                                  "acceptance_length": stats.acceptance_length
-                                  if stats.num_drafts else None}))
-        llm.llm_engine.engine_core.shutdown()
+        with offline_engine(dirs["target"], spec, load_format="dummy", skip_tokenizer_init=True,
+                            disable_log_stats=False, **engine_kwargs) as llm:
+            conn.send(("ready", None))
+            while True:
+                cmd, arg = conn.recv()
+                if cmd == "stop":
+                    break
+                if cmd == "acceptance":
+                    conn.send(("ok", llm.collective_rpc(set_synthetic_acceptance, args=(arg,))[0]))
+                    continue
+                conn.send(("result", run_batch(llm, *arg)))
     except BaseException as e:  # the coordinator reports it; never hang it
         import traceback
         conn.send(("error", f"{variant}: {e!r}\n{traceback.format_exc()}"))
