@@ -22,7 +22,7 @@ from coral_vllm.bench.results import device_name  # noqa: E402
 from coral_vllm.metrics import from_llm_metrics  # noqa: E402
 from coral_vllm.model_store import fetch_model  # noqa: E402
 from coral_vllm.offline_engine import offline_engine  # noqa: E402
-from coral_vllm.training.evaluate import benchmark_prompts  # noqa: E402
+from coral_vllm.datasets import benchmark_prompts  # noqa: E402
 
 
 def measure(model: Path, drafter: Path, k: int, prompts: dict[str, list[list[int]]],

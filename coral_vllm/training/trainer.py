@@ -1,23 +1,36 @@
-"""Stage 1: train the drafter (EAGLE / HASS multi-step / CORAL's CSRA).
+"""Stage 1: train the drafter (EAGLE / HASS multi-step / CORAL's CSRA), validated as it goes.
 
 One optimizer step:
-    f = target(x)                         post-norm features [B, S, d], no grad
+    f = target features, computed once for the whole split (features.py)
     position t: input (f_t + noise, x_{t+1}), target f_{t+1} (and lm_head(f_{t+1}))
     step 1:   o1 = drafter(x_{+1}, f + noise)
     step j+1: input feature at t is o_j[t-1].detach() (the drafter's own prediction of
               f_t, made one position earlier; position 0 keeps f_0) -- HASS
     loss = sum_j w^(j-1) * [SmoothL1(o_j, f_{+1}) + 0.1 * CE(p_target, head(o_j))]
            + csra_weight * InfoNCE(o_1..o_n across steps)
-on positions whose predicted token x_{t+2} is a response token.
+           + CE(router(o_j.detach()), group of the target's top-1)      (router, online)
+on positions whose predicted token x_{t+2} is a response token. The soft cross-entropy
+runs through the head in chunks (head_loss.py): no [N, V] tensor is kept.
 
 HASS's harmonized context alignment is on by default (`context_alignment`): at step j
 a query attends to the keys/values the same draft sees at inference (target-feature keys
 before the draft's start, then one key per earlier step); off, all context keys come
 from step j's own inputs (naive multi-step).
 
-Resumable: `out/state/latest.pt` (model, optimizer, scheduler, step, RNG) is written
-atomically every `save_every` steps, at the time limit and at the end; rerunning the
-same command continues from it. Multi-GPU: `torchrun --nproc-per-node N` (DDP).
+The router trains beside the drafter on its detached outputs (it never changes them),
+over the partition chosen up front (`partition`; auto = frequency of the training
+split's response tokens), so every evaluation can measure tau with the router on as
+CORAL serves it. `train router` can refit it on the finished drafter (stage 2).
+
+Every `eval_every` steps (and at the end) `validate.py` measures held-out accuracy per
+step and the offline chain tau (k = `eval_k`) on the dev prompts, router on and off; the
+best checkpoint by the tau the preset serves with is kept in `best.pt`.
+
+The loop reads nothing back from the device except on logging and evaluation steps.
+Resumable: `out/state/latest.pt` (model, optimizer, scheduler, step, RNG) is written every
+`save_every` steps, at the time limit and at the end (write to a temporary file, then
+rename: a crash leaves the previous state); rerunning the same command continues from
+it. Multi-GPU: `torchrun --nproc-per-node N` (DDP); data is sharded by rank.
 """
 
 from __future__ import annotations
@@ -33,32 +46,24 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
+from coral_vllm.training.batches import Batch, TokenTable, epoch_batches
 from coral_vllm.training.config import TrainConfig
-from coral_vllm.training.data import TokenDataset, collate, split_indices
-from coral_vllm.training.losses import csra_loss, step_loss, target_distribution
+from coral_vllm.training.data import load_dev, load_splits, train_token_counts
+from coral_vllm.training.features import compute_features
+from coral_vllm.training.head_loss import chunked_soft_ce
+from coral_vllm.training.csra import csra_loss
 from coral_vllm.training.model import CoralDrafter
-from coral_vllm.training.target import load_target, target_features
+from coral_vllm.training.target import load_target
+from coral_vllm.training.validate import DraftTop1, EvalSplit, validate
 
 STATE_FILE = "state/latest.pt"
+BEST_FILE = "best.pt"
+METRICS_FILE = "metrics.jsonl"
 
 
-# ------------------------------------------------------------------ batch plumbing
-def shift_for_drafter(feats: torch.Tensor, input_ids: torch.Tensor,
-                      loss_mask: torch.Tensor, attention_mask: torch.Tensor
-                      ) -> dict[str, torch.Tensor]:
-    """EAGLE alignment: position t reads (f_t, x_{t+1}), predicts f_{t+1} and x_{t+2}.
-
-    Returns tensors of length S-1: feat_in (f_t), ids_in (x_{t+1}), feat_tgt (f_{t+1}),
-    mask (1 where x_{t+2} exists and is a response token).
-    """
-    valid = (loss_mask * attention_mask)[:, 2:]
-    mask = torch.zeros_like(input_ids[:, 1:])
-    mask[:, :-1] = valid
-    return {"feat_in": feats[:, :-1], "ids_in": input_ids[:, 1:],
-            "feat_tgt": feats[:, 1:], "mask": mask}
-
-
+# ------------------------------------------------------------------ the drafter's passes
 def multi_step_forward(drafter, ids_in: torch.Tensor, feat_in: torch.Tensor,
                        num_steps: int, context_alignment: bool = True) -> list[torch.Tensor]:
     """HASS: step 1 reads target features; step j+1 reads step j's detached outputs
@@ -95,35 +100,77 @@ class MultiStep(torch.nn.Module):
         return multi_step_forward(self.drafter, ids_in, feat_in, self.num_steps, self.align)
 
 
-def compute_loss(outs: list[torch.Tensor], feat_tgt: torch.Tensor, mask: torch.Tensor,
-                 lm_head: torch.Tensor, cfg: TrainConfig,
+def compute_loss(outs: list[torch.Tensor], feat_tgt: torch.Tensor, loss_pos: torch.Tensor,
+                 drafter: CoralDrafter, group_of: torch.Tensor | None, cfg: TrainConfig,
                  generator: torch.Generator | None = None
-                 ) -> tuple[torch.Tensor, dict[str, float]]:
-    sel = mask.bool()
-    tgt = feat_tgt[sel].float()
-    head = lm_head.float()
-    total = feat_tgt.new_zeros((), dtype=torch.float32)
-    stats: dict[str, float] = {}
-    if tgt.shape[0] == 0:
-        return total + sum(o.sum() for o in outs) * 0.0, {"loss": 0.0}
-    picked = [o[sel].float() for o in outs]
-    target = target_distribution(tgt, head)
-    for j, pred in enumerate(picked):
-        loss_j, s = step_loss(pred, tgt, head, feature_weight=cfg.feature_loss_weight,
-                              distill_weight=cfg.distill_weight, target=target)
-        total = total + (cfg.step_weight_decay ** j) * loss_j
-        stats.update({f"{k}{j + 1}": v for k, v in s.items()})
-    if cfg.csra_weight > 0 and len(picked) > 1:
-        c = csra_loss(torch.stack(picked), cfg.csra_temperature, cfg.csra_max_positions,
-                      generator)
-        total = total + cfg.csra_weight * c
-        stats["csra"] = c.item()
-    stats["loss"] = total.item()
-    return total, stats
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(loss, stats as device tensors) over the response positions `loss_pos` of the
+    flattened [B, S-1] batch; `group_of` (token -> group) trains the router when set.
+    A batch without response positions gives a zero loss (every rank must still run
+    backward under DDP) and no statistics."""
+    if loss_pos.numel() == 0:  # the shape is known on the host: no sync
+        return sum(o.sum() for o in outs) * 0.0, {}
+    preds = torch.stack([o.flatten(0, 1)[loss_pos] for o in outs])       # [steps, N, d]
+    tgt = feat_tgt.flatten(0, 1)[loss_pos]                               # [N, d]
+    n = preds.shape[1]
+    steps = len(outs)
+    feat = F.smooth_l1_loss(preds.float(), tgt.float().expand_as(preds),
+                            reduction="none").mean(dim=(1, 2))
+    ce, agree, top1 = chunked_soft_ce(preds, tgt, drafter.lm_head.weight)
+    weights = cfg.step_weight_decay ** torch.arange(steps, device=preds.device)
+    loss = (weights * (cfg.feature_loss_weight * feat + cfg.distill_weight * ce)).sum()
+    stats = {"feat": feat.detach(), "ce": ce.detach(), "acc": agree.double() / max(1, n)}
+    if cfg.csra_weight > 0 and steps > 1:
+        c = csra_loss(preds, cfg.csra_temperature, cfg.csra_max_positions, generator)
+        loss = loss + cfg.csra_weight * c
+        stats["csra"] = c.detach()
+    if group_of is not None:
+        router = drafter.router
+        logits = router(preds.detach().flatten(0, 1).to(router.w1.weight.dtype))
+        label = group_of[top1].repeat(steps)
+        r_loss = F.cross_entropy(logits.float(), label)
+        loss = loss + r_loss
+        chosen = logits.topk(cfg.top_k_groups, dim=-1).indices
+        stats["router_loss"] = r_loss.detach()
+        stats["router_recall"] = (chosen == label[:, None]).any(-1).double().mean()
+    stats["loss"] = loss.detach()
+    return loss, stats
+
+
+class Meter:
+    """Averages device-side statistics between logging steps; one host read per flush."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, stats: dict[str, torch.Tensor]) -> None:
+        for k, v in stats.items():
+            v = v.detach().double().flatten()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def flush(self) -> dict[str, float]:
+        if not self.sums:
+            return {}
+        keys = list(self.sums)
+        flat = torch.cat([self.sums[k] for k in keys]).cpu().tolist()
+        out, i = {}, 0
+        for k in keys:
+            n, c = self.sums[k].numel(), self.counts[k]
+            vals = flat[i:i + n]
+            i += n
+            if n == 1:
+                out[k] = vals[0] / c
+            else:  # per-step statistics: feat1, feat2, ...
+                out.update({f"{k}{j + 1}": v / c for j, v in enumerate(vals)})
+        self.sums, self.counts = {}, {}
+        return out
 
 
 # ------------------------------------------------------------------ state on disk
 def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary name, then rename over `path` (one atomic step)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     torch.save(obj, tmp)
@@ -146,8 +193,8 @@ def set_rng_state(s: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def load_state(out: str | Path) -> dict[str, Any] | None:
-    path = Path(out) / STATE_FILE
+def load_state(out: str | Path, name: str = STATE_FILE) -> dict[str, Any] | None:
+    path = Path(out) / name
     return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
 
 
@@ -177,15 +224,50 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+class Schedule:
+    """Which micro-batches every optimizer step reads, for every epoch.
+
+    The training split is cut into `world * grad_accum` shards (sample i -> shard
+    i % shards); micro-batch slot s of every step comes from shard s, and this rank runs
+    the slots rank * grad_accum ... + grad_accum - 1. So N processes and one process
+    accumulating N micro-batches compute the same steps, and every rank needs target
+    features for its own shards only. Each epoch has as many steps as the shortest
+    shard has batches (the remainder of the others is left out that epoch).
+    """
+
+    def __init__(self, lengths: np.ndarray, cfg: TrainConfig, world: int, rank: int) -> None:
+        self.shards = world * cfg.grad_accum
+        self.mine = list(range(rank * cfg.grad_accum, (rank + 1) * cfg.grad_accum))
+        self.members = [np.arange(s, len(lengths), self.shards) for s in range(self.shards)]
+        self.lengths, self.cfg = lengths, cfg
+        self._epochs: dict[int, list[list[np.ndarray]]] = {}
+
+    def local_samples(self) -> np.ndarray:
+        return np.sort(np.concatenate([self.members[s] for s in self.mine]))
+
+    def epoch(self, e: int) -> list[list[np.ndarray]]:
+        """[step][slot of this rank] -> sample indices (into the whole split)."""
+        if e not in self._epochs:
+            per_shard = [
+                [self.members[s][b] for b in epoch_batches(
+                    self.lengths[self.members[s]], self.cfg.batch_tokens,
+                    self.cfg.seed + 1000 * s, e)]
+                for s in range(self.shards)]
+            steps = min(len(b) for b in per_shard)
+            self._epochs = {e: [[per_shard[s][k] for s in self.mine] for k in range(steps)]}
+        return self._epochs[e]
+
+    def steps_in(self, e: int) -> int:
+        return len(self.epoch(e))
+
+
 # ------------------------------------------------------------------ the loop
 def train(cfg: TrainConfig, device: str | None = None,
           stop_at_step: int | None = None) -> dict[str, Any]:
-    """Runs (or resumes) stage 1; returns {'step', 'total_steps', 'done', 'last'}.
+    """Runs (or resumes) stage 1; returns {'step', 'total_steps', 'done', 'last', 'best'}.
 
     `stop_at_step` ends this invocation early (as the time limit does), for chunked runs.
     """
-    from tqdm.auto import tqdm
-
     t0 = time.time()  # the time limit counts loading too
     rank, world, dev = setup_distributed()
     if device is not None:
@@ -196,86 +278,141 @@ def train(cfg: TrainConfig, device: str | None = None,
     torch.manual_seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
-
     use_bf16 = dev.type == "cuda" and cfg.dtype in ("auto", "bfloat16", "bf16")
-    target, _, tcfg = load_target(cfg.target, dev,
-                                  torch.bfloat16 if use_bf16 else torch.float32)
+    log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
+
+    # data: this rank's shards of the training split, held-out and dev splits
+    target, _, tcfg = load_target(cfg.target, dev, torch.bfloat16 if use_bf16 else torch.float32)
+    train_all, heldout_table = load_splits(cfg.data, cfg.max_len, cfg.router_holdout)
+    schedule = Schedule(train_all.lengths, cfg, world, rank)
+    local = schedule.local_samples()
+    table = train_all.subset(local)
+    slot_of = {int(s): i for i, s in enumerate(local)}  # whole-split index -> local index
+    feats = compute_features(target, table, dev, place=cfg.feature_store)
+    heldout = dev_split = None
+    if rank == 0:
+        heldout = EvalSplit(heldout_table, compute_features(target, heldout_table, dev))
+        dev_table, prompt_lens = load_dev(cfg.data, cfg.max_len)
+        if dev_table is not None:
+            dev_split = EvalSplit(dev_table, compute_features(target, dev_table, dev),
+                                  prompt_lens)
+    log(f"data: {len(train_all)} training samples ({table.num_tokens} tokens on this rank), "
+        f"{len(heldout_table)} held out, {0 if dev_split is None else len(dev_split.table)} "
+        f"dev prompts; features in {time.time() - t0:.0f} s")
+
+    # model: drafter + online router over a fixed partition
     drafter = CoralDrafter(tcfg, cfg.num_groups, cfg.router_act)
     drafter.load_target_heads(target)
     if cfg.init_from_target:
         drafter.init_layer_from_target(target)
-    drafter.to(dev)
-    params = [p for p in drafter.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas),
-                            weight_decay=cfg.weight_decay)
-
-    ds = TokenDataset(cfg.data, cfg.max_len)
-    train_idx, _ = split_indices(len(ds), cfg.router_holdout)
-    subset = torch.utils.data.Subset(ds, train_idx)
-    per_step = cfg.batch_size * world
-    steps_per_epoch = max(1, len(subset) // per_step)
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
-
-    step = 0
     state = load_state(out)
+    order = (state["model"]["partition.token_order"] if state is not None
+             else drafter.choose_partition(cfg.online_partition(),
+                                           train_token_counts(train_all, tcfg["vocab_size"])))
+    drafter.set_partition(order)
+    del target
+    drafter.router.requires_grad_(cfg.router_online)
+    drafter.to(dev)
+    coral = drafter.coral_config(cfg.top_k_groups)
+    group_of = drafter.group_of_token().to(dev) if cfg.router_online else None
+    top1 = DraftTop1(drafter.lm_head.weight, drafter.partition.token_order, cfg.num_groups,
+                     coral.group_size, cfg.top_k_groups)
+    groups = [{"params": [p for n, p in drafter.named_parameters()
+                          if p.requires_grad and not n.startswith("router.")]}]
+    if cfg.router_online:
+        groups.append({"params": list(drafter.router.parameters()), "lr": cfg.router_lr})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas),
+                            weight_decay=cfg.weight_decay, fused=dev.type == "cuda")
+    per_epoch = [schedule.steps_in(e) for e in range(cfg.epochs)]
+    total_steps = min(cfg.max_steps, sum(per_epoch)) if cfg.max_steps else sum(per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
+    csra_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    step, tokens_seen = 0, 0
+    best = {"score": -1.0}
     if state is not None:
         drafter.load_state_dict(state["model"], strict=False)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        step = state["step"]
+        step, tokens_seen, best = state["step"], state.get("tokens_seen", 0), state["best"]
         set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
-        if rank == 0:
-            print(f"resuming {out} at step {step}/{total_steps}")
+        csra_gen.set_state(state["csra_rng"])
+        log(f"resuming {out} at step {step}/{total_steps}")
     model: torch.nn.Module = MultiStep(drafter, cfg.num_steps, cfg.context_alignment)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    params = [p for g in groups for p in g["params"]]
+    eval_forward = lambda ids, f, n: multi_step_forward(drafter, ids, f, n, True)  # noqa: E731
+    select_by = "tau_router" if cfg.serve_router else "tau_dense"
 
-    sampler = torch.utils.data.DistributedSampler(subset, num_replicas=world, rank=rank,
-                                                  shuffle=True, seed=cfg.seed,
-                                                  drop_last=True)
-    csra_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    if state is not None and "csra_rng" in state:
-        csra_gen.set_state(state["csra_rng"])
-    bar = tqdm(total=total_steps, initial=step, desc=f"train {out.name}",
-               disable=rank != 0, dynamic_ncols=True)
-    metrics_file = out / "metrics.jsonl"
-    last: dict[str, float] = {}
+    def evaluate() -> dict[str, Any]:
+        drafter.eval()
+        res = validate(eval_forward, heldout=heldout, dev=dev_split, top1=top1,
+                       router=drafter.router, num_steps=cfg.num_steps, k=cfg.eval_k,
+                       device=dev, autocast=use_bf16)
+        drafter.train()
+        return res
+
+    meter = Meter()
+    last: dict[str, Any] = {}
+    t_log, tokens_log = time.time(), tokens_seen
     stopped_early = False
-    order: list[int] = []
-    epoch_of_order = -1
+    metrics_path = out / METRICS_FILE
+    log(f"training {total_steps} steps ({per_epoch[0]} in epoch 1) x {world} rank(s) x "
+        f"{cfg.grad_accum} micro-batch(es) of <= {cfg.batch_tokens} tokens")
     while step < total_steps:
-        epoch, k = divmod(step, steps_per_epoch)
-        if epoch != epoch_of_order:
-            sampler.set_epoch(epoch)
-            order, epoch_of_order = list(iter(sampler)), epoch
-        idx = order[k * cfg.batch_size: (k + 1) * cfg.batch_size]
-        batch = collate([subset[i] for i in idx])
-        batch = {key: v.to(dev) for key, v in batch.items()}
-        feats = target_features(target, batch["input_ids"], batch["attention_mask"])
-        b = shift_for_drafter(feats, batch["input_ids"], batch["loss_mask"],
-                              batch["attention_mask"])
-        feat_in = b["feat_in"]
-        if cfg.feature_noise > 0:
-            feat_in = feat_in + (torch.rand_like(feat_in) - 0.5) * cfg.feature_noise
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-            outs = model(b["ids_in"], feat_in)
-        loss, stats = compute_loss(outs, b["feat_tgt"], b["mask"], drafter.lm_head.weight,
-                                   cfg, csra_gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        epoch, k = _locate(step, per_epoch)
+        for slot, idx in enumerate(schedule.epoch(epoch)[k]):
+            batch = Batch.build(table, np.array([slot_of[int(i)] for i in idx])).to(dev)
+            rows = batch.rows.to(feats.device)
+            f = feats[rows].to(dev, non_blocking=True)
+            feat_in, feat_tgt = f[:, :-1], f[:, 1:]
+            if cfg.feature_noise > 0:
+                feat_in = feat_in + (torch.rand_like(feat_in) - 0.5) * cfg.feature_noise
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+                outs = model(batch.ids_in, feat_in)
+            loss, stats = compute_loss(outs, feat_tgt, batch.loss_pos, drafter, group_of,
+                                       cfg, csra_gen)
+            last_micro = slot == cfg.grad_accum - 1
+            if world > 1 and not last_micro:
+                with model.no_sync():
+                    (loss / cfg.grad_accum).backward()
+            else:
+                (loss / cfg.grad_accum).backward()
+            meter.add(stats)
+            tokens_seen += batch.tokens * world
+        stats_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         sched.step()
+        opt.zero_grad(set_to_none=True)
+        meter.add({"grad_norm": stats_norm})
         step += 1
-        last = stats
-        bar.update(1)
+
         if rank == 0 and (step % cfg.log_every == 0 or step == total_steps):
-            bar.set_postfix(loss=f"{stats['loss']:.3f}", acc1=f"{stats.get('acc1', 0):.2f}")
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps({"step": step, "lr": sched.get_last_lr()[0],
-                                    **stats}) + "\n")
+            row = meter.flush()  # the one host read of a logging step
+            now = time.time()
+            row.update(step=step, epoch=epoch, lr=sched.get_last_lr()[0],
+                       train_tokens=tokens_seen,
+                       tokens_per_s=(tokens_seen - tokens_log) / max(1e-9, now - t_log))
+            t_log, tokens_log, last = now, tokens_seen, row
+            _append(metrics_path, row)
+            log(f"step {step}/{total_steps} loss {row['loss']:.3f} acc1 {row.get('acc1', 0):.3f}"
+                f" {row['tokens_per_s']:.0f} tok/s")
+        evaluating = cfg.eval_every and step % cfg.eval_every == 0 or step == total_steps
+        if rank == 0 and evaluating:
+            t_eval = time.time()
+            res = evaluate()
+            res.update(step=step, train_tokens=tokens_seen, eval_s=time.time() - t_eval)
+            _append(metrics_path, {"eval": res})
+            log("eval " + " ".join(f"{k} {v:.3f}" for k, v in res.items()
+                                   if isinstance(v, float)))
+            score = res.get(select_by, res.get("heldout_acc1", 0.0))
+            if score > best["score"]:
+                best = {"score": score, "step": step, "metric": select_by, **res}
+                atomic_save({"model": drafter.drafter_state_dict(), "eval": res, "step": step,
+                             "config": cfg.to_dict(), "target_config": drafter.cfg},
+                            out / BEST_FILE)
+            t_log += time.time() - t_eval  # evaluation time is not training throughput
         out_of_time = cfg.time_limit_min > 0 and time.time() - t0 > cfg.time_limit_min * 60
         if world > 1 and cfg.time_limit_min > 0:  # every rank must stop at the same step
             flag = torch.tensor([float(out_of_time)], device=dev)
@@ -283,24 +420,39 @@ def train(cfg: TrainConfig, device: str | None = None,
             out_of_time = bool(flag.item())
         chunk_end = stop_at_step is not None and step >= stop_at_step
         if step % cfg.save_every == 0 or step == total_steps or out_of_time or chunk_end:
-            _save(out, drafter, opt, sched, step, total_steps, cfg, world, rank, csra_gen)
+            _save(out, drafter, opt, sched, step, total_steps, tokens_seen, best, cfg, world,
+                  rank, csra_gen)
         if (out_of_time or chunk_end) and step < total_steps:
             stopped_early = True
             break
-    bar.close()
-    if rank == 0:
-        if stopped_early:
-            print(f"stopped at step {step}/{total_steps}; rerun the same command to resume.")
-        else:
-            print(f"stage 1 done: {step} steps; next: `train router --out {out}`.")
+    if stopped_early:
+        log(f"stopped at step {step}/{total_steps}; rerun the same command to resume.")
+    else:
+        log(f"stage 1 done: {step} steps, best {best.get('metric')} {best['score']:.3f} "
+            f"at step {best.get('step')}; next: `train export --run {out}`.")
     if world > 1:
         dist.barrier()
     return {"step": step, "total_steps": total_steps, "done": step >= total_steps,
-            "last": last}
+            "last": last, "best": best}
+
+
+def _locate(step: int, per_epoch: list[int]) -> tuple[int, int]:
+    """(epoch, step within it) of a global step."""
+    for e, n in enumerate(per_epoch):
+        if step < n:
+            return e, step
+        step -= n
+    raise IndexError("step past the last epoch")
+
+
+def _append(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def _save(out: Path, drafter: CoralDrafter, opt, sched, step: int, total: int,
-          cfg: TrainConfig, world: int, rank: int, csra_gen: torch.Generator) -> None:
+          tokens_seen: int, best: dict[str, Any], cfg: TrainConfig, world: int, rank: int,
+          csra_gen: torch.Generator) -> None:
     rngs = [rng_state()]
     if world > 1:
         gathered: list[Any] = [None] * world
@@ -310,7 +462,8 @@ def _save(out: Path, drafter: CoralDrafter, opt, sched, step: int, total: int,
         return
     atomic_save({"model": drafter.drafter_state_dict(), "optimizer": opt.state_dict(),
                  "scheduler": sched.state_dict(), "step": step, "total_steps": total,
-                 "rng": rngs, "csra_rng": csra_gen.get_state(), "config": cfg.to_dict(),
+                 "tokens_seen": tokens_seen, "best": best, "rng": rngs,
+                 "csra_rng": csra_gen.get_state(), "config": cfg.to_dict(),
                  "target_config": drafter.cfg},
                 out / STATE_FILE)
     cfg.save(out / "train_config.json")

@@ -1,42 +1,15 @@
-"""Losses: EAGLE/HASS per-step loss and CORAL's Cross-Step Representation Alignment.
+"""CORAL's Cross-Step Representation Alignment: an InfoNCE loss across HASS steps.
 
-All functions take the masked positions already flattened to [N, ...], so nothing
-vocabulary-sized is computed for padding or prompt tokens.
+The drafter's output features for one position at different training steps should
+agree (they predict the same next feature), and differ from other positions'. The
+paper leaves temperature, weight, pair choice and negatives open; the choices here are
+settings in TrainConfig (`csra_*`).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-
-def target_distribution(target_feat: torch.Tensor, lm_head: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(probs [N, V] float32, top-1 [N]) of the target at f_{t+1}; shared by all steps."""
-    with torch.no_grad():
-        logits = (target_feat.float() @ lm_head.float().T)
-        return logits.softmax(-1), logits.argmax(-1)
-
-
-def step_loss(pred: torch.Tensor, target_feat: torch.Tensor, lm_head: torch.Tensor, *,
-              feature_weight: float = 1.0, distill_weight: float = 0.1,
-              target: tuple[torch.Tensor, torch.Tensor] | None = None
-              ) -> tuple[torch.Tensor, dict[str, float]]:
-    """EAGLE loss at one step over N positions.
-
-    SmoothL1(pred, f_{t+1}) * feature_weight + distill_weight * soft CE between the
-    target's distribution softmax(lm_head(f_{t+1})) and the drafter's lm_head(pred).
-    `target` = target_distribution(...) if already computed. Returns (loss, stats) with
-    acc = top-1 agreement with the target.
-    """
-    t_probs, t_top1 = target if target is not None else target_distribution(target_feat, lm_head)
-    feat = F.smooth_l1_loss(pred.float(), target_feat.float())
-    d_logits = (pred.float() @ lm_head.float().T)
-    ce = -(t_probs * d_logits.log_softmax(-1)).sum(-1).mean()
-    loss = feature_weight * feat + distill_weight * ce
-    with torch.no_grad():
-        acc = (d_logits.argmax(-1) == t_top1).float().mean()
-    return loss, {"feat": feat.item(), "ce": ce.item(), "acc": acc.item()}
 
 
 def csra_loss(features: torch.Tensor, temperature: float = 0.1,

@@ -1,0 +1,123 @@
+"""Self-distilled conversations: exact chat-template ids, loop cuts, splits, resume (CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from coral_vllm.training.conversations import Conversation, write_conversations
+from coral_vllm.training.data import load_dev, load_splits, read_manifest
+from coral_vllm.training.self_distill import (ChatSplicer, build_data, loop_start,
+                                              split_of)
+
+
+@pytest.fixture(scope="module")
+def tok(target_dir):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(target_dir))
+
+
+def test_splicer_gives_the_template_ids_around_generated_replies(tok):
+    """Replies spliced in as ids == the chat template of the whole conversation (SmolLM2's
+    real template, default system prompt included); the mask marks exactly the replies
+    and each reply's end-of-turn token."""
+    from coral_vllm.datasets import chat_prompt_ids
+
+    splicer = ChatSplicer(tok, [tok.eos_token_id])
+    turns = ["Hi there", "How are you today?"]
+    texts = ["Hello! How can I help?", "I am fine, thank you."]
+    replies = [(tok.encode(t, add_special_tokens=False), True) for t in texts]
+    assert splicer.chat(turns[:1], [])[0] == chat_prompt_ids(tok, turns[0])
+    ids, mask = splicer.chat(turns, replies)
+    msgs = [{"role": r, "content": c} for pair in zip(turns, texts)
+            for r, c in zip(("user", "assistant"), pair)]
+    want = tok.apply_chat_template(msgs, tokenize=True)
+    want = list(want["input_ids"] if hasattr(want, "keys") else want)
+    assert ids == want[:len(ids)] and want[len(ids):] == tok.encode("\n")
+    marked = [t for t, m in zip(ids, mask) if m]
+    assert marked == replies[0][0] + [tok.eos_token_id] + replies[1][0] + [tok.eos_token_id]
+    # the prompt of turn 2 is the first reply in place, then the template's next turn
+    prompt2, _ = splicer.chat(turns, replies[:1])
+    assert prompt2 == want[:len(prompt2)]
+    gen_prompt = tok.encode("<|im_start|>assistant\n", add_special_tokens=False)
+    assert prompt2[-len(gen_prompt):] == gen_prompt
+
+
+def test_loop_start_cuts_a_repeating_tail_to_one_copy():
+    assert loop_start(list(range(100))) is None
+    looped = list(range(40)) + [7, 8, 9] * 12
+    assert loop_start(looped) == 43  # one copy of (7, 8, 9) kept
+    assert loop_start([5] * 30) == 1
+    assert loop_start(list(range(40)) + [1, 2] * 4) is None  # 8 tokens: not a loop yet
+    para = list(range(200, 260))
+    assert loop_start(list(range(10)) + para * 3) == 10 + 60
+
+
+def test_splits_are_fixed_by_the_id():
+    ids = [f"src:{i}" for i in range(4000)]
+    splits = [split_of(i, 0.005, 0.02) for i in ids]
+    assert splits == [split_of(i, 0.005, 0.02) for i in ids]
+    share = {s: splits.count(s) / len(ids) for s in ("dev", "heldout", "train")}
+    assert 0.001 < share["dev"] < 0.01 and 0.01 < share["heldout"] < 0.03
+
+
+def _fake_generator(calls: list[int]):
+    """Replies that depend on the prompt only: 5 tokens then end-of-turn; prompts whose
+    token sum is divisible by 4 get a looping reply that hits the token limit."""
+    def generate(prompts, limits):
+        calls.append(len(prompts))
+        out = []
+        for p, lim in zip(prompts, limits):
+            base = [300 + len(p) % 50 + i for i in range(5)]
+            if sum(p) % 4 == 0:
+                out.append(((base + [11, 12] * 40)[:lim], False))
+            else:
+                out.append((base + [2], True))  # 2: SmolLM2's <|im_end|>
+        return out
+    return generate
+
+
+def test_build_data_multi_turn_splits_cuts_and_resume(target_dir, tmp_path):
+    convs = [Conversation(f"t:{i}", "t", tuple(f"question {i} part {j}" for j in range(1 + i % 3)))
+             for i in range(24)]
+    path = write_conversations(tmp_path / "convs.jsonl.xz", convs, {"sources": {"t": {}}})
+    calls: list[int] = []
+    kw = dict(dev_share=0.25, heldout_share=0.25, max_turns=3, max_new_tokens=64,
+              dev_max_new_tokens=16, chunk_prompts=4, generator=_fake_generator(calls))
+    m = build_data(str(target_dir), str(tmp_path / "data"), str(path), **kw)
+    splits = [split_of(c.id, 0.25, 0.25) for c in convs]
+    n_dev = splits.count("dev")
+    assert m["dev"]["samples"] == n_dev and 0 < n_dev < 24
+    assert m["samples"] == splits.count("train") and m["heldout_samples"] == splits.count("heldout")
+    # every asked turn is counted; looping replies are cut and end their conversation
+    cuts = m["cuts"]
+    assert cuts["replies_cut_for_loops"] > 0 and cuts["tokens_cut_for_loops"] > 0
+    assert cuts["replies"] == sum(calls) - n_dev
+    gen = m["generation"]
+    assert gen["output_tokens"] > 0 and gen["output_tokens_per_s"] > 0
+    # multi-turn samples hold every reply in place, masked; the dev continuation uncut
+    train_t, held_t = load_splits(tmp_path / "data", 4096)
+    ids, mask = max((train_t.sample(i) for i in range(len(train_t))), key=lambda s: len(s[0]))
+    assert int(mask.sum()) >= 12  # two replies of 5 + end-of-turn
+    dev, prompt_lens = load_dev(tmp_path / "data", 4096)
+    assert (dev.lengths - prompt_lens > 0).all()
+    # resume: only the missing part is generated again, to the same data
+    before = read_manifest(tmp_path / "data")
+    parts = sorted((tmp_path / "data" / "parts").glob("round01-*.pt"))
+    parts[-1].unlink()
+    calls.clear()
+    m2 = build_data(str(target_dir), str(tmp_path / "data"), str(path), **kw)
+    assert len(calls) == 1
+    assert [s["sha256"] for s in m2["shards"]] == [s["sha256"] for s in before["shards"]]
+    assert json.dumps(m2["cuts"]) == json.dumps(before["cuts"])
+
+
+def test_build_data_stops_at_the_time_limit(target_dir, tmp_path):
+    convs = [Conversation(f"t:{i}", "t", ("q",)) for i in range(8)]
+    path = write_conversations(tmp_path / "c.jsonl.xz", convs, {})
+    slow = _fake_generator([])
+    m = build_data(str(target_dir), str(tmp_path / "d"), str(path), chunk_prompts=2,
+                   time_limit_min=1e-9, generator=slow)
+    assert m is None and not (tmp_path / "d" / "manifest.json").exists()
