@@ -1,42 +1,65 @@
 #!/usr/bin/env bash
-# The recipe behind the shipped SmolLM2-135M-Instruct drafters, in stages that each fit
-# one 10-minute GPU-host command (run from the repo root after `source
-# scripts/gpu_host_setup.sh`; every stage resumes where the last one stopped).
-#   bash scripts/train_smollm2_gpu.sh data     # self-distilled responses (vLLM), ~8k prompts
-#   bash scripts/train_smollm2_gpu.sh train    # EAGLE, HASS, CORAL side by side, same data/budget
-#   bash scripts/train_smollm2_gpu.sh finish   # CORAL router, exports, offline tau (k=5)
-# Work lives in $CORAL_WORK (default /root/coral-work); results in $OUT (default results/).
+# The recipe behind the SmolLM2-135M-Instruct drafters, in stages that each fit one
+# 10-minute GPU-host command. Run from the repo root after `source scripts/gpu_host_setup.sh`;
+# every stage resumes where the last one stopped (rerun it). Carry .gpu-data/ (the
+# conversations file from `coral-vllm train conversations --out .gpu-data/conversations.jsonl.xz`)
+# and, for `before`, .baseline/ (the trainer at the commit measured as "before":
+# `git archive 25343e8 coral_vllm/ ':!coral_vllm/assets' | tar -x -C .baseline`).
+#   bash scripts/train_smollm2_gpu.sh data     # the target regenerates every assistant turn (vLLM)
+#   bash scripts/train_smollm2_gpu.sh before   # tokens/s of the trainer at 25343e8, per preset
+#   bash scripts/train_smollm2_gpu.sh curves   # EAGLE, HASS, CORAL: 1 epoch each, validated
+#   bash scripts/train_smollm2_gpu.sh finish   # exports, vLLM tau vs offline tau, tables
+# Extra flags for a stage (later flags win): CORAL_DATA_ARGS, CORAL_BEFORE_ARGS, CORAL_TRAIN_ARGS,
+# CORAL_TAU_ARGS (a small rehearsal on the CPU sets these).
+# Work and results live in $CORAL_WORK (default /root/coral-work, kept while the host is);
+# each stage also copies what it produced to $OUT (default results/), at most 8 files.
 set -uo pipefail
 M=${CORAL_TARGET:-$HOME/.cache/coral-vllm/models/smollm2-135m-instruct}
 W=${CORAL_WORK:-/root/coral-work}
-R=${OUT:-results}
-MAX_STEPS=${CORAL_MAX_STEPS:-1500}
-mkdir -p "$W" "$R"
-train() {  # preset, same data and step budget for every drafter
-  python3 -m coral_vllm.training.cli train --preset "$1" --target "$M" --data "$W/data" \
-    --out "$W/runs/$1" --max-steps "$MAX_STEPS" --epochs 100 --batch-size 16 --max-len 768 \
-    --lr 3e-4 --time-limit-min "${CORAL_TIME_LIMIT_MIN:-8}" > "$R/train_$1.log" 2>&1
-  echo "$1: exit $? ($(tail -c 300 "$R/train_$1.log" | tr '\r' '\n' | tail -n 1))"
-}
-case "${1:?stage: data | train | finish}" in
+R=$W/results
+O=${OUT:-results}
+TL=${CORAL_TIME_LIMIT_MIN:-8.5}
+PRESETS=${CORAL_PRESETS:-eagle hass coral}
+mkdir -p "$W" "$R" "$O"
+runs() { for p in $PRESETS; do printf '%s=%s ' "$p" "$W/runs/$p"; done; }
+case "${1:?stage: data | before | curves | finish}" in
   data)
-    python3 -m coral_vllm.training.cli data --target "$M" --out "$W/data" --max-prompts 8000 \
-      --max-new-tokens 384 --temperature 0 --backend vllm --chunk-prompts 4000 \
-      --time-limit-min 7 2>&1 | tail -n 20
-    cp "$W/data/manifest.json" "$R/dataset_manifest.json" ;;
-  train)
-    train eagle & train hass & train coral & wait ;;
-  finish)
-    python3 -m coral_vllm.training.cli router --out "$W/runs/coral" 2>&1 | tail -n 15
-    python3 -m coral_vllm.training.cli export --run "$W/runs/eagle" --dest "$W/drafters/eagle" --dense --dtype bfloat16
-    python3 -m coral_vllm.training.cli export --run "$W/runs/hass" --dest "$W/drafters/hass" --dense --dtype bfloat16
-    python3 -m coral_vllm.training.cli export --run "$W/runs/coral" --dest "$W/drafters/coral" --dtype bfloat16
-    for d in eagle hass coral; do
-      tar -C "$W/drafters" -czf "$R/drafter_$d.tgz" "$d"
-    done
-    for b in mtbench humaneval; do
-      python3 -m coral_vllm.training.cli eval --target "$M" --drafters "$W/drafters/eagle" \
-        "$W/drafters/hass" "$W/drafters/coral" --benchmarks "$b" --router both --k 5 \
-        --max-new-tokens 256 --limit "${CORAL_EVAL_LIMIT:-40}" --json "$R/tau_$b.json" 2>&1 | tail -n 8
+    python3 -m coral_vllm.training.cli data --target "$M" --out "$W/data" \
+      --conversations "${CORAL_CONVERSATIONS:-.gpu-data/conversations.jsonl.xz}" --max-turns "${CORAL_MAX_TURNS:-3}" \
+      --max-new-tokens 512 --max-len 2048 --time-limit-min "$TL" ${CORAL_DATA_ARGS:-} 2>&1 \
+      | grep -v "^INFO\|^(" | tail -n 30
+    cp "$W/data/manifest.json" "$O/dataset_manifest_smollm2.json" ;;
+  before)
+    python3 -m coral_vllm.bench.training throughput --legacy-root .baseline --target "$M" \
+      --data "$W/data" --legacy-presets $PRESETS --work "$W/legacy" \
+      --out "$R/train_throughput.json" ${CORAL_BEFORE_ARGS:-} 2>&1 | tail -n 20
+    cp "$R/train_throughput.json" "$O/" ;;
+  curves)
+    start=$(date +%s)
+    for p in $PRESETS; do
+      left=$(python3 -c "print(max(0.5, $TL - ($(date +%s) - $start) / 60))")
+      python3 -m coral_vllm.training.cli train --preset "$p" --target "$M" --data "$W/data" \
+        --out "$W/runs/$p" --epochs 1 --lr 3e-4 --batch-tokens 32768 --eval-every 100 \
+        --log-every 20 --time-limit-min "$left" ${CORAL_TRAIN_ARGS:-} > "$R/train_$p.log" 2>&1
+      echo "$p: exit $? $(grep -E '^eval|done|stopped' "$R/train_$p.log" | tail -n 2)"
+      cp "$R/train_$p.log" "$O/"
+      [ $(( $(date +%s) - start )) -gt $(python3 -c "print(int($TL * 60))") ] && break
     done ;;
+  finish)
+    for p in $PRESETS; do
+      dense=$([ "$p" = coral ] || echo --dense)
+      python3 -m coral_vllm.training.cli export --run "$W/runs/$p" --dest "$W/drafters/$p" \
+        $dense --dtype bfloat16 > /dev/null
+    done
+    python3 -m coral_vllm.training.cli vllm-tau --target "$M" --data "$W/data" \
+      --drafters $(for p in $PRESETS; do printf '%s=%s ' "$p" "$W/drafters/$p"; done) \
+      --k 5 --json "$R/vllm_tau_dev.json" ${CORAL_TAU_ARGS:-} 2>&1 | grep '^{' | tail -n 5
+    python3 -m coral_vllm.bench.training throughput --runs $(runs) \
+      --extend "$R/train_throughput.json" --out "$R/train_throughput.json" | tail -n 3
+    python3 -m coral_vllm.bench.training curve --runs $(runs) --vllm-tau "$R/vllm_tau_dev.json" \
+      --out "$R/learning_curve.json"
+    for p in $PRESETS; do tar -C "$W/drafters" -czf "$O/drafter_$p.tgz" "$p"; done
+    cp "$R"/vllm_tau_dev.json "$R"/train_throughput.json "$R"/learning_curve.* "$O/"
+    tar -C "$W" -czf "$O/runs.tgz" $(for p in $PRESETS; do echo "runs/$p/metrics.jsonl"; done) \
+      -C "$R" $(cd "$R" && ls train_*.log) ;;
 esac

@@ -123,6 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also store lm_head / embed_tokens")
     e.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
 
+    q = sub.add_parser("vllm-tau", formatter_class=fmt,
+                       help="offline tau vs vLLM's counters on the data's dev prompts")
+    q.add_argument("--target", required=True)
+    q.add_argument("--data", required=True, help="data directory (its dev split)")
+    q.add_argument("--drafters", nargs="+", required=True, metavar="NAME=DIR")
+    q.add_argument("--k", type=int, default=5)
+    q.add_argument("--limit", type=int, default=None, help="dev prompts used")
+    q.add_argument("--compiled", action="store_true",
+                   help="CUDA graphs + torch.compile (default: eager, which starts faster)")
+    q.add_argument("--json", required=True, help="write results here")
+
     v = sub.add_parser("eval", help="offline acceptance length tau", formatter_class=fmt)
     v.add_argument("--target", required=True)
     v.add_argument("--drafters", nargs="+", required=True, help="exported drafter dirs")
@@ -186,6 +197,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from coral_vllm.training.export import export
         print(export(args.run, args.dest, dense=args.dense, include_heads=args.include_heads,
                      dtype=args.dtype, checkpoint=args.checkpoint))
+    elif args.cmd == "vllm-tau":
+        from coral_vllm.bench.training import parse_named
+        from coral_vllm.training.vllm_tau import compare
+        compare(args.target, args.data, parse_named(args.drafters), k=args.k,
+                limit=args.limit, enforce_eager=not args.compiled, out_json=args.json)
     elif args.cmd == "eval":
         from coral_vllm.training.evaluate import run_eval
         run_eval(args.target, args.drafters, args.benchmarks, router=args.router, k=args.k,

@@ -66,6 +66,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0              # optimizer steps between validations (0: at the end)
     eval_k: int = 5                  # chain length of the offline tau on the dev prompts
+    eval_heldout_samples: int = 400  # held-out samples the accuracy is measured on
     serve_router: bool = True        # best checkpoint by tau with the router on (else dense)
     save_every: int = 200            # optimizer steps between resumable checkpoints
     # router: trained beside the drafter (online) and/or refit in stage 2

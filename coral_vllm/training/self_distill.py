@@ -40,7 +40,7 @@ _SENTINEL_RE = re.compile("\x00REPLY\\d+\x00")
 # at least LOOP_MIN_TOKENS tokens beyond the first copy (at least three copies in all)
 MAX_PERIOD = 256
 LOOP_MIN_TOKENS = 16
-MIN_REPLY_ROOM = 32  # a turn is only asked if this many reply tokens still fit max_len
+MIN_REPLY_ROOM = 32  # a turn is asked only if this many reply tokens (or max_new_tokens) fit
 
 Reply = tuple[list[int], bool]  # generated ids without the end-of-turn token, ended?
 Generate = Callable[[list[list[int]], list[int]], list[Reply]]
@@ -140,10 +140,11 @@ def vllm_generator(target: str, max_model_len: int, temperature: float, seed: in
     """Many sequences in flight through vLLM's offline engine (the GPU path)."""
     from vllm import LLM, SamplingParams
 
-    engine = (dict(dtype="bfloat16", gpu_memory_utilization=0.9) if torch.cuda.is_available()
+    engine = (dict(dtype="bfloat16", gpu_memory_utilization=0.9, max_num_seqs=1024,
+                   max_num_batched_tokens=32768) if torch.cuda.is_available()
               else dict(dtype="float32", kv_cache_memory_bytes=1 << 30))
-    llm = LLM(model=target, seed=seed, max_model_len=max_model_len, max_num_seqs=1024,
-              max_num_batched_tokens=32768, enable_prefix_caching=True, **engine)
+    llm = LLM(model=target, seed=seed, max_model_len=max_model_len,
+              enable_prefix_caching=True, **engine)
 
     def generate(prompts: list[list[int]], max_tokens: list[int]) -> list[Reply]:
         params = [SamplingParams(temperature=temperature, max_tokens=m, seed=seed)
@@ -284,8 +285,9 @@ def build_data(target: str, out_dir: str, conversations: str, *, max_turns: int 
                 if time_limit_min > 0 and time.time() - t0 > time_limit_min * 60:
                     print(f"time limit: stopped before {stage} part {c}; rerun to resume.")
                     return None
+                generate = gen()  # the engine starts outside the timed region
                 t = time.time()
-                got = gen()(prompts[a:a + chunk_prompts], limits[a:a + chunk_prompts])
+                got = generate(prompts[a:a + chunk_prompts], limits[a:a + chunk_prompts])
                 saved = {"replies": got, "seconds": time.time() - t,
                          "output_tokens": sum(len(r) for r, _ in got)}
                 parts.save(stage, c, saved)
@@ -320,7 +322,7 @@ def build_data(target: str, out_dir: str, conversations: str, *, max_turns: int 
                 continue
             ids, _ = splicer.chat(convs[i].turns[:r], replies[i])
             room = min(max_new_tokens, max_len - len(ids))
-            if room < MIN_REPLY_ROOM:
+            if room < min(MIN_REPLY_ROOM, max_new_tokens):
                 cuts["turns_dropped_for_length"] += len(convs[i].turns) - r + 1
                 continue
             asked.append(i)

@@ -282,15 +282,24 @@ def train(cfg: TrainConfig, device: str | None = None,
     log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
 
     # data: this rank's shards of the training split, held-out and dev splits
-    target, _, tcfg = load_target(cfg.target, dev, torch.bfloat16 if use_bf16 else torch.float32)
     train_all, heldout_table = load_splits(cfg.data, cfg.max_len, cfg.router_holdout)
     schedule = Schedule(train_all.lengths, cfg, world, rank)
+    per_epoch = [schedule.steps_in(e) for e in range(cfg.epochs)]
+    total_steps = min(cfg.max_steps, sum(per_epoch)) if cfg.max_steps else sum(per_epoch)
+    state = load_state(out)
+    if state is not None and state["step"] >= total_steps:
+        log(f"{out}: already trained ({state['step']} steps)")
+        return {"step": state["step"], "total_steps": total_steps, "done": True,
+                "last": {}, "best": state.get("best", {})}
+    target, _, tcfg = load_target(cfg.target, dev, torch.bfloat16 if use_bf16 else torch.float32)
     local = schedule.local_samples()
     table = train_all.subset(local)
     slot_of = {int(s): i for i, s in enumerate(local)}  # whole-split index -> local index
     feats = compute_features(target, table, dev, place=cfg.feature_store)
     heldout = dev_split = None
     if rank == 0:
+        heldout_table = heldout_table.subset(
+            np.arange(min(len(heldout_table), cfg.eval_heldout_samples)))
         heldout = EvalSplit(heldout_table, compute_features(target, heldout_table, dev))
         dev_table, prompt_lens = load_dev(cfg.data, cfg.max_len)
         if dev_table is not None:
@@ -305,7 +314,6 @@ def train(cfg: TrainConfig, device: str | None = None,
     drafter.load_target_heads(target)
     if cfg.init_from_target:
         drafter.init_layer_from_target(target)
-    state = load_state(out)
     order = (state["model"]["partition.token_order"] if state is not None
              else drafter.choose_partition(cfg.online_partition(),
                                            train_token_counts(train_all, tcfg["vocab_size"])))
@@ -323,8 +331,6 @@ def train(cfg: TrainConfig, device: str | None = None,
         groups.append({"params": list(drafter.router.parameters()), "lr": cfg.router_lr})
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas),
                             weight_decay=cfg.weight_decay, fused=dev.type == "cuda")
-    per_epoch = [schedule.steps_in(e) for e in range(cfg.epochs)]
-    total_steps = min(cfg.max_steps, sum(per_epoch)) if cfg.max_steps else sum(per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
     csra_gen = torch.Generator().manual_seed(cfg.seed + 1)
     step, tokens_seen = 0, 0

@@ -14,11 +14,17 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from coral_vllm.training.data import load_dev
+
+
+def _memory() -> dict[str, float]:
+    """A modest KV cache on a GPU: these runs hold a few hundred short requests."""
+    import torch
+    return {"gpu_memory_utilization": 0.5} if torch.cuda.is_available() else {}
 
 
 def vllm_tau(target: str, drafter: str, prompts: list[list[int]], max_tokens: list[int],
@@ -31,7 +37,7 @@ def vllm_tau(target: str, drafter: str, prompts: list[list[int]], max_tokens: li
 
     spec = {"method": "coral", "model": str(drafter), "num_speculative_tokens": k}
     with offline_engine(target, spec, max_model_len=4096, disable_log_stats=False,
-                        enforce_eager=enforce_eager) as llm:
+                        enforce_eager=enforce_eager, **_memory()) as llm:
         before = from_llm_metrics(llm.get_metrics())
         t = time.time()
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
@@ -44,26 +50,15 @@ def vllm_tau(target: str, drafter: str, prompts: list[list[int]], max_tokens: li
             "outputs": [list(o.outputs[0].token_ids) for o in outs]}
 
 
-def compare(target: str, data: str, drafters: dict[str, str], *, k: int = 5,
-            limit: int | None = None, enforce_eager: bool = True,
-            out_json: str | None = None) -> dict[str, Any]:
-    """Offline vs vLLM tau per drafter on the data directory's dev prompts."""
+def offline_rows(target: str, table, prompt_lens: np.ndarray, drafters: dict[str, str],
+                 k: int) -> list[dict[str, Any]]:
+    """Offline chain tau per drafter, with the head it serves with."""
     import torch
 
-    from coral_vllm.bench.results import device_name
     from coral_vllm.training.evaluate import load_drafter, tau_of_drafters
     from coral_vllm.training.features import compute_features
     from coral_vllm.training.target import load_target
     from coral_vllm.training.validate import EvalSplit
-
-    table, prompt_lens = load_dev(data, 1 << 20)
-    if table is None:
-        raise ValueError(f"{data}: no dev prompts (data made before dev splits existed)")
-    n = len(table) if limit is None else min(limit, len(table))
-    table, prompt_lens = table.subset(np.arange(n)), prompt_lens[:n]
-    samples = [table.sample(i)[0] for i in range(n)]
-    prompts = [s[:p].tolist() for s, p in zip(samples, prompt_lens)]
-    conts = [s[p:].tolist() for s, p in zip(samples, prompt_lens)]
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, _, _ = load_target(target, dev)
@@ -76,7 +71,31 @@ def compare(target: str, data: str, drafters: dict[str, str], *, k: int = 5,
         rows.append({"drafter": name, "path": str(path), "router": routed,
                      "offline_tau": offline[routed]["tau"],
                      "offline_rounds": offline[routed]["rounds"]})
-    del model
+    return rows
+
+
+def compare(target: str, data: str, drafters: dict[str, str], *, k: int = 5,
+            limit: int | None = None, enforce_eager: bool = True,
+            out_json: str | None = None) -> dict[str, Any]:
+    """Offline vs vLLM tau per drafter on the data directory's dev prompts."""
+    import gc
+
+    import torch
+
+    from coral_vllm.bench.results import device_name
+
+    table, prompt_lens = load_dev(data, 1 << 20)
+    if table is None:
+        raise ValueError(f"{data}: no dev prompts (data made before dev splits existed)")
+    n = len(table) if limit is None else min(limit, len(table))
+    table, prompt_lens = table.subset(np.arange(n)), prompt_lens[:n]
+    samples = [table.sample(i)[0] for i in range(n)]
+    prompts = [s[:p].tolist() for s, p in zip(samples, prompt_lens)]
+    conts = [s[p:].tolist() for s, p in zip(samples, prompt_lens)]
+    rows = offline_rows(target, table, prompt_lens, drafters, k)
+    gc.collect()  # the target and features go before vLLM measures free memory
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     for row in rows:
         got = vllm_tau(target, row["path"], prompts, [len(c) for c in conts], k, enforce_eager)
         same = sum(o == c for o, c in zip(got.pop("outputs"), conts))
@@ -93,13 +112,3 @@ def compare(target: str, data: str, drafters: dict[str, str], *, k: int = 5,
     if out_json:
         Path(out_json).write_text(json.dumps(result, indent=2) + "\n")
     return result
-
-
-def parse_named(items: Sequence[str]) -> dict[str, str]:
-    out = {}
-    for it in items:
-        name, sep, path = it.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"{it!r}: expected NAME=DIR")
-        out[name] = path
-    return out

@@ -1,0 +1,209 @@
+"""Benchmarks of the training module: throughput before/after, and learning curves.
+
+    throughput  tokens/s of the trainer at an earlier commit ("before", run from a copy
+                of that commit's package, `--legacy-root`) next to the current trainer's
+                ("after", read from runs' metrics.jsonl: the median of the logged
+                tokens_per_s after the first log row, which holds compilation, caching
+                and warm-up); one JSON row per (preset, version).
+    curve       held-out offline tau against training tokens per preset, from runs'
+                evaluation rows, joined with vLLM's tau of the exported best drafters
+                (`train vllm-tau` output); JSON + PNG.
+
+    coral-vllm bench training throughput --legacy-root .baseline --target T --data D \\
+        --legacy-presets eagle hass coral --out benchmarks/results/train_throughput.json
+    coral-vllm bench training throughput --runs eagle=RUN hass=RUN coral=RUN \\
+        --extend benchmarks/results/train_throughput.json --out (same file)
+    coral-vllm bench training curve --runs eagle=RUN hass=RUN coral=RUN \\
+        --vllm-tau tau.json --out benchmarks/results/learning_curve.json
+
+Tokens are all real (non-padding) tokens of the batches a step trains on, prompt tokens
+included, in both versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from coral_vllm.bench.results import device_name, write_json
+
+# Run inside a subprocess whose sys.path starts with the legacy package: times the old
+# trainer between its batch builds (its loop reads every step's loss back to the host,
+# so wall time between two batch builds is that step's time).
+_LEGACY_DRIVER = """
+import json, sys, time
+from coral_vllm.training import trainer
+from coral_vllm.training.config import TrainConfig
+marks = []
+real = trainer.collate
+def collate(batch):
+    out = real(batch)
+    marks.append((time.perf_counter(), int(out["attention_mask"].sum())))
+    return out
+trainer.collate = collate
+args = json.loads(sys.argv[1])
+cfg = TrainConfig.from_preset(args["preset"], **args["cfg"])
+trainer.train(cfg)
+w = args["warmup"]
+seconds = marks[-1][0] - marks[w][0]
+tokens = sum(n for _, n in marks[w:-1])
+print("RESULT " + json.dumps({"tokens_per_s": tokens / seconds, "steps": len(marks) - 1 - w,
+                              "seconds": seconds}))
+"""
+
+
+def legacy_throughput(root: str, preset: str, target: str, data: str, out: str, *,
+                      batch_size: int, max_len: int, steps: int, warmup: int) -> dict[str, Any]:
+    cfg = {"target": target, "data": data, "out": out, "batch_size": batch_size,
+           "max_len": max_len, "lr": 3e-4, "max_steps": steps + warmup + 1,
+           "save_every": 10**9, "log_every": 10**9}
+    env_path = str(Path(root).resolve())
+    done = subprocess.run(
+        [sys.executable, "-c", f"import sys; sys.path.insert(0, {env_path!r})\n"
+         + _LEGACY_DRIVER, json.dumps({"preset": preset, "cfg": cfg, "warmup": warmup})],
+        capture_output=True, text=True)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if done.returncode != 0 or line is None:
+        raise RuntimeError(f"legacy trainer ({preset}) failed:\n{done.stderr[-3000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
+def run_metrics(run: str | Path) -> list[dict[str, Any]]:
+    path = Path(run) / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def steady_tokens_per_s(run: str | Path) -> float:
+    rows = [r["tokens_per_s"] for r in run_metrics(run) if "tokens_per_s" in r]
+    if len(rows) < 2:
+        raise ValueError(f"{run}: fewer than two logged steps; train longer")
+    return statistics.median(rows[1:])
+
+
+def parse_named(items: Sequence[str]) -> dict[str, str]:
+    """NAME=PATH arguments, in order; a clear error for anything else."""
+    out = {}
+    for it in items:
+        name, sep, path = it.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"{it!r}: expected NAME=PATH")
+        out[name] = path
+    return out
+
+
+def throughput(args: argparse.Namespace) -> dict[str, Any]:
+    """Rows for --legacy-presets (before) and --runs (after), added to --extend's rows
+    (so the two can be measured in different commands on the same card)."""
+    prior = json.loads(Path(args.extend).read_text()) if args.extend else {"rows": []}
+    rows = list(prior["rows"])
+    for preset in args.legacy_presets or []:
+        r = legacy_throughput(args.legacy_root, preset, args.target, args.data,
+                              f"{args.work}/legacy-{preset}", batch_size=args.batch_size,
+                              max_len=args.max_len, steps=args.steps, warmup=args.warmup)
+        rows.append({"preset": preset, "version": "before", "tokens_per_s": r["tokens_per_s"],
+                     "measured": f"{args.legacy_commit}: {r['steps']} steps after "
+                                 f"{args.warmup} warm-up, batch {args.batch_size} sequences, "
+                                 f"max_len {args.max_len}"})
+        print(json.dumps(rows[-1]), flush=True)
+    for preset, run in parse_named(args.runs or []).items():
+        cfg = json.loads((Path(run) / "train_config.json").read_text())
+        rows.append({"preset": preset, "version": "after",
+                     "tokens_per_s": steady_tokens_per_s(run),
+                     "measured": f"median logged rate of {run} (batch_tokens "
+                                 f"{cfg['batch_tokens']}, max_len {cfg['max_len']})"})
+        print(json.dumps(rows[-1]), flush=True)
+    device = device_name()
+    if prior.get("device", device) != device:
+        raise SystemExit(f"--extend {args.extend} was measured on {prior['device']}, "
+                         f"this is {device}: one card per table")
+    return {"device": device, "rows": rows}
+
+
+def curve(args: argparse.Namespace) -> dict[str, Any]:
+    runs = parse_named(args.runs)
+    vllm = {}
+    if args.vllm_tau:
+        vllm = {r["drafter"]: r for r in json.loads(Path(args.vllm_tau).read_text())["rows"]}
+    rows = []
+    for preset, run in runs.items():
+        cfg = json.loads((Path(run) / "train_config.json").read_text())
+        key = "tau_router" if cfg["serve_router"] else "tau_dense"
+        evals = [r["eval"] for r in run_metrics(run) if "eval" in r]
+        best = max(evals, key=lambda e: e[key]) if evals else None
+        for e in evals:
+            row = {"preset": preset, "step": e["step"], "train_tokens": e["train_tokens"],
+                   "heldout_tau": e[key], "heldout_tau_dense": e["tau_dense"],
+                   "heldout_tau_router": e["tau_router"],
+                   "heldout_acc1": e.get("heldout_acc1"), "vllm_tau": None}
+            if e is best and preset in vllm:
+                row["vllm_tau"] = vllm[preset]["vllm_tau"]
+            rows.append(row)
+    return {"device": device_name(), "k": args.k, "serving_head": "router for coral, dense "
+            "for eagle/hass", "rows": rows}
+
+
+def plot_curve(result: dict[str, Any], dest: Path) -> Path:
+    from coral_vllm.bench.plots import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for preset in dict.fromkeys(r["preset"] for r in result["rows"]):
+        pts = [(r["train_tokens"] / 1e6, r["heldout_tau"]) for r in result["rows"]
+               if r["preset"] == preset]
+        line, = ax.plot(*zip(*pts), marker="o", label=preset)
+        for r in result["rows"]:
+            if r["preset"] == preset and r["vllm_tau"] is not None:
+                ax.scatter([r["train_tokens"] / 1e6], [r["vllm_tau"]], marker="*", s=120,
+                           color=line.get_color(), zorder=3)
+    ax.set_xlabel("training tokens (M)")
+    ax.set_ylabel(f"offline chain tau, k={result['k']}, dev prompts")
+    ax.set_title(f"held-out tau ({result['device']}); stars: vLLM's tau")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(dest, dpi=120)
+    plt.close(fig)
+    return dest
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="coral-vllm bench training", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("throughput", help="trainer tokens/s, before and after")
+    t.add_argument("--runs", nargs="+", metavar="PRESET=RUN", help="after: finished runs")
+    t.add_argument("--legacy-presets", nargs="+", help="before: presets to time")
+    t.add_argument("--legacy-root", help="directory holding the earlier coral_vllm package")
+    t.add_argument("--legacy-commit", default="25343e8", help="its commit (recorded)")
+    t.add_argument("--target")
+    t.add_argument("--data")
+    t.add_argument("--work", default="runs/throughput", help="scratch runs of the legacy trainer")
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--max-len", type=int, default=1024)
+    t.add_argument("--steps", type=int, default=20)
+    t.add_argument("--warmup", type=int, default=5)
+    t.add_argument("--extend", help="an earlier result of this command to add rows to")
+    t.add_argument("--out", required=True)
+    c = sub.add_parser("curve", help="held-out tau vs training tokens, + vLLM's tau")
+    c.add_argument("--runs", nargs="+", required=True, metavar="PRESET=RUN")
+    c.add_argument("--vllm-tau", help="JSON from `coral-vllm train vllm-tau`")
+    c.add_argument("-k", type=int, default=5)
+    c.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    if args.cmd == "throughput" and args.legacy_presets and not (
+            args.legacy_root and args.target and args.data):
+        ap.error("throughput --legacy-presets needs --legacy-root, --target and --data")
+    result = throughput(args) if args.cmd == "throughput" else curve(args)
+    out = Path(args.out)
+    write_json(out, result)
+    if args.cmd == "curve":
+        print(plot_curve(result, out.with_suffix(".png")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
