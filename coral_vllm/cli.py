@@ -5,18 +5,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from coral_vllm.model_store import DEFAULT_MODEL, KNOWN_MODELS
+from coral_vllm.models.model_store import DEFAULT_MODEL, KNOWN_MODELS
 
 
 def _fetch_model(args: argparse.Namespace) -> int:
-    from coral_vllm.model_store import fetch_model
+    from coral_vllm.models.model_store import fetch_model
 
     print(fetch_model(args.name, force=args.force, gguf=args.gguf))
     return 0
 
 
 def _init_drafter(args: argparse.Namespace) -> int:
-    from coral_vllm.drafter_init import init_drafter
+    from coral_vllm.models.drafter_init import init_drafter
 
     path = init_drafter(args.target, args.out, num_groups=args.num_groups,
                         top_k_groups=args.top_k_groups, partition=args.partition,
@@ -29,7 +29,7 @@ def _check_drafter(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from coral_vllm.checkpoint import check_against_target, read_checkpoint
+    from coral_vllm.format.checkpoint import check_against_target, read_checkpoint
 
     ckpt = read_checkpoint(args.drafter)
     if args.target:
@@ -58,13 +58,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from coral_vllm.serving.vllm_cli import main as vllm_main
+    from coral_vllm.runtime.vllm_cli import main as vllm_main
 
     return vllm_main(["serve", *args.rest])
 
 
 def _to_eagle(args: argparse.Namespace) -> int:
-    from coral_vllm.checkpoint import write_eagle_checkpoint
+    from coral_vllm.format.checkpoint import write_eagle_checkpoint
 
     print(write_eagle_checkpoint(args.drafter, args.out))
     return 0
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return args.func(args)
     except Exception as e:  # clear one-line errors for known failure kinds
-        from coral_vllm.config import CoralConfigError
+        from coral_vllm.format.config import CoralConfigError
 
         if isinstance(e, CoralConfigError):
             print(f"coral-vllm: error: {e}", file=sys.stderr)

@@ -11,10 +11,10 @@ import pytest
 
 from coral_vllm.bench.e2e import plan_variants, step_time_ratio, summarize
 from coral_vllm.bench.synthetic import ratios
-from coral_vllm.checkpoint import (is_coral_checkpoint, read_checkpoint,
+from coral_vllm.format.checkpoint import (is_coral_checkpoint, read_checkpoint,
                                    write_eagle_checkpoint)
-from coral_vllm.drafters import default_drafter
-from coral_vllm.metrics import histogram_mean, prometheus_totals
+from coral_vllm.models.drafters import default_drafter
+from coral_vllm.runtime.metrics import histogram_mean, prometheus_totals
 
 SCRAPE_1 = """# HELP vllm:request_time_per_output_token_seconds x
 vllm:request_time_per_output_token_seconds_sum{engine="0",model_name="m"} 1.5

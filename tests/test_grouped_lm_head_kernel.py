@@ -46,8 +46,8 @@ def _load_kernels():
 
 glh = _load_kernels()
 
-from coral_vllm.grouped_head import grouped_logits_torch  # noqa: E402
-from coral_vllm.partition import grouped_rows, row_token_ids  # noqa: E402
+from coral_vllm.format.grouped_head import grouped_logits_torch  # noqa: E402
+from coral_vllm.format.partition import grouped_rows, row_token_ids  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SENTINEL = -7777

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from coral_vllm.checkpoint import expected_shapes, read_checkpoint
+from coral_vllm.format.checkpoint import expected_shapes, read_checkpoint
 from coral_vllm.training.config import TrainConfig
 from coral_vllm.training.data import TokenDataset, generate_hf, write_dataset
 from coral_vllm.training.losses import csra_loss
@@ -68,7 +68,7 @@ def test_data_manifest(tiny):
 
 
 def test_drafter_names_match_checkpoint_format(tiny):
-    from coral_vllm.config import CoralConfig
+    from coral_vllm.format.config import CoralConfig
     tcfg = json.loads((tiny["root"] / "target" / "config.json").read_text())
     drafter = CoralDrafter(tcfg, num_groups=16)
     coral = CoralConfig.for_vocab(VOCAB, HIDDEN, 16, 4)
@@ -266,7 +266,7 @@ def test_mixed_dtypes_and_router_on_exported_drafter(tiny, tmp_path):
     an exported dense drafter (`train router --drafter`)."""
     from transformers import AutoModelForCausalLM
 
-    from coral_vllm.partition import contiguous_order
+    from coral_vllm.format.partition import contiguous_order
     from coral_vllm.training.evaluate import load_drafter, speculative_generate
     from coral_vllm.training.export import export
     from coral_vllm.training.router_train import collect, run_router_on_drafter

@@ -32,10 +32,10 @@ from typing import Any
 
 from coral_vllm.bench.client import run_load
 from coral_vllm.bench.results import device_name, write_json
-from coral_vllm.checkpoint import is_coral_checkpoint
+from coral_vllm.format.checkpoint import is_coral_checkpoint
 from coral_vllm.datasets import BENCHMARKS, benchmark_texts
-from coral_vllm.metrics import histogram_mean, parse_prometheus, prometheus_totals
-from coral_vllm.serving.server import ServerSpec, fetch_metrics, on_cpu, running_servers
+from coral_vllm.runtime.metrics import histogram_mean, parse_prometheus, prometheus_totals
+from coral_vllm.runtime.server import ServerSpec, fetch_metrics, on_cpu, running_servers
 
 PLAIN = "plain"
 TPOT_METRIC = "vllm:request_time_per_output_token_seconds"
@@ -171,8 +171,8 @@ def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import vllm
 
-    from coral_vllm.drafters import default_drafter
-    from coral_vllm.model_store import fetch_model
+    from coral_vllm.models.drafters import default_drafter
+    from coral_vllm.models.model_store import fetch_model
 
     model = Path(args.model) if args.model else fetch_model()
     drafters = parse_drafters(args.drafters) if args.drafters \

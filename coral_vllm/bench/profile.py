@@ -140,9 +140,9 @@ def profile_variant(model: Path, drafter: Path, k: int, prompts: list[list[int]]
                     max_tokens: int) -> dict[str, Any]:
     from vllm import SamplingParams, TokensPrompt
 
-    from coral_vllm.checkpoint import is_coral_checkpoint
-    from coral_vllm.metrics import from_llm_metrics
-    from coral_vllm.offline_engine import offline_engine
+    from coral_vllm.format.checkpoint import is_coral_checkpoint
+    from coral_vllm.runtime.metrics import from_llm_metrics
+    from coral_vllm.runtime.offline_engine import offline_engine
 
     spec = {"method": "coral" if is_coral_checkpoint(drafter) else "eagle",
             "model": str(drafter), "num_speculative_tokens": k}
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     import vllm
     from transformers import AutoTokenizer
 
-    from coral_vllm.model_store import fetch_model
+    from coral_vllm.models.model_store import fetch_model
     from coral_vllm.training.evaluate import benchmark_prompts
 
     model = Path(args.model) if args.model else fetch_model()

@@ -59,8 +59,8 @@ def prepare_shape(shape: dict[str, Any], root: Path, *, num_groups: int,
                   top_k_groups: int) -> dict[str, Path | None]:
     """A config-only target dir and the two drafters for it (random weights: the drafter
     checkpoint checks read them; the engines then use dummy weights anyway)."""
-    from coral_vllm.checkpoint import write_eagle_checkpoint
-    from coral_vllm.drafter_init import init_drafter
+    from coral_vllm.format.checkpoint import write_eagle_checkpoint
+    from coral_vllm.models.drafter_init import init_drafter
 
     target = root / "target"
     target.mkdir(parents=True, exist_ok=True)
@@ -95,7 +95,7 @@ def run_batch(llm: Any, batch: int, prompt_len: int, max_tokens: int) -> dict[st
     """`batch` requests at once (token-id prompts, no tokenizer), greedy, no early stop."""
     from vllm import SamplingParams, TokensPrompt
 
-    from coral_vllm.metrics import from_llm_metrics
+    from coral_vllm.runtime.metrics import from_llm_metrics
 
     prompts = [TokensPrompt(prompt_token_ids=[(7 * i + 13 * j) % 1000 + 100
                                               for j in range(prompt_len)])
@@ -117,7 +117,7 @@ def engine_worker(variant: str, dirs: dict[str, str | None], k: int, first_lengt
     """One engine in its own process: builds it, says ready, then runs what it is told."""
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc(fn)
     try:
-        from coral_vllm.offline_engine import offline_engine
+        from coral_vllm.runtime.offline_engine import offline_engine
 
         spec = None
         if dirs[variant] is not None:

@@ -5,7 +5,7 @@ next step, as in vLLM); the target verifies them with one full forward (no KV ca
 simple and exact, slow for long outputs); the round yields the accepted prefix plus the
 target's own next token, so tau = mean(accepted + 1) over rounds. With the router on,
 each draft token is the top-1 over the router's `top_k_groups` groups only
-(`coral_vllm.grouped_head`); off, over the whole vocabulary.
+(`coral_vllm.format.grouped_head`); off, over the whole vocabulary.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Any, Sequence
 import torch
 from safetensors.torch import load_file
 
-from coral_vllm.checkpoint import WEIGHTS_FILE, read_checkpoint
-from coral_vllm.grouped_head import grouped_top1
-from coral_vllm.partition import grouped_rows, row_token_ids
+from coral_vllm.format.checkpoint import WEIGHTS_FILE, read_checkpoint
+from coral_vllm.format.grouped_head import grouped_top1
+from coral_vllm.format.partition import grouped_rows, row_token_ids
 from coral_vllm.training.model import CoralDrafter
 from coral_vllm.training.target import load_target, pick_device, target_features
 

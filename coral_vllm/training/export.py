@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from coral_vllm.checkpoint import drafter_llama_config, save_checkpoint
-from coral_vllm.config import CoralConfig
-from coral_vllm.partition import contiguous_order
-from coral_vllm.router import Router
+from coral_vllm.format.checkpoint import drafter_llama_config, save_checkpoint
+from coral_vllm.format.config import CoralConfig
+from coral_vllm.format.partition import contiguous_order
+from coral_vllm.format.router import Router
 from coral_vllm.training.config import TrainConfig
 from coral_vllm.training.router_train import ROUTER_FILE
 from coral_vllm.training.target import target_config_dict

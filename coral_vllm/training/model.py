@@ -9,7 +9,7 @@
 This is vLLM's `LlamaDecoderLayer` with a residual stream, as its EAGLE Llama drafter
 runs it: RMSNorm in float32 (x * rsqrt(mean(x^2) + eps), cast back, times weight),
 neox-style RoPE (rotate_half) with the target's rope theta, GQA, causal attention,
-SiLU-and-mul MLP. Names (see `coral_vllm.checkpoint.expected_shapes`): `fc.*`,
+SiLU-and-mul MLP. Names (see `coral_vllm.format.checkpoint.expected_shapes`): `fc.*`,
 `layers.0.*`, `router.w{1,2}.*`, `partition.token_order`; the frozen `embed_tokens.*`
 and `lm_head.*` come from the target and are not trained.
 """
@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from coral_vllm.partition import contiguous_order
-from coral_vllm.router import Router
+from coral_vllm.format.partition import contiguous_order
+from coral_vllm.format.router import Router
 
 FROZEN_PREFIXES = ("embed_tokens.", "lm_head.")
 

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from coral_vllm.partition import build_token_order, group_of_token
-from coral_vllm.config import PARTITION_STRATEGIES, CoralConfig
-from coral_vllm.router import Router
+from coral_vllm.format.partition import build_token_order, group_of_token
+from coral_vllm.format.config import PARTITION_STRATEGIES, CoralConfig
+from coral_vllm.format.router import Router
 from coral_vllm.training.config import TrainConfig
 from coral_vllm.training.data import MANIFEST, TokenDataset, collate, split_indices
 from coral_vllm.training.model import CoralDrafter
@@ -202,7 +202,7 @@ def run_router_on_drafter(drafter_dir: str | Path, target_path: str | Path,
     the source checkpoint's dtype. num_steps defaults to the drafter's training steps."""
     from safetensors.torch import load_file
 
-    from coral_vllm.checkpoint import WEIGHTS_FILE, read_checkpoint, save_checkpoint
+    from coral_vllm.format.checkpoint import WEIGHTS_FILE, read_checkpoint, save_checkpoint
     from coral_vllm.training.evaluate import load_drafter
 
     dev = pick_device(device)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from coral_vllm.config import CoralConfigError
+from coral_vllm.format.config import CoralConfigError
 
 
 def validate_token_order(token_order: torch.Tensor, vocab_size: int) -> None:

@@ -19,9 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from coral_vllm.bench.results import device_name  # noqa: E402
-from coral_vllm.metrics import from_llm_metrics  # noqa: E402
-from coral_vllm.model_store import fetch_model  # noqa: E402
-from coral_vllm.offline_engine import offline_engine  # noqa: E402
+from coral_vllm.runtime.metrics import from_llm_metrics  # noqa: E402
+from coral_vllm.models.model_store import fetch_model  # noqa: E402
+from coral_vllm.runtime.offline_engine import offline_engine  # noqa: E402
 from coral_vllm.training.evaluate import benchmark_prompts  # noqa: E402
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from coral_vllm.checkpoint import drafter_llama_config, expected_shapes, save_checkpoint
-from coral_vllm.config import CoralConfig
-from coral_vllm.partition import build_token_order
+from coral_vllm.format.checkpoint import drafter_llama_config, expected_shapes, save_checkpoint
+from coral_vllm.format.config import CoralConfig
+from coral_vllm.format.partition import build_token_order
 
 
 def init_drafter(target_dir: str | Path, out_dir: str | Path, *, num_groups: int = 64,

@@ -30,8 +30,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from coral_vllm.config import DRAFTER_ARCHITECTURE, CoralConfig, CoralConfigError
-from coral_vllm.partition import validate_token_order
+from coral_vllm.format.config import DRAFTER_ARCHITECTURE, CoralConfig, CoralConfigError
+from coral_vllm.format.partition import validate_token_order
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"

@@ -296,7 +296,7 @@ def plot(rows, path):
 def run_benchmark(args):
     import torch
     glh = load_kernels()
-    from coral_vllm.grouped_head import grouped_logits_torch
+    from coral_vllm.format.grouped_head import grouped_logits_torch
     global REPS_IN_GRAPH
     device = args.device
     tiny = args.tiny
@@ -369,7 +369,7 @@ def run_check(args):
     """GPU correctness: all three paths, three dtypes, ragged groups, CUDA-graph replay."""
     import torch
     glh = load_kernels()
-    from coral_vllm.grouped_head import grouped_logits_torch
+    from coral_vllm.format.grouped_head import grouped_logits_torch
     device = args.device
     gen = torch.Generator().manual_seed(args.seed)
     failures = []

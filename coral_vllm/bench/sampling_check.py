@@ -7,7 +7,7 @@ distribution? Offline `vllm.LLM`, one prompt, many 3-token samples per variant:
   dense head) as the upstream reference.
 
 Each variant passes if its binned total variation to plain is within twice the
-plain-vs-plain value (see coral_vllm/lossless.py). Writes sampling_check.json.
+plain-vs-plain value (see coral_vllm/bench/lossless.py). Writes sampling_check.json.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from coral_vllm.bench.results import device_name  # noqa: E402
-from coral_vllm.checkpoint import write_eagle_checkpoint  # noqa: E402
-from coral_vllm.drafters import default_drafter  # noqa: E402
-from coral_vllm.lossless import binned_tv, noise_bound, token_marginals  # noqa: E402
-from coral_vllm.model_store import fetch_model  # noqa: E402
-from coral_vllm.offline_engine import offline_engine  # noqa: E402
+from coral_vllm.format.checkpoint import write_eagle_checkpoint  # noqa: E402
+from coral_vllm.models.drafters import default_drafter  # noqa: E402
+from coral_vllm.bench.lossless import binned_tv, noise_bound, token_marginals  # noqa: E402
+from coral_vllm.models.model_store import fetch_model  # noqa: E402
+from coral_vllm.runtime.offline_engine import offline_engine  # noqa: E402
 
 PROMPT = "Name a colour."
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"device": device_name(),
               "vllm_version": vllm.__version__, "model": str(model), "drafter": str(drafter),
               "k": args.k, "temperature": 1.0, "prompt": PROMPT, "samples": args.samples,
-              "statistic": "binned TV over first 3 positions (coral_vllm/lossless.py)",
+              "statistic": "binned TV over first 3 positions (coral_vllm/bench/lossless.py)",
               "plain_vs_plain_tv": binned_tv(token_marginals(b), ref), "bound": bound,
               "variants": rows}
     (out / "sampling_check.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -36,7 +36,7 @@ def serve_command(model: str | Path, drafter: str | Path | None, *, port: int,
                   num_speculative_tokens: int = 3, extra_spec: dict | None = None,
                   extra_args: list[str] | None = None) -> list[str]:
     """The `vllm serve` command line the README shows, with CPU-friendly defaults."""
-    cmd = [sys.executable, "-m", "coral_vllm.serving.vllm_cli", "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
+    cmd = [sys.executable, "-m", "coral_vllm.runtime.vllm_cli", "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
            "--max-model-len", "2048", "--seed", "0"]
     if drafter is not None:
         spec = {"method": "coral", "model": str(drafter),

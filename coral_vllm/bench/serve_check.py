@@ -19,11 +19,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from coral_vllm.bench.results import device_name  # noqa: E402
-from coral_vllm.drafters import default_drafter  # noqa: E402
-from coral_vllm.metrics import parse_prometheus  # noqa: E402
-from coral_vllm.model_store import fetch_model  # noqa: E402
-from coral_vllm.serving.server import fetch_metrics, running_server  # noqa: E402
-from coral_vllm.smoke_prompts import SMOKE_PROMPTS  # noqa: E402
+from coral_vllm.models.drafters import default_drafter  # noqa: E402
+from coral_vllm.runtime.metrics import parse_prometheus  # noqa: E402
+from coral_vllm.models.model_store import fetch_model  # noqa: E402
+from coral_vllm.runtime.server import fetch_metrics, running_server  # noqa: E402
+from coral_vllm.bench.smoke_prompts import SMOKE_PROMPTS  # noqa: E402
 
 
 def run_variant(model: Path, drafter: Path | None, k: int, prompts: list[str],
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": device_name(), "vllm_version": vllm.__version__, "model": str(model),
         "drafter": str(drafter), "drafter_trained": trained,
         "k": args.num_speculative_tokens, "batch_size": 1, "temperature": 0.0,
-        "prompts": "coral_vllm.smoke_prompts.SMOKE_PROMPTS (8 chat prompts)",
+        "prompts": "coral_vllm.bench.smoke_prompts.SMOKE_PROMPTS (8 chat prompts)",
         "max_tokens": args.max_tokens, "acceptance": "real (the drafter's own drafts)",
         "identical_replies": f"{same}/{len(SMOKE_PROMPTS)}",
         "variants": rows,
