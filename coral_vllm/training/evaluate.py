@@ -17,10 +17,11 @@ from typing import Any, Sequence
 import torch
 from safetensors.torch import load_file
 
+from coral_vllm.datasets import benchmark_prompts
 from coral_vllm.format.checkpoint import WEIGHTS_FILE, read_checkpoint
 from coral_vllm.format.grouped_head import grouped_top1
 from coral_vllm.format.partition import grouped_rows, row_token_ids
-from coral_vllm.training.model import CoralDrafter
+from coral_vllm.training.model import CoralDrafter, build_drafter
 from coral_vllm.training.target import load_target, pick_device, target_features
 
 
@@ -33,17 +34,11 @@ def load_drafter(path: str | Path, target_model, device=None,
     `drafter_dtype(drafter)` at the boundary and score the head in float32 (DraftHead).
     """
     ckpt = read_checkpoint(path)
-    drafter = CoralDrafter(ckpt.config, ckpt.coral.num_groups, ckpt.coral.router_act)
-    drafter.load_target_heads(target_model)
     tensors = load_file(str(Path(path) / WEIGHTS_FILE))
-    missing, unexpected = drafter.load_state_dict(
-        {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()},
-        strict=False)
-    if unexpected:
-        raise ValueError(f"{path}: unexpected tensors {unexpected}")
+    drafter = build_drafter(ckpt.config, ckpt.coral.num_groups, ckpt.coral.router_act,
+                            tensors, target_model, device, dtype)
     drafter.coral = ckpt.coral  # type: ignore[attr-defined]
-    tparam = next(target_model.parameters())
-    return drafter.to(device=device or tparam.device, dtype=dtype or tparam.dtype).eval()
+    return drafter
 
 
 def drafter_dtype(drafter: CoralDrafter) -> torch.dtype:
@@ -126,14 +121,6 @@ def evaluate_tau(target, drafter: CoralDrafter, prompts: Sequence[Sequence[int]]
     tau = sum(lengths) / max(1, len(lengths))
     return {"tau": tau, "rounds": len(lengths), "k": k, "router": use_router,
             "prompts": len(prompts)}
-
-
-def benchmark_prompts(name: str, tokenizer, limit: int | None = None) -> list[list[int]]:
-    """Chat-templated first turns of mtbench / humaneval / gsm8k."""
-    from coral_vllm.datasets import benchmark_texts
-    from coral_vllm.training.data import chat_prompt_ids
-
-    return [chat_prompt_ids(tokenizer, t) for t in benchmark_texts(name, limit)]
 
 
 def run_eval(target_path: str, drafters: Sequence[str], benchmarks: Sequence[str], *,

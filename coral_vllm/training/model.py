@@ -25,9 +25,6 @@ from torch import nn
 from coral_vllm.format.partition import contiguous_order
 from coral_vllm.format.router import Router
 
-FROZEN_PREFIXES = ("embed_tokens.", "lm_head.")
-
-
 def rope_theta(cfg: dict[str, Any]) -> float:
     params = cfg.get("rope_parameters") or {}
     scaling = cfg.get("rope_scaling") or {}
@@ -219,6 +216,18 @@ class CoralDrafter(nn.Module):
             kvs.append(kv)
         return (h, kvs) if return_kv else h
 
-    def logits(self, out_features: torch.Tensor) -> torch.Tensor:
-        """Dense head (no final norm)."""
-        return self.lm_head(out_features)
+
+def build_drafter(target_cfg: dict[str, Any], num_groups: int, router_act: str,
+                  tensors: dict[str, torch.Tensor], target_model, device=None,
+                  dtype: torch.dtype | None = None) -> CoralDrafter:
+    """A CoralDrafter holding `tensors` (checkpoint names; the frozen heads come from
+    `target_model`), in `dtype` on `device`, by default the target's: the target's
+    features and the drafter then meet in one dtype (bf16 target + float32 drafter used
+    to crash in fc with 'expected mat1 and mat2 to have the same dtype')."""
+    drafter = CoralDrafter(target_cfg, num_groups, router_act)
+    drafter.load_target_heads(target_model)
+    _, unexpected = drafter.load_state_dict(tensors, strict=False)
+    if unexpected:
+        raise ValueError(f"unexpected drafter tensors {unexpected}")
+    tparam = next(target_model.parameters())
+    return drafter.to(device=device or tparam.device, dtype=dtype or tparam.dtype).eval()

