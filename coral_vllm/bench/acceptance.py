@@ -11,12 +11,11 @@ drafters (EAGLE/HASS baselines) are exported with every group active.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-from coral_vllm.bench.args import add_target_args, parse_drafters, target_dir
+from coral_vllm.bench.args import add_drafters_arg, bench_parser, parse_drafters, target_dir
 from coral_vllm.bench.results import device_name, write_json
 from coral_vllm.runtime.metrics import from_llm_metrics
 from coral_vllm.runtime.offline_engine import offline_engine
@@ -40,10 +39,8 @@ def measure(model: Path, drafter: Path, k: int, prompts: dict[str, list[list[int
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="coral-vllm bench acceptance", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_target_args(ap)
-    ap.add_argument("--drafters", nargs="+", required=True, metavar="NAME=DIR")
+    ap = bench_parser("acceptance", __doc__)
+    add_drafters_arg(ap)
     ap.add_argument("--router-report", help="router stage report (recall@k of the chosen "
                     "partition goes into the rows of routed drafters)")
     ap.add_argument("-k", type=int, default=5)

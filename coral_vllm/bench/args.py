@@ -10,6 +10,22 @@ from typing import Any
 PLAIN = "plain"  # the row label of decoding without a drafter
 
 
+def bench_parser(name: str, doc: str | None, *, target: bool = True
+                 ) -> argparse.ArgumentParser:
+    """The parser of `coral-vllm bench NAME`, its module docstring as the help, with the
+    target options where the benchmark serves a real model (`target`)."""
+    p = argparse.ArgumentParser(prog=f"coral-vllm bench {name}", description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    if target:
+        add_target_args(p)
+    return p
+
+
+def add_drafters_arg(p: argparse.ArgumentParser, *, required: bool = True,
+                     help: str = "drafters to compare, each under its row label") -> None:
+    p.add_argument("--drafters", nargs="+", required=required, metavar="NAME=DIR", help=help)
+
+
 def add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="target model dir (default: the converted "
                    "SmolLM2-135M-Instruct, see `coral-vllm fetch-model`)")

@@ -30,8 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from coral_vllm.bench.args import (PLAIN, add_engine_resource_args, add_target_args,
-                                   engine_resources, parse_drafters, target_dir)
+from coral_vllm.bench.args import (PLAIN, add_drafters_arg, add_engine_resource_args,
+                                   bench_parser, engine_resources, parse_drafters,
+                                   target_dir)
 from coral_vllm.bench.client import run_load
 from coral_vllm.bench.results import device_name, write_json
 from coral_vllm.datasets import BENCHMARKS, benchmark_texts
@@ -235,15 +236,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = p or argparse.ArgumentParser(prog="coral-vllm bench e2e")
-    p.description = __doc__
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    add_target_args(p)
-    p.add_argument("--drafters", nargs="+", metavar="NAME=DIR",
-                   help="drafters to compare; a CORAL checkpoint is served as 'coral', a "
-                   "plain EAGLE one (`coral-vllm to-eagle`) as 'eagle' (default: "
-                   "coral=the shipped drafter)")
+def build_parser() -> argparse.ArgumentParser:
+    p = bench_parser("e2e", __doc__)
+    add_drafters_arg(p, required=False,
+                     help="drafters to compare; a CORAL checkpoint is served as 'coral', a "
+                     "plain EAGLE one (`coral-vllm to-eagle`) as 'eagle' (default: "
+                     "coral=the shipped drafter)")
     p.add_argument("-k", type=int, default=3, help="draft tokens per step (default 3)")
     p.add_argument("--datasets", nargs="+", default=list(BENCHMARKS), choices=BENCHMARKS)
     p.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0])

@@ -31,13 +31,13 @@ plain do_bench if capture fails.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
 import time
 from pathlib import Path
 
+from coral_vllm.bench.args import bench_parser
 from coral_vllm.bench.results import device_name, write_json
 
 SHAPES = [(576, 49152), (640, 262144), (4096, 128256), (3584, 152064)]
@@ -54,8 +54,7 @@ PATH_KEYS = {"per_token": "per_token_ms", "union": "union_ms", "dense": "dense_p
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="coral-vllm bench lm-head", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser("lm-head", __doc__, target=False)
     p.add_argument("--out", default="benchmarks/results/lm_head.json",
                    help="result JSON; the plot goes next to it (.png)")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --tiny)")

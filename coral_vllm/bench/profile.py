@@ -17,14 +17,13 @@ Batch 1, greedy, one request at a time: the latency case the speedup target is a
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from coral_vllm.bench.args import add_target_args, parse_drafters, target_dir
+from coral_vllm.bench.args import add_drafters_arg, bench_parser, parse_drafters, target_dir
 from coral_vllm.bench.results import device_name, write_json
 
 RANGE = "coral_bench::propose"
@@ -181,10 +180,8 @@ def profile_variant(model: Path, drafter: Path, k: int, prompts: list[list[int]]
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="coral-vllm bench profile", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_target_args(ap)
-    ap.add_argument("--drafters", nargs="+", required=True, metavar="NAME=DIR")
+    ap = bench_parser("profile", __doc__)
+    add_drafters_arg(ap)
     ap.add_argument("-k", type=int, default=3)
     ap.add_argument("--prompts", type=int, default=4, help="MT-bench prompts, one at a time")
     ap.add_argument("--max-tokens", type=int, default=128)

@@ -14,12 +14,11 @@ plain-vs-plain value (see coral_vllm/bench/lossless.py).
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
 
-from coral_vllm.bench.args import add_target_args, target_dir
+from coral_vllm.bench.args import bench_parser, target_dir
 from coral_vllm.bench.lossless import binned_tv, noise_bound, token_marginals
 from coral_vllm.bench.results import device_name, write_json
 from coral_vllm.format.checkpoint import write_eagle_checkpoint
@@ -72,9 +71,7 @@ def run(model: Path, drafter: Path, stock_dir: Path, k: int, samples: int) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="coral-vllm bench sampling-check", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_target_args(ap)
+    ap = bench_parser("sampling-check", __doc__)
     ap.add_argument("--drafter", help="CORAL drafter dir (default: the shipped one)")
     ap.add_argument("-k", type=int, default=3)
     ap.add_argument("--samples", type=int, default=2000)

@@ -10,12 +10,11 @@ in bf16 on a GPU, verifying k+1 tokens at once may legitimately flip a near-tie.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
-from coral_vllm.bench.args import PLAIN, add_target_args, target_dir
+from coral_vllm.bench.args import PLAIN, bench_parser, target_dir
 from coral_vllm.bench.results import device_name, write_json
 from coral_vllm.bench.smoke_prompts import SMOKE_PROMPTS
 from coral_vllm.format.checkpoint import read_checkpoint
@@ -52,9 +51,7 @@ def run_variant(model: Path, drafter: Path | None, k: int, prompts: list[str],
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="coral-vllm bench serve-check", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_target_args(ap)
+    ap = bench_parser("serve-check", __doc__)
     ap.add_argument("--drafter", help="CORAL drafter dir (default: the shipped one)")
     ap.add_argument("-k", "--num-speculative-tokens", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=128)

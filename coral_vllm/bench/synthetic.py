@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from coral_vllm.bench.args import add_engine_resource_args, engine_resources
+from coral_vllm.bench.args import add_engine_resource_args, bench_parser, engine_resources
 from coral_vllm.bench.e2e import step_time_ratio
 from coral_vllm.bench.results import device_name, write_json
 
@@ -309,10 +309,8 @@ def check_targets(rs: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
     return out
 
 
-def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = p or argparse.ArgumentParser(prog="coral-vllm bench synthetic")
-    p.description = __doc__
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
+def build_parser() -> argparse.ArgumentParser:
+    p = bench_parser("synthetic", __doc__, target=False)
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=sorted(SHAPES))
     p.add_argument("--shape-override", help="JSON merged into every shape's config (e.g. "
                    "fewer layers for a CPU smoke run)")
