@@ -25,6 +25,7 @@ from torch import nn
 from coral_vllm.format.partition import contiguous_order
 from coral_vllm.format.router import Router
 
+
 def rope_theta(cfg: dict[str, Any]) -> float:
     params = cfg.get("rope_parameters") or {}
     scaling = cfg.get("rope_scaling") or {}

@@ -60,4 +60,3 @@ def target_features(model, input_ids: torch.Tensor,
     out = base_model(model)(input_ids=input_ids, attention_mask=attention_mask,
                             use_cache=False)
     return out.last_hidden_state
-
