@@ -220,4 +220,3 @@ def is_coral_checkpoint(path: str | os.PathLike[str]) -> bool:
     if not cfg.is_file():
         raise CoralConfigError(f"drafter directory {str(path)!r} has no {CONFIG_FILE}.")
     return "coral" in json.loads(cfg.read_text())
-

@@ -129,4 +129,3 @@ def group_of_token(token_order: torch.Tensor, group_size: int) -> torch.Tensor:
     groups = torch.empty_like(token_order)
     groups[token_order.long()] = torch.arange(token_order.numel()) // group_size
     return groups
-
