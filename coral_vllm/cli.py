@@ -5,18 +5,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from coral_vllm.model_store import DEFAULT_MODEL, KNOWN_MODELS
+from coral_vllm.demo import DEFAULT_PROMPT
+from coral_vllm.format.config import PARTITION_STRATEGIES
+from coral_vllm.models.model_store import DEFAULT_MODEL, KNOWN_MODELS
 
 
 def _fetch_model(args: argparse.Namespace) -> int:
-    from coral_vllm.model_store import fetch_model
+    from coral_vllm.models.model_store import fetch_model
 
     print(fetch_model(args.name, force=args.force, gguf=args.gguf))
     return 0
 
 
 def _init_drafter(args: argparse.Namespace) -> int:
-    from coral_vllm.drafter_init import init_drafter
+    from coral_vllm.models.drafter_init import init_drafter
 
     path = init_drafter(args.target, args.out, num_groups=args.num_groups,
                         top_k_groups=args.top_k_groups, partition=args.partition,
@@ -29,7 +31,7 @@ def _check_drafter(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from coral_vllm.checkpoint import check_against_target, read_checkpoint
+    from coral_vllm.format.checkpoint import check_against_target, read_checkpoint
 
     ckpt = read_checkpoint(args.drafter)
     if args.target:
@@ -58,13 +60,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from coral_vllm.serving.vllm_cli import main as vllm_main
+    from coral_vllm.runtime.vllm_cli import main as vllm_main
 
     return vllm_main(["serve", *args.rest])
 
 
 def _to_eagle(args: argparse.Namespace) -> int:
-    from coral_vllm.checkpoint import write_eagle_checkpoint
+    from coral_vllm.format.checkpoint import write_eagle_checkpoint
 
     print(write_eagle_checkpoint(args.drafter, args.out))
     return 0
@@ -78,18 +80,26 @@ def _bench_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-# `coral-vllm bench NAME ...` -> coral_vllm.bench.NAME.main (each has its own --help)
+# `coral-vllm bench NAME ...` -> coral_vllm.bench.<NAME with _>.main (each has its own --help)
 _BENCH_COMMANDS = {
     "e2e": "plain vs drafters through vllm serve + the OpenAI API, real acceptance",
     "synthetic": "8B-shaped targets, dummy weights, synthetic acceptance",
     "profile": "where a draft step's time goes: timed and profiled proposer in the engine",
+    "lm-head": "grouped LM-head kernel vs dense head: timings, bandwidth; --check: GPU "
+               "correctness",
+    "serve-check": "vllm serve without and with coral: replies, tok/s, acceptance",
+    "sampling-check": "T=1 sampling stays the target's distribution (plain vs coral vs "
+                      "stock EAGLE)",
+    "acceptance": "mean acceptance length per drafter from vLLM's counters",
+    "training": "trainer tokens/s before/after; held-out tau learning curves",
 }
 
 
 def _bench(args: argparse.Namespace) -> int:
     import importlib
 
-    return importlib.import_module(f"coral_vllm.bench.{args.bench}").main(args.rest)
+    module = importlib.import_module(f"coral_vllm.bench.{args.bench.replace('-', '_')}")
+    return module.main(args.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--top-k-groups", type=int, default=8,
                    help="groups the router activates per token (default 8)")
     i.add_argument("--partition", default="contiguous",
-                   choices=["contiguous", "frequency", "cluster"],
+                   choices=PARTITION_STRATEGIES,
                    help="how tokens are grouped (default contiguous; frequency needs data)")
     i.add_argument("--seed", type=int, default=0)
     i.set_defaults(func=_init_drafter)
@@ -132,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(KNOWN_MODELS))
     d.add_argument("--drafter", help="drafter directory (default: the shipped one)")
     d.add_argument("--num-speculative-tokens", "-k", type=int, default=3)
-    d.add_argument("--prompt", default="Explain in three sentences why the sky is blue.")
+    d.add_argument("--prompt", default=DEFAULT_PROMPT)
     d.add_argument("--max-tokens", type=int, default=128)
     d.set_defaults(func=_demo)
 
@@ -143,9 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("out")
     e.set_defaults(func=_to_eagle)
 
-    b = sub.add_parser("bench", help="end-to-end benchmarks: `bench e2e` (real models "
-                       "through vllm serve), `bench synthetic` (8B shapes, dummy weights), "
-                       "`bench profile` (draft step time), `bench plot RESULT.json`")
+    b = sub.add_parser("bench", help="every benchmark and check behind one command: "
+                       f"{', '.join(_BENCH_COMMANDS)}, plot (see `coral-vllm bench -h`)")
     bsub = b.add_subparsers(dest="bench", required=True)
     for name, what in _BENCH_COMMANDS.items():
         bp = bsub.add_parser(name, help=what + " (see -h)", add_help=False)
@@ -182,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return args.func(args)
     except Exception as e:  # clear one-line errors for known failure kinds
-        from coral_vllm.config import CoralConfigError
+        from coral_vllm.format.config import CoralConfigError
 
         if isinstance(e, CoralConfigError):
             print(f"coral-vllm: error: {e}", file=sys.stderr)

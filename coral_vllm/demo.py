@@ -7,10 +7,10 @@ import sys
 import time
 from pathlib import Path
 
-from coral_vllm.drafters import default_drafter
-from coral_vllm.metrics import parse_prometheus
-from coral_vllm.model_store import DEFAULT_MODEL, fetch_model
-from coral_vllm.serving.server import fetch_metrics, running_server
+from coral_vllm.models.drafters import default_drafter
+from coral_vllm.models.model_store import DEFAULT_MODEL, fetch_model
+from coral_vllm.runtime.metrics import parse_prometheus
+from coral_vllm.runtime.server import fetch_metrics, running_server
 
 DEFAULT_PROMPT = "Explain in three sentences why the sky is blue."
 

@@ -1,6 +1,6 @@
 """Triton kernels for the grouped LM head (CORAL drafter): logits and fused top-1.
 
-Layout (see `coral_vllm/grouped_head.py`, whose `grouped_logits_torch` is the reference):
+Layout (see `coral_vllm/format/grouped_head.py`, whose `grouped_logits_torch` is the reference):
 `grouped_weight` [N*G, d] holds the LM-head rows reordered so vocabulary group g is the
 contiguous slab of rows [g*G, (g+1)*G); `row_tokens` [N*G] int64 is the token id of every
 row (-1 on the zero padding rows of a ragged last group); `group_ids` [n, k] int64 are the

@@ -1,21 +1,32 @@
 #!/usr/bin/env bash
 # On the GPU host (no package index), after the vLLM 0.26 bundle is staged
-# (../shared/gpu-host/README.md): makes coral-vllm importable and visible to vLLM's plugin
-# loader without pip, installs carried wheels (.whl/: accelerate, for GGUF loading), points
-# the dataset loaders at carried dataset wheels (.gpu-data/), converts the default target from
-# the staged GGUF. Source it: `source scripts/gpu_host_setup.sh`.
-source /root/coral-site/env.sh
+# (../shared/gpu-host/README.md). Source it from the repo root, at the start of every
+# command: `source scripts/gpu_host_setup.sh`. It
+#  - installs this checkout like everywhere else: an offline editable install (pip +
+#    setuptools, no index, no build isolation) that makes `coral_vllm` and `coral_kernels`
+#    importable and writes the `vllm.general_plugins` entry point vLLM loads the plugin by;
+#  - installs carried wheels (.whl/: accelerate, for GGUF loading) into the staged site;
+#  - points the dataset loaders at carried dataset wheels (.gpu-data/);
+#  - converts the default target from the staged GGUF (once per host).
+# Host layout, each overridable: CORAL_SITE (staged vLLM, default /root/coral-site),
+# CORAL_MODELS (staged GGUF files, default /root/models).
+CORAL_SITE=${CORAL_SITE:-/root/coral-site}
+CORAL_MODELS=${CORAL_MODELS:-/root/models}
+source "$CORAL_SITE/env.sh"
 REPO=$(pwd)
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /root/coral-site .whl/*.whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$CORAL_SITE" .whl/*.whl
 fi
-# A minimal dist-info is all importlib.metadata needs to find the vllm.general_plugins
-# entry point; the code itself is imported from the checkout on PYTHONPATH.
-DI=/root/coral-site/coral_vllm-0.1.0.dist-info
-mkdir -p "$DI"
-printf 'Metadata-Version: 2.1\nName: coral-vllm\nVersion: 0.1.0\n' > "$DI/METADATA"
-printf '[vllm.general_plugins]\ncoral = coral_vllm.serving.plugin:register\n' > "$DI/entry_points.txt"
-mkdir -p /root/coral-kernels-pkg && ln -sfn "$REPO/kernels" /root/coral-kernels-pkg/coral_kernels
-export PYTHONPATH=$REPO:/root/coral-kernels-pkg:$PYTHONPATH
+# Earlier versions of this script wrote a bare dist-info there; pip, seeing it on
+# PYTHONPATH, would try to uninstall it and fail (it has no RECORD).
+rm -rf "$CORAL_SITE"/coral_vllm-0.1.0.dist-info
+# Into the interpreter's own site-packages, not --target "$CORAL_SITE": the editable
+# install's import hook is a .pth file, which Python reads from site directories only.
+# PIP_BREAK_SYSTEM_PACKAGES: the host's Python may be marked externally managed.
+PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --no-index --no-deps \
+  --no-build-isolation -e "$REPO" || return 1
+python3 -c "import coral_kernels, coral_vllm.serving.plugin as p, importlib.metadata as m
+assert any(e.value == p.__name__ + ':register' for e in m.entry_points(group='vllm.general_plugins'))
+" || { echo "coral-vllm is not installed as vLLM sees it (see above)"; return 1; }
 [ -d "$REPO/.gpu-data" ] && export CORAL_VLLM_WHEELS=$REPO/.gpu-data
-python3 -m coral_vllm.cli fetch-model --gguf /root/models/SmolLM2-135M-Instruct.Q4_1.gguf
+python3 -m coral_vllm.cli fetch-model --gguf "$CORAL_MODELS/SmolLM2-135M-Instruct.Q4_1.gguf"

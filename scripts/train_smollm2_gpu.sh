@@ -24,13 +24,13 @@ mkdir -p "$W" "$R" "$O"
 runs() { for p in $PRESETS; do printf '%s=%s ' "$p" "$W/runs/$p"; done; }
 case "${1:?stage: data | before | curves | finish}" in
   data)
-    python3 -m coral_vllm.training.cli data --target "$M" --out "$W/data" \
+    python3 -m coral_vllm.cli train data --target "$M" --out "$W/data" \
       --conversations "${CORAL_CONVERSATIONS:-.gpu-data/conversations.jsonl.xz}" --max-turns "${CORAL_MAX_TURNS:-3}" \
       --max-new-tokens 512 --max-len 2048 --time-limit-min "$TL" ${CORAL_DATA_ARGS:-} 2>&1 \
       | grep -v "^INFO\|^(" | tail -n 30
     cp "$W/data/manifest.json" "$O/dataset_manifest_smollm2.json" ;;
   before)
-    python3 -m coral_vllm.bench.training throughput --legacy-root .baseline --target "$M" \
+    python3 -m coral_vllm.cli bench training throughput --legacy-root .baseline --target "$M" \
       --data "$W/data" --legacy-presets $PRESETS --work "$W/legacy" \
       --out "$R/train_throughput.json" ${CORAL_BEFORE_ARGS:-} 2>&1 | tail -n 20
     cp "$R/train_throughput.json" "$O/" ;;
@@ -38,7 +38,7 @@ case "${1:?stage: data | before | curves | finish}" in
     start=$(date +%s)
     for p in $PRESETS; do
       left=$(python3 -c "print(max(0.5, $TL - ($(date +%s) - $start) / 60))")
-      python3 -m coral_vllm.training.cli train --preset "$p" --target "$M" --data "$W/data" \
+      python3 -m coral_vllm.cli train train --preset "$p" --target "$M" --data "$W/data" \
         --out "$W/runs/$p" --epochs 1 --lr 3e-4 --batch-tokens 32768 --eval-every 100 \
         --log-every 20 --time-limit-min "$left" ${CORAL_TRAIN_ARGS:-} > "$R/train_$p.log" 2>&1
       echo "$p: exit $? $(grep -E '^eval|done|stopped' "$R/train_$p.log" | tail -n 2)"
@@ -48,15 +48,15 @@ case "${1:?stage: data | before | curves | finish}" in
   finish)
     for p in $PRESETS; do
       dense=$([ "$p" = coral ] || echo --dense)
-      python3 -m coral_vllm.training.cli export --run "$W/runs/$p" --dest "$W/drafters/$p" \
+      python3 -m coral_vllm.cli train export --run "$W/runs/$p" --dest "$W/drafters/$p" \
         $dense --dtype bfloat16 > /dev/null
     done
-    python3 -m coral_vllm.training.cli vllm-tau --target "$M" --data "$W/data" \
+    python3 -m coral_vllm.cli train vllm-tau --target "$M" --data "$W/data" \
       --drafters $(for p in $PRESETS; do printf '%s=%s ' "$p" "$W/drafters/$p"; done) \
       --k 5 --json "$R/vllm_tau_dev.json" ${CORAL_TAU_ARGS:-} 2>&1 | grep '^{' | tail -n 5
-    python3 -m coral_vllm.bench.training throughput --runs $(runs) \
+    python3 -m coral_vllm.cli bench training throughput --runs $(runs) \
       --extend "$R/train_throughput.json" --out "$R/train_throughput.json" | tail -n 3
-    python3 -m coral_vllm.bench.training curve --runs $(runs) --vllm-tau "$R/vllm_tau_dev.json" \
+    python3 -m coral_vllm.cli bench training curve --runs $(runs) --vllm-tau "$R/vllm_tau_dev.json" \
       --out "$R/learning_curve.json"
     for p in $PRESETS; do tar -C "$W/drafters" -czf "$O/drafter_$p.tgz" "$p"; done
     cp "$R"/vllm_tau_dev.json "$R"/train_throughput.json "$R"/learning_curve.* "$O/"

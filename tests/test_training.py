@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from coral_vllm.checkpoint import expected_shapes, read_checkpoint
+from coral_vllm.format.checkpoint import expected_shapes, read_checkpoint
 from coral_vllm.training.batches import Batch, TokenTable, epoch_batches
 from coral_vllm.training.config import TrainConfig
 from coral_vllm.training.csra import csra_loss
@@ -87,7 +87,7 @@ def test_data_manifest_and_splits(tiny):
 
 
 def test_drafter_names_match_checkpoint_format(tiny):
-    from coral_vllm.config import CoralConfig
+    from coral_vllm.format.config import CoralConfig
     tcfg = json.loads((tiny["root"] / "target" / "config.json").read_text())
     drafter = CoralDrafter(tcfg, num_groups=16)
     coral = CoralConfig.for_vocab(VOCAB, HIDDEN, 16, 4)
@@ -359,7 +359,7 @@ def test_mixed_dtypes_and_router_on_exported_drafter(tiny, trained, tmp_path):
     an exported dense drafter (`train router --drafter`)."""
     from transformers import AutoModelForCausalLM
 
-    from coral_vllm.partition import contiguous_order
+    from coral_vllm.format.partition import contiguous_order
     from coral_vllm.training.evaluate import load_drafter, speculative_generate
     from coral_vllm.training.export import export
     from coral_vllm.training.router_train import collect, run_router_on_drafter

@@ -30,14 +30,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from coral_vllm.bench.args import (PLAIN, add_drafters_arg, add_engine_resource_args,
+                                   bench_parser, engine_resources, parse_drafters,
+                                   target_dir)
 from coral_vllm.bench.client import run_load
 from coral_vllm.bench.results import device_name, write_json
-from coral_vllm.checkpoint import is_coral_checkpoint
 from coral_vllm.datasets import BENCHMARKS, benchmark_texts
-from coral_vllm.metrics import histogram_mean, parse_prometheus, prometheus_totals
-from coral_vllm.serving.server import ServerSpec, fetch_metrics, on_cpu, running_servers
+from coral_vllm.format.checkpoint import is_coral_checkpoint
+from coral_vllm.runtime.metrics import histogram_mean, parse_prometheus, prometheus_totals
+from coral_vllm.runtime.server import ServerSpec, fetch_metrics, running_servers
 
-PLAIN = "plain"
 TPOT_METRIC = "vllm:request_time_per_output_token_seconds"
 TTFT_METRIC = "vllm:time_to_first_token_seconds"
 
@@ -55,14 +57,15 @@ class Variant:
         return self.drafter if self.draft_sample_method == "greedy" \
             else f"{self.drafter}-{self.draft_sample_method}"
 
-    def server_spec(self, model: Path, k: int, extra_args: list[str], log_dir: Path) -> ServerSpec:
+    def server_spec(self, model: Path, k: int, extra_args: list[str], log_dir: Path,
+                    gpu_engine: dict[str, Any]) -> ServerSpec:
         spec: dict[str, Any] | None = None
         if self.path is not None:
             spec = {"method": "coral" if is_coral_checkpoint(self.path) else "eagle"}
             if self.draft_sample_method != "greedy":
                 spec["draft_sample_method"] = self.draft_sample_method
         return ServerSpec(model, self.path, k, spec, extra_args,
-                          log_dir / f"serve_{self.server_name}.log")
+                          log_dir / f"serve_{self.server_name}.log", gpu_engine)
 
 
 def plan_variants(drafters: dict[str, Path], temperatures: list[float],
@@ -171,10 +174,9 @@ def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import vllm
 
-    from coral_vllm.drafters import default_drafter
-    from coral_vllm.model_store import fetch_model
+    from coral_vllm.models.drafters import default_drafter
 
-    model = Path(args.model) if args.model else fetch_model()
+    model = target_dir(args)
     drafters = parse_drafters(args.drafters) if args.drafters \
         else {"coral": default_drafter()}
     plan = plan_variants(drafters, args.temperatures, not args.greedy_drafts_only)
@@ -183,10 +185,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     log_dir = Path(args.log_dir or out.parent / "logs")
     log_dir.mkdir(parents=True, exist_ok=True)
     extra = ["--disable-uvicorn-access-log", "--max-num-seqs", str(max(args.concurrency))]
-    if not on_cpu():
-        extra += ["--gpu-memory-utilization", str(args.gpu_memory_utilization),
-                  "--kv-cache-memory-bytes", str(args.kv_cache_gib << 30)]
-    specs = {name: v.server_spec(model, args.k, extra, log_dir) for name, v in servers.items()}
+    specs = {name: v.server_spec(model, args.k, extra, log_dir, engine_resources(args))
+             for name, v in servers.items()}
     result: dict[str, Any] = {
         "device": device_name(), "vllm_version": vllm.__version__, "model": model.name,
         "k": args.k, "max_tokens": args.max_tokens,
@@ -236,29 +236,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def parse_drafters(specs: list[str]) -> dict[str, Path]:
-    """--drafters NAME=DIR ...: names are row labels, each directory checked up front."""
-    out: dict[str, Path] = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise SystemExit(f"--drafters: {spec!r} is not NAME=DIR (e.g. coral=./drafter)")
-        if name == PLAIN or name in out:
-            raise SystemExit(f"--drafters: name {name!r} is taken; use another label")
-        is_coral_checkpoint(path)  # raises naming the missing directory / config
-        out[name] = Path(path)
-    return out
-
-
-def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = p or argparse.ArgumentParser(prog="coral-vllm bench e2e")
-    p.description = __doc__
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("--model", help="target model dir (default: the converted SmolLM2-135M)")
-    p.add_argument("--drafters", nargs="+", metavar="NAME=DIR",
-                   help="drafters to compare; a CORAL checkpoint is served as 'coral', a "
-                   "plain EAGLE one (`coral-vllm to-eagle`) as 'eagle' (default: "
-                   "coral=the shipped drafter)")
+def build_parser() -> argparse.ArgumentParser:
+    p = bench_parser("e2e", __doc__)
+    add_drafters_arg(p, required=False,
+                     help="drafters to compare; a CORAL checkpoint is served as 'coral', a "
+                     "plain EAGLE one (`coral-vllm to-eagle`) as 'eagle' (default: "
+                     "coral=the shipped drafter)")
     p.add_argument("-k", type=int, default=3, help="draft tokens per step (default 3)")
     p.add_argument("--datasets", nargs="+", default=list(BENCHMARKS), choices=BENCHMARKS)
     p.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0])
@@ -271,10 +254,8 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
                    "rotated; rows report the median round and list all (default 1)")
     p.add_argument("--greedy-drafts-only", action="store_true",
                    help="draft greedily at T > 0 too (default: probabilistic drafting)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.08,
-                   help="per server (all run at once; default 0.08)")
-    p.add_argument("--kv-cache-gib", type=int, default=2, help="KV cache per server (GPU)")
-    p.add_argument("--startup-timeout", type=float, default=900)
+    add_engine_resource_args(p, gpu_memory_utilization=0.08, kv_cache_gib=2,
+                             per="server (GPU only)")
     p.add_argument("--out", default="benchmarks/results/e2e_smollm2.json")
     p.add_argument("--log-dir", help="server logs (default: OUT's folder/logs)")
     return p

@@ -1,4 +1,4 @@
-"""Figures for the end-to-end results: what people look at before reading the JSON."""
+"""Figures for the benchmark results: what people look at before reading the JSON."""
 
 from __future__ import annotations
 
@@ -65,8 +65,33 @@ def plot_synthetic(result: dict[str, Any], dest: Path) -> Path:
                       f"{result['device']}, vLLM {result['vllm_version']}", dest)
 
 
+def plot_lm_head(result: dict[str, Any], dest: Path) -> Path:
+    """Grouped top-1 kernel speedup over the dense head vs active fraction, one line per
+    token count, one panel per head shape."""
+    plt = _pyplot()
+    rows = result["rows"]
+    shapes = sorted({(r["d"], r["vocab"]) for r in rows})
+    fig, axes = plt.subplots(1, len(shapes), figsize=(4.2 * len(shapes), 3.6), squeeze=False)
+    for ax, (d, vocab) in zip(axes[0], shapes):
+        for n in sorted({r["tokens"] for r in rows}):
+            sel = sorted((r for r in rows if (r["d"], r["vocab"], r["tokens"]) == (d, vocab, n)),
+                         key=lambda r: r["active_fraction"])
+            ax.plot([r["active_fraction"] for r in sel],
+                    [r["dense_ms"] / r["grouped_ms"] for r in sel], marker="o", label=f"n={n}")
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_title(f"d={d}, V={vocab}")
+        ax.set_xlabel("active fraction")
+        ax.set_ylabel("speedup vs dense (top-1 kernel)")
+        ax.legend(fontsize=7)
+    return _save(fig, f"grouped LM head vs dense, {result['num_groups']} groups, "
+                      f"{result['device']}", dest)
+
+
 def _save(fig: Any, title: str, dest: Path) -> Path:
-    """Every figure states card, vLLM version and whether acceptance was real."""
+    """Every figure states its card (and for end-to-end runs the vLLM version and whether
+    acceptance was real)."""
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(dest, dpi=120)
@@ -78,5 +103,8 @@ def plot_file(path: str | Path) -> Path:
     """PNG next to a result JSON, chosen by its kind."""
     path = Path(path)
     result = json.loads(path.read_text())
-    plot = plot_synthetic if "ratios" in result else plot_e2e
+    if "copy_bandwidth_gbs" in result:
+        plot = plot_lm_head
+    else:
+        plot = plot_synthetic if "ratios" in result else plot_e2e
     return plot(result, path.with_suffix(".png"))

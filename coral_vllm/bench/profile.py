@@ -17,13 +17,13 @@ Batch 1, greedy, one request at a time: the latency case the speedup target is a
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from coral_vllm.bench.args import add_drafters_arg, bench_parser, parse_drafters, target_dir
 from coral_vllm.bench.results import device_name, write_json
 
 RANGE = "coral_bench::propose"
@@ -140,9 +140,9 @@ def profile_variant(model: Path, drafter: Path, k: int, prompts: list[list[int]]
                     max_tokens: int) -> dict[str, Any]:
     from vllm import SamplingParams, TokensPrompt
 
-    from coral_vllm.checkpoint import is_coral_checkpoint
-    from coral_vllm.metrics import from_llm_metrics
-    from coral_vllm.offline_engine import offline_engine
+    from coral_vllm.format.checkpoint import is_coral_checkpoint
+    from coral_vllm.runtime.metrics import from_llm_metrics
+    from coral_vllm.runtime.offline_engine import offline_engine
 
     spec = {"method": "coral" if is_coral_checkpoint(drafter) else "eagle",
             "model": str(drafter), "num_speculative_tokens": k}
@@ -180,10 +180,8 @@ def profile_variant(model: Path, drafter: Path, k: int, prompts: list[list[int]]
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="coral-vllm bench profile", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="target model dir (default: the converted SmolLM2-135M)")
-    ap.add_argument("--drafters", nargs="+", required=True, metavar="NAME=DIR")
+    ap = bench_parser("profile", __doc__)
+    add_drafters_arg(ap)
     ap.add_argument("-k", type=int, default=3)
     ap.add_argument("--prompts", type=int, default=4, help="MT-bench prompts, one at a time")
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -194,10 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     import vllm
     from transformers import AutoTokenizer
 
-    from coral_vllm.model_store import fetch_model
     from coral_vllm.datasets import benchmark_prompts
 
-    model = Path(args.model) if args.model else fetch_model()
+    drafters = parse_drafters(args.drafters)
+    model = target_dir(args)
     prompts = benchmark_prompts("mtbench", AutoTokenizer.from_pretrained(str(model)),
                                 args.prompts)
     result: dict[str, Any] = {
@@ -209,9 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                            "launch by the torch profiler: kernel lists and GPU times cover "
                            "eagerly launched work only; cudaGraphLaunch counts the replays",
         "drafters": {}}
-    for spec in args.drafters:
-        name, path = spec.split("=", 1)
-        result["drafters"][name] = profile_variant(model, Path(path), args.k, prompts,
+    for name, path in drafters.items():
+        result["drafters"][name] = profile_variant(model, path, args.k, prompts,
                                                    args.max_tokens)
         write_json(Path(args.out), result)
         r = result["drafters"][name]

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from coral_vllm.bench.args import add_engine_resource_args, bench_parser, engine_resources
 from coral_vllm.bench.e2e import step_time_ratio
 from coral_vllm.bench.results import device_name, write_json
 
@@ -59,8 +60,8 @@ def prepare_shape(shape: dict[str, Any], root: Path, *, num_groups: int,
                   top_k_groups: int) -> dict[str, Path | None]:
     """A config-only target dir and the two drafters for it (random weights: the drafter
     checkpoint checks read them; the engines then use dummy weights anyway)."""
-    from coral_vllm.checkpoint import write_eagle_checkpoint
-    from coral_vllm.drafter_init import init_drafter
+    from coral_vllm.format.checkpoint import write_eagle_checkpoint
+    from coral_vllm.models.drafter_init import init_drafter
 
     target = root / "target"
     target.mkdir(parents=True, exist_ok=True)
@@ -95,7 +96,7 @@ def run_batch(llm: Any, batch: int, prompt_len: int, max_tokens: int) -> dict[st
     """`batch` requests at once (token-id prompts, no tokenizer), greedy, no early stop."""
     from vllm import SamplingParams, TokensPrompt
 
-    from coral_vllm.metrics import from_llm_metrics
+    from coral_vllm.runtime.metrics import from_llm_metrics
 
     prompts = [TokensPrompt(prompt_token_ids=[(7 * i + 13 * j) % 1000 + 100
                                               for j in range(prompt_len)])
@@ -117,7 +118,7 @@ def engine_worker(variant: str, dirs: dict[str, str | None], k: int, first_lengt
     """One engine in its own process: builds it, says ready, then runs what it is told."""
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc(fn)
     try:
-        from coral_vllm.offline_engine import offline_engine
+        from coral_vllm.runtime.offline_engine import offline_engine
 
         spec = None
         if dirs[variant] is not None:
@@ -219,9 +220,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["startup_s"] = {s: t for s, t in prior.get("startup_s", {}).items()
                                if s not in args.shapes}
     engine_kwargs = {"max_model_len": args.prompt_len + args.max_tokens + 64,
-                     "max_num_seqs": max(args.batches),
-                     "gpu_memory_utilization": args.gpu_memory_utilization,
-                     "kv_cache_memory_bytes": args.kv_cache_gib << 30}
+                     "max_num_seqs": max(args.batches), **engine_resources(args)}
     if args.dtype:
         engine_kwargs["dtype"] = args.dtype
     for shape_name in args.shapes:
@@ -310,10 +309,8 @@ def check_targets(rs: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
     return out
 
 
-def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = p or argparse.ArgumentParser(prog="coral-vllm bench synthetic")
-    p.description = __doc__
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
+def build_parser() -> argparse.ArgumentParser:
+    p = bench_parser("synthetic", __doc__, target=False)
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=sorted(SHAPES))
     p.add_argument("--shape-override", help="JSON merged into every shape's config (e.g. "
                    "fewer layers for a CPU smoke run)")
@@ -330,10 +327,7 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--num-groups", type=int, default=64)
     p.add_argument("--top-k-groups", type=int, default=8)
     p.add_argument("--dtype", help="engine dtype (default: vLLM's choice, bf16 on GPU)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.28,
-                   help="per engine; all variants of a shape share the card (default 0.28)")
-    p.add_argument("--kv-cache-gib", type=int, default=3, help="KV cache per engine")
-    p.add_argument("--startup-timeout", type=float, default=900)
+    add_engine_resource_args(p, gpu_memory_utilization=0.28, kv_cache_gib=3, per="engine")
     p.add_argument("--work-dir", help="where target configs and drafters are written")
     p.add_argument("--out", default="benchmarks/results/e2e_synthetic.json")
     p.add_argument("--extend", metavar="RESULT.json", help="keep this earlier result's "

@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from coral_vllm.bench.args import parse_named
 from coral_vllm.bench.results import device_name, write_json
 
 # Run inside a subprocess whose sys.path starts with the legacy package: times the old
@@ -85,17 +86,6 @@ def steady_tokens_per_s(run: str | Path) -> float:
     return statistics.median(rows[1:])
 
 
-def parse_named(items: Sequence[str]) -> dict[str, str]:
-    """NAME=PATH arguments, in order; a clear error for anything else."""
-    out = {}
-    for it in items:
-        name, sep, path = it.partition("=")
-        if not sep or not name or not path:
-            raise SystemExit(f"{it!r}: expected NAME=PATH")
-        out[name] = path
-    return out
-
-
 def throughput(args: argparse.Namespace) -> dict[str, Any]:
     """Rows for --legacy-presets (before) and --runs (after), added to --extend's rows
     (so the two can be measured in different commands on the same card)."""
@@ -110,7 +100,7 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
                                  f"{args.warmup} warm-up, batch {args.batch_size} sequences, "
                                  f"max_len {args.max_len}"})
         print(json.dumps(rows[-1]), flush=True)
-    for preset, run in parse_named(args.runs or []).items():
+    for preset, run in parse_named(args.runs or [], "--runs").items():
         cfg = json.loads((Path(run) / "train_config.json").read_text())
         rows.append({"preset": preset, "version": "after",
                      "tokens_per_s": steady_tokens_per_s(run),
@@ -125,7 +115,7 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def curve(args: argparse.Namespace) -> dict[str, Any]:
-    runs = parse_named(args.runs)
+    runs = parse_named(args.runs, "--runs")
     vllm = {}
     if args.vllm_tau:
         vllm = {r["drafter"]: r for r in json.loads(Path(args.vllm_tau).read_text())["rows"]}

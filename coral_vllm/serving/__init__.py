@@ -1,0 +1,1 @@
+"""Only what vLLM loads: the plugin entry point and the drafter model."""

@@ -30,10 +30,10 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.models.llama_eagle import EagleLlamaForCausalLM
 from vllm.model_executor.models.utils import maybe_prefix
 
-from coral_vllm.config import CoralConfig
-from coral_vllm.grouped_head import (grouped_logits, grouped_top1, head_backend,
-                                     scatter_to_vocab)
-from coral_vllm.router import Router
+from coral_vllm.format.config import CoralConfig
+from coral_vllm.format.grouped_head import (grouped_logits, grouped_top1, head_backend,
+                                            scatter_to_vocab)
+from coral_vllm.format.router import Router
 
 logger = init_logger(__name__)
 

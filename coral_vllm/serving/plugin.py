@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from coral_vllm.config import DRAFTER_ARCHITECTURE, CoralConfigError
+from coral_vllm.format.config import DRAFTER_ARCHITECTURE, CoralConfigError
 
 METHOD = "coral"
 DEFAULT_NUM_SPECULATIVE_TOKENS = 3
@@ -66,7 +66,7 @@ def translate_coral_config(spec: dict[str, Any], *, spec_model: str | None = Non
                            spec_tokens: int | None = None, target_model_config: Any = None,
                            tensor_parallel_size: int = 1) -> dict[str, Any]:
     """A user's `coral` speculative config -> the EAGLE config vLLM runs, checked first."""
-    from coral_vllm.checkpoint import check_against_target, read_checkpoint
+    from coral_vllm.format.checkpoint import check_against_target, read_checkpoint
 
     out = {k.replace("-", "_"): v for k, v in spec.items()}
     if spec_model is not None:

@@ -8,7 +8,7 @@
     losses.py        EAGLE/HASS step loss, CSRA (InfoNCE across steps)
     trainer.py       stage 1 (multi-step, CSRA, resumable, DDP under torchrun)
     router_train.py  stage 2 (partitions + router, recall@k on held-out data)
-    export.py        the plugin's drafter directory (coral_vllm.checkpoint)
+    export.py        the plugin's drafter directory (coral_vllm.format.checkpoint)
     evaluate.py      offline mean acceptance length tau, router on/off
     cli.py           `coral-vllm train {data,train,router,export,eval}`
 """

@@ -18,6 +18,7 @@ import json
 import sys
 from typing import Sequence
 
+from coral_vllm.format.config import PARTITION_STRATEGIES
 from coral_vllm.training.config import PRESETS, TrainConfig
 
 
@@ -107,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     r.add_argument("--router-lr", type=float, default=None)
     r.add_argument("--router-holdout", type=float, default=None)
-    r.add_argument("--partition", choices=["auto", "contiguous", "frequency", "cluster"],
+    r.add_argument("--partition", choices=["auto", *PARTITION_STRATEGIES],
                    default=None, help="auto: best held-out recall@k")
     r.add_argument("--router-label", choices=["ce", "kl"], default=None)
 
@@ -198,9 +199,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(export(args.run, args.dest, dense=args.dense, include_heads=args.include_heads,
                      dtype=args.dtype, checkpoint=args.checkpoint))
     elif args.cmd == "vllm-tau":
-        from coral_vllm.bench.training import parse_named
+        from coral_vllm.bench.args import parse_drafters
         from coral_vllm.training.vllm_tau import compare
-        compare(args.target, args.data, parse_named(args.drafters), k=args.k,
+        compare(args.target, args.data, parse_drafters(args.drafters), k=args.k,
                 limit=args.limit, enforce_eager=not args.compiled, out_json=args.json)
     elif args.cmd == "eval":
         from coral_vllm.training.evaluate import run_eval

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from coral_vllm.config import PARTITION_STRATEGIES, ROUTER_ACTIVATIONS
+from coral_vllm.format.config import PARTITION_STRATEGIES, ROUTER_ACTIVATIONS
 
 PRESETS: dict[str, dict[str, Any]] = {
     "eagle": {"num_steps": 1, "csra_weight": 0.0, "serve_router": False},

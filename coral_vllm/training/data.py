@@ -128,7 +128,7 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _read(path: Path, expected_sha: str | None, verify: bool) -> dict[str, np.ndarray]:
+def _load_checked(path: Path, expected_sha: str | None, verify: bool) -> dict[str, np.ndarray]:
     if verify and expected_sha and sha256(path) != expected_sha:
         raise ValueError(f"{path}: sha256 differs from {MANIFEST}; rebuild the data.")
     return load_np(str(path))
@@ -140,7 +140,7 @@ def read_samples(data_dir: str | Path, key: str = "shards", verify: bool = False
     d = Path(data_dir)
     samples = []
     for shard in read_manifest(d).get(key, []):
-        t = _read(d / shard["file"], shard.get("sha256"), verify)
+        t = _load_checked(d / shard["file"], shard.get("sha256"), verify)
         off = t["offsets"]
         samples += [(t["input_ids"][a:b], t["loss_mask"][a:b])
                     for a, b in zip(off[:-1], off[1:])]
@@ -170,7 +170,7 @@ def load_dev(data_dir: str | Path, max_len: int
     entry = read_manifest(data_dir).get("dev")
     if not entry:
         return None, None
-    t = _read(Path(data_dir) / entry["file"], entry.get("sha256"), False)
+    t = _load_checked(Path(data_dir) / entry["file"], entry.get("sha256"), False)
     off = t["offsets"]
     samples = [(t["input_ids"][a:b], t["loss_mask"][a:b]) for a, b in zip(off[:-1], off[1:])]
     table = TokenTable.from_samples(samples, max_len)

@@ -8,7 +8,7 @@ output feature feeds the next step, as in vLLM), the target verifies them with o
 forward (no KV cache: simple, exact, slow), and the round yields the accepted prefix
 plus the target's own next token, so tau = mean(accepted + 1). With the router on, each
 draft token is the top-1 over the router's `top_k_groups` groups only
-(`coral_vllm.grouped_head`); off, over the whole vocabulary.
+(`coral_vllm.format.grouped_head`); off, over the whole vocabulary.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from coral_vllm.checkpoint import WEIGHTS_FILE, read_checkpoint
-from coral_vllm.grouped_head import grouped_top1
-from coral_vllm.partition import grouped_rows, row_token_ids
+from coral_vllm.format.checkpoint import WEIGHTS_FILE, read_checkpoint
+from coral_vllm.format.grouped_head import grouped_top1
+from coral_vllm.format.partition import grouped_rows, row_token_ids
 from coral_vllm.training.batches import TokenTable
 from coral_vllm.training.features import compute_features
-from coral_vllm.training.model import CoralDrafter
+from coral_vllm.training.model import CoralDrafter, build_drafter
 from coral_vllm.training.target import load_target, pick_device, target_features
 from coral_vllm.training.trainer import multi_step_forward
 from coral_vllm.training.validate import DraftTop1, EvalSplit, chain_tau
@@ -41,17 +41,11 @@ def load_drafter(path: str | Path, target_model, device=None,
     `drafter_dtype(drafter)` at the boundary and score the head in float32 (DraftHead).
     """
     ckpt = read_checkpoint(path)
-    drafter = CoralDrafter(ckpt.config, ckpt.coral.num_groups, ckpt.coral.router_act)
-    drafter.load_target_heads(target_model)
     tensors = load_file(str(Path(path) / WEIGHTS_FILE))
-    missing, unexpected = drafter.load_state_dict(
-        {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()},
-        strict=False)
-    if unexpected:
-        raise ValueError(f"{path}: unexpected tensors {unexpected}")
+    drafter = build_drafter(ckpt.config, ckpt.coral.num_groups, ckpt.coral.router_act,
+                            tensors, target_model, device, dtype)
     drafter.coral = ckpt.coral  # type: ignore[attr-defined]
-    tparam = next(target_model.parameters())
-    return drafter.to(device=device or tparam.device, dtype=dtype or tparam.dtype).eval()
+    return drafter
 
 
 def drafter_dtype(drafter: CoralDrafter) -> torch.dtype:

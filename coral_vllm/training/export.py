@@ -10,14 +10,14 @@ baselines) sets `top_k_groups = num_groups`, so the grouped head computes every 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from coral_vllm.checkpoint import drafter_llama_config, save_checkpoint
-from coral_vllm.config import CoralConfig
-from coral_vllm.partition import contiguous_order
-from coral_vllm.router import Router
+from coral_vllm.format.checkpoint import drafter_llama_config, save_checkpoint
+from coral_vllm.format.config import CoralConfig
+from coral_vllm.format.partition import contiguous_order
+from coral_vllm.format.router import Router
+from coral_vllm.models.target_heads import read_target_heads
 from coral_vllm.training.config import TrainConfig
 from coral_vllm.training.router_train import ROUTER_FILE
 from coral_vllm.training.target import target_config_dict
@@ -75,7 +75,8 @@ def export(run_dir: str | Path, dest: str | Path, *, dense: bool = False,
     tensors.update({f"router.{k}": v.to(torch_dtype) for k, v in router_state.items()})
     tensors["partition.token_order"] = order.to(torch.int64)
     if include_heads:
-        tensors.update(_target_heads(cfg.target, torch_dtype))
+        heads = read_target_heads(cfg.target)
+        tensors.update({k: v.to(torch_dtype) for k, v in heads.items()})
     config = drafter_llama_config(tcfg, coral)
     config["torch_dtype"] = config["dtype"] = dtype
     config["coral_training"] = {"num_steps": cfg.num_steps, "csra_weight": cfg.csra_weight,
@@ -86,18 +87,3 @@ def export(run_dir: str | Path, dest: str | Path, *, dense: bool = False,
                                 "router_online": online and not router_path.is_file(),
                                 "dense": dense}
     return save_checkpoint(dest, config, tensors)
-
-
-def _target_heads(target: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-    out: dict[str, Any] = {}
-    for f in sorted(Path(target).glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as sf:
-            for k in sf.keys():
-                if k.endswith("embed_tokens.weight"):
-                    out["embed_tokens.weight"] = sf.get_tensor(k).to(dtype)
-                elif k == "lm_head.weight":
-                    out["lm_head.weight"] = sf.get_tensor(k).to(dtype)
-    if "lm_head.weight" not in out and "embed_tokens.weight" in out:  # tied
-        out["lm_head.weight"] = out["embed_tokens.weight"].clone()
-    return out

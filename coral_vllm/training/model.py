@@ -9,7 +9,7 @@
 This is vLLM's `LlamaDecoderLayer` with a residual stream, as its EAGLE Llama drafter
 runs it: RMSNorm in float32 (x * rsqrt(mean(x^2) + eps), cast back, times weight),
 neox-style RoPE (rotate_half) with the target's rope theta, GQA, causal attention,
-SiLU-and-mul MLP. Names (see `coral_vllm.checkpoint.expected_shapes`): `fc.*`,
+SiLU-and-mul MLP. Names (see `coral_vllm.format.checkpoint.expected_shapes`): `fc.*`,
 `layers.0.*`, `router.w{1,2}.*`, `partition.token_order`; the frozen `embed_tokens.*`
 and `lm_head.*` come from the target and are not trained.
 """
@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from coral_vllm.config import CoralConfig
-from coral_vllm.partition import build_token_order, contiguous_order, group_of_token
-from coral_vllm.router import Router
+from coral_vllm.format.config import CoralConfig
+from coral_vllm.format.partition import build_token_order, contiguous_order, group_of_token
+from coral_vllm.format.router import Router
 
 
 def rope_theta(cfg: dict[str, Any]) -> float:
@@ -238,3 +238,19 @@ class CoralDrafter(nn.Module):
             h, kv = layer(h, positions, past_kv[i] if past_kv else None)
             kvs.append(kv)
         return (h, kvs) if return_kv else h
+
+
+def build_drafter(target_cfg: dict[str, Any], num_groups: int, router_act: str,
+                  tensors: dict[str, torch.Tensor], target_model, device=None,
+                  dtype: torch.dtype | None = None) -> CoralDrafter:
+    """A CoralDrafter holding `tensors` (checkpoint names; the frozen heads come from
+    `target_model`), in `dtype` on `device`, by default the target's: the target's
+    features and the drafter then meet in one dtype (bf16 target + float32 drafter used
+    to crash in fc with 'expected mat1 and mat2 to have the same dtype')."""
+    drafter = CoralDrafter(target_cfg, num_groups, router_act)
+    drafter.load_target_heads(target_model)
+    _, unexpected = drafter.load_state_dict(tensors, strict=False)
+    if unexpected:
+        raise ValueError(f"unexpected drafter tensors {unexpected}")
+    tparam = next(target_model.parameters())
+    return drafter.to(device=device or tparam.device, dtype=dtype or tparam.dtype).eval()

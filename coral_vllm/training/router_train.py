@@ -22,14 +22,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from coral_vllm.partition import build_token_order, group_of_token
-from coral_vllm.config import PARTITION_STRATEGIES, CoralConfig
-from coral_vllm.router import Router
+from coral_vllm.format.partition import build_token_order, group_of_token
+from coral_vllm.format.config import PARTITION_STRATEGIES, CoralConfig
+from coral_vllm.format.router import Router
 from coral_vllm.training.config import TrainConfig
 from coral_vllm.training.batches import Batch, TokenTable, epoch_batches
 from coral_vllm.training.data import MANIFEST, load_splits, train_token_counts
 from coral_vllm.training.features import compute_features
-from coral_vllm.training.model import CoralDrafter
+from coral_vllm.training.model import CoralDrafter, build_drafter
 from coral_vllm.training.target import load_target, pick_device
 from coral_vllm.training.trainer import load_state, multi_step_forward
 
@@ -38,18 +38,14 @@ ROUTER_FILE = "router.pt"
 
 def load_trained_drafter(out: str | Path, target_model, device,
                          dtype: torch.dtype | None = None) -> tuple[CoralDrafter, TrainConfig]:
-    """The stage-1 drafter of a run directory, in `dtype` (default: the target's, so the
-    target's features and the drafter meet in one dtype; bf16 target + float32 drafter
-    used to crash in fc with 'expected mat1 and mat2 to have the same dtype')."""
+    """The stage-1 drafter of a run directory, in `dtype` (see `build_drafter`)."""
     state = load_state(out)
     if state is None:
         raise FileNotFoundError(f"{out}: no stage-1 state (state/latest.pt); run `train` first.")
     cfg = TrainConfig.from_dict(state["config"])
-    drafter = CoralDrafter(state["target_config"], cfg.num_groups, cfg.router_act)
-    drafter.load_target_heads(target_model)
-    drafter.load_state_dict(state["model"], strict=False)
-    dtype = dtype or next(target_model.parameters()).dtype
-    return drafter.to(device=device, dtype=dtype).eval(), cfg
+    drafter = build_drafter(state["target_config"], cfg.num_groups, cfg.router_act,
+                            state["model"], target_model, device, dtype)
+    return drafter, cfg
 
 
 @torch.no_grad()
@@ -199,7 +195,7 @@ def run_router_on_drafter(drafter_dir: str | Path, target_path: str | Path,
     the source checkpoint's dtype. num_steps defaults to the drafter's training steps."""
     from safetensors.torch import load_file
 
-    from coral_vllm.checkpoint import WEIGHTS_FILE, read_checkpoint, save_checkpoint
+    from coral_vllm.format.checkpoint import WEIGHTS_FILE, read_checkpoint, save_checkpoint
     from coral_vllm.training.evaluate import load_drafter
 
     dev = pick_device(device)

@@ -140,11 +140,12 @@ def vllm_generator(target: str, max_model_len: int, temperature: float, seed: in
     """Many sequences in flight through vLLM's offline engine (the GPU path)."""
     from vllm import LLM, SamplingParams
 
-    engine = (dict(dtype="bfloat16", gpu_memory_utilization=0.9, max_num_seqs=1024,
-                   max_num_batched_tokens=32768) if torch.cuda.is_available()
-              else dict(dtype="float32", kv_cache_memory_bytes=1 << 30))
-    llm = LLM(model=target, seed=seed, max_model_len=max_model_len,
-              enable_prefix_caching=True, **engine)
+    from coral_vllm.runtime.engine_args import engine_defaults
+
+    # on a GPU: many sequences in flight (a 135M target leaves the card idle otherwise)
+    llm = LLM(model=target, seed=seed, max_model_len=max_model_len, enable_prefix_caching=True,
+              **engine_defaults(gpu_memory_utilization=0.9, max_num_seqs=1024,
+                                max_num_batched_tokens=32768))
 
     def generate(prompts: list[list[int]], max_tokens: list[int]) -> list[Reply]:
         params = [SamplingParams(temperature=temperature, max_tokens=m, seed=seed)

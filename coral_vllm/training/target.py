@@ -53,11 +53,6 @@ def base_model(model):
     return model.model if hasattr(model, "model") else model.get_decoder()
 
 
-def head_weights(model) -> tuple[torch.Tensor, torch.Tensor]:
-    """(embed_tokens.weight, lm_head.weight) of the target (the same tensor when tied)."""
-    return model.get_input_embeddings().weight, model.get_output_embeddings().weight
-
-
 @torch.no_grad()
 def target_features(model, input_ids: torch.Tensor,
                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -65,13 +60,3 @@ def target_features(model, input_ids: torch.Tensor,
     out = base_model(model)(input_ids=input_ids, attention_mask=attention_mask,
                             use_cache=False)
     return out.last_hidden_state
-
-
-@torch.no_grad()
-def target_features_and_logits(model, input_ids: torch.Tensor,
-                               attention_mask: torch.Tensor | None = None
-                               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features [B, S, d], next-token logits [B, S, V] float32)."""
-    feats = target_features(model, input_ids, attention_mask)
-    logits = model.get_output_embeddings()(feats).float()
-    return feats, logits

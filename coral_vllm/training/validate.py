@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from coral_vllm.grouped_head import grouped_logits_torch
-from coral_vllm.partition import grouped_rows, row_token_ids
+from coral_vllm.format.grouped_head import grouped_logits_torch
+from coral_vllm.format.partition import grouped_rows, row_token_ids
 from coral_vllm.training.batches import Batch, TokenTable, epoch_batches
 from coral_vllm.training.head_loss import default_chunk
 

@@ -21,23 +21,18 @@ import numpy as np
 from coral_vllm.training.data import load_dev
 
 
-def _memory() -> dict[str, float]:
-    """A modest KV cache on a GPU: these runs hold a few hundred short requests."""
-    import torch
-    return {"gpu_memory_utilization": 0.5} if torch.cuda.is_available() else {}
-
-
 def vllm_tau(target: str, drafter: str, prompts: list[list[int]], max_tokens: list[int],
              k: int, enforce_eager: bool) -> dict[str, Any]:
     """vLLM's tau and outputs for one drafter (one offline engine)."""
     from vllm import SamplingParams, TokensPrompt
 
-    from coral_vllm.metrics import from_llm_metrics
-    from coral_vllm.offline_engine import offline_engine
+    from coral_vllm.runtime.metrics import from_llm_metrics
+    from coral_vllm.runtime.offline_engine import offline_engine
 
     spec = {"method": "coral", "model": str(drafter), "num_speculative_tokens": k}
     with offline_engine(target, spec, max_model_len=4096, disable_log_stats=False,
-                        enforce_eager=enforce_eager, **_memory()) as llm:
+                        enforce_eager=enforce_eager,
+                        gpu_only={"gpu_memory_utilization": 0.5}) as llm:
         before = from_llm_metrics(llm.get_metrics())
         t = time.time()
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],

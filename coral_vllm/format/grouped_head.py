@@ -13,23 +13,13 @@ can sit inside a captured CUDA graph.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 
-@functools.lru_cache(maxsize=1)
-def _kernels_importable() -> bool:
-    try:
-        import coral_kernels.grouped_lm_head  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def head_backend(t: torch.Tensor) -> str:
-    """Which implementation serves tensors like `t`: "triton" (CUDA) or "torch"."""
-    return "triton" if t.is_cuda and _kernels_importable() else "torch"
+    """Which implementation serves tensors like `t`: the Triton kernel on CUDA, torch
+    elsewhere."""
+    return "triton" if t.is_cuda else "torch"
 
 
 def column_tokens(row_tokens: torch.Tensor, group_ids: torch.Tensor,

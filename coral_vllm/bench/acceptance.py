@@ -5,24 +5,22 @@ tau = 1 + accepted / drafts from vLLM's spec-decode counters (the bonus token co
 one offline engine per drafter, all drafters on the same prompts and settings. Dense
 drafters (EAGLE/HASS baselines) are exported with every group active.
 
-    python benchmarks/acceptance.py --drafters eagle=DIR hass=DIR coral=DIR \\
+    coral-vllm bench acceptance --drafters eagle=DIR hass=DIR coral=DIR \\
         --router-report benchmarks/results/router_report_smollm2.json
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from coral_vllm.bench.args import add_drafters_arg, bench_parser, parse_drafters, target_dir
+from coral_vllm.bench.results import device_name, write_json
+from coral_vllm.runtime.metrics import from_llm_metrics
+from coral_vllm.runtime.offline_engine import offline_engine
 
-from coral_vllm.bench.results import device_name  # noqa: E402
-from coral_vllm.metrics import from_llm_metrics  # noqa: E402
-from coral_vllm.model_store import fetch_model  # noqa: E402
-from coral_vllm.offline_engine import offline_engine  # noqa: E402
-from coral_vllm.datasets import benchmark_prompts  # noqa: E402
+DATASETS = ("mtbench", "humaneval")
 
 
 def measure(model: Path, drafter: Path, k: int, prompts: dict[str, list[list[int]]],
@@ -41,9 +39,8 @@ def measure(model: Path, drafter: Path, k: int, prompts: dict[str, list[list[int
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--drafters", nargs="+", required=True, metavar="NAME=DIR")
+    ap = bench_parser("acceptance", __doc__)
+    add_drafters_arg(ap)
     ap.add_argument("--router-report", help="router stage report (recall@k of the chosen "
                     "partition goes into the rows of routed drafters)")
     ap.add_argument("-k", type=int, default=5)
@@ -55,23 +52,26 @@ def main(argv: list[str] | None = None) -> int:
     import vllm
     from transformers import AutoTokenizer
 
-    model = fetch_model()
+    from coral_vllm.datasets import benchmark_prompts
+    from coral_vllm.format.checkpoint import read_checkpoint
+
+    drafters = parse_drafters(args.drafters)
+    model = target_dir(args)
     tok = AutoTokenizer.from_pretrained(str(model))
-    prompts = {d: benchmark_prompts(d, tok, args.limit) for d in ("mtbench", "humaneval")}
+    prompts = {d: benchmark_prompts(d, tok, args.limit) for d in DATASETS}
     recall = None
     if args.router_report:
         rep = json.loads(Path(args.router_report).read_text())
         recall = rep["partitions"][rep["chosen"]]["recall_at_k"]
     rows = []
-    for spec in args.drafters:
-        name, path = spec.split("=", 1)
-        coral = json.loads((Path(path) / "config.json").read_text())["coral"]
-        routed = coral["top_k_groups"] < coral["num_groups"]
-        taus = measure(model, Path(path), args.k, prompts, args.max_tokens)
+    for name, path in drafters.items():
+        coral = read_checkpoint(path).coral
+        routed = coral.top_k_groups < coral.num_groups
+        taus = measure(model, path, args.k, prompts, args.max_tokens)
         for dataset, tau in taus.items():
             rows.append({"drafter": name, "dataset": dataset, "tau": round(tau, 4),
                          "router_recall_at_k": recall if routed else None,
-                         "active_groups": f"{coral['top_k_groups']}/{coral['num_groups']}"})
+                         "active_groups": f"{coral.top_k_groups}/{coral.num_groups}"})
             print(f"{name:14s} {dataset:10s} tau {tau:.3f}", flush=True)
     result = {"target": str(model.name), "k": args.k,
               "device": device_name(),
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
               "prompts_per_dataset": args.limit, "max_tokens": args.max_tokens,
               "measured_by": "vLLM spec-decode counters (chain drafting, target verifying)",
               "rows": rows}
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(Path(args.out), result)
     return 0
 
 

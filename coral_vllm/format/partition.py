@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from coral_vllm.config import CoralConfigError
+from coral_vllm.format.config import CoralConfigError
 
 
 def validate_token_order(token_order: torch.Tensor, vocab_size: int) -> None:
@@ -129,4 +129,3 @@ def group_of_token(token_order: torch.Tensor, group_size: int) -> torch.Tensor:
     groups = torch.empty_like(token_order)
     groups[token_order.long()] = torch.arange(token_order.numel()) // group_size
     return groups
-

@@ -1,13 +1,13 @@
 """Grouped LM head vs dense head: timings, bandwidth, and a GPU correctness check.
 
-GPU run (repo root as cwd; no install needed):
+GPU run:
 
-    python benchmarks/bench_lm_head.py --out $OUT            # benchmark, < 6 min on H100
-    python benchmarks/bench_lm_head.py --check               # correctness + CUDA graphs
+    coral-vllm bench lm-head --out $OUT/lm_head.json    # benchmark, < 6 min on H100
+    coral-vllm bench lm-head --check                    # correctness + CUDA graphs
 
 CPU smoke test of the same logic (Triton interpreter, tiny shapes):
 
-    TRITON_INTERPRET=1 python benchmarks/bench_lm_head.py --device cpu --tiny --out /tmp/b
+    coral-vllm bench lm-head --device cpu --tiny --out /tmp/b/lm_head.json
 
 What is measured, per (d, V), tokens n and active fraction f = k / N (N = 256 groups,
 G = V / N rows each, so k = 8, 16, 32, 64 for f = 1/32 .. 1/4):
@@ -31,18 +31,14 @@ plain do_bench if capture fails.
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
-import json
 import math
 import os
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from coral_vllm.bench.args import bench_parser
+from coral_vllm.bench.results import device_name, write_json
 
 SHAPES = [(576, 49152), (640, 262144), (4096, 128256), (3584, 152064)]
 TOKENS = [1, 4, 16, 64]
@@ -57,22 +53,10 @@ REPS_IN_GRAPH = 8
 PATH_KEYS = {"per_token": "per_token_ms", "union": "union_ms", "dense": "dense_path_ms"}
 
 
-def load_kernels():
-    try:
-        import coral_kernels.grouped_lm_head as mod
-        return mod
-    except ImportError:
-        path = REPO / "kernels" / "grouped_lm_head.py"
-        spec = importlib.util.spec_from_file_location("coral_kernels_grouped_lm_head", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"),
-                   help="output directory for lm_head.json and lm_head.png")
+    p = bench_parser("lm-head", __doc__, target=False)
+    p.add_argument("--out", default="benchmarks/results/lm_head.json",
+                   help="result JSON; the plot goes next to it (.png)")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --tiny)")
     p.add_argument("--tiny", action="store_true",
                    help="tiny shapes, for a CPU/interpreter smoke test of the script")
@@ -265,38 +249,10 @@ def sweep(glh, timer, device, gen, tiny):
     return out
 
 
-def plot(rows, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
-        return
-    shapes = sorted({(r["d"], r["vocab"]) for r in rows})
-    fig, axes = plt.subplots(1, len(shapes), figsize=(4.2 * len(shapes), 3.6), squeeze=False)
-    for ax, (d, vocab) in zip(axes[0], shapes):
-        for n in sorted({r["tokens"] for r in rows}):
-            sel = sorted((r for r in rows if (r["d"], r["vocab"], r["tokens"]) == (d, vocab, n)),
-                         key=lambda r: r["active_fraction"])
-            ax.plot([r["active_fraction"] for r in sel],
-                    [r["dense_ms"] / r["grouped_ms"] for r in sel], marker="o", label=f"n={n}")
-        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log", base=2)
-        ax.set_title(f"d={d}, V={vocab}")
-        ax.set_xlabel("active fraction")
-        ax.set_ylabel("speedup vs dense (top-1 kernel)")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
-
-
 def run_benchmark(args):
     import torch
-    glh = load_kernels()
-    from coral_vllm.grouped_head import grouped_logits_torch
+    import coral_kernels.grouped_lm_head as glh
+    from coral_vllm.format.grouped_head import grouped_logits_torch
     global REPS_IN_GRAPH
     device = args.device
     tiny = args.tiny
@@ -305,7 +261,7 @@ def run_benchmark(args):
     gen = torch.Generator().manual_seed(args.seed)
     timer = Timer(device)
     t_start = time.time()
-    name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu (interpreter)"
+    name = device_name() if device.startswith("cuda") else "CPU (Triton interpreter)"
     copy_bw = copy_bandwidth_gbs(device, tiny)
     print(f"device: {name}; copy bandwidth {copy_bw:.1f} GB/s (read + write)")
     num_groups = args.groups or (TINY_GROUPS if tiny else NUM_GROUPS)
@@ -331,13 +287,16 @@ def run_benchmark(args):
         print(f"over the {args.budget:.0f}s budget: sweep skipped")
     sweep_rows = [] if args.no_sweep or over else sweep(glh, timer, device, gen, tiny)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     result = {"device": name, "copy_bandwidth_gbs": copy_bw, "num_groups": num_groups,
               "timing": f"CUDA graph of {REPS_IN_GRAPH} calls, do_bench median / call",
               "rows": rows_out, "sweep": sweep_rows}
-    (out / "lm_head.json").write_text(json.dumps(result, indent=1))
-    print(f"wrote {out / 'lm_head.json'}")
-    plot(rows_out, out / "lm_head.png")
+    write_json(out, result)
+    print(f"wrote {out}")
+    try:
+        from coral_vllm.bench.plots import plot_file
+        print(f"wrote {plot_file(out)}")
+    except ImportError:
+        print(f"matplotlib not installed: no plot (`coral-vllm bench plot {out}` elsewhere)")
     print("\n    d  vocab   n frac  path       dense_ms gather_ms grouped_ms per_tok_ms "
           "  union_ms dense_path  speedup   GB/s %copy")
     for r in rows_out:
@@ -368,8 +327,8 @@ def fp32_scores_supported(device):
 def run_check(args):
     """GPU correctness: all three paths, three dtypes, ragged groups, CUDA-graph replay."""
     import torch
-    glh = load_kernels()
-    from coral_vllm.grouped_head import grouped_logits_torch
+    import coral_kernels.grouped_lm_head as glh
+    from coral_vllm.format.grouped_head import grouped_logits_torch
     device = args.device
     gen = torch.Generator().manual_seed(args.seed)
     failures = []

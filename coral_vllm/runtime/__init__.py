@@ -1,0 +1,1 @@
+"""Running vLLM from our code: engine defaults, offline engines, `vllm serve`, counters."""
