@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -60,6 +61,7 @@ print("RESULT " + json.dumps({"tokens_per_s": tokens / seconds, "steps": len(mar
 
 def legacy_throughput(root: str, preset: str, target: str, data: str, out: str, *,
                       batch_size: int, max_len: int, steps: int, warmup: int) -> dict[str, Any]:
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run: a resumed one would train nothing
     cfg = {"target": target, "data": data, "out": out, "batch_size": batch_size,
            "max_len": max_len, "lr": 3e-4, "max_steps": steps + warmup + 1,
            "save_every": 10**9, "log_every": 10**9}
