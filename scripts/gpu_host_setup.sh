@@ -23,8 +23,11 @@ rm -rf "$CORAL_SITE"/coral_vllm-0.1.0.dist-info
 # Into the interpreter's own site-packages, not --target "$CORAL_SITE": the editable
 # install's import hook is a .pth file, which Python reads from site directories only.
 # PIP_BREAK_SYSTEM_PACKAGES: the host's Python may be marked externally managed.
+# --use-pep517: without it pip 24 (the host's) takes the legacy `setup.py develop` path,
+# which setuptools 81 turns into a nested pip call WITH build isolation, i.e. a download
+# (seen on an H200 host, Dec 2026); PEP 660 with the host's own setuptools needs none.
 PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --no-index --no-deps \
-  --no-build-isolation -e "$REPO" || return 1
+  --no-build-isolation --use-pep517 -e "$REPO" || return 1
 python3 -c "import coral_kernels, coral_vllm.serving.plugin as p, importlib.metadata as m
 assert any(e.value == p.__name__ + ':register' for e in m.entry_points(group='vllm.general_plugins'))
 " || { echo "coral-vllm is not installed as vLLM sees it (see above)"; return 1; }

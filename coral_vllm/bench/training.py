@@ -81,6 +81,15 @@ def run_metrics(run: str | Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
+def run_device(run: str | Path, fallback: str | None) -> str:
+    """The card a run trained on (its metrics' first row), else `fallback` (runs from
+    before the trainer recorded it; --device)."""
+    found = next((r["run"]["device"] for r in run_metrics(run) if "run" in r), None)
+    if found is None and fallback is None:
+        raise SystemExit(f"{run}: its metrics do not name the card; pass --device")
+    return found or fallback
+
+
 def steady_tokens_per_s(run: str | Path) -> float:
     rows = [r["tokens_per_s"] for r in run_metrics(run) if "tokens_per_s" in r]
     if len(rows) < 2:
@@ -102,18 +111,22 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
                                  f"{args.warmup} warm-up, batch {args.batch_size} sequences, "
                                  f"max_len {args.max_len}"})
         print(json.dumps(rows[-1]), flush=True)
+    devices = set()
     for preset, run in parse_named(args.runs or [], "--runs").items():
+        devices.add(run_device(run, args.device))
         cfg = json.loads((Path(run) / "train_config.json").read_text())
         rows.append({"preset": preset, "version": "after",
                      "tokens_per_s": steady_tokens_per_s(run),
                      "measured": f"median logged rate of {run} (batch_tokens "
                                  f"{cfg['batch_tokens']}, max_len {cfg['max_len']})"})
         print(json.dumps(rows[-1]), flush=True)
-    device = device_name()
-    if prior.get("device", device) != device:
-        raise SystemExit(f"--extend {args.extend} was measured on {prior['device']}, "
-                         f"this is {device}: one card per table")
-    return {"device": device, "rows": rows}
+    if args.legacy_presets:
+        devices.add(device_name())
+    if args.extend:
+        devices.add(prior["device"])
+    if len(devices) != 1:
+        raise SystemExit(f"rows from {sorted(devices)}: one card per table")
+    return {"device": devices.pop(), "rows": rows}
 
 
 def curve(args: argparse.Namespace) -> dict[str, Any]:
@@ -122,6 +135,9 @@ def curve(args: argparse.Namespace) -> dict[str, Any]:
     if args.vllm_tau:
         vllm = {r["drafter"]: r for r in json.loads(Path(args.vllm_tau).read_text())["rows"]}
     rows = []
+    devices = {run_device(run, args.device) for run in runs.values()}
+    if len(devices) != 1:
+        raise SystemExit(f"runs from {sorted(devices)}: one card per table")
     for preset, run in runs.items():
         cfg = json.loads((Path(run) / "train_config.json").read_text())
         key = "tau_router" if cfg["serve_router"] else "tau_dense"
@@ -135,7 +151,7 @@ def curve(args: argparse.Namespace) -> dict[str, Any]:
             if e is best and preset in vllm:
                 row["vllm_tau"] = vllm[preset]["vllm_tau"]
             rows.append(row)
-    return {"device": device_name(), "k": args.k, "serving_head": "router for coral, dense "
+    return {"device": devices.pop(), "k": args.k, "serving_head": "router for coral, dense "
             "for eagle/hass", "rows": rows}
 
 
@@ -179,11 +195,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--steps", type=int, default=20)
     t.add_argument("--warmup", type=int, default=5)
     t.add_argument("--extend", help="an earlier result of this command to add rows to")
+    t.add_argument("--device", help="the card, for runs whose metrics do not record it")
     t.add_argument("--out", required=True)
     c = sub.add_parser("curve", help="held-out tau vs training tokens, + vLLM's tau")
     c.add_argument("--runs", nargs="+", required=True, metavar="PRESET=RUN")
     c.add_argument("--vllm-tau", help="JSON from `coral-vllm train vllm-tau`")
     c.add_argument("-k", type=int, default=5)
+    c.add_argument("--device", help="the card, for runs whose metrics do not record it")
     c.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     if args.cmd == "throughput" and args.legacy_presets and not (

@@ -5,7 +5,7 @@ its start and length, each sample cut to `max_len`. Row `pad_row` (one past the 
 token) stands for padding: its token is 0, its loss mask 0 and its target feature zero.
 
 `epoch_batches` groups samples of similar length so that B x S (S = longest sample in
-the batch, rounded up to a multiple of 8) stays within a token budget: little padding,
+the batch, rounded up to a multiple of 64) stays within a token budget: little padding,
 steady memory, and batches whose number of real tokens varies far less than a fixed
 number of sequences would. `Batch.build` turns sample indices into the index tensors a
 step gathers with on the device: everything that depends on lengths and masks is
@@ -19,7 +19,7 @@ import dataclasses
 import numpy as np
 import torch
 
-SEQ_MULTIPLE = 8
+SEQ_MULTIPLE = 64  # few distinct shapes: the CUDA allocator reuses its blocks
 SORT_WINDOW = 64  # batches' worth of samples sorted by length together before cutting
 
 

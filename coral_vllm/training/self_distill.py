@@ -148,8 +148,9 @@ def vllm_generator(target: str, max_model_len: int, temperature: float, seed: in
                                 max_num_batched_tokens=32768))
 
     def generate(prompts: list[list[int]], max_tokens: list[int]) -> list[Reply]:
-        params = [SamplingParams(temperature=temperature, max_tokens=m, seed=seed)
-                  for m in max_tokens]
+        # token ids are all this needs: no detokenizing on vLLM's (busy) front-end thread
+        params = [SamplingParams(temperature=temperature, max_tokens=m, seed=seed,
+                                 detokenize=False) for m in max_tokens]
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params,
                             use_tqdm=False)
         return [(list(o.outputs[0].token_ids), o.outputs[0].finish_reason == "stop")

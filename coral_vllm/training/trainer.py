@@ -48,6 +48,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from coral_vllm.bench.results import device_name
 from coral_vllm.training.batches import Batch, TokenTable, epoch_batches
 from coral_vllm.training.config import TrainConfig
 from coral_vllm.training.data import load_dev, load_splits, train_token_counts
@@ -269,6 +270,8 @@ def train(cfg: TrainConfig, device: str | None = None,
     `stop_at_step` ends this invocation early (as the time limit does), for chunked runs.
     """
     t0 = time.time()  # the time limit counts loading too
+    # batch shapes vary from step to step: growable segments instead of new cudaMallocs
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     rank, world, dev = setup_distributed()
     if device is not None:
         dev = torch.device(device)
@@ -364,6 +367,10 @@ def train(cfg: TrainConfig, device: str | None = None,
     t_log, tokens_log = time.time(), tokens_seen
     stopped_early = False
     metrics_path = out / METRICS_FILE
+    if rank == 0 and state is None:  # which card the rates and curves below come from
+        _append(metrics_path, {"run": {"device": device_name(), "world_size": world,
+                                       "preset_steps": cfg.num_steps,
+                                       "batch_tokens": cfg.batch_tokens}})
     log(f"training {total_steps} steps ({per_epoch[0]} in epoch 1) x {world} rank(s) x "
         f"{cfg.grad_accum} micro-batch(es) of <= {cfg.batch_tokens} tokens")
     while step < total_steps:
