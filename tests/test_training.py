@@ -386,3 +386,32 @@ def test_mixed_dtypes_and_router_on_exported_drafter(tiny, trained, tmp_path):
     assert ckpt.coral.top_k_groups == 4 and ckpt.coral.partition == report["chosen"]
     assert set(report["partitions"]) == {"contiguous", "frequency", "cluster"}
     assert json.loads((tmp_path / "report.json").read_text())["chosen"] == report["chosen"]
+
+
+def test_torchrun_two_ranks_equal_one_process_accumulating(tiny, tmp_path):
+    """`torchrun --nproc-per-node 2 ... train` (DDP over gloo) ends where one process with
+    --grad-accum 2 ends: same samples per step, same random draws, averaged gradients.
+    A state written by either resumes in the other world size."""
+    import subprocess
+    import sys
+
+    args = ["train", "--target", tiny["target"], "--data", tiny["data"],
+            "--preset", "coral", "--epochs", "100", "--max-steps", "6", "--batch-tokens", "512",
+            "--lr", "3e-3", "--warmup-steps", "2", "--num-groups", "16",
+            "--top-k-groups", "4", "--feature-noise", "0.2", "--log-every", "3"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "2", "-m", "coral_vllm.cli", "train", *args,
+                          "--out", str(tmp_path / "ddp"), "--grad-accum", "1"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    from coral_vllm.training.cli import main
+    assert main([*args, "--out", str(tmp_path / "one"), "--grad-accum", "2"]) == 0
+    a, b = load_state(tmp_path / "ddp"), load_state(tmp_path / "one")
+    assert a["step"] == b["step"] == 6 and a["tokens_seen"] == b["tokens_seen"]
+    for k, v in a["model"].items():
+        assert torch.allclose(v.float(), b["model"][k].float(), atol=1e-5), k
+    # resume across world sizes: the 2-rank state continues in one process to step 8
+    assert main([*args[:-2], "--max-steps", "8", "--out", str(tmp_path / "ddp"),
+                 "--grad-accum", "2"]) == 0
+    assert load_state(tmp_path / "ddp")["step"] == 8

@@ -27,7 +27,7 @@ step and the offline chain tau (k = `eval_k`) on the dev prompts, router on and 
 best checkpoint by the tau the preset serves with is kept in `best.pt`.
 
 The loop reads nothing back from the device except on logging and evaluation steps.
-Resumable: `out/state/latest.pt` (model, optimizer, scheduler, step, RNG) is written every
+Resumable: `out/state/latest.pt` (model, optimizer, scheduler, step) is written every
 `save_every` steps, at the time limit and at the end (write to a temporary file, then
 rename: a crash leaves the previous state); rerunning the same command continues from
 it. Multi-GPU: `torchrun --nproc-per-node N` (DDP); data is sharded by rank.
@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import time
 from pathlib import Path
 from typing import Any
@@ -110,7 +109,8 @@ def compute_loss(outs: list[torch.Tensor], feat_tgt: torch.Tensor, loss_pos: tor
     A batch without response positions gives a zero loss (every rank must still run
     backward under DDP) and no statistics."""
     if loss_pos.numel() == 0:  # the shape is known on the host: no sync
-        return sum(o.sum() for o in outs) * 0.0, {}
+        touched = sum(o.sum() for o in outs) + sum(p.sum() for p in drafter.router.parameters())
+        return touched * 0.0, {}
     preds = torch.stack([o.flatten(0, 1)[loss_pos] for o in outs])       # [steps, N, d]
     tgt = feat_tgt.flatten(0, 1)[loss_pos]                               # [N, d]
     n = preds.shape[1]
@@ -176,22 +176,6 @@ def atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     torch.save(obj, tmp)
     os.replace(tmp, path)
-
-
-def rng_state() -> dict[str, Any]:
-    s = {"torch": torch.get_rng_state(), "python": random.getstate(),
-         "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
-
-
-def set_rng_state(s: dict[str, Any]) -> None:
-    torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
 
 
 def load_state(out: str | Path, name: str = STATE_FILE) -> dict[str, Any] | None:
@@ -262,6 +246,15 @@ class Schedule:
         return len(self.epoch(e))
 
 
+def slot_generators(seed: int, step: int, slot: int, device: torch.device
+                    ) -> tuple[torch.Generator, torch.Generator]:
+    """(feature noise on `device`, CSRA sampling on the CPU) for one micro-batch slot of
+    one step: the same draws whichever rank or accumulation pass runs the slot."""
+    s = (seed * 1_000_003 + step) * 1009 + slot
+    return (torch.Generator(device=device).manual_seed(s),
+            torch.Generator().manual_seed(s + 1))
+
+
 # ------------------------------------------------------------------ the loop
 def train(cfg: TrainConfig, device: str | None = None,
           stop_at_step: int | None = None) -> dict[str, Any]:
@@ -278,9 +271,7 @@ def train(cfg: TrainConfig, device: str | None = None,
     out = Path(cfg.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed + rank)
-    random.seed(cfg.seed + rank)
-    np.random.seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed)  # the same initial drafter on every rank
     use_bf16 = dev.type == "cuda" and cfg.dtype in ("auto", "bfloat16", "bf16")
     log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
 
@@ -335,7 +326,6 @@ def train(cfg: TrainConfig, device: str | None = None,
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas),
                             weight_decay=cfg.weight_decay, fused=dev.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
-    csra_gen = torch.Generator().manual_seed(cfg.seed + 1)
     step, tokens_seen = 0, 0
     best = {"score": -1.0}
     if state is not None:
@@ -343,8 +333,6 @@ def train(cfg: TrainConfig, device: str | None = None,
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, tokens_seen, best = state["step"], state.get("tokens_seen", 0), state["best"]
-        set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
-        csra_gen.set_state(state["csra_rng"])
         log(f"resuming {out} at step {step}/{total_steps}")
     model: torch.nn.Module = MultiStep(drafter, cfg.num_steps, cfg.context_alignment)
     if world > 1:
@@ -380,8 +368,11 @@ def train(cfg: TrainConfig, device: str | None = None,
             rows = batch.rows.to(feats.device)
             f = feats[rows].to(dev, non_blocking=True)
             feat_in, feat_tgt = f[:, :-1], f[:, 1:]
+            noise_gen, csra_gen = slot_generators(cfg.seed, step, schedule.mine[slot], dev)
             if cfg.feature_noise > 0:
-                feat_in = feat_in + (torch.rand_like(feat_in) - 0.5) * cfg.feature_noise
+                u = torch.rand(feat_in.shape, generator=noise_gen, device=dev,
+                               dtype=feat_in.dtype)
+                feat_in = feat_in + (u - 0.5) * cfg.feature_noise
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
                 outs = model(batch.ids_in, feat_in)
             loss, stats = compute_loss(outs, feat_tgt, batch.loss_pos, drafter, group_of,
@@ -433,8 +424,8 @@ def train(cfg: TrainConfig, device: str | None = None,
             out_of_time = bool(flag.item())
         chunk_end = stop_at_step is not None and step >= stop_at_step
         if step % cfg.save_every == 0 or step == total_steps or out_of_time or chunk_end:
-            _save(out, drafter, opt, sched, step, total_steps, tokens_seen, best, cfg, world,
-                  rank, csra_gen)
+            if rank == 0:
+                _save(out, drafter, opt, sched, step, total_steps, tokens_seen, best, cfg)
         if (out_of_time or chunk_end) and step < total_steps:
             stopped_early = True
             break
@@ -464,19 +455,12 @@ def _append(path: Path, row: dict[str, Any]) -> None:
 
 
 def _save(out: Path, drafter: CoralDrafter, opt, sched, step: int, total: int,
-          tokens_seen: int, best: dict[str, Any], cfg: TrainConfig, world: int, rank: int,
-          csra_gen: torch.Generator) -> None:
-    rngs = [rng_state()]
-    if world > 1:
-        gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, rngs[0])
-        rngs = gathered
-    if rank != 0:
-        return
+          tokens_seen: int, best: dict[str, Any], cfg: TrainConfig) -> None:
+    """No RNG state: every random draw is seeded by (seed, step, slot), so any world size
+    resumes this state to the same steps."""
     atomic_save({"model": drafter.drafter_state_dict(), "optimizer": opt.state_dict(),
                  "scheduler": sched.state_dict(), "step": step, "total_steps": total,
-                 "tokens_seen": tokens_seen, "best": best, "rng": rngs,
-                 "csra_rng": csra_gen.get_state(), "config": cfg.to_dict(),
+                 "tokens_seen": tokens_seen, "best": best, "config": cfg.to_dict(),
                  "target_config": drafter.cfg},
                 out / STATE_FILE)
     cfg.save(out / "train_config.json")
