@@ -9,6 +9,7 @@
 #   bash scripts/train_smollm2_gpu.sh before   # tokens/s of the trainer at 25343e8, per preset
 #   bash scripts/train_smollm2_gpu.sh curves   # EAGLE, HASS, CORAL: 1 epoch each, validated
 #   bash scripts/train_smollm2_gpu.sh finish   # exports, vLLM tau vs offline tau, tables
+#   bash scripts/train_smollm2_gpu.sh scaling  # multi-GPU host: 1/2/4/8 GPUs, same global batch
 # Extra flags for a stage (later flags win): CORAL_DATA_ARGS, CORAL_BEFORE_ARGS, CORAL_TRAIN_ARGS,
 # CORAL_TAU_ARGS (a small rehearsal on the CPU sets these).
 # Work and results live in $CORAL_WORK (default /root/coral-work, kept while the host is);
@@ -22,7 +23,7 @@ TL=${CORAL_TIME_LIMIT_MIN:-8.5}
 PRESETS=${CORAL_PRESETS:-eagle hass coral}
 mkdir -p "$W" "$R" "$O"
 runs() { for p in $PRESETS; do printf '%s=%s ' "$p" "$W/runs/$p"; done; }
-case "${1:?stage: data | before | curves | finish}" in
+case "${1:?stage: data | before | curves | finish | scaling}" in
   data)
     python3 -m coral_vllm.cli train data --target "$M" --out "$W/data" \
       --conversations "${CORAL_CONVERSATIONS:-.gpu-data/conversations.jsonl.xz}" --max-turns "${CORAL_MAX_TURNS:-3}" \
@@ -45,6 +46,21 @@ case "${1:?stage: data | before | curves | finish}" in
       cp "$R/train_$p.log" "$O/"
       [ $(( $(date +%s) - start )) -gt $(python3 -c "print(int($TL * 60))") ] && break
     done ;;
+  scaling)  # multi-GPU host: the CORAL preset at 1, 2, 4, 8 GPUs, same global batch
+    n_gpu=$(nvidia-smi -L | wc -l)
+    for g in 1 2 4 8; do
+      [ "$g" -gt "$n_gpu" ] && break
+      python3 -m torch.distributed.run --standalone --nproc-per-node "$g" -m coral_vllm.cli \
+        train train --preset coral --target "$M" --data "$W/data" --out "$W/scaling/$g" \
+        --epochs 1 --lr 3e-4 --batch-tokens 32768 --grad-accum $(( 8 / g )) \
+        --max-steps "${CORAL_SCALING_STEPS:-120}" --eval-every 0 --log-every 10 \
+        ${CORAL_TRAIN_ARGS:-} > "$R/scaling_$g.log" 2>&1
+      echo "$g GPU(s): exit $? $(grep -E '^eval' "$R/scaling_$g.log" | tail -n 1)"
+    done
+    python3 -m coral_vllm.cli bench training scaling \
+      --runs $(for g in 1 2 4 8; do [ -d "$W/scaling/$g" ] && printf '%s=%s ' "$g" "$W/scaling/$g"; done) \
+      --out "$R/train_scaling.json"
+    cp "$R"/train_scaling.* "$R"/scaling_*.log "$O/" ;;
   finish)
     for p in $PRESETS; do
       dense=$([ "$p" = coral ] || echo --dense)

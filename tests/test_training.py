@@ -411,6 +411,14 @@ def test_torchrun_two_ranks_equal_one_process_accumulating(tiny, tmp_path):
     assert a["step"] == b["step"] == 6 and a["tokens_seen"] == b["tokens_seen"]
     for k, v in a["model"].items():
         assert torch.allclose(v.float(), b["model"][k].float(), atol=1e-5), k
+    # the scaling table reads both runs (rows per process count, efficiency vs 1)
+    from coral_vllm.bench.training import main as bench_main
+    assert bench_main(["scaling", "--runs", f"1={tmp_path / 'one'}", f"2={tmp_path / 'ddp'}",
+                       "--out", str(tmp_path / "scaling.json")]) == 0
+    table = json.loads((tmp_path / "scaling.json").read_text())
+    assert [r["gpus"] for r in table["rows"]] == [1, 2]
+    assert table["rows"][0]["scaling_efficiency"] == 1.0
+    assert all(r["tokens_per_s"] > 0 and r["heldout_tau"] >= 1.0 for r in table["rows"])
     # resume across world sizes: the 2-rank state continues in one process to step 8
     assert main([*args[:-2], "--max-steps", "8", "--out", str(tmp_path / "ddp"),
                  "--grad-accum", "2"]) == 0

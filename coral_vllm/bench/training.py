@@ -8,6 +8,8 @@
     curve       held-out offline tau against training tokens per preset, from runs'
                 evaluation rows, joined with vLLM's tau of the exported best drafters
                 (`train vllm-tau` output); JSON + PNG.
+    scaling     tokens/s per GPU count (runs of the same global batch under torchrun),
+                scaling efficiency, held-out tau after the same steps; JSON + PNG.
 
     coral-vllm bench training throughput --legacy-root .baseline --target T --data D \\
         --legacy-presets eagle hass coral --out benchmarks/results/train_throughput.json
@@ -155,6 +157,27 @@ def curve(args: argparse.Namespace) -> dict[str, Any]:
             "for eagle/hass", "rows": rows}
 
 
+def scaling(args: argparse.Namespace) -> dict[str, Any]:
+    """tokens/s per GPU count (runs named by their GPU count), efficiency against the
+    smallest count, and the held-out tau each reached after the same steps."""
+    runs = {int(n): r for n, r in parse_named(args.runs, "--runs").items()}
+    devices = {run_device(run, args.device) for run in runs.values()}
+    if len(devices) != 1:
+        raise SystemExit(f"runs from {sorted(devices)}: one card per table")
+    base = min(runs)
+    rate = {n: steady_tokens_per_s(r) for n, r in runs.items()}
+    rows = []
+    for n, run in sorted(runs.items()):
+        cfg = json.loads((Path(run) / "train_config.json").read_text())
+        key = "tau_router" if cfg["serve_router"] else "tau_dense"
+        evals = [r["eval"] for r in run_metrics(run) if "eval" in r]
+        rows.append({"gpus": n, "tokens_per_s": rate[n],
+                     "scaling_efficiency": rate[n] * base / (n * rate[base]),
+                     "heldout_tau": evals[-1][key] if evals else None,
+                     "train_tokens": evals[-1]["train_tokens"] if evals else None})
+    return {"device": devices.pop(), "rows": rows}
+
+
 def plot_curve(result: dict[str, Any], dest: Path) -> Path:
     from coral_vllm.bench.plots import _pyplot
 
@@ -171,6 +194,26 @@ def plot_curve(result: dict[str, Any], dest: Path) -> Path:
     ax.set_xlabel("training tokens (M)")
     ax.set_ylabel(f"offline chain tau, k={result['k']}, dev prompts")
     ax.set_title(f"held-out tau ({result['device']}); stars: vLLM's tau")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(dest, dpi=120)
+    plt.close(fig)
+    return dest
+
+
+def plot_scaling(result: dict[str, Any], dest: Path) -> Path:
+    from coral_vllm.bench.plots import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    gpus = [r["gpus"] for r in result["rows"]]
+    base = result["rows"][0]["tokens_per_s"] / gpus[0]
+    ax.plot(gpus, [r["tokens_per_s"] / 1e3 for r in result["rows"]], marker="o",
+            label="measured")
+    ax.plot(gpus, [base * g / 1e3 for g in gpus], ls="--", color="gray", label="linear")
+    ax.set_xlabel("GPUs")
+    ax.set_ylabel("training tokens/s (k)")
+    ax.set_title(f"data-parallel training ({result['device']})")
     ax.legend()
     fig.tight_layout()
     fig.savefig(dest, dpi=120)
@@ -203,15 +246,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("-k", type=int, default=5)
     c.add_argument("--device", help="the card, for runs whose metrics do not record it")
     c.add_argument("--out", required=True)
+    g = sub.add_parser("scaling", help="tokens/s and held-out tau per GPU count")
+    g.add_argument("--runs", nargs="+", required=True, metavar="GPUS=RUN")
+    g.add_argument("--device", help="the card, for runs whose metrics do not record it")
+    g.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     if args.cmd == "throughput" and args.legacy_presets and not (
             args.legacy_root and args.target and args.data):
         ap.error("throughput --legacy-presets needs --legacy-root, --target and --data")
-    result = throughput(args) if args.cmd == "throughput" else curve(args)
+    result = {"throughput": throughput, "curve": curve, "scaling": scaling}[args.cmd](args)
     out = Path(args.out)
     write_json(out, result)
     if args.cmd == "curve":
         print(plot_curve(result, out.with_suffix(".png")))
+    elif args.cmd == "scaling":
+        print(plot_scaling(result, out.with_suffix(".png")))
     return 0
 
 
