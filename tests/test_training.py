@@ -97,8 +97,9 @@ def test_drafter_names_match_checkpoint_format(tiny):
 
 
 def test_chunked_soft_ce_matches_plain_loss():
-    """Loss, gradient, agreement and target top-1 of the chunked head loss equal the
-    plain [N, V] computation (float32), with chunks that do not divide N."""
+    """Loss (full and top-K terms), gradient, agreement and target top-1 of the chunked
+    head loss equal the plain [N, V] computation (float32), with chunks that do not
+    divide N."""
     from coral_vllm.training.head_loss import chunked_soft_ce, soft_ce_reference
 
     g = torch.Generator().manual_seed(0)
@@ -106,16 +107,18 @@ def test_chunked_soft_ce_matches_plain_loss():
     tgt = torch.randn(70, 32, generator=g)
     preds = (tgt + 0.5 * torch.randn(3, 70, 32, generator=g)).requires_grad_(True)
     w = torch.tensor([1.0, 0.5, 0.25])
-    ce, agree, top1 = chunked_soft_ce(preds, tgt, head, chunk=16)
-    (ce * w).sum().backward()
+    w_topk = torch.tensor([0.3, 0.2, 0.1])
+    ce, tk, agree, top1 = chunked_soft_ce(preds, tgt, head, chunk=16, topk=10)
+    (ce * w + tk * w_topk).sum().backward()
     grad = preds.grad.clone()
     preds.grad = None
-    ce_ref, agree_ref, top1_ref = soft_ce_reference(preds, tgt, head)
-    (ce_ref * w).sum().backward()
+    ce_ref, tk_ref, agree_ref, top1_ref = soft_ce_reference(preds, tgt, head, topk=10)
+    (ce_ref * w + tk_ref * w_topk).sum().backward()
     assert torch.allclose(ce, ce_ref, rtol=1e-5, atol=1e-6), (ce, ce_ref)
+    assert torch.allclose(tk, tk_ref, rtol=1e-5, atol=1e-6), (tk, tk_ref)
     assert torch.allclose(grad, preds.grad, rtol=1e-4, atol=1e-7)
     assert torch.equal(agree, agree_ref) and torch.equal(top1, top1_ref)
-    assert 0 < int(agree.sum()) < 3 * 70
+    assert 0 < int(agree.sum()) < 3 * 70 and (tk > 0).all() and (tk < ce).all()
 
 
 def test_batches_cover_every_sample_once_within_budget():
@@ -423,3 +426,19 @@ def test_torchrun_two_ranks_equal_one_process_accumulating(tiny, tmp_path):
     assert main([*args[:-2], "--max-steps", "8", "--out", str(tmp_path / "ddp"),
                  "--grad-accum", "2"]) == 0
     assert load_state(tmp_path / "ddp")["step"] == 8
+
+
+def test_second_phase_starts_from_a_run_with_topk_distillation(tiny, trained, tmp_path):
+    """HASS's phase 2: a new run from another run's best drafter (fresh optimizer) with
+    the top-K distillation term on."""
+    out = tmp_path / "phase2"
+    train(_cfg(tiny, out, init_from=str(trained["out"]), topk_weight=1.0, max_steps=2,
+               lr=1e-12, router_lr=1e-12, warmup_steps=1))
+    src, got = load_state(trained["out"], "best.pt")["model"], load_state(out)["model"]
+    for k in ("fc.weight", "layers.0.mlp.down_proj.weight", "router.w2.weight",
+              "partition.token_order"):
+        assert torch.allclose(got[k].float(), src[k].float(), atol=1e-6), k
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["topk_ce1"] > 0 for r in rows if "loss" in r)
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        train(_cfg(tiny, tmp_path / "bad", init_from=str(tmp_path / "nowhere"), max_steps=1))

@@ -54,12 +54,16 @@ class TrainConfig:
     feature_noise: float = 0.2       # step-1 input noise (U(0,1) - 0.5) * feature_noise
     feature_loss_weight: float = 1.0
     distill_weight: float = 0.1
+    # HASS's second phase: distil the target's top-K tokens (K = 10 in HASS)
+    topk_distill: int = 10
+    topk_weight: float = 0.0         # 0: off (phase 1); HASS phase 2 turns it on
     # CSRA [choice: weight, temperature, negatives]
     csra_weight: float = 0.1
     csra_temperature: float = 0.1
     csra_max_positions: int = 512    # positions sampled per batch (bounds the n^2 matrix)
     # drafter init
     init_from_target: bool = False   # copy the target's last layer into the drafter layer
+    init_from: str = ""              # a run directory: start from its best drafter (phase 2)
     # target features: computed once per run; "auto" keeps them on the GPU if they fit
     feature_store: str = "auto"      # auto | device | host
     # logging / validation / checkpoints

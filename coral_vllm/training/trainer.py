@@ -117,10 +117,15 @@ def compute_loss(outs: list[torch.Tensor], feat_tgt: torch.Tensor, loss_pos: tor
     steps = len(outs)
     feat = F.smooth_l1_loss(preds.float(), tgt.float().expand_as(preds),
                             reduction="none").mean(dim=(1, 2))
-    ce, agree, top1 = chunked_soft_ce(preds, tgt, drafter.lm_head.weight)
+    topk = cfg.topk_distill if cfg.topk_weight > 0 else 0
+    ce, topk_ce, agree, top1 = chunked_soft_ce(preds, tgt, drafter.lm_head.weight, topk=topk)
     weights = cfg.step_weight_decay ** torch.arange(steps, device=preds.device)
-    loss = (weights * (cfg.feature_loss_weight * feat + cfg.distill_weight * ce)).sum()
+    per_step = (cfg.feature_loss_weight * feat + cfg.distill_weight * ce
+                + cfg.topk_weight * topk_ce)
+    loss = (weights * per_step).sum()
     stats = {"feat": feat.detach(), "ce": ce.detach(), "acc": agree.double() / max(1, n)}
+    if topk:
+        stats["topk_ce"] = topk_ce.detach()
     if cfg.csra_weight > 0 and steps > 1:
         c = csra_loss(preds, cfg.csra_temperature, cfg.csra_max_positions, generator)
         loss = loss + cfg.csra_weight * c
@@ -181,6 +186,16 @@ def atomic_save(obj: Any, path: Path) -> None:
 def load_state(out: str | Path, name: str = STATE_FILE) -> dict[str, Any] | None:
     path = Path(out) / name
     return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+
+
+def init_weights(run: str | Path) -> dict[str, Any]:
+    """The drafter a new training phase starts from: another run's best checkpoint (its
+    latest state if it has none). Optimizer and schedule start fresh."""
+    found = load_state(run, BEST_FILE) or load_state(run)
+    if found is None:
+        raise FileNotFoundError(f"init_from={run!s}: no {BEST_FILE} or {STATE_FILE} there; "
+                                "pass the run directory of a finished `train`")
+    return found
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int):
@@ -308,10 +323,12 @@ def train(cfg: TrainConfig, device: str | None = None,
     drafter.load_target_heads(target)
     if cfg.init_from_target:
         drafter.init_layer_from_target(target)
-    order = (state["model"]["partition.token_order"] if state is not None
-             else drafter.choose_partition(cfg.online_partition(),
-                                           train_token_counts(train_all, tcfg["vocab_size"])))
-    drafter.set_partition(order)
+    start = state or (init_weights(cfg.init_from) if cfg.init_from else None)
+    if start is not None:  # this run's state, or (a new phase) another run's drafter
+        drafter.load_state_dict(start["model"], strict=False)
+    else:
+        drafter.set_partition(drafter.choose_partition(
+            cfg.online_partition(), train_token_counts(train_all, tcfg["vocab_size"])))
     del target
     drafter.router.requires_grad_(cfg.router_online)
     drafter.to(dev)
@@ -329,7 +346,6 @@ def train(cfg: TrainConfig, device: str | None = None,
     step, tokens_seen = 0, 0
     best = {"score": -1.0}
     if state is not None:
-        drafter.load_state_dict(state["model"], strict=False)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, tokens_seen, best = state["step"], state.get("tokens_seen", 0), state["best"]
