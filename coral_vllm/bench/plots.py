@@ -89,6 +89,39 @@ def plot_lm_head(result: dict[str, Any], dest: Path) -> Path:
                       f"{result['device']}", dest)
 
 
+def plot_learning_curve(result: dict[str, Any], dest: Path) -> Path:
+    """Held-out offline tau against training tokens per preset; stars: vLLM's tau."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for preset in dict.fromkeys(r["preset"] for r in result["rows"]):
+        rows = [r for r in result["rows"] if r["preset"] == preset]
+        line, = ax.plot([r["train_tokens"] / 1e6 for r in rows],
+                        [r["heldout_tau"] for r in rows], marker="o", label=preset)
+        for r in rows:
+            if r["vllm_tau"] is not None:
+                ax.scatter([r["train_tokens"] / 1e6], [r["vllm_tau"]], marker="*", s=120,
+                           color=line.get_color(), zorder=3)
+    ax.set_xlabel("training tokens (M)")
+    ax.set_ylabel(f"offline chain tau, k={result['k']}, dev prompts")
+    ax.legend()
+    return _save(fig, f"held-out tau, {result['device']}; stars: vLLM's tau", dest)
+
+
+def plot_scaling(result: dict[str, Any], dest: Path) -> Path:
+    """Training tokens/s against GPU count, with the linear line from the smallest."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    gpus = [r["gpus"] for r in result["rows"]]
+    per_gpu = result["rows"][0]["tokens_per_s"] / gpus[0]
+    ax.plot(gpus, [r["tokens_per_s"] / 1e3 for r in result["rows"]], marker="o",
+            label="measured")
+    ax.plot(gpus, [per_gpu * g / 1e3 for g in gpus], ls="--", color="gray", label="linear")
+    ax.set_xlabel("GPUs")
+    ax.set_ylabel("training tokens/s (k)")
+    ax.legend()
+    return _save(fig, f"data-parallel training, {result['device']}", dest)
+
+
 def _save(fig: Any, title: str, dest: Path) -> Path:
     """Every figure states its card (and for end-to-end runs the vLLM version and whether
     acceptance was real)."""
@@ -103,8 +136,13 @@ def plot_file(path: str | Path) -> Path:
     """PNG next to a result JSON, chosen by its kind."""
     path = Path(path)
     result = json.loads(path.read_text())
+    rows = result.get("rows") or [{}]
     if "copy_bandwidth_gbs" in result:
         plot = plot_lm_head
+    elif "heldout_tau" in rows[0] and "preset" in rows[0]:
+        plot = plot_learning_curve
+    elif "scaling_efficiency" in rows[0]:
+        plot = plot_scaling
     else:
         plot = plot_synthetic if "ratios" in result else plot_e2e
     return plot(result, path.with_suffix(".png"))

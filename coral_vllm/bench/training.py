@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from coral_vllm.bench.args import parse_named
+from coral_vllm.bench.plots import plot_file
 from coral_vllm.bench.results import device_name, write_json
 
 # Run inside a subprocess whose sys.path starts with the legacy package: times the old
@@ -92,6 +93,20 @@ def run_device(run: str | Path, fallback: str | None) -> str:
     return found or fallback
 
 
+def one_device(runs: Sequence[str | Path], fallback: str | None) -> str:
+    """The one card all `runs` trained on (a table mixes no cards)."""
+    devices = {run_device(run, fallback) for run in runs}
+    if len(devices) != 1:
+        raise SystemExit(f"runs from {sorted(devices)}: one card per table")
+    return devices.pop()
+
+
+def serving_tau_key(run: str | Path) -> str:
+    """The tau a run is judged by: router on for presets that serve with it."""
+    cfg = json.loads((Path(run) / "train_config.json").read_text())
+    return "tau_router" if cfg["serve_router"] else "tau_dense"
+
+
 def steady_tokens_per_s(run: str | Path) -> float:
     rows = [r["tokens_per_s"] for r in run_metrics(run) if "tokens_per_s" in r]
     if len(rows) < 2:
@@ -137,12 +152,9 @@ def curve(args: argparse.Namespace) -> dict[str, Any]:
     if args.vllm_tau:
         vllm = {r["drafter"]: r for r in json.loads(Path(args.vllm_tau).read_text())["rows"]}
     rows = []
-    devices = {run_device(run, args.device) for run in runs.values()}
-    if len(devices) != 1:
-        raise SystemExit(f"runs from {sorted(devices)}: one card per table")
+    device = one_device(list(runs.values()), args.device)
     for preset, run in runs.items():
-        cfg = json.loads((Path(run) / "train_config.json").read_text())
-        key = "tau_router" if cfg["serve_router"] else "tau_dense"
+        key = serving_tau_key(run)
         evals = [r["eval"] for r in run_metrics(run) if "eval" in r]
         best = max(evals, key=lambda e: e[key]) if evals else None
         for e in evals:
@@ -153,7 +165,7 @@ def curve(args: argparse.Namespace) -> dict[str, Any]:
             if e is best and preset in vllm:
                 row["vllm_tau"] = vllm[preset]["vllm_tau"]
             rows.append(row)
-    return {"device": devices.pop(), "k": args.k, "serving_head": "router for coral, dense "
+    return {"device": device, "k": args.k, "serving_head": "router for coral, dense "
             "for eagle/hass", "rows": rows}
 
 
@@ -161,64 +173,18 @@ def scaling(args: argparse.Namespace) -> dict[str, Any]:
     """tokens/s per GPU count (runs named by their GPU count), efficiency against the
     smallest count, and the held-out tau each reached after the same steps."""
     runs = {int(n): r for n, r in parse_named(args.runs, "--runs").items()}
-    devices = {run_device(run, args.device) for run in runs.values()}
-    if len(devices) != 1:
-        raise SystemExit(f"runs from {sorted(devices)}: one card per table")
+    device = one_device(list(runs.values()), args.device)
     base = min(runs)
     rate = {n: steady_tokens_per_s(r) for n, r in runs.items()}
     rows = []
     for n, run in sorted(runs.items()):
-        cfg = json.loads((Path(run) / "train_config.json").read_text())
-        key = "tau_router" if cfg["serve_router"] else "tau_dense"
+        key = serving_tau_key(run)
         evals = [r["eval"] for r in run_metrics(run) if "eval" in r]
         rows.append({"gpus": n, "tokens_per_s": rate[n],
                      "scaling_efficiency": rate[n] * base / (n * rate[base]),
                      "heldout_tau": evals[-1][key] if evals else None,
                      "train_tokens": evals[-1]["train_tokens"] if evals else None})
-    return {"device": devices.pop(), "rows": rows}
-
-
-def plot_curve(result: dict[str, Any], dest: Path) -> Path:
-    from coral_vllm.bench.plots import _pyplot
-
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for preset in dict.fromkeys(r["preset"] for r in result["rows"]):
-        pts = [(r["train_tokens"] / 1e6, r["heldout_tau"]) for r in result["rows"]
-               if r["preset"] == preset]
-        line, = ax.plot(*zip(*pts), marker="o", label=preset)
-        for r in result["rows"]:
-            if r["preset"] == preset and r["vllm_tau"] is not None:
-                ax.scatter([r["train_tokens"] / 1e6], [r["vllm_tau"]], marker="*", s=120,
-                           color=line.get_color(), zorder=3)
-    ax.set_xlabel("training tokens (M)")
-    ax.set_ylabel(f"offline chain tau, k={result['k']}, dev prompts")
-    ax.set_title(f"held-out tau ({result['device']}); stars: vLLM's tau")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(dest, dpi=120)
-    plt.close(fig)
-    return dest
-
-
-def plot_scaling(result: dict[str, Any], dest: Path) -> Path:
-    from coral_vllm.bench.plots import _pyplot
-
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    gpus = [r["gpus"] for r in result["rows"]]
-    base = result["rows"][0]["tokens_per_s"] / gpus[0]
-    ax.plot(gpus, [r["tokens_per_s"] / 1e3 for r in result["rows"]], marker="o",
-            label="measured")
-    ax.plot(gpus, [base * g / 1e3 for g in gpus], ls="--", color="gray", label="linear")
-    ax.set_xlabel("GPUs")
-    ax.set_ylabel("training tokens/s (k)")
-    ax.set_title(f"data-parallel training ({result['device']})")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(dest, dpi=120)
-    plt.close(fig)
-    return dest
+    return {"device": device, "rows": rows}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -257,10 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = {"throughput": throughput, "curve": curve, "scaling": scaling}[args.cmd](args)
     out = Path(args.out)
     write_json(out, result)
-    if args.cmd == "curve":
-        print(plot_curve(result, out.with_suffix(".png")))
-    elif args.cmd == "scaling":
-        print(plot_scaling(result, out.with_suffix(".png")))
+    if args.cmd in ("curve", "scaling"):
+        print(plot_file(out))
     return 0
 
 

@@ -48,7 +48,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from coral_vllm.bench.results import device_name
-from coral_vllm.training.batches import Batch, TokenTable, epoch_batches
+from coral_vllm.training.batches import Batch, epoch_batches
 from coral_vllm.training.config import TrainConfig
 from coral_vllm.training.data import load_dev, load_splits, train_token_counts
 from coral_vllm.training.features import compute_features
