@@ -6,7 +6,9 @@ head the drafter serves with: the router's groups if it activates fewer than all
 the tau vLLM's own counters give when it serves the same prompts with `method: coral`,
 greedy, k draft tokens, each request asking for as many tokens as its stored
 continuation has. vLLM's replies are compared with the stored continuations too: they
-are the same tokens unless bf16 near-ties flip between the two engines.
+are the same tokens unless bf16 near-ties flip between the two engines (verifying k + 1
+tokens at once rounds differently from decoding one); so the offline tau is also replayed
+on vLLM's own replies, which separates the replay's error from the texts' difference.
 """
 
 from __future__ import annotations
@@ -45,61 +47,75 @@ def vllm_tau(target: str, drafter: str, prompts: list[list[int]], max_tokens: li
             "outputs": [list(o.outputs[0].token_ids) for o in outs]}
 
 
-def offline_rows(target: str, table, prompt_lens: np.ndarray, drafters: dict[str, str],
-                 k: int) -> list[dict[str, Any]]:
-    """Offline chain tau per drafter, with the head it serves with."""
+def _split(model, prompts: list[list[int]], conts: list[list[int]], dev):
+    """Prompts + continuations as an EvalSplit with the target's features."""
+    from coral_vllm.training.batches import TokenTable
+    from coral_vllm.training.features import compute_features
+    from coral_vllm.training.validate import EvalSplit
+
+    samples = [(np.array(p + c), np.r_[np.zeros(len(p)), np.ones(len(c))])
+               for p, c in zip(prompts, conts)]
+    table = TokenTable.from_samples(samples, 1 << 20)
+    return EvalSplit(table, compute_features(model, table, dev),
+                     np.array([len(p) for p in prompts]))
+
+
+def offline_taus(target: str, drafters: dict[str, str], prompts: list[list[int]],
+                 stored: list[list[int]], served: dict[str, list[list[int]]], k: int
+                 ) -> dict[str, dict[str, Any]]:
+    """Offline chain tau per drafter, with the head it serves with, replayed on the
+    stored continuations (what training validates on) and on the tokens vLLM itself
+    produced for that drafter (the same text vLLM's counters saw)."""
     import torch
 
     from coral_vllm.training.evaluate import load_drafter, tau_of_drafters
-    from coral_vllm.training.features import compute_features
     from coral_vllm.training.target import load_target
-    from coral_vllm.training.validate import EvalSplit
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, _, _ = load_target(target, dev)
-    split = EvalSplit(table, compute_features(model, table, dev), prompt_lens)
-    rows = []
+    on_stored = _split(model, prompts, stored, dev)
+    out = {}
     for name, path in drafters.items():
         drafter = load_drafter(path, model, dev)
         routed = drafter.coral.top_k_groups < drafter.coral.num_groups  # type: ignore[attr-defined]
-        offline = {r["router"]: r for r in tau_of_drafters(model, {name: drafter}, split, k=k)}
-        rows.append({"drafter": name, "path": str(path), "router": routed,
-                     "offline_tau": offline[routed]["tau"],
-                     "offline_rounds": offline[routed]["rounds"]})
-    return rows
+        pick = lambda split: {r["router"]: r for r in tau_of_drafters(  # noqa: E731
+            model, {name: drafter}, split, k=k)}[routed]
+        a, b = pick(on_stored), pick(_split(model, prompts, served[name], dev))
+        out[name] = {"router": routed, "offline_tau": a["tau"], "offline_rounds": a["rounds"],
+                     "offline_tau_on_vllm_outputs": b["tau"]}
+    return out
 
 
 def compare(target: str, data: str, drafters: dict[str, str], *, k: int = 5,
             limit: int | None = None, enforce_eager: bool = True,
             out_json: str | None = None) -> dict[str, Any]:
-    """Offline vs vLLM tau per drafter on the data directory's dev prompts."""
-    import gc
-
-    import torch
-
+    """Offline vs vLLM tau per drafter on the data directory's dev prompts. vLLM runs
+    first (each engine torn down after), then the target for the offline replays."""
     from coral_vllm.bench.results import device_name
 
     table, prompt_lens = load_dev(data, 1 << 20)
     if table is None:
         raise ValueError(f"{data}: no dev prompts (data made before dev splits existed)")
     n = len(table) if limit is None else min(limit, len(table))
-    table, prompt_lens = table.subset(np.arange(n)), prompt_lens[:n]
     samples = [table.sample(i)[0] for i in range(n)]
-    prompts = [s[:p].tolist() for s, p in zip(samples, prompt_lens)]
-    conts = [s[p:].tolist() for s, p in zip(samples, prompt_lens)]
-    rows = offline_rows(target, table, prompt_lens, drafters, k)
-    gc.collect()  # the target and features go before vLLM measures free memory
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    prompts = [s[:p].tolist() for s, p in zip(samples, prompt_lens[:n])]
+    stored = [s[p:].tolist() for s, p in zip(samples, prompt_lens[:n])]
+    rows, served = [], {}
+    for name, path in drafters.items():
+        got = vllm_tau(target, path, prompts, [len(c) for c in stored], k, enforce_eager)
+        served[name] = got.pop("outputs")
+        rows.append({"drafter": name, "path": str(path), "vllm_tau": got["tau"],
+                     "vllm_per_position": got["per_position"], "vllm_drafts": got["drafts"],
+                     "identical_to_stored": sum(o == c for o, c in zip(served[name], stored))})
+    offline = offline_taus(target, drafters, prompts, stored, served, k)
     for row in rows:
-        got = vllm_tau(target, row["path"], prompts, [len(c) for c in conts], k, enforce_eager)
-        same = sum(o == c for o, c in zip(got.pop("outputs"), conts))
-        row.update(vllm_tau=got["tau"], vllm_per_position=got["per_position"],
-                   vllm_drafts=got["drafts"], identical_to_stored=same,
-                   relative_gap=(row["offline_tau"] - got["tau"]) / got["tau"])
-        print(json.dumps({k_: row[k_] for k_ in ("drafter", "offline_tau", "vllm_tau",
-                                                 "relative_gap", "identical_to_stored")}),
-              flush=True)
+        row.update(offline[row["drafter"]])
+        row["relative_gap"] = (row["offline_tau"] - row["vllm_tau"]) / row["vllm_tau"]
+        row["relative_gap_same_text"] = ((row["offline_tau_on_vllm_outputs"] - row["vllm_tau"])
+                                         / row["vllm_tau"])
+        print(json.dumps({k_: row[k_] for k_ in (
+            "drafter", "offline_tau", "offline_tau_on_vllm_outputs", "vllm_tau",
+            "relative_gap", "identical_to_stored")}), flush=True)
     import vllm
     result = {"device": device_name(), "vllm_version": vllm.__version__, "k": k,
               "temperature": 0.0, "prompts": n, "data": str(data),

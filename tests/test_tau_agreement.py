@@ -1,0 +1,42 @@
+"""Validation predicts serving: the offline chain tau equals vLLM's counters (CPU, float32)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from coral_vllm.models.drafters import shipped_drafter
+
+
+def test_offline_tau_matches_vllm_counters(target_dir, tmp_path):
+    """The shipped (trained) drafter on four dev prompts whose stored continuations are
+    the target's greedy replies: the replayed tau equals the one vLLM counts when it
+    serves them with `method: coral` (router on), on the same text."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from coral_vllm.datasets import chat_prompt_ids
+    from coral_vllm.training.data import write_dataset
+    from coral_vllm.training.self_distill import generate_hf
+    from coral_vllm.training.vllm_tau import compare
+
+    tok = AutoTokenizer.from_pretrained(str(target_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32).eval()
+    prompts = [chat_prompt_ids(tok, p) for p in (
+        "Name three fruits.", "What is a hash table?", "Write a haiku about rain.",
+        "How do airplanes fly?")]
+    conts = generate_hf(model, prompts, 32, 0.0, [tok.eos_token_id], batch_size=1)
+    sample = [(p + c, [0] * len(p) + [1] * len(c)) for p, c in zip(prompts, conts)]
+    data = tmp_path / "data"
+    write_dataset(data, sample, model.config.vocab_size, dev=list(zip(prompts, conts)))
+    del model
+    out = compare(str(target_dir), str(data), {"coral": str(shipped_drafter())}, k=5,
+                  out_json=str(tmp_path / "tau.json"))
+    row = out["rows"][0]
+    print(json.dumps(row))
+    assert row["router"] and row["vllm_drafts"] > 0 and row["vllm_tau"] > 1.2
+    assert row["offline_tau_on_vllm_outputs"] == pytest.approx(row["vllm_tau"], rel=0.02)
+    if row["identical_to_stored"] == len(prompts):  # same text: the same rounds
+        assert row["offline_rounds"] == row["vllm_drafts"]
+        assert row["offline_tau"] == pytest.approx(row["vllm_tau"], rel=1e-9)
