@@ -129,7 +129,7 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
                                  f"max_len {args.max_len}"})
         print(json.dumps(rows[-1]), flush=True)
     devices = set()
-    for preset, run in parse_named(args.runs or [], "--runs").items():
+    for preset, run in parse_named(args.runs or [], "--runs", "RUN").items():
         devices.add(run_device(run, args.device))
         cfg = json.loads((Path(run) / "train_config.json").read_text())
         rows.append({"preset": preset, "version": "after",
@@ -147,7 +147,7 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def curve(args: argparse.Namespace) -> dict[str, Any]:
-    runs = parse_named(args.runs, "--runs")
+    runs = parse_named(args.runs, "--runs", "RUN")
     vllm = {}
     if args.vllm_tau:
         vllm = {r["drafter"]: r for r in json.loads(Path(args.vllm_tau).read_text())["rows"]}
@@ -172,7 +172,7 @@ def curve(args: argparse.Namespace) -> dict[str, Any]:
 def scaling(args: argparse.Namespace) -> dict[str, Any]:
     """tokens/s per GPU count (runs named by their GPU count), efficiency against the
     smallest count, and the held-out tau each reached after the same steps."""
-    runs = {int(n): r for n, r in parse_named(args.runs, "--runs").items()}
+    runs = {int(n): r for n, r in parse_named(args.runs, "--runs", "RUN").items()}
     device = one_device(list(runs.values()), args.device)
     base = min(runs)
     rate = {n: steady_tokens_per_s(r) for n, r in runs.items()}
