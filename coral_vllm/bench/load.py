@@ -29,8 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from coral_vllm.bench.args import (PLAIN, add_engine_resource_args, bench_parser,
-                                   engine_resources, target_dir)
+from coral_vllm.bench.args import (PLAIN, add_engine_resource_args, add_output_args,
+                                   bench_parser, engine_resources, server_log_dir,
+                                   target_dir)
 from coral_vllm.bench.client import run_load
 from coral_vllm.bench.results import device_name, write_json
 from coral_vllm.datasets import BENCHMARKS, benchmark_texts
@@ -218,11 +219,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model = target_dir(args)
     drafter = Path(args.drafter) if args.drafter else default_drafter()
     out = Path(args.out)
-    log_dir = Path(args.log_dir or out.parent / "logs")
-    log_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = server_log_dir(args)
     rng = random.Random(args.seed)
     pool = request_pool(args.prompts, args.max_tokens, args.sampled_fraction, rng)
     extra = ["--disable-uvicorn-access-log", "--max-num-seqs", str(args.concurrency)]
+    if args.enforce_eager:
+        extra.append("--enforce-eager")
     specs = {name: ServerSpec(model, d, args.k, None, extra, log_dir / f"load_{name}.log",
                               engine_resources(args))
              for name, d in ((PLAIN, None), ("coral", drafter))}
@@ -247,7 +249,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     failures, mismatches = result.pop("failures"), result.pop("mismatches")
     result.update({
         "vllm_version": vllm.__version__, "model": model.name, "drafter": str(drafter),
-        "k": args.k, "pool": {"requests": len(pool), "greedy": len(reference),
+        "k": args.k, "enforce_eager": args.enforce_eager, "pool": {"requests": len(pool), "greedy": len(reference),
                               "max_tokens": args.max_tokens,
                               "sampled_temperature": SAMPLED_TEMPERATURE,
                               "prompts": f"benchmark_texts of {', '.join(BENCHMARKS)}, in turn"},
@@ -278,10 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, nargs="+", default=[16, 48, 128, 256],
                    help="output budgets, cycled over the pool (default 16 48 128 256)")
     p.add_argument("--seed", type=int, default=0, help="client-side choices (default 0)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="serve without torch.compile / CUDA graphs (quick start-ups: CI)")
     add_engine_resource_args(p, gpu_memory_utilization=0.2, kv_cache_gib=8,
                              per="server (GPU only)")
-    p.add_argument("--out", default="benchmarks/results/load.json")
-    p.add_argument("--log-dir", help="server logs (default: OUT's folder/logs)")
+    add_output_args(p, "benchmarks/results/load.json")
     return p
 
 
