@@ -225,8 +225,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     extra = ["--disable-uvicorn-access-log", "--max-num-seqs", str(args.concurrency)]
     if args.enforce_eager:
         extra.append("--enforce-eager")
+    gpu_engine = {**engine_resources(args), **({"dtype": args.gpu_dtype} if args.gpu_dtype
+                                               else {})}
     specs = {name: ServerSpec(model, d, args.k, None, extra, log_dir / f"load_{name}.log",
-                              engine_resources(args))
+                              gpu_engine)
              for name, d in ((PLAIN, None), ("coral", drafter))}
     print(f"starting plain and coral servers (logs in {log_dir})", flush=True)
     with running_server_processes(specs, startup_timeout=args.startup_timeout) as servers:
@@ -249,7 +251,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     failures, mismatches = result.pop("failures"), result.pop("mismatches")
     result.update({
         "vllm_version": vllm.__version__, "model": model.name, "drafter": str(drafter),
-        "k": args.k, "enforce_eager": args.enforce_eager, "pool": {"requests": len(pool), "greedy": len(reference),
+        "k": args.k, "enforce_eager": args.enforce_eager, "gpu_dtype": args.gpu_dtype,
+        "pool": {"requests": len(pool), "greedy": len(reference),
                               "max_tokens": args.max_tokens,
                               "sampled_temperature": SAMPLED_TEMPERATURE,
                               "prompts": f"benchmark_texts of {', '.join(BENCHMARKS)}, in turn"},
@@ -282,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="client-side choices (default 0)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="serve without torch.compile / CUDA graphs (quick start-ups: CI)")
+    p.add_argument("--gpu-dtype", help="GPU only: serve in this dtype (default bfloat16; "
+                   "float32 makes T=0 replies independent of batching up to near-ties)")
     add_engine_resource_args(p, gpu_memory_utilization=0.2, kv_cache_gib=8,
                              per="server (GPU only)")
     add_output_args(p, "benchmarks/results/load.json")
