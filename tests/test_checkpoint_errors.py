@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -15,7 +16,8 @@ from coral_vllm.format.checkpoint import check_against_target, read_checkpoint
 from coral_vllm.format.config import CoralConfigError
 
 
-def _variant(src: Path, dst: Path, config_edit=None, tensor_edit=None) -> Path:
+def _variant(src: Path, dst: Path, config_edit=None, tensor_edit=None,
+             file_edit=None) -> Path:
     shutil.copytree(src, dst)
     if config_edit:
         cfg = json.loads((dst / "config.json").read_text())
@@ -25,7 +27,22 @@ def _variant(src: Path, dst: Path, config_edit=None, tensor_edit=None) -> Path:
         tensors = load_file(dst / "model.safetensors")
         tensor_edit(tensors)
         save_file(tensors, dst / "model.safetensors")
+    if file_edit:
+        file_edit(dst)
     return dst
+
+
+def _truncate(d: Path) -> None:
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _random_bytes(d: Path) -> None:
+    (d / "model.safetensors").write_bytes(os.urandom(1 << 16))
+
+
+def _int_weight(t):
+    t["fc.weight"] = torch.zeros(576, 1152, dtype=torch.int32)
 
 
 def _set_coral(**kw):
@@ -54,6 +71,18 @@ BAD = {
     "no_coral_section": (dict(config_edit=lambda c: c.pop("coral")), ['"coral"']),
     "bad_partition_name": (dict(config_edit=_set_coral(partition="alphabetical")),
                            ["coral.partition", "contiguous"]),
+    "config_not_json": (dict(file_edit=lambda d: (d / "config.json").write_text("{")),
+                        ["config.json", "cannot be read as JSON", "re-export"]),
+}
+# A weights file that cannot be used as it is: the message names the file and the fix.
+UNREADABLE = {
+    "truncated": (dict(file_edit=_truncate), ["truncated or corrupt", "re-export"]),
+    "random_bytes": (dict(file_edit=_random_bytes), ["truncated or corrupt", "re-export"]),
+    "int_weight": (dict(tensor_edit=_int_weight),
+                   ["'fc.weight' has dtype I32", "F32", "re-export"]),
+    "float_partition": (dict(tensor_edit=lambda t: t.update(
+        {"partition.token_order": t["partition.token_order"].float()})),
+        ["'partition.token_order' has dtype F32", "I64"]),
 }
 
 
@@ -65,6 +94,59 @@ def test_bad_checkpoint_is_named(case, random_drafter, tmp_path):
         read_checkpoint(bad)
     for needle in needles:
         assert needle in str(err.value), str(err.value)
+
+
+@pytest.fixture(scope="module")
+def unreadable(random_drafter, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("unreadable")
+    return {case: _variant(random_drafter, root / case, **kw)
+            for case, (kw, _) in UNREADABLE.items()}
+
+
+@pytest.mark.parametrize("case", sorted(UNREADABLE))
+def test_unreadable_weights_name_the_file(case, unreadable):
+    with pytest.raises(CoralConfigError) as err:
+        read_checkpoint(unreadable[case])
+    assert str(err.value).startswith(str(unreadable[case] / "model.safetensors"))
+    for needle in UNREADABLE[case][1]:
+        assert needle in str(err.value), str(err.value)
+
+
+def test_check_drafter_prints_one_line(unreadable, capsys):
+    from coral_vllm.cli import main
+
+    assert main(["check-drafter", str(unreadable["truncated"])]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "truncated or corrupt" in err, err
+
+
+def test_serve_exits_with_one_line_before_any_engine_starts(target_dir, unreadable):
+    """`coral-vllm serve` with a truncated drafter: non-zero exit, the one line last on
+    stderr, no traceback, and no engine process started."""
+    import subprocess
+    import sys
+
+    spec = json.dumps({"method": "coral", "model": str(unreadable["truncated"]),
+                       "num_speculative_tokens": 3})
+    run = subprocess.run([sys.executable, "-m", "coral_vllm.cli", "serve", str(target_dir),
+                          "--dtype", "float32", "--port", "0", "--speculative-config", spec],
+                         capture_output=True, text=True, timeout=300)
+    out = run.stdout + run.stderr
+    assert run.returncode == 2, out[-3000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("coral-vllm: error: ") and "truncated or corrupt" in last, last
+    assert "Traceback" not in out and "EngineCore" not in out, out[-3000:]
+
+
+def test_real_engine_refuses_unreadable_drafter_before_start(target_dir, unreadable):
+    from vllm import LLM
+
+    t0 = time.monotonic()
+    with pytest.raises(CoralConfigError, match="'fc.weight' has dtype I32"):
+        LLM(model=str(target_dir), dtype="float32", max_model_len=512,
+            speculative_config={"method": "coral", "model": str(unreadable["int_weight"]),
+                                "num_speculative_tokens": 2})
+    assert time.monotonic() - t0 < 60, "error should come before any engine starts"
 
 
 def test_missing_directory_is_named(tmp_path):

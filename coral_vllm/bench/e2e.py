@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from coral_vllm.bench.args import (PLAIN, add_drafters_arg, add_engine_resource_args,
-                                   bench_parser, engine_resources, parse_drafters,
-                                   target_dir)
+                                   add_output_args, bench_parser, engine_resources,
+                                   parse_drafters, server_log_dir, target_dir)
 from coral_vllm.bench.client import run_load
 from coral_vllm.bench.results import device_name, write_json
 from coral_vllm.datasets import BENCHMARKS, benchmark_texts
@@ -182,8 +182,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     plan = plan_variants(drafters, args.temperatures, not args.greedy_drafts_only)
     servers = {v.server_name: v for vs in plan.values() for v in vs}
     out = Path(args.out)
-    log_dir = Path(args.log_dir or out.parent / "logs")
-    log_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = server_log_dir(args)
     extra = ["--disable-uvicorn-access-log", "--max-num-seqs", str(max(args.concurrency))]
     specs = {name: v.server_spec(model, args.k, extra, log_dir, engine_resources(args))
              for name, v in servers.items()}
@@ -256,8 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draft greedily at T > 0 too (default: probabilistic drafting)")
     add_engine_resource_args(p, gpu_memory_utilization=0.08, kv_cache_gib=2,
                              per="server (GPU only)")
-    p.add_argument("--out", default="benchmarks/results/e2e_smollm2.json")
-    p.add_argument("--log-dir", help="server logs (default: OUT's folder/logs)")
+    add_output_args(p, "benchmarks/results/e2e_smollm2.json")
     return p
 
 

@@ -14,7 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from coral_vllm.bench.args import PLAIN, bench_parser, target_dir
+from coral_vllm.bench.args import (PLAIN, add_output_args, bench_parser, server_log_dir,
+                                   target_dir)
 from coral_vllm.bench.results import device_name, write_json
 from coral_vllm.bench.smoke_prompts import SMOKE_PROMPTS
 from coral_vllm.format.checkpoint import read_checkpoint
@@ -55,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--drafter", help="CORAL drafter dir (default: the shipped one)")
     ap.add_argument("-k", "--num-speculative-tokens", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--out", default="benchmarks/results/serve_check.json")
-    ap.add_argument("--log-dir", help="server logs (default: OUT's folder/logs)")
+    add_output_args(ap, "benchmarks/results/serve_check.json")
     args = ap.parse_args(argv)
 
     import vllm
@@ -64,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     model = target_dir(args)
     drafter = Path(args.drafter) if args.drafter else default_drafter()
     out = Path(args.out)
-    log_dir = Path(args.log_dir or out.parent / "logs")
-    log_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = server_log_dir(args)
     trained = read_checkpoint(drafter).coral.trained
     rows = {}
     for name, d in ((PLAIN, None), ("coral", drafter)):

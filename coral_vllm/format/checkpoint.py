@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from coral_vllm.format.config import DRAFTER_ARCHITECTURE, CoralConfig, CoralConfigError
@@ -36,6 +36,11 @@ from coral_vllm.format.partition import validate_token_order
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 OPTIONAL_TENSORS = ("lm_head.weight", "embed_tokens.weight")
+INDEX_TENSORS = ("partition.token_order",)  # integer; every other tensor is a weight
+WEIGHT_DTYPES = ("F32", "F16", "BF16")       # safetensors' names
+INDEX_DTYPES = ("I64", "I32")
+_REEXPORT = ("re-export the drafter (`coral-vllm train export`, `coral-vllm init-drafter`) "
+             "or copy it again")
 EAGLE_ARCHITECTURE = "LlamaForCausalLM"  # vLLM's method "eagle" maps it to EagleLlamaForCausalLM
 
 # Target config keys a drafter copies so its layer matches the target's geometry.
@@ -108,17 +113,17 @@ def read_checkpoint(path: str | os.PathLike[str]) -> DrafterCheckpoint:
         if not f.is_file():
             raise CoralConfigError(f"drafter directory {str(path)!r} has no {f.name}; "
                                    "re-export the drafter.")
-    config = json.loads(cfg_file.read_text())
+    try:
+        config = json.loads(cfg_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CoralConfigError(f"{cfg_file}: cannot be read as JSON ({e}); {_REEXPORT}.") from e
     coral = CoralConfig.from_dict(config.get("coral"))
     for field in ("vocab_size", "hidden_size"):
         if config.get(field) != getattr(coral, field):
             raise CoralConfigError(
                 f'config.json "{field}" is {config.get(field)} but "coral.{field}" is '
                 f"{getattr(coral, field)}; they must agree (re-export the drafter).")
-    with safe_open(str(weights), framework="pt") as f:
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        token_order = (f.get_tensor("partition.token_order")
-                       if "partition.token_order" in shapes else None)
+    shapes, dtypes, token_order = _read_header(weights)
     expected = expected_shapes(config, coral)
     for name, shape in expected.items():
         if name not in shapes:
@@ -135,9 +140,35 @@ def read_checkpoint(path: str | os.PathLike[str]) -> DrafterCheckpoint:
             raise CoralConfigError(
                 f"{weights}: tensor {name!r} has shape {list(shapes[name])}, expected "
                 f"{list(want)}; drop it to share the target's, or re-export.")
+    for name, dtype in dtypes.items():
+        allowed = INDEX_DTYPES if name in INDEX_TENSORS else WEIGHT_DTYPES
+        if dtype not in allowed:
+            raise CoralConfigError(
+                f"{weights}: tensor {name!r} has dtype {dtype}, expected one of "
+                f"{list(allowed)}; the file is corrupt or not a CORAL drafter: {_REEXPORT}.")
     assert token_order is not None
     validate_token_order(token_order, coral.vocab_size)
     return DrafterCheckpoint(path, config, coral, shapes, token_order.long())
+
+
+def _read_header(weights: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str],
+                                          torch.Tensor | None]:
+    """Shapes and dtypes of every tensor, and the partition (the one tensor read here).
+
+    The safetensors reader checks the header and that the data exactly fills the rest of
+    the file, so a truncated or overwritten file fails here, named, not in a worker."""
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            slices = {k: f.get_slice(k) for k in f.keys()}
+            shapes = {k: tuple(s.get_shape()) for k, s in slices.items()}
+            dtypes = {k: s.get_dtype() for k, s in slices.items()}
+            token_order = (f.get_tensor("partition.token_order")
+                           if "partition.token_order" in shapes else None)
+    except (OSError, SafetensorError) as e:
+        raise CoralConfigError(
+            f"{weights}: cannot be read as safetensors ({e}); the file is truncated or "
+            f"corrupt: {_REEXPORT}.") from e
+    return shapes, dtypes, token_order
 
 
 def check_against_target(ckpt: DrafterCheckpoint, *, vocab_size: int, hidden_size: int,

@@ -7,8 +7,9 @@ token id of each row (-1 for padding). For token i and its activated groups
 
 This module is the plain PyTorch path (CPU, and the reference the Triton kernel in
 `coral_kernels.grouped_lm_head` is tested against). On CUDA the same functions dispatch
-to the kernel. Every function has fixed output shapes and no host synchronisation, so it
-can sit inside a captured CUDA graph.
+to the kernel. Every function on the draft path has fixed output shapes and no host
+synchronisation, so it can sit inside a captured CUDA graph; `grouped_layout_problem`
+is the one-time load check and does synchronise.
 """
 
 from __future__ import annotations
@@ -104,3 +105,25 @@ def scatter_to_vocab(logits: torch.Tensor, tokens: torch.Tensor,
     index = torch.where(tokens < 0, vocab_size, tokens)
     full.scatter_(1, index, logits)
     return full[:, :vocab_size]
+
+
+def grouped_layout_problem(grouped_weight: torch.Tensor, head_weight: torch.Tensor,
+                           token_order: torch.Tensor, chunk_rows: int = 4096) -> str | None:
+    """What is wrong with `grouped_weight` as the grouped copy of `head_weight`, or None.
+
+    It must hold the head's rows in partition order (row r = head row token_order[r]),
+    and the head must not be all zeros (a head nobody filled). Compared chunk by chunk
+    so the check never holds a second copy of the head.
+    """
+    vocab = token_order.numel()
+    head = head_weight[:vocab]
+    if not bool(head.any()):
+        return "the LM head it was copied from is all zeros"
+    order = token_order.to(head.device)
+    for start in range(0, vocab, chunk_rows):
+        rows = order[start:start + chunk_rows]
+        if not torch.equal(grouped_weight[start:start + rows.numel()],
+                           head.index_select(0, rows).to(grouped_weight.dtype)):
+            return (f"rows {start}..{start + rows.numel() - 1} differ from the LM head's "
+                    "rows in partition order")
+    return None

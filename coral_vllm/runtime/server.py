@@ -64,11 +64,25 @@ class ServerSpec:
     gpu_engine: dict[str, Any] | None = None  # engine arguments used on a GPU only
 
 
+@dataclasses.dataclass(frozen=True)
+class RunningServer:
+    url: str  # http://127.0.0.1:PORT
+    pid: int  # the `vllm serve` process; its engine processes are its children
+
+
 @contextlib.contextmanager
 def running_servers(specs: dict[str, ServerSpec], *,
                     startup_timeout: float = 600.0) -> Iterator[dict[str, str]]:
     """Starts every server at once (their start-ups overlap: compilation and CUDA-graph
     capture dominate), yields {name: base URL} once all answer /health, stops them all."""
+    with running_server_processes(specs, startup_timeout=startup_timeout) as servers:
+        yield {name: s.url for name, s in servers.items()}
+
+
+@contextlib.contextmanager
+def running_server_processes(specs: dict[str, ServerSpec], *, startup_timeout: float = 600.0
+                             ) -> Iterator[dict[str, RunningServer]]:
+    """`running_servers`, yielding each server's process id with its URL."""
     procs: dict[str, tuple[subprocess.Popen, Path]] = {}
     urls: dict[str, str] = {}
     try:
@@ -85,7 +99,7 @@ def running_servers(specs: dict[str, ServerSpec], *,
         deadline = time.monotonic() + startup_timeout
         for name, (proc, log_file) in procs.items():
             _wait_healthy(urls[name], proc, deadline - time.monotonic(), log_file)
-        yield urls
+        yield {name: RunningServer(urls[name], proc.pid) for name, (proc, _) in procs.items()}
     finally:
         for proc, _ in procs.values():
             _stop(proc)

