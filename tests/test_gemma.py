@@ -308,3 +308,48 @@ def test_gemma_drafter_in_vllm_matches_the_training_model(coral, gemma_drafter, 
     assert torch.equal(torch.isfinite(logits), active)
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-4)
     assert torch.equal(torch.tensor(probe["top"]), expected.argmax(-1))
+
+
+def test_trainer_exports_a_gemma_drafter_the_plugin_accepts(tmp_path):
+    """A tiny random Gemma-3 target (sliding + full attention, tied head, scaled
+    embeddings): `train` + `export` give a checkpoint the plugin's checks accept for it,
+    with Gemma's embedding scale; chain speculation with it keeps the greedy output."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from coral_vllm.training.config import TrainConfig
+    from coral_vllm.training.data import write_dataset
+    from coral_vllm.training.evaluate import load_drafter, speculative_generate
+    from coral_vllm.training.export import export
+    from coral_vllm.training.self_distill import generate_hf
+    from coral_vllm.training.trainer import train
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                           vocab_size=512, sliding_window=8, max_position_embeddings=256,
+                           layer_types=["sliding_attention", "full_attention"],
+                           tie_word_embeddings=True, initializer_range=0.3)
+    target = Gemma3ForCausalLM(cfg).eval()
+    target.save_pretrained(tmp_path / "target")
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 512, (6,), generator=g).tolist() for _ in range(24)]
+    replies = generate_hf(target, prompts, max_new_tokens=16, temperature=0.0,
+                          eos_token_id=None, batch_size=24)
+    samples = [(p + r, [0] * len(p) + [1] * len(r)) for p, r in zip(prompts, replies)]
+    write_dataset(tmp_path / "data", samples[:16], 512, heldout=samples[16:20],
+                  dev=list(zip(prompts[20:], replies[20:])), meta={"source": "test"})
+    train(TrainConfig.from_preset("coral", target=str(tmp_path / "target"),
+                                  data=str(tmp_path / "data"), out=str(tmp_path / "run"),
+                                  max_steps=6, warmup_steps=1, batch_tokens=256,
+                                  num_groups=8, top_k_groups=2, feature_noise=0.0))
+    ckpt = read_checkpoint(export(tmp_path / "run", tmp_path / "drafter", dtype="float32"))
+    target_cfg = json.loads((tmp_path / "target" / "config.json").read_text())
+    check_against_target(ckpt, target_cfg)
+    assert ckpt.config[EMBED_SCALE] == pytest.approx(8.0)
+    assert ckpt.config["hidden_act"] == "silu" and "sliding_window" not in ckpt.config
+    drafter = load_drafter(ckpt.path, target)
+    spec = speculative_generate(target, drafter, prompts[-1], k=3, max_new_tokens=12,
+                                use_router=True)
+    plain = target.generate(torch.tensor([prompts[-1]]), max_new_tokens=12, do_sample=False,
+                            eos_token_id=None, pad_token_id=0)[0, 6:].tolist()
+    assert spec["tokens"] == plain

@@ -8,8 +8,9 @@ MLP, no input norm) for every target. From the target's config.json it takes
   and how the target scales a token embedding before its first layer (`embed_scale`);
 - the layer's sizes: heads, KV heads, head_dim, intermediate size, norm eps, positions.
   With the target's attention geometry the draft layer's KV-cache page is the target's,
-  so vLLM files it with the target's full-attention layers (vLLM 0.26 cannot unify page
-  sizes that do not divide each other, `v1/core/kv_cache_utils.py:1119`);
+  so vLLM files it with the target's full-attention layers and never has to unify page
+  sizes (vLLM 0.26 refuses pages that neither divide each other nor can be padded,
+  `v1/core/kv_cache_utils.py:1108-1126`);
 - RoPE: the target's, or its full-attention one where it has one per layer type (Gemma-3:
   theta 1e6 for global layers, 1e4 for sliding ones); the drafter attends to everything.
 
@@ -40,11 +41,11 @@ _COPIED_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads",
 def target_embed_scale(model_type: str, hidden_size: int) -> float:
     """How the target scales a token embedding before its first layer.
 
-    Gemma multiplies by sqrt(hidden_size) in its model's forward, not in the embedding
-    module (vLLM `gemma3.py:332-341`, `Gemma3Model.embed_input_ids`; transformers'
-    `Gemma3TextScaledWordEmbedding`). vLLM hands an EAGLE drafter the bare module
-    (`embed_tokens`), so the drafter applies the scale itself: raw Gemma embeddings are
-    ~1/25 of unit RMS, next to target features of RMS ~4.
+    Gemma multiplies by sqrt(hidden_size) in its model, not in the embedding module
+    (vLLM `Gemma3Model.embed_input_ids`, `gemma3.py:341` in 0.26, `:328` in 0.32; in
+    transformers `Gemma3TextScaledWordEmbedding`). vLLM hands an EAGLE drafter the bare
+    module (`embed_tokens`), so the drafter applies the scale itself: Gemma-3-270M's raw
+    embedding rows have RMS 0.04, next to target features of RMS ~4.
     """
     return math.sqrt(hidden_size) if model_type.startswith("gemma") else 1.0
 
