@@ -7,7 +7,7 @@ import sys
 
 from coral_vllm.demo import DEFAULT_PROMPT
 from coral_vllm.format.config import PARTITION_STRATEGIES
-from coral_vllm.models.model_store import DEFAULT_MODEL, KNOWN_MODELS
+from coral_vllm.models.model_store import CHAT_MODELS, DEFAULT_MODEL, KNOWN_MODELS
 
 
 def _fetch_model(args: argparse.Namespace) -> int:
@@ -35,8 +35,7 @@ def _check_drafter(args: argparse.Namespace) -> int:
 
     ckpt = read_checkpoint(args.drafter)
     if args.target:
-        t = json.loads((Path(args.target) / "config.json").read_text())
-        check_against_target(ckpt, vocab_size=t["vocab_size"], hidden_size=t["hidden_size"],
+        check_against_target(ckpt, json.loads((Path(args.target) / "config.json").read_text()),
                              target_name=f"target {args.target!r}")
     c = ckpt.coral
     print(f"ok: {ckpt.path}: {c.num_groups} groups x {c.group_size} tokens, top-{c.top_k_groups}"
@@ -145,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="serve the default target with its CORAL drafter via "
                        "`vllm serve`, query it with the openai client, print the counters")
-    d.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(KNOWN_MODELS))
+    d.add_argument("--model", default=DEFAULT_MODEL, choices=CHAT_MODELS,
+                   help="a chat model (the demo talks through chat completions)")
     d.add_argument("--drafter", help="drafter directory (default: the shipped one)")
     d.add_argument("--num-speculative-tokens", "-k", type=int, default=3)
     d.add_argument("--prompt", default=DEFAULT_PROMPT)

@@ -157,9 +157,11 @@ def test_missing_directory_is_named(tmp_path):
 def test_target_mismatch_is_named(random_drafter):
     ckpt = read_checkpoint(random_drafter)
     with pytest.raises(CoralConfigError, match=r'"vocab_size" is 49152 but .* 50000 tokens'):
-        check_against_target(ckpt, vocab_size=50000, hidden_size=576)
+        check_against_target(ckpt, {"model_type": "llama", "vocab_size": 50000,
+                                    "hidden_size": 576})
     with pytest.raises(CoralConfigError, match=r'"hidden_size" is 576 .* hidden size is 640'):
-        check_against_target(ckpt, vocab_size=49152, hidden_size=640)
+        check_against_target(ckpt, {"model_type": "llama", "vocab_size": 49152,
+                                    "hidden_size": 640})
 
 
 def _drafter_for_other_target(src: Path, dst: Path, vocab: int, hidden: int) -> Path:

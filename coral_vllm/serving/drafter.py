@@ -1,9 +1,11 @@
 """The CORAL drafter as a vLLM model: vLLM's EAGLE Llama drafter plus a router and a
 grouped LM head.
 
-Everything up to the output feature is vLLM's `EagleLlamaForCausalLM` unchanged (fc over
-[token embedding, target hidden state] -> one Llama layer without input norm). What
-differs is the head:
+Everything up to the output feature is vLLM's `EagleLlamaForCausalLM` (fc over
+[token embedding, target hidden state] -> one Llama layer without input norm). The one
+change there: a target that scales its token embeddings (Gemma: sqrt(d), applied in its
+model's forward, so the embedding module vLLM shares with the drafter is unscaled) has
+that `embed_scale` folded into fc's embedding columns at load. What differs is the head:
 
 - `get_top_tokens(h)` (the greedy draft path, taken when vLLM's
   `use_local_argmax_reduction` is on, which the `coral` method turns on): the router
@@ -34,6 +36,7 @@ from vllm.model_executor.models.llama_eagle import EagleLlamaForCausalLM
 from vllm.model_executor.models.utils import maybe_prefix
 
 from coral_vllm.format.config import CoralConfig
+from coral_vllm.format.drafter_config import embed_scale, fold_embed_scale
 from coral_vllm.format.grouped_head import (grouped_layout_problem, grouped_logits,
                                             grouped_top1, head_backend, scatter_to_vocab)
 from coral_vllm.format.router import Router
@@ -126,7 +129,8 @@ class EagleCoralLlamaForCausalLM(EagleLlamaForCausalLM):
         return scatter_to_vocab(logits, tokens, self.coral.vocab_size)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """EAGLE weights go through vLLM's loader; router and partition are ours."""
+        """EAGLE weights go through vLLM's loader (then fc takes the embedding scale);
+        router and partition are ours."""
         own: dict[str, torch.Tensor] = {}
 
         def eagle_weights():
@@ -137,6 +141,8 @@ class EagleCoralLlamaForCausalLM(EagleLlamaForCausalLM):
                     yield name, tensor
 
         super().load_weights(eagle_weights())
+        fc = self.model.fc.weight
+        fc.data.copy_(fold_embed_scale(fc.data, embed_scale(self.config.to_dict())))
         for name, param in self.router.named_parameters():
             param.data.copy_(own[f"router.{name}"])
         self.token_order.copy_(own["partition.token_order"])

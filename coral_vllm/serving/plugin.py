@@ -134,9 +134,10 @@ def translate_coral_config(spec: dict[str, Any], *, spec_model: str | None = Non
             '"num_speculative_tokens": 3}.')
     ckpt = read_checkpoint(out["model"])
     if target_model_config is not None:
-        check_against_target(ckpt, vocab_size=target_model_config.get_vocab_size(),
-                             hidden_size=target_model_config.get_hidden_size(),
-                             target_name=f"target {target_model_config.model!r}")
+        target = {"model_type": target_model_config.hf_text_config.model_type,
+                  "vocab_size": target_model_config.get_vocab_size(),
+                  "hidden_size": target_model_config.get_hidden_size()}
+        check_against_target(ckpt, target, target_name=f"target {target_model_config.model!r}")
     draft_tp = out.get("draft_tensor_parallel_size") or tensor_parallel_size
     if draft_tp != 1:
         raise CoralConfigError(

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from coral_vllm.format.checkpoint import drafter_llama_config, save_checkpoint
+from coral_vllm.format.checkpoint import save_checkpoint
+from coral_vllm.format.drafter_config import drafter_llama_config
 from coral_vllm.format.config import CoralConfig
 from coral_vllm.format.partition import contiguous_order
 from coral_vllm.format.router import Router

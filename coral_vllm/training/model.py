@@ -1,6 +1,6 @@
 """The CORAL drafter in plain PyTorch, with exactly the checkpoint's parameter names.
 
-    h = fc(cat([embed(x_{t+1}), f_t]))            fc.weight [d, 2d], no bias
+    h = fc(cat([s * embed(x_{t+1}), f_t]))        fc.weight [d, 2d], no bias; s: embed_scale
     residual = h; h = self_attn(h) (no input norm: EAGLE's layer 0 skips it)
     h, residual = post_attention_layernorm(h + residual), h + residual
     out = mlp(h) + residual                        -> feature predicting f_{t+1}
@@ -9,9 +9,12 @@
 This is vLLM's `LlamaDecoderLayer` with a residual stream, as its EAGLE Llama drafter
 runs it: RMSNorm in float32 (x * rsqrt(mean(x^2) + eps), cast back, times weight),
 neox-style RoPE (rotate_half) with the target's rope theta, GQA, causal attention,
-SiLU-and-mul MLP. Names (see `coral_vllm.format.checkpoint.expected_shapes`): `fc.*`,
-`layers.0.*`, `router.w{1,2}.*`, `partition.token_order`; the frozen `embed_tokens.*`
-and `lm_head.*` come from the target and are not trained.
+SiLU-and-mul MLP, for every target: its config is `drafter_layer_config` of the target's
+(`coral_vllm.format.drafter_config`: sizes and agreements from the target; s = sqrt(d)
+for Gemma, whose model scales its embeddings so). Names (see
+`coral_vllm.format.checkpoint.expected_shapes`): `fc.*`, `layers.0.*`, `router.w{1,2}.*`,
+`partition.token_order`; the frozen `embed_tokens.*` and `lm_head.*` come from the target
+and are not trained.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from coral_vllm.format.config import CoralConfig
+from coral_vllm.format.drafter_config import EMBED_SCALE, drafter_layer_config
 from coral_vllm.format.partition import build_token_order, contiguous_order, group_of_token
 from coral_vllm.format.router import Router
 
@@ -155,14 +159,14 @@ class CoralDrafter(nn.Module):
     def __init__(self, target_cfg: dict[str, Any], num_groups: int = 64,
                  router_act: str = "silu") -> None:
         super().__init__()
-        if target_cfg.get("hidden_act", "silu") != "silu":
-            raise NotImplementedError("the drafter's MLP is SiLU-and-mul (Llama).")
-        d, vocab = target_cfg["hidden_size"], target_cfg["vocab_size"]
+        layer_cfg = drafter_layer_config(target_cfg)
+        d, vocab = layer_cfg["hidden_size"], layer_cfg["vocab_size"]
         self.cfg = dict(target_cfg)
         self.hidden_size, self.vocab_size = d, vocab
+        self.embed_scale = layer_cfg[EMBED_SCALE]
         self.embed_tokens = nn.Embedding(vocab, d)
         self.fc = nn.Linear(2 * d, d, bias=False)
-        self.layers = nn.ModuleList([DecoderLayer(target_cfg)])
+        self.layers = nn.ModuleList([DecoderLayer(layer_cfg)])
         self.lm_head = nn.Linear(d, vocab, bias=False)
         self.router = Router(d, num_groups, act=router_act)
         self.partition = nn.Module()
@@ -180,7 +184,10 @@ class CoralDrafter(nn.Module):
 
     def init_layer_from_target(self, target_model) -> None:
         """Start the decoder layer from the target's last layer (optional; EAGLE starts
-        from random) and fc from 'pass the feature through'."""
+        from random) and fc from 'pass the feature through'. Llama-layer targets only."""
+        if getattr(target_model.config, "hidden_act", None) != "silu":
+            raise NotImplementedError("init_from_target copies a Llama (SiLU) target layer; "
+                                      "this target's layer is another kind.")
         src = target_model.model.layers[-1]
         dst = self.layers[0]
         with torch.no_grad():
@@ -231,7 +238,7 @@ class CoralDrafter(nn.Module):
         b, s = input_ids.shape
         if positions is None:
             positions = torch.arange(s, device=input_ids.device).expand(b, s)
-        emb = self.embed_tokens(input_ids).to(features.dtype)
+        emb = self.embed_tokens(input_ids).to(features.dtype) * self.embed_scale
         h = self.fc(torch.cat([emb, features], dim=-1))
         kvs = []
         for i, layer in enumerate(self.layers):

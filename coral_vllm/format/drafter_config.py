@@ -1,0 +1,91 @@
+"""The drafter's own config: one Llama layer sized from the target, whatever the target is.
+
+The drafter is vLLM's EAGLE Llama drafter (`LlamaDecoderLayer`: RMSNorm, RoPE, SiLU-and-mul
+MLP, no input norm) for every target. From the target's config.json it takes
+
+- what the two must agree on: `vocab_size` and `hidden_size` (the drafter reads the
+  target's last hidden state and shares its embedding and LM head), bos/eos ids, dtype,
+  and how the target scales a token embedding before its first layer (`embed_scale`);
+- the layer's sizes: heads, KV heads, head_dim, intermediate size, norm eps, positions.
+  With the target's attention geometry the draft layer's KV-cache page is the target's,
+  so vLLM files it with the target's full-attention layers and never has to unify page
+  sizes (vLLM 0.26 refuses pages that neither divide each other nor can be padded,
+  `v1/core/kv_cache_utils.py:1108-1126`);
+- RoPE: the target's, or its full-attention one where it has one per layer type (Gemma-3:
+  theta 1e6 for global layers, 1e4 for sliding ones); the drafter attends to everything.
+
+Not taken: the target layer's own features (Gemma's GELU-tanh MLP, sliding windows,
+q/k norms, (1 + w) norms, sandwich norms): those belong to the target's layers, not to
+what the drafter shares with it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from coral_vllm.format.config import DRAFTER_ARCHITECTURE, CoralConfig
+
+EMBED_SCALE = "embed_scale"
+
+# Copied from the target: agreements and sizes (see the module docstring).
+_COPIED_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta",
+                "rope_scaling", "max_position_embeddings", "vocab_size", "attention_bias",
+                "mlp_bias", "bos_token_id", "eos_token_id", "torch_dtype", "dtype")
+
+
+def target_embed_scale(model_type: str, hidden_size: int) -> float:
+    """How the target scales a token embedding before its first layer.
+
+    Gemma multiplies by sqrt(hidden_size) in its model, not in the embedding module
+    (vLLM `Gemma3Model.embed_input_ids`, `gemma3.py:341` in 0.26, `:328` in 0.32; in
+    transformers `Gemma3TextScaledWordEmbedding`). vLLM hands an EAGLE drafter the bare
+    module (`embed_tokens`), so the drafter applies the scale itself: Gemma-3-270M's raw
+    embedding rows have RMS 0.04, next to target features of RMS ~4.
+    """
+    return math.sqrt(hidden_size) if model_type.startswith("gemma") else 1.0
+
+
+def drafter_layer_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The drafter layer's Llama config from a target's config.json.
+
+    A drafter's own config gives the same layer back (it is a Llama config that already
+    names its `embed_scale`), so the training model can be rebuilt from an export.
+    """
+    cfg = {k: config[k] for k in _COPIED_KEYS if k in config}
+    rope = config.get("rope_parameters")
+    if isinstance(rope, Mapping) and isinstance(rope.get("full_attention"), Mapping):
+        rope = rope["full_attention"]
+    if rope is not None:
+        cfg["rope_parameters"] = dict(rope)
+    scale = config.get(EMBED_SCALE)
+    if scale is None:
+        scale = target_embed_scale(config.get("model_type", ""), config["hidden_size"])
+    cfg.update(model_type="llama", hidden_act="silu", num_hidden_layers=1,
+               **{EMBED_SCALE: float(scale)})
+    return cfg
+
+
+def drafter_llama_config(target_config: Mapping[str, Any],
+                         coral: CoralConfig) -> dict[str, Any]:
+    """The drafter checkpoint's config.json: its layer, architecture and "coral" section."""
+    cfg = drafter_layer_config(target_config)
+    cfg.update(architectures=[DRAFTER_ARCHITECTURE], tie_word_embeddings=False,
+               coral=coral.to_dict())
+    return cfg
+
+
+def embed_scale(config: Mapping[str, Any]) -> float:
+    """A drafter config's embedding scale (1 for drafters that predate the key)."""
+    return float(config.get(EMBED_SCALE, 1.0))
+
+
+def fold_embed_scale(fc_weight: torch.Tensor, scale: float) -> torch.Tensor:
+    """fc over [scale * embed, feature] as an fc over [embed, feature]: vLLM's EAGLE
+    layer feeds fc the bare shared embedding, so the scale goes into fc's first d columns."""
+    d = fc_weight.shape[1] // 2
+    return torch.cat([fc_weight[:, :d] * scale, fc_weight[:, d:]], dim=1)
