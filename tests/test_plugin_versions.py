@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from types import SimpleNamespace
+
 import pytest
 
 from coral_vllm.format.config import CoralConfigError
@@ -12,7 +13,7 @@ from coral_vllm.models.drafters import default_drafter
 from coral_vllm.serving.plugin import wrap_create_speculative_config
 
 TARGET = SimpleNamespace(get_vocab_size=lambda: 49152, get_hidden_size=lambda: 576,
-                         model="smollm2")
+                         hf_text_config=SimpleNamespace(model_type="llama"), model="smollm2")
 PARALLEL = SimpleNamespace(tensor_parallel_size=1)
 
 
@@ -88,8 +89,8 @@ def test_short_flags_move_into_the_translated_config(wrapped):
 
 
 def test_target_is_found_by_name_in_positional_calls(wrapped):
-    small = SimpleNamespace(get_vocab_size=lambda: 32000, get_hidden_size=lambda: 576,
-                            model="other")
+    small = SimpleNamespace(**{**vars(TARGET), "get_vocab_size": lambda: 32000,
+                               "model": "other"})
     with pytest.raises(CoralConfigError, match='"vocab_size" is 49152'):
         wrapped["Args032"](_coral()).create_speculative_config(small, PARALLEL)
 
