@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from coral_vllm.demo import DEFAULT_PROMPT
-from coral_vllm.format.config import PARTITION_STRATEGIES
+from coral_vllm.format.config import PARTITION_STRATEGIES, SELECTIONS
 from coral_vllm.models.model_store import CHAT_MODELS, DEFAULT_MODEL, KNOWN_MODELS
 
 
@@ -22,7 +22,7 @@ def _init_drafter(args: argparse.Namespace) -> int:
 
     path = init_drafter(args.target, args.out, num_groups=args.num_groups,
                         top_k_groups=args.top_k_groups, partition=args.partition,
-                        seed=args.seed)
+                        seed=args.seed, selection=args.selection)
     print(f"wrote an UNTRAINED drafter to {path}")
     return 0
 
@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--partition", default="contiguous",
                    choices=PARTITION_STRATEGIES,
                    help="how tokens are grouped (default contiguous; frequency needs data)")
+    i.add_argument("--selection", default="router", choices=SELECTIONS,
+                   help="router (CORAL, default) or static: no router, always the first "
+                   "--top-k-groups groups (needs --partition frequency)")
     i.add_argument("--seed", type=int, default=0)
     i.set_defaults(func=_init_drafter)
 

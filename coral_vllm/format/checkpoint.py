@@ -10,6 +10,7 @@ A drafter directory holds
     layers.0.mlp.{gate,up,down}_proj.weight            Llama MLP
     layers.0.post_attention_layernorm.weight [d]
     router.w1.weight [d, d], router.w1.bias [d], router.w2.weight [N, d], router.w2.bias [N]
+                                             (not needed, and ignored, with "selection": "static")
     partition.token_order                    [V] int64, a permutation of the vocabulary
     lm_head.weight, embed_tokens.weight      [V, d], optional: shared with the target if absent
 
@@ -66,12 +67,17 @@ def expected_shapes(config: dict[str, Any], coral: CoralConfig) -> dict[str, tup
         p + "mlp.up_proj.weight": (inter, d),
         p + "mlp.down_proj.weight": (d, inter),
         p + "post_attention_layernorm.weight": (d,),
-        "router.w1.weight": (d, d),
-        "router.w1.bias": (d,),
-        "router.w2.weight": (coral.num_groups, d),
-        "router.w2.bias": (coral.num_groups,),
+        **router_shapes(d, coral),
         "partition.token_order": (coral.vocab_size,),
     }
+
+
+def router_shapes(d: int, coral: CoralConfig) -> dict[str, tuple[int, ...]]:
+    """The router's tensors; none for a static drafter, which selects without one."""
+    if coral.selection == "static":
+        return {}
+    return {"router.w1.weight": (d, d), "router.w1.bias": (d,),
+            "router.w2.weight": (coral.num_groups, d), "router.w2.bias": (coral.num_groups,)}
 
 
 @dataclasses.dataclass

@@ -17,6 +17,10 @@ FORMAT_VERSION = 1
 DRAFTER_ARCHITECTURE = "EagleCoralLlamaForCausalLM"
 PARTITION_STRATEGIES = ("contiguous", "frequency", "cluster")
 ROUTER_ACTIVATIONS = ("silu", "gelu", "relu")
+# How the head picks its active groups per drafted token: the router (CORAL), or always
+# the first top_k_groups groups, which under the frequency partition are the most
+# frequent tokens: the static draft vocabulary of EAGLE-3 / FR-Spec, CORAL's baseline.
+SELECTIONS = ("router", "static")
 
 
 class CoralConfigError(ValueError):
@@ -30,7 +34,8 @@ class CoralConfig:
     The vocabulary is split into `num_groups` groups of `group_size` tokens (the last one
     may be ragged: `num_groups * group_size >= vocab_size`). Per drafted token the router
     activates `top_k_groups` of them, so the head reads `top_k_groups / num_groups` of its
-    rows.
+    rows. With `selection: "static"` there is no router: the active rows are always the
+    first `top_k_groups` groups (`active_rows` rows), so the partition must be `frequency`.
     """
 
     num_groups: int
@@ -40,6 +45,7 @@ class CoralConfig:
     hidden_size: int
     partition: str = "frequency"
     router_act: str = "silu"
+    selection: str = "router"  # absent in drafters written before the static head
     trained: bool = False
     format_version: int = FORMAT_VERSION
 
@@ -54,6 +60,12 @@ class CoralConfig:
     @property
     def active_fraction(self) -> float:
         return self.top_k_groups / self.num_groups
+
+    @property
+    def active_rows(self) -> int:
+        """Head rows scored per drafted token (padding rows of a ragged last group not
+        counted): what a static and a routed drafter are compared at."""
+        return min(self.top_k_groups * self.group_size, self.vocab_size)
 
     def validate(self) -> None:
         def need(ok: bool, field: str, msg: str) -> None:
@@ -81,6 +93,14 @@ class CoralConfig:
              f"is {self.partition!r}; choose one of {PARTITION_STRATEGIES}.")
         need(self.router_act in ROUTER_ACTIVATIONS, "router_act",
              f"is {self.router_act!r}; choose one of {ROUTER_ACTIVATIONS}.")
+        need(self.selection in SELECTIONS, "selection",
+             f"is {self.selection!r}; choose one of {SELECTIONS}.")
+        need(self.selection != "static" or self.partition == "frequency", "selection",
+             f'is "static" (the first top_k_groups groups as the draft vocabulary), which '
+             f'needs "partition": "frequency" so those groups are the most frequent tokens; '
+             f"this drafter's partition is {self.partition!r}. Export the static drafter "
+             "with `coral-vllm train export --selection static` (it takes the run's "
+             "frequency partition).")
 
     @classmethod
     def for_vocab(cls, vocab_size: int, hidden_size: int, num_groups: int,
@@ -89,6 +109,15 @@ class CoralConfig:
         return cls(num_groups=num_groups, group_size=math.ceil(vocab_size / num_groups),
                    top_k_groups=top_k_groups, vocab_size=vocab_size,
                    hidden_size=hidden_size, **kw)
+
+    def with_active_rows(self, rows: int) -> "CoralConfig":
+        """The same grouping with the `top_k_groups` whose active rows come nearest to
+        `rows` (at least one group): how a static drafter is sized to a row budget, e.g.
+        the 32k most frequent tokens of a 128k vocabulary."""
+        if rows <= 0:
+            raise CoralConfigError(f"active rows must be positive, got {rows}.")
+        k = min(self.num_groups, max(1, round(rows / self.group_size)))
+        return dataclasses.replace(self, top_k_groups=k)
 
     @classmethod
     def from_dict(cls, d: Any) -> "CoralConfig":

@@ -21,11 +21,15 @@ from coral_vllm.models.target_heads import LM_HEAD, read_target_heads
 
 def init_drafter(target_dir: str | Path, out_dir: str | Path, *, num_groups: int = 64,
                  top_k_groups: int = 8, partition: str = "contiguous", seed: int = 0,
-                 std: float = 0.02) -> Path:
-    """Writes a random drafter for the target at `target_dir` into `out_dir`."""
+                 std: float = 0.02, selection: str = "router") -> Path:
+    """Writes a random drafter for the target at `target_dir` into `out_dir`.
+
+    selection "static" (no router tensors) needs partition "frequency"; with no data to
+    count, all counts are equal and the order is the token ids'."""
     target_config = json.loads((Path(target_dir) / "config.json").read_text())
     coral = CoralConfig.for_vocab(target_config["vocab_size"], target_config["hidden_size"],
-                                  num_groups, top_k_groups, partition=partition)
+                                  num_groups, top_k_groups, partition=partition,
+                                  selection=selection)
     config = drafter_llama_config(target_config, coral)
     g = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}

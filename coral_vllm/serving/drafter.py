@@ -15,6 +15,9 @@ that `embed_scale` folded into fc's embedding columns at load. What differs is t
 - `compute_logits(h)` (probabilistic drafting, or vLLM paths that want logits): the
   same active logits scattered into a -inf [n, V] tensor, so the draft distribution the
   rejection sampler sees is exactly the restricted one CORAL drafts from.
+- `"selection": "static"` (the static-vocabulary baseline, `format.static_head`): no
+  router; both paths score the first `top_k_groups` groups (the most frequent tokens) as
+  one dense GEMM over that contiguous slice of the grouped head.
 
 The head rows are reordered once into the grouped layout (`grouped_weight`), from the
 target's LM head (vLLM assigns it to `self.lm_head` after loading) or the checkpoint's
@@ -39,7 +42,8 @@ from coral_vllm.format.config import CoralConfig
 from coral_vllm.format.drafter_config import embed_scale, fold_embed_scale
 from coral_vllm.format.grouped_head import (grouped_layout_problem, grouped_logits,
                                             grouped_top1, head_backend, scatter_to_vocab)
-from coral_vllm.format.router import Router
+from coral_vllm.format.router import Router, select_groups
+from coral_vllm.format.static_head import static_logits, static_top1
 
 logger = init_logger(__name__)
 
@@ -50,7 +54,8 @@ class EagleCoralLlamaForCausalLM(EagleLlamaForCausalLM):
         self.coral = CoralConfig.from_dict(self.config.coral)
         c = self.coral
         dtype = vllm_config.model_config.dtype
-        self.router = Router(c.hidden_size, c.num_groups, c.router_act, dtype=dtype)
+        self.router = (Router(c.hidden_size, c.num_groups, c.router_act, dtype=dtype)
+                       if c.selection == "router" else None)
         # Present so a checkpoint may carry its own head; vLLM replaces it with the
         # target's when the checkpoint has none (`has_own_lm_head` stays False).
         self.lm_head = ParallelLMHead(c.vocab_size, c.hidden_size,
@@ -88,9 +93,9 @@ class EagleCoralLlamaForCausalLM(EagleLlamaForCausalLM):
         rows[: c.vocab_size] = order
         self.row_tokens = rows
         logger.info(
-            "coral: grouped head %s on %s (%s), %d groups x %d rows, top-%d",
+            "coral: grouped head %s on %s (%s), %d groups x %d rows, top-%d (%s)",
             tuple(self.grouped_weight.shape), weight.device, head_backend(weight),
-            c.num_groups, c.group_size, c.top_k_groups)
+            c.num_groups, c.group_size, c.top_k_groups, c.selection)
 
     def _check_head_once(self) -> None:
         """Fails the engine if `grouped_weight` is not the head it serves, in grouped
@@ -113,16 +118,24 @@ class EagleCoralLlamaForCausalLM(EagleLlamaForCausalLM):
         self._head_checked = True
 
     def _active_groups(self, h: torch.Tensor) -> torch.Tensor:
-        self._check_head_once()
-        return self.router.select(h.to(self.router.w1.weight.dtype), self.coral.top_k_groups)
+        return select_groups(self.router, h, self.coral.top_k_groups)
 
     def get_top_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        self._check_head_once()
+        if self.router is None:  # static draft vocabulary
+            return static_top1(hidden_states, self.grouped_weight, self.row_tokens,
+                               self.coral.active_rows, self.logit_scale)[1]
         groups = self._active_groups(hidden_states)
         _, tokens = grouped_top1(hidden_states, self.grouped_weight, self.row_tokens, groups,
                                  self.coral.group_size, self.logit_scale)
         return tokens
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        self._check_head_once()
+        if self.router is None:
+            return static_logits(hidden_states, self.grouped_weight, self.row_tokens,
+                                 self.coral.active_rows, self.coral.vocab_size,
+                                 self.logit_scale)
         groups = self._active_groups(hidden_states)
         logits, tokens = grouped_logits(hidden_states, self.grouped_weight, self.row_tokens,
                                         groups, self.coral.group_size, self.logit_scale)
@@ -130,7 +143,7 @@ class EagleCoralLlamaForCausalLM(EagleLlamaForCausalLM):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """EAGLE weights go through vLLM's loader (then fc takes the embedding scale);
-        router and partition are ours."""
+        router and partition are ours (a static drafter ignores router tensors)."""
         own: dict[str, torch.Tensor] = {}
 
         def eagle_weights():
@@ -143,7 +156,7 @@ class EagleCoralLlamaForCausalLM(EagleLlamaForCausalLM):
         super().load_weights(eagle_weights())
         fc = self.model.fc.weight
         fc.data.copy_(fold_embed_scale(fc.data, embed_scale(self.config.to_dict())))
-        for name, param in self.router.named_parameters():
+        for name, param in self.router.named_parameters() if self.router else ():
             param.data.copy_(own[f"router.{name}"])
         self.token_order.copy_(own["partition.token_order"])
         self._refresh_grouped_head()

@@ -6,7 +6,8 @@ Typical flow (see each subcommand's --help):
     train   stage 1 drafter (--preset eagle|hass|coral) + online router, validated by
             held-out accuracy and offline chain tau on the dev prompts; resumable
     router  stage 2: refit partitions + router on the finished drafter (recall@k)
-    export  drafter directory for the vLLM plugin (best checkpoint by default)
+    export  drafter directory for the vLLM plugin (best checkpoint by default; --dense,
+            --selection static: the baselines with the same trained layer)
     eval    offline mean acceptance length tau on mtbench / humaneval / gsm8k
 """
 
@@ -18,7 +19,7 @@ import json
 import sys
 from typing import Sequence
 
-from coral_vllm.format.config import PARTITION_STRATEGIES
+from coral_vllm.format.config import PARTITION_STRATEGIES, SELECTIONS
 from coral_vllm.training.config import PRESETS, TrainConfig
 
 
@@ -118,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dest", required=True, help="drafter directory to write")
     e.add_argument("--dense", action="store_true",
                    help="dense head: top_k_groups = num_groups (EAGLE / HASS baselines)")
+    e.add_argument("--selection", choices=SELECTIONS, default="router",
+                   help="static: no router, the first top_k_groups groups of the run's "
+                   "frequency partition (the static draft-vocabulary baseline, at the "
+                   "router's active rows unless --static-rows)")
+    e.add_argument("--static-rows", type=int, default=None, metavar="N",
+                   help="with --selection static: the top_k_groups nearest N active rows "
+                   "(e.g. 32768)")
     e.add_argument("--checkpoint", choices=["best", "latest"], default="best",
                    help="best: the best validation tau (best.pt)")
     e.add_argument("--include-heads", action="store_true",
@@ -196,8 +204,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(rep, indent=2))
     elif args.cmd == "export":
         from coral_vllm.training.export import export
-        print(export(args.run, args.dest, dense=args.dense, include_heads=args.include_heads,
-                     dtype=args.dtype, checkpoint=args.checkpoint))
+        try:
+            print(export(args.run, args.dest, dense=args.dense,
+                         include_heads=args.include_heads, dtype=args.dtype,
+                         checkpoint=args.checkpoint, selection=args.selection,
+                         static_rows=args.static_rows))
+        except ValueError as e:  # conflicting options, or a drafter that fails its checks
+            build_parser().error(f"export: {e}")
     elif args.cmd == "vllm-tau":
         from coral_vllm.bench.args import parse_drafters
         from coral_vllm.training.vllm_tau import compare

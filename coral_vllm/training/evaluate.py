@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from coral_vllm.format.checkpoint import WEIGHTS_FILE, read_checkpoint
 from coral_vllm.format.grouped_head import grouped_top1
 from coral_vllm.format.partition import grouped_rows, row_token_ids
+from coral_vllm.format.router import select_groups
 from coral_vllm.training.batches import TokenTable
 from coral_vllm.training.features import compute_features
 from coral_vllm.training.model import CoralDrafter, build_drafter
@@ -39,12 +40,16 @@ def load_drafter(path: str | Path, target_model, device=None,
     The drafter runs in `dtype`, by default the target's parameter dtype (bf16 on a GPU,
     float32 on the CPU), as vLLM runs it; callers cast the target's features to
     `drafter_dtype(drafter)` at the boundary and score the head in float32 (DraftHead).
+    A static drafter gets `router = None`: "router on" then means its first
+    `top_k_groups` groups, as it serves.
     """
     ckpt = read_checkpoint(path)
     tensors = load_file(str(Path(path) / WEIGHTS_FILE))
     drafter = build_drafter(ckpt.config, ckpt.coral.num_groups, ckpt.coral.router_act,
                             tensors, target_model, device, dtype)
     drafter.coral = ckpt.coral  # type: ignore[attr-defined]
+    if ckpt.coral.selection == "static":
+        drafter.router = None
     return drafter
 
 
@@ -54,7 +59,8 @@ def drafter_dtype(drafter: CoralDrafter) -> torch.dtype:
 
 
 class DraftHead:
-    """Top-1 of the drafter's head: dense, or restricted to the router's groups."""
+    """Top-1 of the drafter's head: dense, or restricted to the router's groups (a static
+    drafter's first groups)."""
 
     def __init__(self, drafter: CoralDrafter, use_router: bool) -> None:
         self.drafter, self.use_router = drafter, use_router
@@ -71,8 +77,7 @@ class DraftHead:
         h = h.reshape(1, -1)
         if not self.use_router:
             return int((h.float() @ self.head.T).argmax(-1))
-        router = self.drafter.router
-        groups = router.select(h.to(router.w1.weight.dtype), self.k)
+        groups = select_groups(self.drafter.router, h, self.k)
         h = h.float()
         return int(grouped_top1(h, self.weight, self.rows, groups, self.G)[1])
 

@@ -4,7 +4,11 @@ Tensors: the trained drafter (`fc.*`, `layers.0.*`) of the best (or latest) chec
 the router and partition (stage 2's `router.pt` if it ran, else the online router),
 optionally the target's `lm_head` / `embed_tokens`. Config: the target's sizes
 (`drafter_llama_config`) + the `"coral"` section. A *dense* export (EAGLE / HASS
-baselines) sets `top_k_groups = num_groups`, so the grouped head computes every row.
+baselines) sets `top_k_groups = num_groups`, so the grouped head computes every row. A
+*static* export (the EAGLE-3 / FR-Spec static draft vocabulary) keeps the trained layer
+and the run's grouping but no router: `selection: "static"` over the frequency
+partition, with the CORAL drafter's `top_k_groups` (equal active rows) unless
+`static_rows` sizes it.
 """
 
 from __future__ import annotations
@@ -16,10 +20,11 @@ import torch
 from coral_vllm.format.checkpoint import save_checkpoint
 from coral_vllm.format.drafter_config import drafter_llama_config
 from coral_vllm.format.config import CoralConfig
-from coral_vllm.format.partition import contiguous_order
+from coral_vllm.format.partition import contiguous_order, frequency_order
 from coral_vllm.format.router import Router
 from coral_vllm.models.target_heads import read_target_heads
 from coral_vllm.training.config import TrainConfig
+from coral_vllm.training.data import load_splits, train_token_counts
 from coral_vllm.training.router_train import ROUTER_FILE
 from coral_vllm.training.target import target_config_dict
 from coral_vllm.training.trainer import BEST_FILE, load_state
@@ -27,7 +32,8 @@ from coral_vllm.training.trainer import BEST_FILE, load_state
 
 def export(run_dir: str | Path, dest: str | Path, *, dense: bool = False,
            include_heads: bool = False, dtype: str = "bfloat16",
-           checkpoint: str = "best") -> Path:
+           checkpoint: str = "best", selection: str = "router",
+           static_rows: int | None = None) -> Path:
     """Writes `dest` (config.json + model.safetensors); returns its path.
 
     checkpoint: "best" (best.pt, the best validation tau; falls back to the latest state
@@ -36,6 +42,8 @@ def export(run_dir: str | Path, dest: str | Path, *, dense: bool = False,
     include_heads: also store lm_head / embed_tokens (else vLLM shares the target's).
     The router and partition come from stage 2 (`router.pt`) if it ran, else from the
     router trained beside the drafter.
+    selection: "router" (CORAL) or "static" (no router; `static_partition`), whose
+    `static_rows` picks the top_k_groups nearest that many rows (default: the router's).
     """
     run = Path(run_dir)
     state = load_state(run)
@@ -43,6 +51,11 @@ def export(run_dir: str | Path, dest: str | Path, *, dense: bool = False,
         raise FileNotFoundError(f"{run}: no stage-1 state (state/latest.pt); run `train`.")
     if checkpoint not in ("best", "latest"):
         raise ValueError(f"checkpoint={checkpoint!r}: choose best or latest")
+    if selection == "static" and dense:
+        raise ValueError("dense and selection='static' exclude each other: a dense drafter "
+                         "scores every row, a static one its first top_k_groups groups")
+    if static_rows is not None and selection != "static":
+        raise ValueError("static_rows sizes a static drafter: pass selection='static' too")
     chosen = (load_state(run, BEST_FILE) if checkpoint == "best" else None) or state
     cfg = TrainConfig.from_dict(state["config"])
     tcfg = target_config_dict(cfg.target) if Path(cfg.target, "config.json").is_file() \
@@ -71,8 +84,12 @@ def export(run_dir: str | Path, dest: str | Path, *, dense: bool = False,
         order = contiguous_order(vocab)
     if dense:
         top_k = num_groups
+    if selection == "static":
+        partition, router_state, order = "frequency", {}, static_partition(run, cfg, vocab)
     coral = CoralConfig.for_vocab(vocab, d, num_groups, top_k, partition=partition,
-                                  router_act=act, trained=True)
+                                  router_act=act, selection=selection, trained=True)
+    if static_rows is not None:
+        coral = coral.with_active_rows(static_rows)
     tensors.update({f"router.{k}": v.to(torch_dtype) for k, v in router_state.items()})
     tensors["partition.token_order"] = order.to(torch.int64)
     if include_heads:
@@ -86,5 +103,25 @@ def export(run_dir: str | Path, dest: str | Path, *, dense: bool = False,
                                 "validation": chosen.get("eval"),
                                 "router_stage": router_path.is_file(),
                                 "router_online": online and not router_path.is_file(),
-                                "dense": dense}
+                                "dense": dense, "selection": selection}
     return save_checkpoint(dest, config, tensors)
+
+
+def static_partition(run: Path, cfg: TrainConfig, vocab: int) -> torch.Tensor:
+    """The frequency partition a static drafter serves the first groups of: the one stage
+    2 measured it on (`router.pt`'s `frequency_order`, so the drafter is the one its
+    report's `static_head` describes), else counted from the run's training split the
+    way stages 1 and 2 count it."""
+    router_path = run / ROUTER_FILE
+    if router_path.is_file():
+        order = torch.load(router_path, map_location="cpu",
+                           weights_only=False).get("frequency_order")
+        if order is not None:
+            return order
+    if not Path(cfg.data).is_dir():
+        raise FileNotFoundError(
+            f"{run}: a static drafter takes the frequency partition of the run's training "
+            f"data {cfg.data}, which is not here; export where the data is, or run "
+            f"`coral-vllm train router --out {run}` there first (router.pt keeps it).")
+    train_t, _ = load_splits(cfg.data, cfg.max_len, cfg.router_holdout)
+    return frequency_order(train_token_counts(train_t, vocab))

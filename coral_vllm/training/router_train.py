@@ -10,6 +10,10 @@
 3. Report on the held-out split recall@k = P(target top-1 lies in the k chosen groups)
    and dense-agreement = P(the drafter's dense top-1 lies in them); keep the partition
    with the best recall (or the one asked for) in `out/router.pt`.
+4. Report the same for the static drafter at equal rows (`static_head`: always the first
+   k groups of the frequency partition, what `train export --selection static` serves),
+   and keep that partition in `router.pt` too, so the exported static drafter is the one
+   the report measured.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from coral_vllm.format.partition import build_token_order, group_of_token
+from coral_vllm.format.partition import build_token_order, frequency_order, group_of_token
 from coral_vllm.format.config import PARTITION_STRATEGIES, CoralConfig
 from coral_vllm.format.router import Router
 from coral_vllm.training.config import TrainConfig
@@ -121,7 +125,8 @@ def fit_routers(drafter: CoralDrafter, target, data_dir: str | Path, cfg: TrainC
     """Partitions + one router each on the frozen drafter; (report, orders, routers).
 
     Recall@k is measured on the held-out split, and the frequency partition counts
-    tokens of the training split only.
+    tokens of the training split only. `orders` always holds "frequency" (the static
+    drafter's), even where no router was fitted on it.
     """
     vocab, d = drafter.vocab_size, drafter.hidden_size
     coral = CoralConfig.for_vocab(vocab, d, cfg.num_groups, cfg.top_k_groups)
@@ -160,7 +165,20 @@ def fit_routers(drafter: CoralDrafter, target, data_dir: str | Path, cfg: TrainC
                                             cfg.num_groups)}
     report["chosen"] = max(report["partitions"],
                            key=lambda s: report["partitions"][s]["recall_at_k"])
+    partitions.setdefault("frequency", frequency_order(counts))
+    report["static_head"] = static_head_recall(partitions["frequency"], coral, ho)
     return report, partitions, routers
+
+
+def static_head_recall(order: torch.Tensor, coral: CoralConfig,
+                       held: dict[str, Any]) -> dict[str, Any]:
+    """Held-out recall of a static drafter with this grouping: its active set is always
+    the first `top_k_groups` groups of the frequency partition `order`."""
+    active = group_of_token(order, coral.group_size) < coral.top_k_groups
+    return {"partition": "frequency", "top_k_groups": coral.top_k_groups,
+            "rows": coral.active_rows,
+            "recall_at_k": active[held["top1"]].float().mean().item(),
+            "dense_agreement": active[held["dense1"]].float().mean().item()}
 
 
 def run_router_stage(out: str | Path, cfg_overrides: dict[str, Any] | None = None,
@@ -179,7 +197,8 @@ def run_router_stage(out: str | Path, cfg_overrides: dict[str, Any] | None = Non
     torch.save({"partition": best, "token_order": partitions[best],
                 "router": {k_: v.cpu() for k_, v in routers[best].state_dict().items()},
                 "num_groups": cfg.num_groups, "top_k_groups": k, "router_act": cfg.router_act,
-                "report": report}, out / ROUTER_FILE)
+                "frequency_order": partitions["frequency"], "report": report},
+               out / ROUTER_FILE)
     (out / "router_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -224,7 +243,7 @@ def run_router_on_drafter(drafter_dir: str | Path, target_path: str | Path,
                     for k, v in routers[best].state_dict().items()})
     tensors["partition.token_order"] = partitions[best].to(torch.int64).cpu()
     coral = dict(src_cfg["coral"], partition=best, top_k_groups=cfg.top_k_groups,
-                 trained=True)
+                 selection="router", trained=True)
     config = dict(src_cfg, coral=coral)
     config["coral_training"] = dict(src_cfg.get("coral_training") or {}, router_stage=True,
                                     router_report={"chosen": best,

@@ -27,6 +27,7 @@ import torch
 
 from coral_vllm.format.grouped_head import grouped_logits_torch
 from coral_vllm.format.partition import grouped_rows, row_token_ids
+from coral_vllm.format.router import select_groups
 from coral_vllm.training.batches import Batch, TokenTable, epoch_batches
 from coral_vllm.training.head_loss import default_chunk
 
@@ -42,7 +43,8 @@ class EvalSplit:
 
 
 class DraftTop1:
-    """Top-1 tokens of drafter features: dense head, and the router's groups only."""
+    """Top-1 tokens of drafter features: dense head, and the router's groups only (the
+    first k groups when `router` is None: a static drafter)."""
 
     def __init__(self, head: torch.Tensor, token_order: torch.Tensor, num_groups: int,
                  group_size: int, top_k_groups: int) -> None:
@@ -58,7 +60,7 @@ class DraftTop1:
         for a in range(0, len(h), self.chunk):
             c = h[a:a + self.chunk]
             dense.append((c.to(self.head.dtype) @ self.head.T).float().argmax(-1))
-            groups = router.select(c.to(router.w1.weight.dtype), self.k)
+            groups = select_groups(router, c, self.k)
             # the plugin's torch reference (the Triton kernel computes the same function)
             logits, tokens = grouped_logits_torch(c, self.grouped, self.rows, groups,
                                                   self.group_size)
