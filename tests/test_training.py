@@ -275,6 +275,63 @@ def test_router_stage_on_a_run(tiny, trained):
     assert set(report["partitions"]) == {"contiguous", "frequency", "cluster"}
 
 
+def test_static_export_is_the_drafter_the_router_report_measured(tiny, trained, tmp_path):
+    """`train export --selection static` after stage 2 (which chose another partition
+    here): the trained layer without a router, the first k groups of the report's
+    frequency partition at the router's active rows, and its held-out recall, measured
+    through its own head, is the report's `static_head` number; offline tau with its
+    restricted head equals token-by-token speculation."""
+    import shutil
+
+    from coral_vllm.format.partition import grouped_rows, row_token_ids
+    from coral_vllm.format.static_head import static_logits
+    from coral_vllm.training.cli import main
+    from coral_vllm.training.evaluate import (continuation_split, load_drafter,
+                                              speculative_generate, tau_of_drafters)
+    from coral_vllm.training.router_train import ROUTER_FILE, collect, run_router_stage
+
+    run = tmp_path / "run"
+    shutil.copytree(trained["out"], run)
+    report = run_router_stage(run, {"partition": "cluster", "router_epochs": 2})
+    static = report["static_head"]
+    assert static["top_k_groups"] == 4 and static["rows"] == 4 * 32
+    dest = tmp_path / "static"
+    assert main(["export", "--run", str(run), "--dest", str(dest), "--selection", "static",
+                 "--dtype", "float32"]) == 0
+    ckpt = read_checkpoint(dest)
+    c = ckpt.coral
+    assert (c.selection, c.partition, c.top_k_groups, c.active_rows) == (
+        "static", "frequency", 4, static["rows"])
+    assert not any(k.startswith("router.") for k in ckpt.shapes)
+    stored = torch.load(run / ROUTER_FILE, weights_only=False)["frequency_order"]
+    assert torch.equal(ckpt.token_order, stored)
+
+    target = tiny["model"]
+    drafter = load_drafter(dest, target)
+    assert drafter.router is None
+    cfg = TrainConfig.from_dict(load_state(run)["config"])
+    _, held = load_splits(tiny["data"], cfg.max_len, cfg.router_holdout)
+    order = drafter.partition.token_order
+    ho = collect(drafter, target, held, cfg.num_steps, cfg.batch_tokens,
+                 cfg.router_max_tokens, torch.device("cpu"), {"frequency": order},
+                 c.group_size, c.num_groups)
+    head = grouped_rows(drafter.lm_head.weight, order, c.num_groups, c.group_size)
+    rows = row_token_ids(order, c.num_groups, c.group_size)
+    logits = static_logits(ho["h"], head, rows, c.active_rows, c.vocab_size)
+    recall = logits.gather(1, ho["top1"][:, None]).isfinite().float().mean().item()
+    assert recall == static["recall_at_k"] and 0 < recall < 1
+
+    prompts = tiny["prompts"][:4]
+    split = continuation_split(target, prompts, 24, [])
+    fast = {r["router"]: r for r in tau_of_drafters(target, {"s": drafter}, split, k=5)}
+    lengths = [n for p in prompts for n in speculative_generate(
+        target, drafter, p, k=5, max_new_tokens=24, use_router=True)["accept_lengths"]]
+    assert fast[True]["rounds"] == len(lengths)
+    assert fast[True]["tau"] == pytest.approx(sum(lengths) / len(lengths), abs=1e-12)
+    with pytest.raises(SystemExit):  # --static-rows without --selection static
+        main(["export", "--run", str(run), "--dest", str(dest), "--static-rows", "64"])
+
+
 def test_resume_continues_at_right_step(tiny, tmp_path):
     full = _cfg(tiny, tmp_path / "full", max_steps=8, feature_noise=0.2)
     train(full)

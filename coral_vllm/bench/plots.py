@@ -43,23 +43,30 @@ def plot_e2e(result: dict[str, Any], dest: Path) -> Path:
 
 
 def plot_synthetic(result: dict[str, Any], dest: Path) -> Path:
-    """CORAL / dense-head EAGLE throughput vs batch, one line per synthetic acceptance
-    length, one panel per target shape."""
+    """CORAL / dense-head EAGLE throughput vs batch (solid), and CORAL / static-vocabulary
+    drafter (dashed) where it ran, one colour per synthetic acceptance length, one panel
+    per target shape."""
     plt = _pyplot()
     shapes = list(dict.fromkeys(r["shape"] for r in result["ratios"]))
     fig, axes = plt.subplots(1, len(shapes), squeeze=False, sharey=True,
                              figsize=(4.5 * len(shapes), 3.4))
     for ax, shape in zip(axes[0], shapes):
-        rs = [r for r in result["ratios"] if r["shape"] == shape and r["coral_vs_eagle"]]
+        rs = [r for r in result["ratios"] if r["shape"] == shape]
         for length in sorted({r["synthetic_acceptance_length"] for r in rs}):
-            pts = sorted((r["batch"], r["coral_vs_eagle"]) for r in rs
-                         if r["synthetic_acceptance_length"] == length)
-            ax.plot(*zip(*pts), marker="o", label=f"acceptance {length:g}")
+            colour = None
+            for key, style, label in (("coral_vs_eagle", "-", "vs EAGLE"),
+                                      ("coral_vs_static", "--", "vs static")):
+                pts = sorted((r["batch"], r[key]) for r in rs
+                             if r["synthetic_acceptance_length"] == length and r.get(key))
+                if pts:
+                    line, = ax.plot(*zip(*pts), marker="o", ls=style, color=colour,
+                                    label=f"acceptance {length:g}, {label}")
+                    colour = line.get_color()
         ax.axhline(1.0, color="gray", lw=0.8, ls="--")
         ax.set_xscale("log", base=2)
         ax.set_title(shape)
         ax.set_xlabel("batch")
-        ax.set_ylabel("CORAL tok/s / EAGLE tok/s")
+        ax.set_ylabel("CORAL tok/s / other drafter's tok/s")
         ax.legend(fontsize=8)
     return _save(fig, f"SYNTHETIC acceptance, dummy weights, k={result['k']}, "
                       f"{result['device']}, vLLM {result['vllm_version']}", dest)

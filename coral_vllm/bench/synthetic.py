@@ -1,12 +1,15 @@
 """Drafter cost at realistic size: 8B-class targets with dummy weights and vLLM's
-synthetic acceptance, plain decoding vs a dense-head EAGLE drafter vs the CORAL drafter.
+synthetic acceptance, plain decoding vs a dense-head EAGLE drafter vs a static
+draft-vocabulary drafter vs the CORAL drafter.
 
 No trained 8B weights exist here, so acceptance is SYNTHETIC: vLLM's
 `rejection_sample_method: "synthetic"` accepts draft tokens at a set mean acceptance
 length whatever they are, identically for both drafters. What differs is only what each
 drafter costs per step: the same one-layer EAGLE drafter (random weights), with vLLM's
-dense LM head or with CORAL's router + grouped head (top-8 of 64 groups, the Triton
-kernel on CUDA). Throughput differences are therefore system cost, not acceptance.
+dense LM head, with a static reduced vocabulary (EAGLE-3 / FR-Spec: the ~32k most
+frequent rows, one dense GEMM over them, `selection: "static"`), or with CORAL's router +
+grouped head (top-8 of 64 groups, the Triton kernel on CUDA). Throughput differences are
+therefore system cost, not acceptance.
 
 One engine per variant, all started at once in their own processes (they share the
 card; start-up overlaps), then measured one at a time, all variants of a cell back to
@@ -31,6 +34,7 @@ from typing import Any
 from coral_vllm.bench.args import add_engine_resource_args, bench_parser, engine_resources
 from coral_vllm.bench.e2e import step_time_ratio
 from coral_vllm.bench.results import device_name, write_json
+from coral_vllm.format.checkpoint import read_checkpoint
 
 # Public config.json values of the two targets (sizes only; weights are dummy).
 SHAPES: dict[str, dict[str, Any]] = {
@@ -53,13 +57,24 @@ SHAPES: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": False, "bos_token_id": 151643, "eos_token_id": 151645,
         "torch_dtype": "bfloat16"},
 }
-VARIANTS = ("plain", "eagle", "coral")
+VARIANTS = ("plain", "eagle", "static", "coral")
+# throughput ratios reported per cell: (numerator, denominator) variants
+RATIO_PAIRS = (("coral", "eagle"), ("coral", "plain"), ("eagle", "plain"),
+               ("coral", "static"), ("static", "eagle"), ("static", "plain"))
+
+
+def static_top_k(shape: dict[str, Any], num_groups: int, rows: int) -> int:
+    """The static drafter's top_k_groups: the groups nearest `rows` most frequent rows."""
+    from coral_vllm.format.config import CoralConfig
+
+    return CoralConfig.for_vocab(shape["vocab_size"], shape["hidden_size"], num_groups,
+                                 1).with_active_rows(rows).top_k_groups
 
 
 def prepare_shape(shape: dict[str, Any], root: Path, *, num_groups: int,
-                  top_k_groups: int) -> dict[str, Path | None]:
-    """A config-only target dir and the two drafters for it (random weights: the drafter
-    checkpoint checks read them; the engines then use dummy weights anyway)."""
+                  top_k_groups: int, static_rows: int) -> dict[str, Path | None]:
+    """A config-only target dir and the three drafters for it (random weights: the
+    drafter checkpoint checks read them; the engines then use dummy weights anyway)."""
     from coral_vllm.format.checkpoint import write_eagle_checkpoint
     from coral_vllm.models.drafter_init import init_drafter
 
@@ -72,7 +87,13 @@ def prepare_shape(shape: dict[str, Any], root: Path, *, num_groups: int,
     eagle = root / "eagle"
     if not (eagle / "config.json").is_file():
         write_eagle_checkpoint(coral, eagle)
-    return {"plain": None, "eagle": eagle, "coral": coral, "target": target}
+    static_k = static_top_k(shape, num_groups, static_rows)
+    static = root / f"static-top{static_k}-of-{num_groups}"
+    if not (static / "config.json").is_file():
+        init_drafter(target, static, num_groups=num_groups, top_k_groups=static_k,
+                     partition="frequency", selection="static")
+    return {"plain": None, "eagle": eagle, "static": static, "coral": coral,
+            "target": target}
 
 
 def set_synthetic_acceptance(worker: Any, length: float) -> list[float]:
@@ -122,7 +143,7 @@ def engine_worker(variant: str, dirs: dict[str, str | None], k: int, first_lengt
 
         spec = None
         if dirs[variant] is not None:
-            spec = {"method": variant if variant == "coral" else "eagle",
+            spec = {"method": "eagle" if variant == "eagle" else "coral",
                     "model": dirs[variant], "num_speculative_tokens": k}
             if first_length is not None:
                 spec.update(rejection_sample_method="synthetic",
@@ -205,20 +226,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "k": args.k, "temperature": 0.0, "prompt_len": args.prompt_len,
         "max_tokens": args.max_tokens,
         "drafters": {"eagle": "vLLM's EAGLE Llama drafter, dense LM head (method eagle)",
+                     "static": f"same layer, no router, one dense GEMM over the ~"
+                               f"{args.static_rows} most frequent rows (selection static, "
+                               "method coral; rows per shape in static_rows)",
                      "coral": f"same layer, router + grouped head, top-{args.top_k_groups}"
                               f" of {args.num_groups} groups (method coral)"},
+        "static_rows": {},
         "rows": [],
     }
     if args.extend:  # add shapes to an earlier run (same card, version and settings)
         prior = json.loads(Path(args.extend).read_text())
         for key in ("device", "vllm_version", "k", "max_tokens", "prompt_len", "acceptance",
-                    "acceptance_lengths"):
+                    "acceptance_lengths", "drafters"):
             if prior[key] != result[key]:
                 raise SystemExit(f"--extend {args.extend}: {key} is {prior[key]!r} there, "
                                  f"{result[key]!r} here; results would not be comparable")
         result["rows"] = [r for r in prior["rows"] if r["shape"] not in args.shapes]
-        result["startup_s"] = {s: t for s, t in prior.get("startup_s", {}).items()
-                               if s not in args.shapes}
+        for key in ("startup_s", "static_rows"):
+            result[key] = {s: t for s, t in prior.get(key, {}).items()
+                           if s not in args.shapes}
     engine_kwargs = {"max_model_len": args.prompt_len + args.max_tokens + 64,
                      "max_num_seqs": max(args.batches), **engine_resources(args)}
     if args.dtype:
@@ -227,7 +253,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         shape = {**SHAPES[shape_name], **(json.loads(args.shape_override)
                                           if args.shape_override else {})}
         dirs = prepare_shape(shape, work / shape_name, num_groups=args.num_groups,
-                             top_k_groups=args.top_k_groups)
+                             top_k_groups=args.top_k_groups, static_rows=args.static_rows)
+        result["static_rows"][shape_name] = read_checkpoint(dirs["static"]).coral.active_rows
         print(f"== {shape_name}: starting {', '.join(args.variants)}", flush=True)
         t0 = time.perf_counter()
         lengths = [None] if args.real_acceptance else args.acceptance
@@ -267,45 +294,57 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def ratios(rows: list[dict[str, Any]], k: int | None = None) -> list[dict[str, Any]]:
-    """CORAL vs EAGLE (and both vs plain) per shape, acceptance and batch; at batch 1 also
-    each drafter's step-time ratio c (`e2e.step_time_ratio`, tau = the set length)."""
-    by = {(r["shape"], r["drafter"], r["batch"], r["synthetic_acceptance_length"]): r
-          for r in rows}
+    """Throughput ratios of the drafters present per shape, acceptance and batch
+    (`RATIO_PAIRS`, plain being the one row per shape and batch); at batch 1 also each
+    drafter's step-time ratio c (`e2e.step_time_ratio`, tau = the set length)."""
+    cells: dict[tuple, dict[str, dict[str, Any]]] = {}
+    plain: dict[tuple, dict[str, Any]] = {}
+    for r in rows:
+        if r["drafter"] == "plain":
+            plain[(r["shape"], r["batch"])] = r
+        else:
+            key = (r["shape"], r["batch"], r["synthetic_acceptance_length"])
+            cells.setdefault(key, {})[r["drafter"]] = r
     out = []
-    for (shape, drafter, batch, length), r in by.items():
-        if drafter != "coral":
-            continue
-        eagle = by.get((shape, "eagle", batch, length))
-        plain = next((p for (s, d, b, _), p in by.items()
-                      if (s, d, b) == (shape, "plain", batch)), None)
-        out.append({"shape": shape, "batch": batch, "synthetic_acceptance_length": length,
-                    "coral_vs_eagle": round(r["output_tok_s"] / eagle["output_tok_s"], 3)
-                    if eagle else None,
-                    "coral_vs_plain": round(r["output_tok_s"] / plain["output_tok_s"], 3)
-                    if plain else None,
-                    "eagle_vs_plain": round(eagle["output_tok_s"] / plain["output_tok_s"], 3)
-                    if eagle and plain else None})
-        if k and batch == 1 and plain and length:
-            for name, x in (("coral", r), ("eagle", eagle)):
-                if x:
-                    out[-1][f"c_{name}"] = round(step_time_ratio(
-                        1000 / x["output_tok_s"], length, 1000 / plain["output_tok_s"], k), 3)
+    for (shape, batch, length), by in cells.items():
+        if (shape, batch) in plain:
+            by = {**by, "plain": plain[(shape, batch)]}
+        row: dict[str, Any] = {"shape": shape, "batch": batch,
+                               "synthetic_acceptance_length": length}
+        for a, b in RATIO_PAIRS:
+            if a in by and b in by:
+                row[f"{a}_vs_{b}"] = round(by[a]["output_tok_s"] / by[b]["output_tok_s"], 3)
+        if k and batch == 1 and "plain" in by and length:
+            for name in VARIANTS[1:]:
+                if name in by:
+                    row[f"c_{name}"] = round(step_time_ratio(
+                        1000 / by[name]["output_tok_s"], length,
+                        1000 / by["plain"]["output_tok_s"], k), 3)
+        out.append(row)
     return out
 
 
 def check_targets(rs: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
+    """The issues' targets at synthetic acceptance 3.5: CORAL >= 1.15x dense-head EAGLE at
+    batch 1 and no slower at batch 64; never slower than the static-vocabulary drafter at
+    any batch (equal acceptance by construction, so this compares cost only)."""
     out = []
+
+    def add(target: str, measured: float | None, bar: float) -> None:
+        if measured is not None:
+            out.append({"target": target, "measured": measured, "met": measured >= bar})
+
     for r in rs:
-        if r["coral_vs_eagle"] is None or r["synthetic_acceptance_length"] != 3.5:
+        if r["synthetic_acceptance_length"] != 3.5:
             continue
+        cell = f"{r['shape']}, batch {r['batch']}, synthetic acceptance 3.5"
         if r["batch"] == 1:
-            out.append({"target": f"{r['shape']}, batch 1, synthetic acceptance 3.5, k={k}: "
-                        "CORAL >= 1.15x dense-head EAGLE", "measured": r["coral_vs_eagle"],
-                        "met": r["coral_vs_eagle"] >= 1.15})
+            add(f"{cell}, k={k}: CORAL >= 1.15x dense-head EAGLE", r.get("coral_vs_eagle"),
+                1.15)
         if r["batch"] == 64:
-            out.append({"target": f"{r['shape']}, batch 64, synthetic acceptance 3.5: CORAL "
-                        "no slower than dense-head EAGLE", "measured": r["coral_vs_eagle"],
-                        "met": r["coral_vs_eagle"] >= 1.0})
+            add(f"{cell}: CORAL no slower than dense-head EAGLE", r.get("coral_vs_eagle"), 1.0)
+        add(f"{cell}: CORAL no slower than the static-vocabulary drafter",
+            r.get("coral_vs_static"), 1.0)
     return out
 
 
@@ -326,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--num-groups", type=int, default=64)
     p.add_argument("--top-k-groups", type=int, default=8)
+    p.add_argument("--static-rows", type=int, default=32768,
+                   help="active rows of the static drafter (the top_k_groups nearest "
+                   "this; default 32768, EAGLE-3's draft vocabulary)")
     p.add_argument("--dtype", help="engine dtype (default: vLLM's choice, bf16 on GPU)")
     add_engine_resource_args(p, gpu_memory_utilization=0.28, kv_cache_gib=3, per="engine")
     p.add_argument("--work-dir", help="where target configs and drafters are written")
