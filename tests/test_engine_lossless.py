@@ -107,15 +107,23 @@ def _stale_head_check(worker, h: list) -> tuple[bool, str]:
     return checked, ""
 
 
+def _greedy_run(llm) -> tuple[list[list[int]], object, dict]:
+    """Greedy replies to PROMPTS, the spec-decode counters after them, and the loaded
+    drafter's weights and head outputs (`_drafter_in_worker`)."""
+    from vllm import SamplingParams
+
+    out = chat(llm, PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
+    stats = from_llm_metrics(llm.get_metrics())
+    raw = llm.collective_rpc(_drafter_in_worker, args=(ROUNDTRIP_FEATURES.tolist(),))[0]
+    return out, stats, raw
+
+
 @pytest.fixture(scope="module")
 def coral_greedy(target_dir, drafter):
-    from vllm import SamplingParams
 
     spec = {"method": "coral", "model": str(drafter), "num_speculative_tokens": K}
     with engine(target_dir, spec) as llm:
-        out = chat(llm, PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
-        stats = from_llm_metrics(llm.get_metrics())
-        raw = llm.collective_rpc(_drafter_in_worker, args=(ROUNDTRIP_FEATURES.tolist(),))[0]
+        out, stats, raw = _greedy_run(llm)
         seeded = _seeded_replies(llm)
         stale = llm.collective_rpc(_stale_head_check, args=(ROUNDTRIP_FEATURES.tolist(),))[0]
     loaded = {"params": {k: torch.tensor(v) for k, v in raw["params"].items()},
@@ -154,6 +162,48 @@ def _record_draft_support(worker) -> None:
 
 def _draft_support(worker) -> list[int]:
     return worker.model_runner.drafter.coral_support
+
+
+@pytest.fixture(scope="module")
+def static_drafter(drafter, tmp_path_factory) -> Path:
+    """The shipped drafter's static-vocabulary twin (frequency partition, no router)."""
+    from coral_vllm.format.static_checkpoint import write_static_checkpoint
+
+    return write_static_checkpoint(drafter, tmp_path_factory.mktemp("static") / "static")
+
+
+@pytest.fixture(scope="module")
+def static_greedy(target_dir, static_drafter):
+    spec = {"method": "coral", "model": str(static_drafter), "num_speculative_tokens": K}
+    with engine(target_dir, spec) as llm:
+        return _greedy_run(llm)
+
+
+def test_static_drafter_is_lossless_and_drafts_from_its_frequent_rows(
+        plain, static_greedy, static_drafter, target_dir):
+    """The static-vocabulary baseline served through vLLM: greedy output equals plain
+    decoding; it drafts; and in the worker (no router loaded) both head paths are the
+    target's dense head restricted to the drafter's first top_k_groups groups."""
+    from transformers import AutoModelForCausalLM
+
+    from coral_vllm.training.evaluate import load_drafter
+
+    expected_out, _, _ = plain
+    got, stats, raw = static_greedy
+    for prompt, e, g in zip(PROMPTS, expected_out, got):
+        assert g == e, f"the static drafter changed the greedy output for {prompt!r}"
+    assert stats.num_drafts > 0 and stats.num_draft_tokens == K * stats.num_drafts
+    assert not any(k.startswith("router.") for k in raw["params"])
+    target = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32)
+    ref = load_drafter(static_drafter, target, device="cpu")
+    c = ref.coral
+    active = torch.zeros(c.vocab_size, dtype=torch.bool)
+    active[ref.partition.token_order[: c.active_rows]] = True
+    with torch.no_grad():
+        expected = ref.lm_head(ROUNDTRIP_FEATURES).float().masked_fill(~active, float("-inf"))
+    logits = torch.tensor(raw["logits"])
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-4)
+    assert torch.equal(torch.tensor(raw["top"]), expected.argmax(-1))
 
 
 def test_rejection_test_sees_the_restricted_draft_distribution(coral_sampled, drafter):

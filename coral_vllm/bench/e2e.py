@@ -18,7 +18,10 @@ returns -inf elsewhere). T = 0 uses greedy drafting servers (for CORAL the group
 top-1 path). The drafter-to-target step-time ratio c is derived from the batch-1 T=0
 cells of the same run (see `step_time_ratio`).
 
-    coral-vllm bench e2e --drafters eagle=DIR hass=DIR coral=DIR -k 3
+    coral-vllm bench e2e --drafters eagle=DIR hass=DIR static=DIR coral=DIR -k 3
+
+(`static`: `coral-vllm to-static` of the CORAL drafter, or `train export --selection
+static`: the static draft-vocabulary baseline, checked against CORAL by name.)
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from coral_vllm.bench.args import (PLAIN, add_drafters_arg, add_engine_resource_
 from coral_vllm.bench.client import run_load
 from coral_vllm.bench.results import device_name, write_json
 from coral_vllm.datasets import BENCHMARKS, benchmark_texts
-from coral_vllm.format.checkpoint import is_coral_checkpoint
+from coral_vllm.format.checkpoint import is_coral_checkpoint, read_checkpoint
 from coral_vllm.runtime.metrics import histogram_mean, parse_prometheus, prometheus_totals
 from coral_vllm.runtime.server import ServerSpec, fetch_metrics, running_servers
 
@@ -66,6 +69,16 @@ class Variant:
                 spec["draft_sample_method"] = self.draft_sample_method
         return ServerSpec(model, self.path, k, spec, extra_args,
                           log_dir / f"serve_{self.server_name}.log", gpu_engine)
+
+
+def drafter_info(path: Path) -> dict[str, Any]:
+    """How a drafter is served: method, and for a CORAL checkpoint its head selection
+    (router or static) and active rows."""
+    if not is_coral_checkpoint(path):
+        return {"path": str(path), "served_as": "eagle"}
+    c = read_checkpoint(path).coral
+    return {"path": str(path), "served_as": "coral", "selection": c.selection,
+            "active_rows": c.active_rows}
 
 
 def plan_variants(drafters: dict[str, Path], temperatures: list[float],
@@ -155,7 +168,7 @@ def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return None
 
     out = []
-    coral, hass = get("coral", 1), get("hass", 1)
+    coral, hass, static = get("coral", 1), get("hass", 1), get("static", 1)
     if coral and coral["speedup_vs_plain"] is not None:
         out.append({"target": "MT-bench, batch 1, T=0: CORAL >= 2.0x plain",
                     "measured": coral["speedup_vs_plain"],
@@ -164,6 +177,10 @@ def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         x = round(coral["output_tok_s"] / hass["output_tok_s"], 3)
         out.append({"target": "MT-bench, batch 1, T=0: CORAL >= 1.10x HASS",
                     "measured": x, "met": x >= 1.10})
+    if coral and static:
+        x = round(coral["output_tok_s"] / static["output_tok_s"], 3)
+        out.append({"target": "MT-bench, batch 1, T=0: CORAL >= the static-vocabulary "
+                    "drafter ('static')", "measured": x, "met": x >= 1.0})
     c32 = get("coral", 32)
     if c32 and c32["speedup_vs_plain"] is not None:
         out.append({"target": "MT-bench, concurrency 32, T=0: CORAL >= 1.2x plain",
@@ -190,8 +207,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "device": device_name(), "vllm_version": vllm.__version__, "model": model.name,
         "k": args.k, "max_tokens": args.max_tokens,
         "acceptance": "real: the drafters' own drafts verified by the target",
-        "drafters": {n: {"path": str(p), "served_as": "coral" if is_coral_checkpoint(p)
-                         else "eagle"} for n, p in drafters.items()},
+        "drafters": {n: drafter_info(p) for n, p in drafters.items()},
         "draft_sample_method": {str(t): vs[-1].draft_sample_method for t, vs in plan.items()},
         "prompts": {d: f"coral_vllm.datasets.benchmark_texts({d!r}), chat template, first "
                     f"N per level" for d in args.datasets},

@@ -13,6 +13,10 @@ What is measured, per (d, V), tokens n and active fraction f = k / N (N = 256 gr
 G = V / N rows each, so k = 8, 16, 32, 64 for f = 1/32 .. 1/4):
 
 * dense_ms   -- bf16 `h @ W.T` over the full vocabulary (cuBLAS), logits only;
+* static_ms  -- the static draft-vocabulary head at the same active rows (k*G most
+                frequent tokens, `static_top1`: one cuBLAS GEMM over that contiguous
+                slice + max), the EAGLE-3 / FR-Spec baseline; speedup_vs_static is
+                static_ms / grouped_ms;
 * gather_ms  -- torch fallback of the draft step: `grouped_logits_torch` (gathers the
                 k*G rows per token when n*k < N, else scores every row and picks
                 columns) + max over the columns;
@@ -133,6 +137,7 @@ def copy_bandwidth_gbs(device, tiny):
 def bench_row(glh, torch_ref, timer, d, vocab, n, frac, num_groups, weights, rows, device,
               gen, alt_paths=True):
     import torch
+    from coral_vllm.format.static_head import static_top1
     G = math.ceil(vocab / num_groups)
     k = max(1, round(frac * num_groups))
     sets = [torch.randint(0, num_groups, (n, k), generator=gen).to(device)
@@ -161,6 +166,9 @@ def bench_row(glh, torch_ref, timer, d, vocab, n, frac, num_groups, weights, row
     row = {"d": d, "vocab": vocab, "tokens": n, "active_fraction": frac, "groups": num_groups,
            "k": k, "group_size": G}
     row["dense_ms"] = timer([dense(i) for i in idx])
+    static_rows = min(k * G, vocab)
+    row["static_ms"] = timer([(lambda w=weights[i % ncopy]: static_top1(
+        hidden, w, rows, static_rows)) for i in idx])
     row["gather_ms"] = timer([gather(i) for i in idx])
     auto = glh.choose_path(n, k, num_groups, G, d)
     row["path"] = auto
@@ -176,6 +184,7 @@ def bench_row(glh, torch_ref, timer, d, vocab, n, frac, num_groups, weights, row
     row["grouped_bytes"] = need
     row["grouped_bandwidth_gbs"] = need / (row["grouped_ms"] * 1e-3) / 1e9
     row["speedup_vs_dense"] = row["dense_ms"] / row["grouped_ms"]
+    row["speedup_vs_static"] = row["static_ms"] / row["grouped_ms"]
     return row
 
 
@@ -275,8 +284,9 @@ def run_benchmark(args):
                               alt_paths=time.time() - t_start < args.budget)
                 rows_out.append(r)
                 print(f"d={d:5d} V={vocab:6d} n={n:3d} f=1/{round(1 / frac):<3d} "
-                      f"{r['path']:9s} dense {r['dense_ms']:.4f} gather {r['gather_ms']:.4f} "
-                      f"grouped {r['grouped_ms']:.4f} ms  x{r['speedup_vs_dense']:.2f}  "
+                      f"{r['path']:9s} dense {r['dense_ms']:.4f} static {r['static_ms']:.4f} "
+                      f"gather {r['gather_ms']:.4f} grouped {r['grouped_ms']:.4f} ms  "
+                      f"x{r['speedup_vs_dense']:.2f} (x{r['speedup_vs_static']:.2f} static)  "
                       f"{r['grouped_bandwidth_gbs']:.0f} GB/s  [{time.time() - t_start:.0f}s]",
                       flush=True)
         del weights, rows
@@ -297,15 +307,16 @@ def run_benchmark(args):
         print(f"wrote {plot_file(out)}")
     except ImportError:
         print(f"matplotlib not installed: no plot (`coral-vllm bench plot {out}` elsewhere)")
-    print("\n    d  vocab   n frac  path       dense_ms gather_ms grouped_ms per_tok_ms "
-          "  union_ms dense_path  speedup   GB/s %copy")
+    print("\n    d  vocab   n frac  path       dense_ms static_ms gather_ms grouped_ms "
+          "per_tok_ms   union_ms dense_path  speedup vs_static   GB/s %copy")
     for r in rows_out:
         frac = f"1/{round(1 / r['active_fraction'])}"
         alt = [r.get(key) for key in PATH_KEYS.values()]
         alt = " ".join(f"{a:10.4f}" if a is not None else f"{'-':>10s}" for a in alt)
         print(f"{r['d']:5d} {r['vocab']:6d} {r['tokens']:3d} {frac:5s} {r['path']:9s}"
-              f" {r['dense_ms']:9.4f} {r['gather_ms']:9.4f} {r['grouped_ms']:10.4f}"
-              f" {alt} {r['speedup_vs_dense']:7.2f}"
+              f" {r['dense_ms']:9.4f} {r['static_ms']:9.4f} {r['gather_ms']:9.4f}"
+              f" {r['grouped_ms']:10.4f} {alt} {r['speedup_vs_dense']:7.2f}"
+              f" {r['speedup_vs_static']:9.2f}"
               f" {r['grouped_bandwidth_gbs']:6.0f} {100 * r['grouped_bandwidth_gbs'] / copy_bw:5.1f}")
     print(f"total {time.time() - t_start:.0f}s")
 
