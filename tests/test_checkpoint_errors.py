@@ -71,6 +71,11 @@ BAD = {
     "no_coral_section": (dict(config_edit=lambda c: c.pop("coral")), ['"coral"']),
     "bad_partition_name": (dict(config_edit=_set_coral(partition="alphabetical")),
                            ["coral.partition", "contiguous"]),
+    "bad_selection": (dict(config_edit=_set_coral(selection="dense")),
+                      ["coral.selection", "'router', 'static'"]),
+    "static_without_frequency_partition": (dict(config_edit=_set_coral(selection="static")),
+                                           ["coral.selection", '"partition": "frequency"',
+                                            "--selection static"]),
     "config_not_json": (dict(file_edit=lambda d: (d / "config.json").write_text("{")),
                         ["config.json", "cannot be read as JSON", "re-export"]),
 }

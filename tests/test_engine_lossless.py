@@ -131,17 +131,35 @@ def coral_greedy(target_dir, drafter):
     return out, stats, loaded, stale, seeded
 
 
+def _probabilistic(drafter: Path) -> dict:
+    return {"method": "coral", "model": str(drafter), "num_speculative_tokens": K,
+            "draft_sample_method": "probabilistic"}
+
+
+def _sampled_run(llm) -> tuple[list[list[int]], object, list[int]]:
+    """T=1 samples, the counters after them, and the draft support of every step."""
+    llm.collective_rpc(_record_draft_support)
+    samples = _samples(llm, 1.0)
+    stats = from_llm_metrics(llm.get_metrics())
+    return samples, stats, llm.collective_rpc(_draft_support)[0]
+
+
 @pytest.fixture(scope="module")
 def coral_sampled(target_dir, drafter):
-    spec = {"method": "coral", "model": str(drafter), "num_speculative_tokens": K,
-            "draft_sample_method": "probabilistic"}
-    with engine(target_dir, spec) as llm:
-        llm.collective_rpc(_record_draft_support)
-        samples = _samples(llm, 1.0)
-        stats = from_llm_metrics(llm.get_metrics())
-        support = llm.collective_rpc(_draft_support)[0]
+    with engine(target_dir, _probabilistic(drafter)) as llm:
+        samples, stats, support = _sampled_run(llm)
         seeded = _seeded_replies(llm)
     return samples, stats, support, seeded
+
+
+@pytest.fixture(scope="module")
+def static_sampled(target_dir, static_drafter):
+    with engine(target_dir, _probabilistic(static_drafter)) as llm:
+        return _sampled_run(llm)
+
+
+# each probabilistic-drafting engine and the drafter it serves
+SAMPLED = {"coral_sampled": "drafter", "static_sampled": "static_drafter"}
 
 
 def _record_draft_support(worker) -> None:
@@ -206,15 +224,17 @@ def test_static_drafter_is_lossless_and_drafts_from_its_frequent_rows(
     assert torch.equal(torch.tensor(raw["top"]), expected.argmax(-1))
 
 
-def test_rejection_test_sees_the_restricted_draft_distribution(coral_sampled, drafter):
-    """With probabilistic drafting, the q the rejection sampler divides by is CORAL's
-    restricted distribution: mass only on the router's active groups' tokens."""
+@pytest.mark.parametrize("sampled", sorted(SAMPLED))
+def test_rejection_test_sees_the_restricted_draft_distribution(sampled, request):
+    """With probabilistic drafting, the q the rejection sampler divides by is the
+    drafter's restricted distribution: mass only on its active rows' tokens (the router's
+    groups; a static drafter's most frequent rows)."""
     from coral_vllm.format.checkpoint import read_checkpoint
 
-    _, _, support, _ = coral_sampled
-    c = read_checkpoint(drafter).coral
+    support = request.getfixturevalue(sampled)[2]
+    c = read_checkpoint(request.getfixturevalue(SAMPLED[sampled])).coral
     assert support, "no draft probabilities reached the rejection sampler"
-    assert 0 < max(support) <= c.top_k_groups * c.group_size < c.vocab_size
+    assert 0 < max(support) <= c.active_rows < c.vocab_size
 
 
 def test_greedy_equals_plain_decoding(plain, coral_greedy):
@@ -281,21 +301,22 @@ def test_exported_drafter_roundtrips_into_vllm(coral_greedy, drafter, target_dir
     assert torch.equal(loaded["top"], expected.argmax(-1))
 
 
-def test_sampling_keeps_target_distribution(plain, coral_sampled):
-    """T=1 with probabilistic drafting from the restricted (grouped) distribution.
+@pytest.mark.parametrize("sampled", sorted(SAMPLED))
+def test_sampling_keeps_target_distribution(plain, sampled, request):
+    """T=1 with probabilistic drafting from the restricted (grouped, or static) distribution.
 
     The yardstick is the plain engine against itself (sampling noise), and the test shows
     it can fail: temperature 0.7 sampling is caught by it.
     """
     _, s, _ = plain
-    samples, stats, *_ = coral_sampled
+    samples, stats, *_ = request.getfixturevalue(sampled)
     assert stats.num_drafts > 0
     ref = token_marginals(s["a"])
     bound = noise_bound(ref, token_marginals(s["b"]))
     biased = binned_tv(token_marginals(s["t07"]), ref)
     assert biased > bound, f"test has no power: T=0.7 gives TV {biased:.3f} <= {bound:.3f}"
     got = binned_tv(token_marginals(samples), ref)
-    assert got <= bound, f"coral sampling TV {got:.3f} > bound {bound:.3f}"
+    assert got <= bound, f"{sampled} TV {got:.3f} > bound {bound:.3f}"
 
 
 def test_plain_engine_runs_with_the_plugin_installed(plain):

@@ -41,8 +41,9 @@ def measure(model: Path, drafter: Path, k: int, prompts: dict[str, list[list[int
 def main(argv: list[str] | None = None) -> int:
     ap = bench_parser("acceptance", __doc__)
     add_drafters_arg(ap)
-    ap.add_argument("--router-report", help="router stage report (recall@k of the chosen "
-                    "partition goes into the rows of routed drafters)")
+    ap.add_argument("--router-report", help="router stage report: held-out recall@k of "
+                    "the chosen partition's router, or of its static_head for a static "
+                    "drafter, goes into the rows of drafters that restrict their head")
     ap.add_argument("-k", type=int, default=5)
     ap.add_argument("--limit", type=int, default=20, help="prompts per dataset")
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -59,10 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     model = target_dir(args)
     tok = AutoTokenizer.from_pretrained(str(model))
     prompts = {d: benchmark_prompts(d, tok, args.limit) for d in DATASETS}
-    recall = None
+    recall = {}  # held-out recall@k of each head selection, from the router report
     if args.router_report:
         rep = json.loads(Path(args.router_report).read_text())
-        recall = rep["partitions"][rep["chosen"]]["recall_at_k"]
+        recall["router"] = rep["partitions"][rep["chosen"]]["recall_at_k"]
+        recall["static"] = rep.get("static_head", {}).get("recall_at_k")
     rows = []
     for name, path in drafters.items():
         coral = read_checkpoint(path).coral
@@ -70,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         taus = measure(model, path, args.k, prompts, args.max_tokens)
         for dataset, tau in taus.items():
             rows.append({"drafter": name, "dataset": dataset, "tau": round(tau, 4),
-                         "router_recall_at_k": recall if routed else None,
+                         "selection": coral.selection,
+                         "recall_at_k": recall.get(coral.selection) if routed else None,
                          "active_groups": f"{coral.top_k_groups}/{coral.num_groups}"})
             print(f"{name:14s} {dataset:10s} tau {tau:.3f}", flush=True)
     result = {"target": str(model.name), "k": args.k,
