@@ -96,8 +96,8 @@ class CoralConfig:
         need(self.selection in SELECTIONS, "selection",
              f"is {self.selection!r}; choose one of {SELECTIONS}.")
         need(self.selection != "static" or self.partition == "frequency", "selection",
-             f'is "static" (the first top_k_groups groups as the draft vocabulary), which '
-             f'needs "partition": "frequency" so those groups are the most frequent tokens; '
+             'is "static" (the first top_k_groups groups as the draft vocabulary), which '
+             'needs "partition": "frequency" so those groups are the most frequent tokens; '
              f"this drafter's partition is {self.partition!r}. Export the static drafter "
              "with `coral-vllm train export --selection static` (it takes the run's "
              "frequency partition).")
