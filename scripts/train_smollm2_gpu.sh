@@ -14,6 +14,10 @@
 # CORAL_TAU_ARGS (a small rehearsal on the CPU sets these).
 # Work and results live in $CORAL_WORK (default /root/coral-work, kept while the host is);
 # each stage also copies what it produced to $OUT (default results/), at most 8 files.
+# The data directory outlives the host: `data` sends it back as xz pieces of <= 15 MiB
+# ($OUT/smollm2-data.tar.xz.00, .01, ...: the finished shards, or the generated parts so
+# far if it stopped on the time limit); copy them into .gpu-data/ here and every later
+# stage, on any later lease, unpacks them when $CORAL_WORK has no data yet.
 set -uo pipefail
 M=${CORAL_TARGET:-$HOME/.cache/coral-vllm/models/smollm2-135m-instruct}
 W=${CORAL_WORK:-/root/coral-work}
@@ -23,13 +27,26 @@ TL=${CORAL_TIME_LIMIT_MIN:-8.5}
 PRESETS=${CORAL_PRESETS:-eagle hass coral}
 mkdir -p "$W" "$R" "$O"
 runs() { for p in $PRESETS; do printf '%s=%s ' "$p" "$W/runs/$p"; done; }
+PIECES=smollm2-data.tar.xz
+pack_data() {  # finished data without its generation parts; unfinished: the parts too
+  local skip=(); [ -f "$W/data/manifest.json" ] && skip=(--exclude=data/parts)
+  tar -C "$W" -cf - "${skip[@]}" data | xz -T0 -6 | split -b 15M -d - "$O/$PIECES."
+  ls -l "$O/$PIECES".* | awk '{s += $5} END {printf "data pieces: %d, %.1f MiB\n", NR, s / 2^20}'
+}
+restore_data() {
+  if [ ! -d "$W/data" ] && ls .gpu-data/$PIECES.* > /dev/null 2>&1; then
+    cat .gpu-data/$PIECES.* | xz -d | tar -x -C "$W" && echo "data restored from .gpu-data/"
+  fi
+}
+restore_data
 case "${1:?stage: data | before | curves | finish | scaling}" in
   data)
     python3 -m coral_vllm.cli train data --target "$M" --out "$W/data" \
       --conversations "${CORAL_CONVERSATIONS:-.gpu-data/conversations.jsonl.xz}" --max-turns "${CORAL_MAX_TURNS:-3}" \
       --max-new-tokens 512 --max-len 2048 --time-limit-min "$TL" ${CORAL_DATA_ARGS:-} 2>&1 \
       | grep -v "^INFO\|^(" | tail -n 30
-    cp "$W/data/manifest.json" "$O/dataset_manifest_smollm2.json" ;;
+    [ -f "$W/data/manifest.json" ] && cp "$W/data/manifest.json" "$O/dataset_manifest_smollm2.json"
+    pack_data ;;
   before)
     python3 -m coral_vllm.cli bench training throughput --legacy-root .baseline --target "$M" \
       --data "$W/data" --legacy-presets $PRESETS --work "$W/legacy" \

@@ -214,7 +214,11 @@ def strip_end(reply: Reply, eos: set[int]) -> Reply:
 
 # ------------------------------------------------------------------------ the job
 class Parts:
-    """Saved generation results: one file per (stage, chunk), written atomically."""
+    """Saved generation results: one file per (stage, chunk), written atomically.
+
+    Replies are stored as flat tensors (int32 ids, offsets, ended flags), not Python
+    lists, so that a stopped run's parts are small enough to travel back from the GPU
+    host and resume there on a later lease."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -225,12 +229,24 @@ class Parts:
 
     def load(self, stage: str, chunk: int) -> dict[str, Any] | None:
         p = self.path(stage, chunk)
-        return torch.load(p, weights_only=False) if p.is_file() else None
+        if not p.is_file():
+            return None
+        obj = torch.load(p)
+        ids, offsets, ended = obj.pop("ids"), obj.pop("offsets").tolist(), obj.pop("ended")
+        obj["replies"] = [(ids[a:b].tolist(), bool(e))
+                          for a, b, e in zip(offsets, offsets[1:], ended.tolist())]
+        return obj
 
     def save(self, stage: str, chunk: int, obj: dict[str, Any]) -> None:
         p = self.path(stage, chunk)
         tmp = p.with_suffix(".tmp")
-        torch.save(obj, tmp)
+        replies = obj["replies"]
+        lens = torch.tensor([0] + [len(ids) for ids, _ in replies], dtype=torch.int64)
+        packed = {k: v for k, v in obj.items() if k != "replies"}
+        packed.update(ids=torch.tensor([t for ids, _ in replies for t in ids],
+                                       dtype=torch.int32),
+                      offsets=lens.cumsum(0), ended=torch.tensor([e for _, e in replies]))
+        torch.save(packed, tmp)
         os.replace(tmp, p)
 
 
