@@ -39,6 +39,18 @@ restore_data() {
   fi
 }
 restore_data
+export_run() {  # run -> bf16 drafter dir -> $O/drafter_$p.tgz (fits the 16 MiB per file)
+  local dense; dense=$([ "$1" = coral ] || echo --dense)
+  python3 -m coral_vllm.cli train export --run "$W/runs/$1" --dest "$W/drafters/$1" \
+    $dense --dtype bfloat16 > /dev/null && tar -C "$W/drafters" -czf "$O/drafter_$1.tgz" "$1"
+}
+restore_runs() {  # what `curves` sent back, for `finish` on a later lease
+  for p in $PRESETS; do
+    [ -d "$W/drafters/$p" ] || [ ! -f ".gpu-data/drafter_$p.tgz" ] || {
+      mkdir -p "$W/drafters"; tar -C "$W/drafters" -xzf ".gpu-data/drafter_$p.tgz"; }
+  done
+  [ -d "$W/runs" ] || [ ! -f .gpu-data/runs.tgz ] || tar -C "$W" -xzf .gpu-data/runs.tgz
+}
 case "${1:?stage: data | before | curves | finish | scaling}" in
   data)
     python3 -m coral_vllm.cli train data --target "$M" --out "$W/data" \
@@ -60,9 +72,11 @@ case "${1:?stage: data | before | curves | finish | scaling}" in
         --out "$W/runs/$p" --epochs 1 --lr 3e-4 --batch-tokens 32768 --eval-every 100 \
         --log-every 20 --time-limit-min "$left" ${CORAL_TRAIN_ARGS:-} > "$R/train_$p.log" 2>&1
       echo "$p: exit $? $(grep -E '^eval|done|stopped' "$R/train_$p.log" | tail -n 2)"
-      cp "$R/train_$p.log" "$O/"
+      export_run "$p"
       [ $(( $(date +%s) - start )) -gt $(python3 -c "print(int($TL * 60))") ] && break
-    done ;;
+    done
+    cp "$R"/train_*.log "$W/runs/"
+    tar -C "$W" -czf "$O/runs.tgz" $(cd "$W" && ls runs/*/metrics.jsonl runs/*/train_config.json runs/train_*.log 2>/dev/null) ;;
   scaling)  # multi-GPU host: the CORAL preset at 1, 2, 4, 8 GPUs, same global batch
     n_gpu=$(nvidia-smi -L | wc -l)
     for g in 1 2 4 8; do
@@ -78,21 +92,15 @@ case "${1:?stage: data | before | curves | finish | scaling}" in
       --runs $(for g in 1 2 4 8; do [ -d "$W/scaling/$g" ] && printf '%s=%s ' "$g" "$W/scaling/$g"; done) \
       --out "$R/train_scaling.json"
     cp "$R"/train_scaling.* "$R"/scaling_*.log "$O/" ;;
-  finish)
-    for p in $PRESETS; do
-      dense=$([ "$p" = coral ] || echo --dense)
-      python3 -m coral_vllm.cli train export --run "$W/runs/$p" --dest "$W/drafters/$p" \
-        $dense --dtype bfloat16 > /dev/null
-    done
+  finish)  # on the lease of `curves`, or a later one with its files in .gpu-data/
+    restore_runs
     python3 -m coral_vllm.cli train vllm-tau --target "$M" --data "$W/data" \
       --drafters $(for p in $PRESETS; do printf '%s=%s ' "$p" "$W/drafters/$p"; done) \
       --k 5 --json "$R/vllm_tau_dev.json" ${CORAL_TAU_ARGS:-} 2>&1 | grep '^{' | tail -n 5
+    before=$R/train_throughput.json; [ -f "$before" ] || before=benchmarks/results/train_throughput.json
     python3 -m coral_vllm.cli bench training throughput --runs $(runs) \
-      --extend "$R/train_throughput.json" --out "$R/train_throughput.json" | tail -n 3
+      --extend "$before" --out "$R/train_throughput.json" | tail -n 3
     python3 -m coral_vllm.cli bench training curve --runs $(runs) --vllm-tau "$R/vllm_tau_dev.json" \
       --out "$R/learning_curve.json"
-    for p in $PRESETS; do tar -C "$W/drafters" -czf "$O/drafter_$p.tgz" "$p"; done
-    cp "$R"/vllm_tau_dev.json "$R"/train_throughput.json "$R"/learning_curve.* "$O/"
-    tar -C "$W" -czf "$O/runs.tgz" $(for p in $PRESETS; do echo "runs/$p/metrics.jsonl"; done) \
-      -C "$R" $(cd "$R" && ls train_*.log) ;;
+    cp "$R"/vllm_tau_dev.json "$R"/train_throughput.json "$R"/learning_curve.* "$O/" ;;
 esac
