@@ -14,10 +14,12 @@
 # CORAL_TAU_ARGS (a small rehearsal on the CPU sets these).
 # Work and results live in $CORAL_WORK (default /root/coral-work, kept while the host is);
 # each stage also copies what it produced to $OUT (default results/), at most 8 files.
-# The data directory outlives the host: `data` sends it back as xz pieces of <= 15 MiB
-# ($OUT/smollm2-data.tar.xz.00, .01, ...: the finished shards, or the generated parts so
-# far if it stopped on the time limit); copy them into .gpu-data/ here and every later
-# stage, on any later lease, unpacks them when $CORAL_WORK has no data yet.
+# What a stage makes outlives the host: it comes back in $OUT as xz pieces of <= 15 MiB,
+# NAME.tar.xz.00, .01, ... (`data`: the data directory, with its generation parts if it
+# stopped on the time limit; `curves`: a run that stopped on the time limit, its resumable
+# state included) and, from `curves`, drafter_PRESET.tgz (bf16) and runs.tgz (metrics).
+# Copy them into .gpu-data/ here; every stage, on any later lease, first unpacks into
+# $CORAL_WORK whatever is there and missing there, so the stage rerun resumes.
 set -uo pipefail
 M=${CORAL_TARGET:-$HOME/.cache/coral-vllm/models/smollm2-135m-instruct}
 W=${CORAL_WORK:-/root/coral-work}
@@ -27,18 +29,21 @@ TL=${CORAL_TIME_LIMIT_MIN:-8.5}
 PRESETS=${CORAL_PRESETS:-eagle hass coral}
 mkdir -p "$W" "$R" "$O"
 runs() { for p in $PRESETS; do printf '%s=%s ' "$p" "$W/runs/$p"; done; }
-PIECES=smollm2-data.tar.xz
-pack_data() {  # finished data without its generation parts; unfinished: the parts too
-  local skip=(); [ -f "$W/data/manifest.json" ] && skip=(--exclude=data/parts)
-  tar -C "$W" -cf - "${skip[@]}" data | xz -T0 -6 | split -b 15M -d - "$O/$PIECES."
-  ls -l "$O/$PIECES".* | awk '{s += $5} END {printf "data pieces: %d, %.1f MiB\n", NR, s / 2^20}'
+pack() {  # pack NAME DIR [tar options]: $W/DIR -> $O/NAME.tar.xz.NN
+  local name=$1 dir=$2; shift 2
+  tar -C "$W" -cf - "$@" "$dir" | xz -T0 -6 | split -b 15M -d - "$O/$name.tar.xz."
+  ls -l "$O/$name".tar.xz.* | awk -v n="$name" \
+    '{s += $5} END {printf "%s: %d piece(s), %.1f MiB\n", n, NR, s / 2^20}'
 }
-restore_data() {
-  if [ ! -d "$W/data" ] && ls .gpu-data/$PIECES.* > /dev/null 2>&1; then
-    cat .gpu-data/$PIECES.* | xz -d | tar -x -C "$W" && echo "data restored from .gpu-data/"
-  fi
+restore() {  # every .gpu-data/NAME.tar.xz.* whose folder (data, runs/PRESET) $W lacks
+  local first top
+  for first in .gpu-data/*.tar.xz.00; do
+    [ -f "$first" ] || continue
+    top=$(cat "${first%.00}".* | xz -d | tar -t | head -n 1); top=${top%/}
+    [ -e "$W/$top" ] || { cat "${first%.00}".* | xz -d | tar -x -C "$W" && echo "restored $top"; }
+  done
 }
-restore_data
+restore
 export_run() {  # run -> bf16 drafter dir -> $O/drafter_$p.tgz (fits the 16 MiB per file)
   local dense; dense=$([ "$1" = coral ] || echo --dense)
   python3 -m coral_vllm.cli train export --run "$W/runs/$1" --dest "$W/drafters/$1" \
@@ -49,7 +54,7 @@ restore_runs() {  # what `curves` sent back, for `finish` on a later lease
     [ -d "$W/drafters/$p" ] || [ ! -f ".gpu-data/drafter_$p.tgz" ] || {
       mkdir -p "$W/drafters"; tar -C "$W/drafters" -xzf ".gpu-data/drafter_$p.tgz"; }
   done
-  [ -d "$W/runs" ] || [ ! -f .gpu-data/runs.tgz ] || tar -C "$W" -xzf .gpu-data/runs.tgz
+  [ ! -f .gpu-data/runs.tgz ] || tar -C "$W" --skip-old-files -xzf .gpu-data/runs.tgz
 }
 case "${1:?stage: data | before | curves | finish | scaling}" in
   data)
@@ -57,8 +62,12 @@ case "${1:?stage: data | before | curves | finish | scaling}" in
       --conversations "${CORAL_CONVERSATIONS:-.gpu-data/conversations.jsonl.xz}" --max-turns "${CORAL_MAX_TURNS:-3}" \
       --max-new-tokens 512 --max-len 2048 --time-limit-min "$TL" ${CORAL_DATA_ARGS:-} 2>&1 \
       | grep -v "^INFO\|^(" | tail -n 30
-    [ -f "$W/data/manifest.json" ] && cp "$W/data/manifest.json" "$O/dataset_manifest_smollm2.json"
-    pack_data ;;
+    if [ -f "$W/data/manifest.json" ]; then
+      cp "$W/data/manifest.json" "$O/dataset_manifest_smollm2.json"
+      pack smollm2-data data --exclude=data/parts
+    else
+      pack smollm2-data data
+    fi ;;
   before)
     python3 -m coral_vllm.cli bench training throughput --legacy-root .baseline --target "$M" \
       --data "$W/data" --legacy-presets $PRESETS --work "$W/legacy" \
@@ -73,6 +82,7 @@ case "${1:?stage: data | before | curves | finish | scaling}" in
         --log-every 20 --time-limit-min "$left" ${CORAL_TRAIN_ARGS:-} > "$R/train_$p.log" 2>&1
       echo "$p: exit $? $(grep -E '^eval|done|stopped' "$R/train_$p.log" | tail -n 2)"
       export_run "$p"
+      grep -q "^stopped at step" "$R/train_$p.log" && pack "run-$p" "runs/$p"  # resumable
       [ $(( $(date +%s) - start )) -gt $(python3 -c "print(int($TL * 60))") ] && break
     done
     cp "$R"/train_*.log "$W/runs/"
