@@ -9,6 +9,8 @@
 #   bash scripts/train_smollm2_gpu.sh before   # tokens/s of the trainer at 25343e8, per preset
 #   bash scripts/train_smollm2_gpu.sh curves   # EAGLE, HASS, CORAL: 1 epoch each, validated
 #   bash scripts/train_smollm2_gpu.sh finish   # exports, vLLM tau vs offline tau, tables
+#   bash scripts/train_smollm2_gpu.sh ablate   # CORAL preset, one lever per run, same data
+#                                              # and budget (CORAL_ABLATIONS), the table
 #   bash scripts/train_smollm2_gpu.sh scaling  # multi-GPU host: 1/2/4/8 GPUs, same global batch
 # Extra flags for a stage (later flags win): CORAL_DATA_ARGS, CORAL_BEFORE_ARGS, CORAL_TRAIN_ARGS,
 # CORAL_TAU_ARGS (a small rehearsal on the CPU sets these).
@@ -56,7 +58,10 @@ restore_runs() {  # what `curves` sent back, for `finish` on a later lease
   done
   [ ! -f .gpu-data/runs.tgz ] || tar -C "$W" --skip-old-files -xzf .gpu-data/runs.tgz
 }
-case "${1:?stage: data | before | curves | finish | scaling}" in
+# NAME:FLAGS, commas for spaces; the first is the baseline every other run differs from
+ABLATIONS=${CORAL_ABLATIONS:-base: init-target:--init-from-target csra-off:--csra-weight,0 \
+csra-t1:--csra-temperature,1.0}
+case "${1:?stage: data | before | curves | finish | ablate | scaling}" in
   data)
     python3 -m coral_vllm.cli train data --target "$M" --out "$W/data" \
       --conversations "${CORAL_CONVERSATIONS:-.gpu-data/conversations.jsonl.xz}" --max-turns "${CORAL_MAX_TURNS:-3}" \
@@ -102,6 +107,34 @@ case "${1:?stage: data | before | curves | finish | scaling}" in
       --runs $(for g in 1 2 4 8; do [ -d "$W/scaling/$g" ] && printf '%s=%s ' "$g" "$W/scaling/$g"; done) \
       --out "$R/train_scaling.json"
     cp "$R"/train_scaling.* "$R"/scaling_*.log "$O/" ;;
+  ablate)  # finished runs are marked DONE and skipped, on this lease or a later one
+    [ ! -f .gpu-data/ablation.tgz ] || tar -C "$W" --skip-old-files -xzf .gpu-data/ablation.tgz
+    start=$(date +%s)
+    for spec in $ABLATIONS; do
+      name=${spec%%:*}; flags=${spec#*:}; run=$W/runs/abl-$name
+      [ -f "$run/DONE" ] && continue
+      left=$(python3 -c "print($TL - ($(date +%s) - $start) / 60)")
+      # a run takes ~4 min on an H200 (features ~1, an epoch ~2-3): start none that would
+      # have to travel (its optimizer state is ~50 MB); back-to-back calls keep the host
+      python3 -c "import sys; sys.exit($left < 4)" || break
+      python3 -m coral_vllm.cli train train --preset coral --target "$M" --data "$W/data" \
+        --out "$run" --epochs 1 --lr 3e-4 --batch-tokens 32768 --eval-every 100 \
+        --log-every 20 --time-limit-min "$left" ${CORAL_TRAIN_ARGS:-} ${flags//,/ } \
+        >> "$R/abl_$name.log" 2>&1
+      echo "$name: exit $? $(grep -E '^eval|done|stopped' "$R/abl_$name.log" | tail -n 2)"
+      if grep -q "^stage 1 done" "$R/abl_$name.log"; then
+        touch "$run/DONE"; cp "$R/abl_$name.log" "$run/train.log"
+      else
+        pack "run-abl-$name" "runs/abl-$name" --exclude=best.pt; break  # resumable
+      fi
+    done
+    done_runs=$(for spec in $ABLATIONS; do n=${spec%%:*}; [ -f "$W/runs/abl-$n/DONE" ] && \
+      printf '%s=%s ' "$n" "$W/runs/abl-$n"; done)
+    tar -C "$W" -czf "$O/ablation.tgz" $(cd "$W" && ls -d runs/abl-*/DONE runs/abl-*/metrics.jsonl \
+      runs/abl-*/train_config.json runs/abl-*/train.log 2>/dev/null)
+    base=${ABLATIONS%%:*}
+    [ -f "$W/runs/abl-$base/DONE" ] && python3 -m coral_vllm.cli bench training ablation \
+      --runs $done_runs --out "$O/ablation.json" ;;
   finish)  # on the lease of `curves`, or a later one with its files in .gpu-data/
     restore_runs
     python3 -m coral_vllm.cli train vllm-tau --target "$M" --data "$W/data" \
