@@ -18,8 +18,9 @@
 # each stage also copies what it produced to $OUT (default results/), at most 8 files.
 # What a stage makes outlives the host: it comes back in $OUT as xz pieces of <= 15 MiB,
 # NAME.tar.xz.00, .01, ... (`data`: the data directory, with its generation parts if it
-# stopped on the time limit; `curves`: a run that stopped on the time limit, its resumable
-# state included) and, from `curves`, drafter_PRESET.tgz (bf16) and runs.tgz (metrics).
+# stopped on the time limit; `curves`, `ablate`: a run that stopped on the time limit,
+# its resumable state included), and the finished runs' metrics (runs.tgz, ablation.tgz;
+# `curves` also drafter_PRESET.tgz, bf16).
 # Copy them into .gpu-data/ here; every stage, on any later lease, first unpacks into
 # $CORAL_WORK whatever is there and missing there, so the stage rerun resumes.
 set -uo pipefail
@@ -51,6 +52,41 @@ export_run() {  # run -> bf16 drafter dir -> $O/drafter_$p.tgz (fits the 16 MiB 
   python3 -m coral_vllm.cli train export --run "$W/runs/$1" --dest "$W/drafters/$1" \
     $dense --dtype bfloat16 > /dev/null && tar -C "$W/drafters" -czf "$O/drafter_$1.tgz" "$1"
 }
+train_runs() {  # train_runs TGZ NAME:PRESET:FLAGS... (commas for spaces in FLAGS)
+  # Each run to its end (marked DONE, skipped on any later call or lease), in order, with
+  # one epoch on the same data; one is started only with CORAL_MIN_RUN_MIN (4; an H200
+  # run is ~1 min features + 2-3 min epoch) left, so that it rarely has to travel. One
+  # that stops on the time limit anyway is packed for the next call (without best.pt:
+  # its ~50 MB optimizer state already fills most of the 64 MiB). A --export flag sends
+  # the finished run back as a bf16 drafter. Finished runs' metrics go to $O/TGZ.tgz.
+  local tgz=$1 start spec name preset flags run left; shift
+  [ ! -f ".gpu-data/$tgz.tgz" ] || tar -C "$W" --skip-old-files -xzf ".gpu-data/$tgz.tgz"
+  start=$(date +%s)
+  for spec in "$@"; do
+    IFS=: read -r name preset flags <<< "$spec"; run=$W/runs/$name
+    [ -f "$run/DONE" ] && continue
+    left=$(python3 -c "print($TL - ($(date +%s) - $start) / 60)")
+    if python3 -c "import sys; sys.exit($left >= ${CORAL_MIN_RUN_MIN:-4})"; then
+      echo "$name: not started ($left min left); the next call starts it"; break
+    fi
+    flags=${flags//,/ }
+    python3 -m coral_vllm.cli train train --preset "$preset" --target "$M" --data "$W/data" \
+      --out "$run" --epochs 1 --lr 3e-4 --batch-tokens 32768 --eval-every 100 \
+      --log-every 20 --time-limit-min "$left" ${CORAL_TRAIN_ARGS:-} ${flags//--export/} \
+      >> "$R/train_$name.log" 2>&1
+    echo "$name: exit $? $(grep -E '^eval|done|stopped' "$R/train_$name.log" | tail -n 2)"
+    if grep -q "^stage 1 done" "$R/train_$name.log"; then
+      touch "$run/DONE"; cp "$R/train_$name.log" "$run/train.log"
+      [[ " $flags " == *" --export "* ]] && export_run "$name"
+    else
+      pack "run-$name" "runs/$name" --exclude=best.pt; break
+    fi
+  done
+  # finished runs only: a stopped run's metrics without its state would be resumed from
+  # scratch on top of them
+  tar -C "$W" -czf "$O/$tgz.tgz" $(cd "$W" && for d in runs/*/DONE; do d=${d%/DONE}; \
+    [ -d "$d" ] && echo "$d/DONE $d/metrics.jsonl $d/train_config.json $d/train.log"; done)
+}
 restore_runs() {  # what `curves` sent back, for `finish` on a later lease
   for p in $PRESETS; do
     [ -d "$W/drafters/$p" ] || [ ! -f ".gpu-data/drafter_$p.tgz" ] || {
@@ -79,19 +115,7 @@ case "${1:?stage: data | before | curves | finish | ablate | scaling}" in
       --out "$R/train_throughput.json" ${CORAL_BEFORE_ARGS:-} 2>&1 | tail -n 20
     cp "$R/train_throughput.json" "$O/" ;;
   curves)
-    start=$(date +%s)
-    for p in $PRESETS; do
-      left=$(python3 -c "print(max(0.5, $TL - ($(date +%s) - $start) / 60))")
-      python3 -m coral_vllm.cli train train --preset "$p" --target "$M" --data "$W/data" \
-        --out "$W/runs/$p" --epochs 1 --lr 3e-4 --batch-tokens 32768 --eval-every 100 \
-        --log-every 20 --time-limit-min "$left" ${CORAL_TRAIN_ARGS:-} > "$R/train_$p.log" 2>&1
-      echo "$p: exit $? $(grep -E '^eval|done|stopped' "$R/train_$p.log" | tail -n 2)"
-      export_run "$p"
-      grep -q "^stopped at step" "$R/train_$p.log" && pack "run-$p" "runs/$p"  # resumable
-      [ $(( $(date +%s) - start )) -gt $(python3 -c "print(int($TL * 60))") ] && break
-    done
-    cp "$R"/train_*.log "$W/runs/"
-    tar -C "$W" -czf "$O/runs.tgz" $(cd "$W" && ls runs/*/metrics.jsonl runs/*/train_config.json runs/train_*.log 2>/dev/null) ;;
+    train_runs runs $(for p in $PRESETS; do printf '%s:%s:--export ' "$p" "$p"; done) ;;
   scaling)  # multi-GPU host: the CORAL preset at 1, 2, 4, 8 GPUs, same global batch
     n_gpu=$(nvidia-smi -L | wc -l)
     for g in 1 2 4 8; do
@@ -107,34 +131,12 @@ case "${1:?stage: data | before | curves | finish | ablate | scaling}" in
       --runs $(for g in 1 2 4 8; do [ -d "$W/scaling/$g" ] && printf '%s=%s ' "$g" "$W/scaling/$g"; done) \
       --out "$R/train_scaling.json"
     cp "$R"/train_scaling.* "$R"/scaling_*.log "$O/" ;;
-  ablate)  # finished runs are marked DONE and skipped, on this lease or a later one
-    [ ! -f .gpu-data/ablation.tgz ] || tar -C "$W" --skip-old-files -xzf .gpu-data/ablation.tgz
-    start=$(date +%s)
-    for spec in $ABLATIONS; do
-      name=${spec%%:*}; flags=${spec#*:}; run=$W/runs/abl-$name
-      [ -f "$run/DONE" ] && continue
-      left=$(python3 -c "print($TL - ($(date +%s) - $start) / 60)")
-      # a run takes ~4 min on an H200 (features ~1, an epoch ~2-3): start none that would
-      # have to travel (its optimizer state is ~50 MB); back-to-back calls keep the host
-      python3 -c "import sys; sys.exit($left < 4)" || break
-      python3 -m coral_vllm.cli train train --preset coral --target "$M" --data "$W/data" \
-        --out "$run" --epochs 1 --lr 3e-4 --batch-tokens 32768 --eval-every 100 \
-        --log-every 20 --time-limit-min "$left" ${CORAL_TRAIN_ARGS:-} ${flags//,/ } \
-        >> "$R/abl_$name.log" 2>&1
-      echo "$name: exit $? $(grep -E '^eval|done|stopped' "$R/abl_$name.log" | tail -n 2)"
-      if grep -q "^stage 1 done" "$R/abl_$name.log"; then
-        touch "$run/DONE"; cp "$R/abl_$name.log" "$run/train.log"
-      else
-        pack "run-abl-$name" "runs/abl-$name" --exclude=best.pt; break  # resumable
-      fi
-    done
-    done_runs=$(for spec in $ABLATIONS; do n=${spec%%:*}; [ -f "$W/runs/abl-$n/DONE" ] && \
-      printf '%s=%s ' "$n" "$W/runs/abl-$n"; done)
-    tar -C "$W" -czf "$O/ablation.tgz" $(cd "$W" && ls -d runs/abl-*/DONE runs/abl-*/metrics.jsonl \
-      runs/abl-*/train_config.json runs/abl-*/train.log 2>/dev/null)
+  ablate)
+    train_runs ablation $(for spec in $ABLATIONS; do printf 'abl-%s:coral:%s ' "${spec%%:*}" "${spec#*:}"; done)
     base=${ABLATIONS%%:*}
     [ -f "$W/runs/abl-$base/DONE" ] && python3 -m coral_vllm.cli bench training ablation \
-      --runs $done_runs --out "$O/ablation.json" ;;
+      --runs $(for spec in $ABLATIONS; do n=${spec%%:*}; [ -f "$W/runs/abl-$n/DONE" ] && \
+               printf '%s=%s ' "$n" "$W/runs/abl-$n"; done) --out "$O/ablation.json" ;;
   finish)  # on the lease of `curves`, or a later one with its files in .gpu-data/
     restore_runs
     python3 -m coral_vllm.cli train vllm-tau --target "$M" --data "$W/data" \
