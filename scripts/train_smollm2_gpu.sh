@@ -84,8 +84,9 @@ train_runs() {  # train_runs TGZ NAME:PRESET:FLAGS... (commas for spaces in FLAG
   done
   # finished runs only: a stopped run's metrics without its state would be resumed from
   # scratch on top of them
-  tar -C "$W" -czf "$O/$tgz.tgz" $(cd "$W" && for d in runs/*/DONE; do d=${d%/DONE}; \
+  local finished; finished=$(cd "$W" && for d in runs/*/DONE; do d=${d%/DONE}; \
     [ -d "$d" ] && echo "$d/DONE $d/metrics.jsonl $d/train_config.json $d/train.log"; done)
+  [ -z "$finished" ] || tar -C "$W" -czf "$O/$tgz.tgz" $finished
 }
 restore_runs() {  # what `curves` sent back, for `finish` on a later lease
   for p in $PRESETS; do
