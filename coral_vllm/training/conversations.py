@@ -239,10 +239,15 @@ SOURCES: tuple[str, ...] = tuple(_READERS)
 
 
 # ---------------------------------------------------------------------------- rules
+def fold(text: str) -> str:
+    """Case and whitespace folded: two texts that differ only there are duplicates."""
+    return " ".join(text.casefold().split())
+
+
 def _dedupe_key(turns: Sequence[str]) -> str:
-    """The whole conversation, case and whitespace folded: conversations that open the
-    same way ("continue", "hi is anyone there?") but go on differently are kept."""
-    return "\x00".join(" ".join(t.casefold().split()) for t in turns)
+    """The whole conversation, folded: conversations that open the same way
+    ("continue", "hi is anyone there?") but go on differently are kept."""
+    return "\x00".join(fold(t) for t in turns)
 
 
 def _source_stats() -> dict[str, Any]:
@@ -348,25 +353,35 @@ def load_conversations(sources: Iterable[str] = SOURCES, *, max_turns: int | Non
 
 
 # ------------------------------------------------------------------------------ file
-def write_conversations(path: str | os.PathLike[str], convs: Iterable[Conversation],
-                        stats: dict[str, Any]) -> Path:
-    """One xz-compressed JSON-lines file: a header line {"format", "stats"}, then one
-    {"id", "source", "turns"} line per conversation. Small, and one file to copy to the
-    GPU host."""
+def write_records(path: str | os.PathLike[str], fmt: str, stats: dict[str, Any],
+                  rows: Iterable[dict[str, Any]]) -> Path:
+    """One xz-compressed JSON-lines file: a header line {"format", "stats"}, then one line
+    per row. Small, and one file to copy to the GPU host."""
     path = Path(path)
     with lzma.open(path, "wt", encoding="utf-8") as f:
-        f.write(json.dumps({"format": FORMAT, "stats": stats}, ensure_ascii=False) + "\n")
-        for c in convs:
-            f.write(json.dumps(dataclasses.asdict(c), ensure_ascii=False) + "\n")
+        f.write(json.dumps({"format": fmt, "stats": stats}, ensure_ascii=False) + "\n")
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
+
+
+def read_records(path: str | os.PathLike[str], fmt: str
+                 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(rows, stats) of a `write_records` file; any other file is refused by its header."""
+    with lzma.open(path, "rt", encoding="utf-8") as f:
+        header = json.loads(f.readline())
+        if header.get("format") != fmt:
+            raise ValueError(f"{path}: not a {fmt} file (header {str(header)[:200]})")
+        return [json.loads(line) for line in f], header["stats"]
+
+
+def write_conversations(path: str | os.PathLike[str], convs: Iterable[Conversation],
+                        stats: dict[str, Any]) -> Path:
+    """{"id", "source", "turns"} per conversation, after the header (`write_records`)."""
+    return write_records(path, FORMAT, stats, map(dataclasses.asdict, convs))
 
 
 def read_conversations(path: str | os.PathLike[str]
                        ) -> tuple[list[Conversation], dict[str, Any]]:
-    with lzma.open(path, "rt", encoding="utf-8") as f:
-        header = json.loads(f.readline())
-        if header.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a {FORMAT} file (header {str(header)[:200]})")
-        convs = [Conversation(d["id"], d["source"], tuple(d["turns"]))
-                 for d in map(json.loads, f)]
-    return convs, header["stats"]
+    rows, stats = read_records(path, FORMAT)
+    return [Conversation(d["id"], d["source"], tuple(d["turns"])) for d in rows], stats
