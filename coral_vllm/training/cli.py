@@ -22,7 +22,8 @@ from typing import Sequence
 
 from coral_vllm.format.config import PARTITION_STRATEGIES
 from coral_vllm.training.config import PRESETS, TrainConfig
-from coral_vllm.training.texts import MAX_PER_SOURCE
+from coral_vllm.training.splits import DEV_SHARE, HELDOUT_SHARE
+from coral_vllm.training.texts import MAX_PER_SOURCE, PROMPT_TOKENS
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -69,17 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("data", help="build self-distilled training data", formatter_class=fmt)
     d.add_argument("--target", required=True, help="HF model directory of the target")
-    d.add_argument("--conversations", required=True, help="file from `train conversations`")
+    src = d.add_mutually_exclusive_group(required=True)
+    src.add_argument("--conversations", help="file from `train conversations` (chat targets)")
+    src.add_argument("--texts", help="file from `train texts` (base targets): each passage's "
+                     "first --prompt-tokens tokens are continued by the target")
+    d.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS,
+                   help="with --texts: prompt length, the tokenizer's BOS included")
     d.add_argument("--out", required=True, help="data directory to write")
     d.add_argument("--max-conversations", type=int, default=None,
-                   help="a uniform subset of this many conversations")
+                   help="a uniform subset of this many conversations (or passages)")
     d.add_argument("--max-turns", type=int, default=8, help="user turns per conversation")
     d.add_argument("--max-len", type=int, default=2048, help="tokens per conversation")
     d.add_argument("--max-new-tokens", type=int, default=512, help="tokens per reply")
     d.add_argument("--dev-max-new-tokens", type=int, default=256,
                    help="tokens of each dev prompt's continuation")
-    d.add_argument("--dev-share", type=float, default=0.005)
-    d.add_argument("--heldout-share", type=float, default=0.02)
+    d.add_argument("--dev-share", type=float, default=DEV_SHARE)
+    d.add_argument("--heldout-share", type=float, default=HELDOUT_SHARE)
     d.add_argument("--temperature", type=float, default=0.0)
     d.add_argument("--backend", choices=["auto", "vllm", "transformers"], default="auto",
                    help="auto: vLLM when importable with a GPU, else transformers")
@@ -179,8 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                           "out": args.out}))
     elif args.cmd == "data":
         from coral_vllm.training.self_distill import build_data
-        m = build_data(args.target, args.out, args.conversations,
-                       max_conversations=args.max_conversations, max_turns=args.max_turns,
+        m = build_data(args.target, args.out, args.conversations, texts=args.texts,
+                       prompt_tokens=args.prompt_tokens, max_conversations=args.max_conversations, max_turns=args.max_turns,
                        max_len=args.max_len, max_new_tokens=args.max_new_tokens,
                        dev_max_new_tokens=args.dev_max_new_tokens, dev_share=args.dev_share,
                        heldout_share=args.heldout_share, temperature=args.temperature,

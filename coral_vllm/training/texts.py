@@ -48,10 +48,12 @@ from typing import Any, Callable, Iterable, Iterator
 from coral_vllm.datasets import PACKAGES, EvalOverlapFilter, eval_prompts, read_member
 from coral_vllm.debian import DEBIAN_PACKAGES, deb_files
 from coral_vllm.training.conversations import EVAL_SETS, fold, read_records, write_records
+from coral_vllm.training.splits import DEV_SHARE, HELDOUT_SHARE, split_of
 
 FORMAT = "coral-vllm-texts/1"
 MIN_PASSAGE_CHARS = 200  # a passage shorter than this (an `__init__.py`) prompts little
 MAX_PER_SOURCE = 6000
+PROMPT_TOKENS = 128  # a passage's prompt, in `train data --texts` and `bench e2e texts:FILE`
 
 SCHELLING_DIR = "evals/registry/data/schelling_point/"
 SHAKESPEARE_FILE = "genai_perf/inputs/retrievers/shakespeare.txt"
@@ -307,6 +309,41 @@ def load_passages(sources: Iterable[str] = SOURCES, *, min_chars: int = 1000,
             "raw": s["raw"], "kept": s["kept"], "chars": s["chars"],
             "dropped": dict(sorted(s["dropped"].items()))}
     return passages, stats
+
+
+# --------------------------------------------------------------------------- prompts
+class TextPrompter:
+    """A passage's prompt as token ids: what the tokenizer puts before a text (Gemma:
+    <bos>, the GGUF's add_bos_token) and then the passage's first tokens,
+    `prompt_tokens` in all. An end token the tokenizer would put after the text is left
+    out, since the target is to continue it."""
+
+    def __init__(self, tokenizer, prompt_tokens: int = PROMPT_TOKENS) -> None:
+        if prompt_tokens < 1:
+            raise ValueError(f"prompt_tokens={prompt_tokens}: a plain-text prompt needs at "
+                             "least one token; pass --prompt-tokens >= 1")
+        self.tok = tokenizer
+        self.prompt_tokens = prompt_tokens
+        bare = tokenizer.encode("a", add_special_tokens=False)
+        full = tokenizer.encode("a")
+        start = next(i for i in range(len(full) - len(bare) + 1)
+                     if full[i:i + len(bare)] == bare)
+        self.prefix = full[:start]
+
+    def __call__(self, text: str) -> list[int]:
+        ids = self.prefix + self.tok.encode(text, add_special_tokens=False)
+        return ids[:self.prompt_tokens]
+
+
+def dev_prompts(path: str | os.PathLike[str], tokenizer, prompt_tokens: int = PROMPT_TOKENS,
+                dev_share: float = DEV_SHARE, heldout_share: float = HELDOUT_SHARE
+                ) -> list[list[int]]:
+    """The prompts of a texts file's dev split, as `train data --texts` makes them with
+    the same settings: held out from training, and what served continuations of them
+    must reproduce."""
+    prompt = TextPrompter(tokenizer, prompt_tokens)
+    return [prompt(p.text) for p in read_passages(path)[0]
+            if split_of(p.id, dev_share, heldout_share) == "dev"]
 
 
 # ------------------------------------------------------------------------------ file
