@@ -317,20 +317,31 @@ def build_conversations(records: Iterable[tuple[str, str, Sequence[str]]],
     return convs, stats
 
 
+def source_records(readers: dict[str, tuple[Any, Callable[..., Iterator[tuple[str, Any]]]]],
+                   sources: Iterable[str], what: str, cache_dir
+                   ) -> tuple[list[str], dict[str, collections.Counter],
+                              Iterator[tuple[str, str, Any]]]:
+    """(the sources in order, once each; per source the counter its reader records skips
+    in; the lazy stream of (source, id, record) of their readers, source after source).
+    An unknown source is refused, naming the `what` sources there are."""
+    sources = list(dict.fromkeys(sources))
+    unknown = [s for s in sources if s not in readers]
+    if unknown:
+        raise ValueError(f"unknown {what} sources {unknown}; choose from {tuple(readers)}")
+    skipped = {src: collections.Counter() for src in sources}
+    records = itertools.chain.from_iterable(
+        ((src, sid, rec) for sid, rec in readers[src][1](cache_dir, skipped[src]))
+        for src in sources)
+    return sources, skipped, records
+
+
 def load_conversations(sources: Iterable[str] = SOURCES, *, max_turns: int | None = None,
                        min_chars: int = 8, max_chars: int = 6000, ngram: int = 8,
                        cache_dir=None) -> tuple[list[Conversation], dict[str, Any]]:
     """Deduplicated, evaluation-filtered conversations of `sources`, plus stats: the
     settings, the evaluation sets, and per source its package==version, raw, kept,
     dropped by reason (the reader's skips included) and turn counts."""
-    sources = list(dict.fromkeys(sources))
-    unknown = [s for s in sources if s not in _READERS]
-    if unknown:
-        raise ValueError(f"unknown conversation sources {unknown}; choose from {SOURCES}")
-    skipped = {src: collections.Counter() for src in sources}
-    records = itertools.chain.from_iterable(
-        ((src, sid, turns) for sid, turns in _READERS[src][1](cache_dir, skipped[src]))
-        for src in sources)
+    sources, skipped, records = source_records(_READERS, sources, "conversation", cache_dir)
     overlap = EvalOverlapFilter(eval_prompts(cache_dir), n=ngram)
     convs, per_source = build_conversations(records, overlap, max_turns=max_turns,
                                             min_chars=min_chars, max_chars=max_chars)

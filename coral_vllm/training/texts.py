@@ -47,7 +47,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 from coral_vllm.datasets import PACKAGES, EvalOverlapFilter, eval_prompts, read_member
 from coral_vllm.debian import DEBIAN_PACKAGES, deb_files
-from coral_vllm.training.conversations import EVAL_SETS, fold, read_records, write_records
+from coral_vllm.training.conversations import (EVAL_SETS, fold, read_records, source_records,
+                                                write_records)
 from coral_vllm.training.splits import DEV_SHARE, HELDOUT_SHARE, split_of
 
 FORMAT = "coral-vllm-texts/1"
@@ -277,17 +278,10 @@ def load_passages(sources: Iterable[str] = SOURCES, *, min_chars: int = 1000,
     """Deduplicated, evaluation-filtered passages of `sources`, plus stats: the settings,
     the evaluation sets, and per source its package pins, documents (with the readers'
     skips by reason), raw, kept, chars and dropped by reason."""
-    sources = list(dict.fromkeys(sources))
-    unknown = [s for s in sources if s not in _READERS]
-    if unknown:
-        raise ValueError(f"unknown text sources {unknown}; choose from {SOURCES}")
     if min_chars > max_chars:
         raise ValueError(f"min_chars {min_chars} > max_chars {max_chars}: a passage "
                          "closes past min_chars and never exceeds max_chars")
-    skipped = {src: collections.Counter() for src in sources}
-    records = itertools.chain.from_iterable(
-        ((src, doc, text) for doc, text in _READERS[src][1](cache_dir, skipped[src]))
-        for src in sources)
+    sources, skipped, records = source_records(_READERS, sources, "text", cache_dir)
     overlap = EvalOverlapFilter(eval_prompts(cache_dir), n=ngram)
     passages, per_source = build_passages(records, overlap, min_chars=min_chars,
                                           max_chars=max_chars, max_per_source=max_per_source)
