@@ -317,12 +317,15 @@ def build_conversations(records: Iterable[tuple[str, str, Sequence[str]]],
     return convs, stats
 
 
-def source_records(readers: dict[str, tuple[Any, Callable[..., Iterator[tuple[str, Any]]]]],
-                   sources: Iterable[str], what: str, cache_dir
-                   ) -> tuple[list[str], dict[str, collections.Counter],
-                              Iterator[tuple[str, str, Any]]]:
-    """(the sources in order, once each; per source the counter its reader records skips
-    in; the lazy stream of (source, id, record) of their readers, source after source).
+def collect(readers: dict[str, tuple[Any, Callable[..., Iterator[tuple[str, Any]]]]],
+            sources: Iterable[str], what: str, ngram: int, cache_dir,
+            build: Callable[[Iterator[tuple[str, str, Any]], EvalOverlapFilter],
+                            tuple[list[Any], dict[str, Any]]]
+            ) -> tuple[list[str], dict[str, collections.Counter], list[Any], dict[str, Any]]:
+    """`build(records, overlap)` over the (source, id, record) stream of the sources'
+    readers, source after source, with the evaluation-overlap filter at `ngram` words.
+    Returns the sources (in order, once each), per source the counter its reader
+    recorded skips in, and build's items (each with a unique `.id`) and per-source stats.
     An unknown source is refused, naming the `what` sources there are."""
     sources = list(dict.fromkeys(sources))
     unknown = [s for s in sources if s not in readers]
@@ -332,7 +335,10 @@ def source_records(readers: dict[str, tuple[Any, Callable[..., Iterator[tuple[st
     records = itertools.chain.from_iterable(
         ((src, sid, rec) for sid, rec in readers[src][1](cache_dir, skipped[src]))
         for src in sources)
-    return sources, skipped, records
+    items, per_source = build(records, EvalOverlapFilter(eval_prompts(cache_dir), n=ngram))
+    if len({x.id for x in items}) != len(items):
+        raise RuntimeError(f"{what} ids collide: a source's ids are not unique")
+    return sources, skipped, items, per_source
 
 
 def load_conversations(sources: Iterable[str] = SOURCES, *, max_turns: int | None = None,
@@ -341,12 +347,10 @@ def load_conversations(sources: Iterable[str] = SOURCES, *, max_turns: int | Non
     """Deduplicated, evaluation-filtered conversations of `sources`, plus stats: the
     settings, the evaluation sets, and per source its package==version, raw, kept,
     dropped by reason (the reader's skips included) and turn counts."""
-    sources, skipped, records = source_records(_READERS, sources, "conversation", cache_dir)
-    overlap = EvalOverlapFilter(eval_prompts(cache_dir), n=ngram)
-    convs, per_source = build_conversations(records, overlap, max_turns=max_turns,
-                                            min_chars=min_chars, max_chars=max_chars)
-    if len({c.id for c in convs}) != len(convs):
-        raise RuntimeError("conversation ids collide: a source's ids are not unique")
+    sources, skipped, convs, per_source = collect(
+        _READERS, sources, "conversation", ngram, cache_dir,
+        lambda records, overlap: build_conversations(
+            records, overlap, max_turns=max_turns, min_chars=min_chars, max_chars=max_chars))
     stats: dict[str, Any] = {
         "settings": {"max_turns": max_turns, "min_chars": min_chars,
                      "max_chars": max_chars, "ngram": ngram},

@@ -45,9 +45,9 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from coral_vllm.datasets import PACKAGES, EvalOverlapFilter, eval_prompts, read_member
+from coral_vllm.datasets import PACKAGES, EvalOverlapFilter, read_member
 from coral_vllm.debian import DEBIAN_PACKAGES, deb_files
-from coral_vllm.training.conversations import (EVAL_SETS, fold, read_records, source_records,
+from coral_vllm.training.conversations import (EVAL_SETS, collect, fold, read_records,
                                                 write_records)
 from coral_vllm.training.splits import DEV_SHARE, HELDOUT_SHARE, split_of
 
@@ -281,12 +281,11 @@ def load_passages(sources: Iterable[str] = SOURCES, *, min_chars: int = 1000,
     if min_chars > max_chars:
         raise ValueError(f"min_chars {min_chars} > max_chars {max_chars}: a passage "
                          "closes past min_chars and never exceeds max_chars")
-    sources, skipped, records = source_records(_READERS, sources, "text", cache_dir)
-    overlap = EvalOverlapFilter(eval_prompts(cache_dir), n=ngram)
-    passages, per_source = build_passages(records, overlap, min_chars=min_chars,
-                                          max_chars=max_chars, max_per_source=max_per_source)
-    if len({p.id for p in passages}) != len(passages):
-        raise RuntimeError("passage ids collide: a source's document ids are not unique")
+    sources, skipped, passages, per_source = collect(
+        _READERS, sources, "text", ngram, cache_dir,
+        lambda records, overlap: build_passages(records, overlap, min_chars=min_chars,
+                                                max_chars=max_chars,
+                                                max_per_source=max_per_source))
     stats: dict[str, Any] = {
         "settings": {"min_chars": min_chars, "max_chars": max_chars,
                      "min_passage_chars": MIN_PASSAGE_CHARS,
