@@ -97,6 +97,7 @@ _BENCH_COMMANDS = {
     "load": "concurrent streaming chat (some cancelled) against a coral server: "
             "failures, T=0 replies vs plain, TTFT, server memory",
     "training": "trainer tokens/s before/after; held-out tau learning curves",
+    "tp": "coral vs plain at tensor_parallel_size t: greedy identity, tok/s, per-rank head",
 }
 
 

@@ -180,3 +180,20 @@ def test_two_process_gloo_run_equals_single_rank():
     for p in procs:
         p.join(timeout=60)
     assert results == [(0, True, True), (1, True, True)]
+
+
+def test_plugin_accepts_the_target_tp_and_names_what_it_cannot_run():
+    """At the target's TP the coral config translates; a different draft TP, and a TP
+    the vocabulary does not split into, fail naming the setting and the fix."""
+    from coral_vllm.models.drafters import default_drafter
+    from coral_vllm.serving.plugin import translate_coral_config
+
+    spec = {"method": "coral", "model": str(default_drafter())}
+    assert translate_coral_config(spec, tensor_parallel_size=2)["method"] == "eagle"
+    assert translate_coral_config({**spec, "draft_tensor_parallel_size": 2},
+                                  tensor_parallel_size=2)["method"] == "eagle"
+    with pytest.raises(CoralConfigError, match=r'"draft_tensor_parallel_size" is 1 .* size 2'):
+        translate_coral_config({**spec, "draft_tensor_parallel_size": 1},
+                               tensor_parallel_size=2)
+    with pytest.raises(CoralConfigError, match=r"tensor_parallel_size 5: .* 49152 rows"):
+        translate_coral_config(spec, tensor_parallel_size=5)

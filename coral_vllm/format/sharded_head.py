@@ -22,11 +22,14 @@ each rank re-groups its own rows at load, and the checkpoint stays as it is:
 - probabilistic: each rank contributes its active (logit, token) columns; after the
   gather they are scattered into one -inf [n, V] tensor, the TP=1 restricted distribution.
 
-So the drafts of an existing checkpoint are the same at every t; what t changes is the
-cost: a rank reads k * S * ceil(G / t) rows per token instead of k * G. A partition made
-shard-balanced at export would make S = 1 (see NOTES in the report), not needed for
-correctness. Ids travel through the gather as float32, exact below 2**24.
-Everything on the draft path has fixed shapes and no host synchronisation.
+So the drafts of an existing checkpoint are the same at every t, and re-grouping at load
+needs nothing at export. What t changes is the cost: a rank reads k * S * ceil(G / t)
+rows per token (the null slots read one shared zero sub-group) and holds its shard plus
+less than one sub-group of padding per group. S is 1 when every group spreads evenly
+over the shards; a frequency partition that puts whole groups in one shard gives S = t,
+i.e. k * G slot rows per token as at TP=1. Ids travel through the gather as float32,
+exact below 2**24. Everything on the draft path has fixed shapes and no host
+synchronisation, so it can be captured in a CUDA graph with vLLM's all-gather.
 """
 
 from __future__ import annotations
