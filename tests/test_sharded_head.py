@@ -197,3 +197,16 @@ def test_plugin_accepts_the_target_tp_and_names_what_it_cannot_run():
                                tensor_parallel_size=2)
     with pytest.raises(CoralConfigError, match=r"tensor_parallel_size 5: .* 49152 rows"):
         translate_coral_config(spec, tensor_parallel_size=5)
+
+
+def test_check_drafter_reports_the_sharding_or_one_error_line(capsys):
+    from coral_vllm.cli import main
+    from coral_vllm.models.drafters import default_drafter
+
+    drafter = str(default_drafter())
+    assert main(["check-drafter", drafter, "--tensor-parallel-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "tensor parallel 2: each rank re-groups its shard of 24576 rows" in out, out
+    assert main(["check-drafter", drafter, "--tensor-parallel-size", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tensor_parallel_size 5" in err, err

@@ -142,6 +142,18 @@ def shard_layout(token_order: torch.Tensor, coral: CoralConfig, tp: int,
     return ShardLayout(shard, sub, row_src, row_tokens, sub_of_group, token_group, token_pos)
 
 
+def describe_sharding(token_order: torch.Tensor, coral: CoralConfig, tp: int) -> str:
+    """One line on what each of `tp` ranks holds and reads (`coral-vllm check-drafter`)."""
+    layouts = [shard_layout(token_order, coral, tp, r) for r in range(tp)]
+    first = layouts[0]
+    held = max(layout.row_src.numel() for layout in layouts)
+    per_token = coral.top_k_groups * first.slots_per_group * first.sub_size
+    return (f"tensor parallel {tp}: each rank re-groups its shard of {first.shard.rows} rows "
+            f"into {first.slots_per_group} slot(s) of {first.sub_size} rows per group, "
+            f"holds at most {held} rows and scores at most {per_token} slot rows per token "
+            f"(TP=1: {coral.top_k_groups * coral.group_size})")
+
+
 def reduce_top1(gathered: torch.Tensor, tp: int) -> torch.Tensor:
     """Global draft token [n] int64 from the gathered (value, token, key) triples
     [n, 3 * tp]: the largest value, among equal values the smallest key (TP=1's first
