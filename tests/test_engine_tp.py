@@ -21,6 +21,9 @@ from coral_vllm.format.checkpoint import WEIGHTS_FILE, read_checkpoint
 from coral_vllm.format.partition import group_of_token
 from coral_vllm.format.router import Router
 from coral_vllm.models.drafter_init import init_drafter
+from coral_vllm.runtime.engine_args import bind_cpu_ranks
+from coral_vllm.runtime.metrics import from_llm_metrics
+from engine_utils import draft_support, engine, record_draft_support
 
 TOKENIZER_FILES = ("tokenizer", "special_tokens", "vocab", "merges", "generation")
 
@@ -103,3 +106,26 @@ def test_tp2_drafts_equal_the_whole_vocabulary_head(run, tiny_target, drafter):
         assert r["support"] == active.sum(-1).tolist()
         torch.testing.assert_close(torch.tensor(r["logsumexp"]),
                                    torch.logsumexp(expected, -1), rtol=1e-5, atol=1e-4)
+
+
+def test_probabilistic_drafting_at_tp2_hands_the_sampler_the_restricted_q(tiny_target,
+                                                                          drafter):
+    """T=1 with probabilistic drafting at TP=2: vLLM's proposer samples from
+    compute_logits (the gathered active logits) and the q the rejection sampler sees has
+    mass only on the router's groups' tokens."""
+    from vllm import SamplingParams
+
+    c = read_checkpoint(drafter).coral
+    spec = {"method": "coral", "model": str(drafter), "num_speculative_tokens": 3,
+            "draft_sample_method": "probabilistic"}
+    bind_cpu_ranks(2)
+    with engine(tiny_target, spec, tensor_parallel_size=2) as llm:
+        llm.collective_rpc(record_draft_support)
+        outs = llm.generate(["The capital of France is"] * 16,
+                            SamplingParams(temperature=1.0, max_tokens=8), use_tqdm=False)
+        stats = from_llm_metrics(llm.get_metrics())
+        support = llm.collective_rpc(draft_support)
+    assert all(len(o.outputs[0].token_ids) == 8 for o in outs)
+    assert stats.num_drafts > 0
+    for rank in support:
+        assert rank and 0 < max(rank) <= c.top_k_groups * c.group_size < c.vocab_size

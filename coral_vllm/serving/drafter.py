@@ -108,10 +108,10 @@ class EagleCoralLlamaForCausalLM(EagleLlamaForCausalLM):
         head, so the rank comes from its shard offset)."""
         from vllm.distributed import tensor_model_parallel_all_gather
 
-        head, c = self.lm_head, self.coral
-        rank = head.shard_indices.padded_org_vocab_start_index // head.num_embeddings_per_partition
+        head, c, idx = self.lm_head, self.coral, self.lm_head.shard_indices
+        rank = idx.padded_org_vocab_start_index // head.num_embeddings_per_partition
         layout = shard_layout(self.token_order, c, head.tp_size, rank)
-        shard = (head.shard_indices.org_vocab_start_index, head.shard_indices.org_vocab_end_index)
+        shard = (idx.org_vocab_start_index, idx.org_vocab_end_index)
         if shard != (layout.shard.start, layout.shard.end):
             raise RuntimeError(
                 f"coral: rank {rank}'s LM-head shard holds tokens {shard}, but coral-vllm "
@@ -127,8 +127,8 @@ class EagleCoralLlamaForCausalLM(EagleLlamaForCausalLM):
                     layout.slots_per_group, layout.sub_size, c.top_k_groups)
 
     def _check_head_once(self) -> None:
-        """Fails the engine if `grouped_weight` is not the head it serves, in grouped
-        order. Runs at the first eager call (vLLM's warm-up and profiling runs come before
+        """Fails the engine if the grouped copy (`grouped_weight`, with TP > 1
+        `tp_head.weight`) is not the head it serves, in grouped order. Runs at the first eager call (vLLM's warm-up and profiling runs come before
         any CUDA-graph capture), never while compiling or capturing, where it could not
         synchronise."""
         if self._head_checked or torch.compiler.is_compiling() or (
