@@ -70,7 +70,8 @@ def _single(cfg, weight, order, h, group_ids):
 @pytest.mark.parametrize("tp", [2, 4])
 @pytest.mark.parametrize("strategy", ["contiguous", "frequency", "cluster"])
 @pytest.mark.parametrize("vocab,groups,k,n", [(1000, 7, 2, 1), (1000, 7, 2, 9),
-                                              (4096, 32, 4, 3), (257, 16, 16, 2)])
+                                              (4096, 32, 4, 3), (257, 16, 16, 2),
+                                              (10, 2, 1, 3)])  # ranks past the vocabulary
 def test_sharded_equals_single_rank(tp, strategy, vocab, groups, k, n):
     cfg, weight, order = _head(vocab, 24, groups, k, strategy, seed=vocab + n + tp)
     h = torch.randn(n, 24, dtype=torch.float64)
@@ -118,7 +119,7 @@ def test_layout_holds_each_rank_only_its_rows():
 def test_vocab_shard_matches_vllm():
     from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
-    for vocab, tp in [(49152, 2), (1000, 4), (50257, 2), (262144, 4)]:
+    for vocab, tp in [(49152, 2), (1000, 4), (50257, 2), (262144, 4), (10, 4)]:
         for rank in range(tp):
             idx = VocabParallelEmbedding._get_indices(
                 -(-vocab // 64) * 64, -(-vocab // 64) * 64, vocab, vocab, rank, tp)

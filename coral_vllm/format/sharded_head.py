@@ -54,7 +54,7 @@ Gather = Callable[[torch.Tensor], torch.Tensor]  # all-gather along the last dim
 class VocabShard:
     """The rows rank `rank` of `tp` holds, as vLLM's VocabParallelEmbedding shards them."""
 
-    start: int       # first token id
+    start: int       # first token id (the shard's first row)
     end: int         # one past the last real token id (padding rows follow)
     rows: int        # P, rows of every shard including padding
 
@@ -63,7 +63,8 @@ def vocab_shard(vocab_size: int, tp: int, rank: int) -> VocabShard:
     padded = math.ceil(vocab_size / VOCAB_PADDING) * VOCAB_PADDING
     rows = padded // tp
     start = rank * rows
-    return VocabShard(start, min(start + rows, vocab_size), rows)
+    # clamped like vLLM's org_vocab_start/end_index: a shard past the vocabulary is empty
+    return VocabShard(min(start, vocab_size), min(start + rows, vocab_size), rows)
 
 
 def check_shardable(coral: CoralConfig, tp: int) -> None:
@@ -203,7 +204,10 @@ class ShardedGroupedHead(nn.Module):
         self.weight.masked_fill_((self.row_src < 0).unsqueeze(1), 0)
 
     def layout_problem(self, shard_weight: torch.Tensor) -> str | None:
-        """What is wrong with `weight` as the grouped copy of `shard_weight`, or None."""
+        """What is wrong with `weight` as the grouped copy of `shard_weight`, or None
+        (a shard past the end of the vocabulary is all padding: nothing to check)."""
+        if self.shard.end == self.shard.start:
+            return None
         return grouped_layout_problem(self.weight, shard_weight, self.row_src)
 
     def _local_groups(self, group_ids: torch.Tensor) -> torch.Tensor:
