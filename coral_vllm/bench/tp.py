@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from coral_vllm.bench.args import PLAIN, add_output_args, bench_parser
+from coral_vllm.bench.args import PLAIN, bench_parser
 from coral_vllm.bench.results import device_name, write_json
 from coral_vllm.bench.smoke_prompts import SMOKE_PROMPTS
 
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32",
                     help="float32 (default) keeps T=0 replies independent of batching, so "
                          "identity is a strict test; bfloat16 for serving speed")
-    add_output_args(ap, "benchmarks/results/tp2.json")
+    ap.add_argument("--out", default="benchmarks/results/tp2.json")
     args = ap.parse_args(argv)
 
     import json
