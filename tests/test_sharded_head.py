@@ -100,6 +100,23 @@ def test_ties_break_as_the_single_rank_head(tp, strategy):
     assert torch.equal(_sharded_top1(_ranks(cfg, weight, order, tp), h, group_ids), top)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton head needs CUDA")
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("n", [1, 24, 256])   # the kernel's per-token, union, dense paths
+def test_sharded_triton_head_equals_single_rank(tp, n):
+    """On CUDA every rank's local head is the Triton kernel (random data: no exact ties,
+    whose order the kernel leaves open)."""
+    cfg, weight, order = _head(8192, 64, 64, 8, "frequency", seed=n + tp)
+    weight = weight.float().cuda()
+    h = torch.randn(n, 64, device="cuda")
+    group_ids = torch.stack([torch.randperm(64)[:8] for _ in range(n)]).cuda()
+    heads = [hd.cuda() for hd in _ranks(cfg, weight.cpu(), order, tp)]
+    gw = grouped_rows(weight[: cfg.vocab_size], order, cfg.num_groups, cfg.group_size)
+    rows = row_token_ids(order, cfg.num_groups, cfg.group_size).cuda()
+    _, top = grouped_top1(h, gw, rows, group_ids, cfg.group_size)
+    assert torch.equal(_sharded_top1(heads, h, group_ids), top)
+
+
 def test_layout_holds_each_rank_only_its_rows():
     """Rank r's rows are exactly its shard's tokens (each once); a group spread evenly
     over the shards takes one sub-group slot, a skewed partition more."""
