@@ -42,6 +42,9 @@ def _check_drafter(args: argparse.Namespace) -> int:
           f" ({c.active_fraction:.1%} of the head per token), {c.partition} partition, "
           f"{'trained' if c.trained else 'UNTRAINED'}, "
           f"{'own' if ckpt.has_own_lm_head else 'shared'} LM head")
+    if args.tensor_parallel_size > 1:
+        from coral_vllm.format.sharded_head import describe_sharding
+        print("ok: " + describe_sharding(ckpt.token_order, c, args.tensor_parallel_size))
     return 0
 
 
@@ -104,6 +107,7 @@ _BENCH_COMMANDS = {
     "load": "concurrent streaming chat (some cancelled) against a coral server: "
             "failures, T=0 replies vs plain, TTFT, server memory",
     "training": "trainer tokens/s before/after; held-out tau learning curves",
+    "tp": "coral vs plain at tensor_parallel_size t: greedy identity, tok/s, per-rank head",
 }
 
 
@@ -150,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "a target) the way the plugin does before an engine starts")
     c.add_argument("drafter")
     c.add_argument("--target", help="target model directory to check against")
+    c.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="also check that the head can be sharded over this many ranks "
+                        "and show what each rank holds")
     c.set_defaults(func=_check_drafter)
 
     d = sub.add_parser("demo", help="serve the default target with its CORAL drafter via "

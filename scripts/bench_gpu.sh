@@ -10,6 +10,8 @@
 #   bash scripts/bench_gpu.sh profile             # SmolLM2 draft-step time: EAGLE vs CORAL
 #   bash scripts/bench_gpu.sh e2e-k1              # SmolLM2, k=1, MT-bench T=0, batch 1 and 32
 #   bash scripts/bench_gpu.sh e2e-repeats         # MT-bench T=0, 3 rotated rounds: k=3 (c=1, 32), k=1 (c=1)
+#   bash scripts/bench_gpu.sh load                # 64 streams for 4 min against vllm serve (load.json)
+#   bash scripts/bench_gpu.sh seeds               # the CPU suite's same-seed-same-reply tests, on the GPU
 # Drafters: .gpu-drafters/{eagle,hass} (`coral-vllm to-eagle` of the trained baselines),
 # CORAL = the shipped one. Results and server logs go to $OUT (default results/); scratch
 # (synthetic targets and drafters) to $CORAL_WORK (default /root/coral-work).
@@ -21,7 +23,7 @@ mkdir -p "$R"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$R/gpu.csv"
 bench() { python3 -m coral_vllm.cli bench "$@"; }
 quiet() { grep -v "^(\|^INFO\|^WARNING\|^\[" | tail -n "$1"; }  # vLLM's log lines out
-case "${1:?lm-head | lm-head-check | serve-check | sampling-check | e2e | e2e-k1 | e2e-repeats | profile | synthetic SHAPE}" in
+case "${1:?lm-head | lm-head-check | serve-check | sampling-check | e2e | e2e-k1 | e2e-repeats | profile | synthetic SHAPE | load | seeds}" in
   lm-head)
     bench lm-head --out "$R/lm_head.json" ;;
   lm-head-check)
@@ -51,6 +53,12 @@ case "${1:?lm-head | lm-head-check | serve-check | sampling-check | e2e | e2e-k1
         --datasets mtbench --temperatures 0 --concurrency "${conc[@]}" --requests "${req[@]}" \
         --repeats 3 --out "$R/e2e_smollm2_repeats_k$k.json" --log-dir "$R/logs_r$k" | tail -n 12
     done ;;
+  load)  # float32: T=0 replies that do not depend on how requests are batched
+    bench load --duration-s 240 --concurrency 64 --gpu-dtype float32 \
+      --out "$R/load.json" --log-dir "$R/logs_load" 2>&1 | quiet 20 ;;
+  seeds)
+    python3 -m pytest -q -p no:cacheprovider tests/test_engine_lossless.py -k same_seed 2>&1 \
+      | tail -n 15 ;;
   synthetic)
     prior=()
     [ -f benchmarks/results/e2e_synthetic.json ] && [ -n "${EXTEND:-}" ] && \

@@ -25,3 +25,23 @@ def chat(llm: Any, prompts: list[str], params: Any) -> list[list[int]]:
     outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params,
                     use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def record_draft_support(worker) -> None:
+    """Runs inside vLLM's worker: wraps the hand-over of draft probabilities to the
+    rejection sampler so each step records how many tokens have non-zero draft probability."""
+    proposer = worker.model_runner.drafter
+    proposer.coral_support = []
+    take = proposer.take_last_draft_probs
+
+    def recorded():
+        probs = take()
+        if probs is not None:
+            proposer.coral_support.append(int((probs > 0).sum(-1).max()))
+        return probs
+
+    proposer.take_last_draft_probs = recorded
+
+
+def draft_support(worker) -> list[int]:
+    return worker.model_runner.drafter.coral_support

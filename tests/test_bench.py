@@ -127,23 +127,33 @@ def test_eagle_export_keeps_the_layer_and_drops_the_router(tmp_path):
 
 
 def test_e2e_run_through_vllm_serve(target_dir, tmp_path):
-    """A small real run: three servers at once, T=0, two concurrency levels. Checks the
+    """A small real run: three servers at once, T=0, two concurrency levels, a chat
+    benchmark and plain-text prompts (texts:FILE, through /v1/completions). Checks the
     JSON the GPU run writes: every variant in every cell, replies' tokens counted,
     server-side TPOT present, acceptance only for drafters, c derived."""
     from coral_vllm.bench.e2e import main
+    from coral_vllm.training.splits import DEV_SHARE, HELDOUT_SHARE, split_of
+    from coral_vllm.training.texts import Passage, write_passages
 
+    dev_ids = [i for i in (f"t:{n}#0" for n in range(2000))
+               if split_of(i, DEV_SHARE, HELDOUT_SHARE) == "dev"][:2]
+    texts = write_passages(tmp_path / "texts.jsonl.xz", [
+        Passage(i, "t", f"Chapter {k}. The river ran past the old mill, and the miller")
+        for k, i in enumerate(dev_ids)], {})
     eagle = write_eagle_checkpoint(default_drafter(), tmp_path / "eagle")
     out = tmp_path / "e2e.json"
     assert main(["--model", str(target_dir), "--drafters", f"eagle={eagle}",
-                 f"coral={default_drafter()}", "--datasets", "mtbench", "--temperatures",
-                 "0", "--concurrency", "1", "2", "--requests", "2", "2", "--max-tokens", "12",
-                 "-k", "2", "--out", str(out)]) == 0
+                 f"coral={default_drafter()}", "--datasets", "mtbench", f"texts:{texts}",
+                 "--temperatures", "0", "--concurrency", "1", "2", "--requests", "2", "2",
+                 "--max-tokens", "12", "-k", "2", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["drafters"]["eagle"]["served_as"] == "eagle"
     assert r["drafters"]["coral"]["served_as"] == "coral"
-    cells = {(x["drafter"], x["concurrency"]): x for x in r["rows"]}
-    assert set(cells) == {(d, c) for d in ("plain", "eagle", "coral") for c in (1, 2)}
-    for (d, c), x in cells.items():
+    assert "/v1/completions" in r["prompts"][f"texts:{texts}"]
+    cells = {(x["drafter"], x["concurrency"], x["dataset"]): x for x in r["rows"]}
+    assert set(cells) == {(d, c, s) for d in ("plain", "eagle", "coral") for c in (1, 2)
+                          for s in ("mtbench", f"texts:{texts}")}
+    for (d, c, _), x in cells.items():
         assert x["num_requests"] == 2 and 0 < x["output_tokens"] <= 24
         assert x["tpot_ms"] and x["tpot_ms"] > 0 and x["output_tok_s"] > 0
         assert (x["acceptance_length"] is None) == (d == "plain")

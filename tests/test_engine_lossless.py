@@ -11,7 +11,7 @@ import torch
 from coral_vllm.bench.lossless import binned_tv, noise_bound, token_marginals
 from coral_vllm.models.drafters import default_drafter
 from coral_vllm.runtime.metrics import from_llm_metrics
-from engine_utils import PROMPTS, chat, engine
+from engine_utils import PROMPTS, chat, draft_support, engine, record_draft_support
 
 K = 3
 MAX_TOKENS = 48
@@ -120,7 +120,6 @@ def _greedy_run(llm) -> tuple[list[list[int]], object, dict]:
 
 @pytest.fixture(scope="module")
 def coral_greedy(target_dir, drafter):
-
     spec = {"method": "coral", "model": str(drafter), "num_speculative_tokens": K}
     with engine(target_dir, spec) as llm:
         out, stats, raw = _greedy_run(llm)
@@ -138,10 +137,10 @@ def _probabilistic(drafter: Path) -> dict:
 
 def _sampled_run(llm) -> tuple[list[list[int]], object, list[int]]:
     """T=1 samples, the counters after them, and the draft support of every step."""
-    llm.collective_rpc(_record_draft_support)
+    llm.collective_rpc(record_draft_support)
     samples = _samples(llm, 1.0)
     stats = from_llm_metrics(llm.get_metrics())
-    return samples, stats, llm.collective_rpc(_draft_support)[0]
+    return samples, stats, llm.collective_rpc(draft_support)[0]
 
 
 @pytest.fixture(scope="module")
@@ -160,26 +159,6 @@ def static_sampled(target_dir, static_drafter):
 
 # each probabilistic-drafting engine and the drafter it serves
 SAMPLED = {"coral_sampled": "drafter", "static_sampled": "static_drafter"}
-
-
-def _record_draft_support(worker) -> None:
-    """Runs inside vLLM's worker: wraps the hand-over of draft probabilities to the
-    rejection sampler so each step records how many tokens have non-zero draft probability."""
-    proposer = worker.model_runner.drafter
-    proposer.coral_support = []
-    take = proposer.take_last_draft_probs
-
-    def recorded():
-        probs = take()
-        if probs is not None:
-            proposer.coral_support.append(int((probs > 0).sum(-1).max()))
-        return probs
-
-    proposer.take_last_draft_probs = recorded
-
-
-def _draft_support(worker) -> list[int]:
-    return worker.model_runner.drafter.coral_support
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Self-distilled conversations: exact chat-template ids, loop cuts, splits, resume (CPU)."""
+"""Self-distilled conversations: exact chat-template ids, loop cuts, splits, resume (CPU);
+plain-text passages for a base target (Gemma-3-270M's real tokenizer, a fake generator)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from coral_vllm.training.conversations import Conversation, write_conversations
 from coral_vllm.training.data import load_dev, load_splits, read_manifest
 from coral_vllm.training.self_distill import (ChatSplicer, build_data, loop_start,
                                               split_of)
+from coral_vllm.training.texts import Passage, TextPrompter, dev_prompts, write_passages
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +30,8 @@ def test_splicer_gives_the_template_ids_around_generated_replies(tok):
     turns = ["Hi there", "How are you today?"]
     texts = ["Hello! How can I help?", "I am fine, thank you."]
     replies = [(tok.encode(t, add_special_tokens=False), True) for t in texts]
-    assert splicer.chat(turns[:1], [])[0] == chat_prompt_ids(tok, turns[0])
-    ids, mask = splicer.chat(turns, replies)
+    assert splicer.sequence(turns[:1], [])[0] == chat_prompt_ids(tok, turns[0])
+    ids, mask = splicer.sequence(turns, replies)
     msgs = [{"role": r, "content": c} for pair in zip(turns, texts)
             for r, c in zip(("user", "assistant"), pair)]
     want = tok.apply_chat_template(msgs, tokenize=True)
@@ -38,7 +40,7 @@ def test_splicer_gives_the_template_ids_around_generated_replies(tok):
     marked = [t for t, m in zip(ids, mask) if m]
     assert marked == replies[0][0] + [tok.eos_token_id] + replies[1][0] + [tok.eos_token_id]
     # the prompt of turn 2 is the first reply in place, then the template's next turn
-    prompt2, _ = splicer.chat(turns, replies[:1])
+    prompt2, _ = splicer.sequence(turns, replies[:1])
     assert prompt2 == want[:len(prompt2)]
     gen_prompt = tok.encode("<|im_start|>assistant\n", add_special_tokens=False)
     assert prompt2[-len(gen_prompt):] == gen_prompt
@@ -120,3 +122,80 @@ def test_build_data_stops_at_the_time_limit(target_dir, tmp_path):
     m = build_data(str(target_dir), str(tmp_path / "d"), str(path), chunk_prompts=2,
                    time_limit_min=1e-9, generator=slow)
     assert m is None and not (tmp_path / "d" / "manifest.json").exists()
+
+
+# ------------------------------------------------------------------ plain text (base)
+@pytest.fixture(scope="module")
+def gemma_dir():
+    from coral_vllm.models.model_store import fetch_model
+    return fetch_model("gemma3-270m")
+
+
+@pytest.fixture(scope="module")
+def gemma_tok(gemma_dir):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(gemma_dir))
+
+
+def test_text_prompts_keep_the_tokenizers_bos_and_no_eos(tok, gemma_tok):
+    text = "The quick brown fox jumps over the lazy dog, and then it runs far away."
+    gemma = TextPrompter(gemma_tok, 8)(text)
+    assert gemma == [gemma_tok.bos_token_id] + gemma_tok.encode(
+        text, add_special_tokens=False)[:7]  # Gemma's GGUF keeps add_bos_token
+    assert TextPrompter(tok, 8)(text) == tok.encode(text, add_special_tokens=False)[:8]
+    short = TextPrompter(gemma_tok, 512)("Hi")
+    assert short == gemma_tok.encode("Hi") and short[-1] != gemma_tok.eos_token_id
+    with pytest.raises(ValueError, match="--prompt-tokens >= 1"):
+        TextPrompter(gemma_tok, 0)
+
+
+def _text_generator(calls: list[int], eos: int):
+    """Six prompt-dependent tokens; every other prompt's continuation ends (eos)."""
+    def generate(prompts, limits):
+        calls.append(len(prompts))
+        out = []
+        for p, lim in zip(prompts, limits):
+            ended = len(p) % 2 == 1
+            out.append(([500 + len(p) % 50 + i for i in range(6)][:lim] + [eos] * ended, ended))
+        return out
+    return generate
+
+
+def test_build_data_from_texts_for_a_base_target(gemma_dir, gemma_tok, tmp_path):
+    passages = [Passage(f"t:doc{i}#0", "t", f"Passage {i}. " + "More words here. " * (i % 7))
+                for i in range(40)]
+    path = write_passages(tmp_path / "texts.jsonl.xz", passages, {"sources": {"t": {}}})
+    calls: list[int] = []
+    kw = dict(texts=str(path), prompt_tokens=12, dev_share=0.2, heldout_share=0.2,
+              max_new_tokens=10, dev_max_new_tokens=6, chunk_prompts=8,
+              generator=_text_generator(calls, eos=1))
+    m = build_data(str(gemma_dir), str(tmp_path / "data"), **kw)
+    assert m["texts"] == {"file": "texts.jsonl.xz", "sources": {"t": {}}, "total": 40}
+    assert m["generation"]["chat_template"] is False and m["generation"]["prompt_tokens"] == 12
+    split = {p.id: split_of(p.id, 0.2, 0.2) for p in passages}
+    train = [p for p in passages if split[p.id] == "train"]
+    assert m["samples"] == len(train) and m["heldout_samples"] == sum(
+        s == "heldout" for s in split.values())
+    prompt = TextPrompter(gemma_tok, 12)
+    table, _ = load_splits(tmp_path / "data", 4096)
+    for i, p in enumerate(train):  # prompt unmasked, then the continuation masked
+        ids, mask = (list(map(int, x)) for x in table.sample(i))
+        want = prompt(p.text)
+        assert ids[:len(want)] == want and ids[0] == gemma_tok.bos_token_id
+        assert mask == [0] * len(want) + [1] * (len(ids) - len(want)) and len(ids) > len(want)
+    # the dev split is what `bench e2e --datasets texts:FILE` sends
+    dev, prompt_lens = load_dev(tmp_path / "data", 4096)
+    got = [list(map(int, dev.sample(i)[0][:n])) for i, n in enumerate(prompt_lens)]
+    assert got == dev_prompts(path, gemma_tok, 12, 0.2, 0.2) and got
+    assert max(calls) <= 8  # chunk_prompts
+    calls.clear()  # every part saved: a rerun generates nothing
+    m2 = build_data(str(gemma_dir), str(tmp_path / "data"), **kw)
+    assert calls == [] and [s["sha256"] for s in m2["shards"]] == [s["sha256"] for s in m["shards"]]
+
+
+def test_build_data_wants_one_prompt_file_and_texts_for_a_base_model(gemma_dir, tmp_path):
+    convs = write_conversations(tmp_path / "c.jsonl.xz", [Conversation("t:0", "t", ("q",))], {})
+    with pytest.raises(ValueError, match="no chat template .* --texts FILE"):
+        build_data(str(gemma_dir), str(tmp_path / "d"), str(convs), generator=_fake_generator([]))
+    with pytest.raises(ValueError, match="pass one of --conversations FILE .* --texts FILE"):
+        build_data(str(gemma_dir), str(tmp_path / "d"), str(convs), texts=str(convs))

@@ -499,3 +499,13 @@ def test_second_phase_starts_from_a_run_with_topk_distillation(tiny, trained, tm
     assert all(r["topk_ce1"] > 0 for r in rows if "loss" in r)
     with pytest.raises(FileNotFoundError, match="init_from"):
         train(_cfg(tiny, tmp_path / "bad", init_from=str(tmp_path / "nowhere"), max_steps=1))
+    # the ablation table names what the second run changed (not where it started from)
+    from coral_vllm.bench.training import main as bench_main
+    assert bench_main(["ablation", "--runs", f"base={trained['out']}", f"topk={out}",
+                       "--out", str(tmp_path / "ablation.json")]) == 0
+    table = json.loads((tmp_path / "ablation.json").read_text())
+    base, topk = table["rows"]
+    assert table["baseline"] == "base" and base["changed"] == {} and base["ratio_to_baseline"] == 1
+    assert topk["changed"] == {"topk_weight": 1.0, "max_steps": 2, "lr": 1e-12,
+                               "router_lr": 1e-12, "warmup_steps": 1}
+    assert topk["heldout_tau"] >= 1.0 and topk["tokens_at_best"] <= topk["train_tokens"]

@@ -1,5 +1,6 @@
 """A load generator that talks to `vllm serve` the way users do: the OpenAI client,
-chat completions, a fixed number of requests in flight.
+chat completions (or completions, for a base model's plain-text prompts), a fixed number
+of requests in flight.
 
 Non-streaming on purpose: a streaming Python client parses one SSE chunk per step and at
 tens of thousands of tokens/s on one host becomes the bottleneck it is meant to measure.
@@ -11,6 +12,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from typing import Any, Union
+
+# A user message, sent through /v1/chat/completions; or a prompt's token ids, sent
+# through /v1/completions as they are (a base model has no chat template, and ids get no
+# second BOS from the server).
+Prompt = Union[str, list[int]]
 
 
 @dataclasses.dataclass
@@ -31,14 +38,28 @@ class LoadResult:
         return 1000 * sum(self.latencies_s) / max(self.output_tokens, 1)
 
 
-def run_load(base_url: str, prompts: list[str], *, concurrency: int, max_tokens: int,
+def run_load(base_url: str, prompts: list[Prompt], *, concurrency: int, max_tokens: int,
              temperature: float, model: str | None = None) -> LoadResult:
     """Sends every prompt once, at most `concurrency` at a time; wall time runs from the
     first request sent to the last reply received."""
     return asyncio.run(_run(base_url, prompts, concurrency, max_tokens, temperature, model))
 
 
-async def _run(base_url: str, prompts: list[str], concurrency: int, max_tokens: int,
+async def _send(client: Any, model: str, prompt: Prompt, max_tokens: int,
+                temperature: float) -> tuple[int, str]:
+    """(completion tokens, reply text) of one request, through the endpoint its kind of
+    prompt goes to (see `Prompt`)."""
+    if isinstance(prompt, str):
+        r = await client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}],
+            max_tokens=max_tokens, temperature=temperature)
+        return r.usage.completion_tokens, r.choices[0].message.content or ""
+    r = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens,
+                                        temperature=temperature)
+    return r.usage.completion_tokens, r.choices[0].text
+
+
+async def _run(base_url: str, prompts: list[Prompt], concurrency: int, max_tokens: int,
                temperature: float, model: str | None) -> LoadResult:
     import httpx
     from openai import AsyncOpenAI
@@ -54,15 +75,12 @@ async def _run(base_url: str, prompts: list[str], concurrency: int, max_tokens: 
         tokens = [0] * len(prompts)
         replies = [""] * len(prompts)
 
-        async def one(i: int, prompt: str) -> None:
+        async def one(i: int, prompt: Prompt) -> None:
             async with gate:
                 t0 = time.perf_counter()
-                r = await client.chat.completions.create(
-                    model=model, messages=[{"role": "user", "content": prompt}],
-                    max_tokens=max_tokens, temperature=temperature)
+                tokens[i], replies[i] = await _send(client, model, prompt, max_tokens,
+                                                    temperature)
                 latencies[i] = time.perf_counter() - t0
-                tokens[i] = r.usage.completion_tokens
-                replies[i] = r.choices[0].message.content or ""
 
         t_start = time.perf_counter()
         await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))

@@ -11,6 +11,10 @@ datasets x temperatures x concurrency levels. Per cell and variant it records
 - acceptance: vLLM's spec-decode counters (mean acceptance length incl. the bonus token,
   acceptance rate per draft position), real, from the drafter's own drafts.
 
+Datasets: the evaluation sets (user messages in the chat template), or `texts:FILE`, the
+dev split of a `coral-vllm train texts` file for a base target: the prompts `train data
+--texts` held out with its default shares, as token ids through /v1/completions.
+
 At T > 0 every drafter drafts probabilistically (`draft_sample_method: probabilistic`)
 unless told not to, so the rejection test uses the draft distribution; for a CORAL
 drafter that is the restricted distribution of its active groups (`compute_logits`
@@ -19,6 +23,7 @@ top-1 path). The drafter-to-target step-time ratio c is derived from the batch-1
 cells of the same run (see `step_time_ratio`).
 
     coral-vllm bench e2e --drafters eagle=DIR hass=DIR static=DIR coral=DIR -k 3
+    coral-vllm bench e2e --model GEMMA_DIR --drafters coral=DIR --datasets texts:texts.jsonl.xz
 
 (`static`: `coral-vllm to-static` of the CORAL drafter, or `train export --selection
 static`: the static draft-vocabulary baseline, checked against CORAL by name.)
@@ -36,13 +41,14 @@ from typing import Any
 from coral_vllm.bench.args import (PLAIN, add_drafters_arg, add_engine_resource_args,
                                    add_output_args, bench_parser, engine_resources,
                                    parse_drafters, server_log_dir, target_dir)
-from coral_vllm.bench.client import run_load
+from coral_vllm.bench.client import Prompt, run_load
 from coral_vllm.bench.results import device_name, write_json
 from coral_vllm.datasets import BENCHMARKS, benchmark_texts
 from coral_vllm.format.checkpoint import is_coral_checkpoint, read_checkpoint
 from coral_vllm.runtime.metrics import histogram_mean, parse_prometheus, prometheus_totals
 from coral_vllm.runtime.server import ServerSpec, fetch_metrics, running_servers
 
+TEXTS = "texts:"  # --datasets texts:FILE
 TPOT_METRIC = "vllm:request_time_per_output_token_seconds"
 TTFT_METRIC = "vllm:time_to_first_token_seconds"
 
@@ -92,12 +98,51 @@ def plan_variants(drafters: dict[str, Path], temperatures: list[float],
     return out
 
 
+def dataset_arg(spec: str) -> str:
+    """--datasets entry: a benchmark name, or texts:FILE naming an existing file."""
+    if spec in BENCHMARKS:
+        return spec
+    if spec.startswith(TEXTS):
+        if not Path(spec[len(TEXTS):]).is_file():
+            raise argparse.ArgumentTypeError(f"{spec}: no such file; pass the file "
+                                             "`coral-vllm train texts --out FILE` wrote")
+        return spec
+    raise argparse.ArgumentTypeError(f"{spec!r}: choose from {', '.join(BENCHMARKS)} or "
+                                     f"{TEXTS}FILE")
+
+
+def dataset_prompts(dataset: str, model: Path) -> tuple[list[Prompt], str]:
+    """(prompts, their description in the results) of one --datasets entry."""
+    if not dataset.startswith(TEXTS):
+        return (benchmark_texts(dataset), f"coral_vllm.datasets.benchmark_texts({dataset!r}), "
+                "chat template, first N per level")
+    from transformers import AutoTokenizer
+
+    from coral_vllm.training.splits import DEV_SHARE, SPLIT_BUCKETS
+    from coral_vllm.training.texts import PROMPT_TOKENS, dev_prompts
+
+    path = dataset[len(TEXTS):]
+    prompts = dev_prompts(path, AutoTokenizer.from_pretrained(str(model)))
+    if not prompts:
+        raise SystemExit(f"--datasets {dataset}: the file's dev split is empty; make the "
+                         "file from more passages")
+    return prompts, (f"dev split of {path} (sha1(id) % {SPLIT_BUCKETS} < "
+                     f"{DEV_SHARE * SPLIT_BUCKETS:g}, held out by `train data`), first "
+                     f"{PROMPT_TOKENS} tokens, token ids through /v1/completions")
+
+
+def warmup_prompt(prompts: list[Prompt]) -> Prompt:
+    """An untimed first request of the dataset's kind; for token ids the first few of a
+    prompt, fewer than a KV block, so nothing is cached that a timed request could reuse."""
+    return "Hello!" if isinstance(prompts[0], str) else prompts[0][:4]
+
+
 def scrape(url: str) -> tuple[Any, dict[str, float]]:
     text = fetch_metrics(url)
     return parse_prometheus(text), prometheus_totals(text)
 
 
-def measure_cell(url: str, prompts: list[str], *, concurrency: int, max_tokens: int,
+def measure_cell(url: str, prompts: list[Prompt], *, concurrency: int, max_tokens: int,
                  temperature: float) -> dict[str, Any]:
     spec0, tot0 = scrape(url)
     load = run_load(url, prompts, concurrency=concurrency, max_tokens=max_tokens,
@@ -196,6 +241,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model = target_dir(args)
     drafters = parse_drafters(args.drafters) if args.drafters \
         else {"coral": default_drafter()}
+    datasets = {d: dataset_prompts(d, model) for d in args.datasets}  # before any server
     plan = plan_variants(drafters, args.temperatures, not args.greedy_drafts_only)
     servers = {v.server_name: v for vs in plan.values() for v in vs}
     out = Path(args.out)
@@ -209,8 +255,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "acceptance": "real: the drafters' own drafts verified by the target",
         "drafters": {n: drafter_info(p) for n, p in drafters.items()},
         "draft_sample_method": {str(t): vs[-1].draft_sample_method for t, vs in plan.items()},
-        "prompts": {d: f"coral_vllm.datasets.benchmark_texts({d!r}), chat template, first "
-                    f"N per level" for d in args.datasets},
+        "prompts": {d: about for d, (_, about) in datasets.items()},
         "requests_per_concurrency": dict(zip(map(str, args.concurrency), args.requests)),
         "tpot": "server-side mean of vllm:request_time_per_output_token_seconds",
         "repeats": args.repeats,
@@ -221,13 +266,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with running_servers(specs, startup_timeout=args.startup_timeout) as urls:
         result["startup_s"] = round(time.perf_counter() - t0, 1)
         print(f"all up in {result['startup_s']}s", flush=True)
-        for url in urls.values():  # warm-up, not timed
-            run_load(url, ["Hello!"], concurrency=1, max_tokens=16, temperature=0.0)
-        for dataset in args.datasets:
-            texts = benchmark_texts(dataset)
+        for url in urls.values():  # warm-up, not timed: a request of each dataset's kind
+            for prompts, _ in datasets.values():
+                run_load(url, [warmup_prompt(prompts)], concurrency=1, max_tokens=16,
+                         temperature=0.0)
+        for dataset, (pool, _) in datasets.items():
             for t in args.temperatures:
                 for conc, n in zip(args.concurrency, args.requests):
-                    prompts = [texts[i % len(texts)] for i in range(n)]
+                    prompts = [pool[i % len(pool)] for i in range(n)]
                     runs: dict[str, list[dict[str, Any]]] = {v.server_name: [] for v in plan[t]}
                     for rnd in range(args.repeats):  # rotate the order: no variant always first
                         order = plan[t][rnd % len(plan[t]):] + plan[t][:rnd % len(plan[t])]
@@ -258,7 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "plain EAGLE one (`coral-vllm to-eagle`) as 'eagle' (default: "
                      "coral=the shipped drafter)")
     p.add_argument("-k", type=int, default=3, help="draft tokens per step (default 3)")
-    p.add_argument("--datasets", nargs="+", default=list(BENCHMARKS), choices=BENCHMARKS)
+    p.add_argument("--datasets", nargs="+", default=list(BENCHMARKS), type=dataset_arg,
+                   metavar="DATASET", help=f"{', '.join(BENCHMARKS)} (chat) or {TEXTS}FILE "
+                   "(a base target: the dev split of a `train texts` file, /v1/completions; "
+                   f"default: {' '.join(BENCHMARKS)})")
     p.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0])
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32],
                    help="requests in flight (1 = batch 1, one request at a time)")

@@ -10,6 +10,9 @@
                 (`train vllm-tau` output); JSON + PNG.
     scaling     tokens/s per GPU count (runs of the same global batch under torchrun),
                 scaling efficiency, held-out tau after the same steps; JSON + PNG.
+    ablation    one row per lever: the best held-out tau of a run, the tokens it took,
+                and the settings by which the run differs from the first (the baseline),
+                read from the runs' configs, so a row says what was changed.
 
     coral-vllm bench training throughput --legacy-root .baseline --target T --data D \\
         --legacy-presets eagle hass coral --out benchmarks/results/train_throughput.json
@@ -17,6 +20,8 @@
         --extend benchmarks/results/train_throughput.json --out (same file)
     coral-vllm bench training curve --runs eagle=RUN hass=RUN coral=RUN \\
         --vllm-tau tau.json --out benchmarks/results/learning_curve.json
+    coral-vllm bench training ablation --runs base=RUN depth2=RUN ... \\
+        --vllm-tau tau.json --out benchmarks/results/ablation.json
 
 Tokens are all real (non-padding) tokens of the batches a step trains on, prompt tokens
 included, in both versions.
@@ -187,6 +192,43 @@ def scaling(args: argparse.Namespace) -> dict[str, Any]:
     return {"device": device, "rows": rows}
 
 
+# settings that say where a run lives or how it is logged, not what it trains
+_NOT_A_LEVER = {"target", "data", "out", "time_limit_min", "log_every", "eval_every",
+                "save_every", "stop_at_step", "init_from"}
+
+
+def ablation(args: argparse.Namespace) -> dict[str, Any]:
+    """Best held-out tau per run, with the settings that differ from the first run."""
+    runs = parse_named(args.runs, "--runs", "RUN")
+    vllm = {}
+    if args.vllm_tau:
+        vllm = {r["drafter"]: r for r in json.loads(Path(args.vllm_tau).read_text())["rows"]}
+    device = one_device(list(runs.values()), args.device)
+    configs = {name: json.loads((Path(run) / "train_config.json").read_text())
+               for name, run in runs.items()}
+    base_name = next(iter(runs))
+    base = configs[base_name]
+    rows = []
+    for name, run in runs.items():
+        key = serving_tau_key(run)
+        evals = [r["eval"] for r in run_metrics(run) if "eval" in r]
+        if not evals:
+            raise SystemExit(f"--runs {name}={run}: no evaluation rows; train with --eval-every")
+        best = max(evals, key=lambda e: e[key])
+        changed = {k: v for k, v in configs[name].items()
+                   if k not in _NOT_A_LEVER and base.get(k) != v}
+        rows.append({"lever": name, "changed": changed, "heldout_tau": best[key],
+                     "heldout_acc1": best.get("heldout_acc1"),
+                     "tokens_at_best": best["train_tokens"],
+                     "train_tokens": evals[-1]["train_tokens"],
+                     "vllm_tau": vllm.get(name, {}).get("vllm_tau"),
+                     "ratio_to_baseline": None})
+    base_tau = rows[0]["heldout_tau"]
+    for row in rows:
+        row["ratio_to_baseline"] = row["heldout_tau"] / base_tau
+    return {"device": device, "baseline": base_name, "k": args.k, "rows": rows}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="coral-vllm bench training", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -216,11 +258,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--runs", nargs="+", required=True, metavar="GPUS=RUN")
     g.add_argument("--device", help="the card, for runs whose metrics do not record it")
     g.add_argument("--out", required=True)
+    a = sub.add_parser("ablation", help="best held-out tau per lever, vs the first run")
+    a.add_argument("--runs", nargs="+", required=True, metavar="LEVER=RUN",
+                   help="the baseline first; every run trained on the same data and budget")
+    a.add_argument("--vllm-tau", help="JSON from `coral-vllm train vllm-tau`")
+    a.add_argument("-k", type=int, default=5)
+    a.add_argument("--device", help="the card, for runs whose metrics do not record it")
+    a.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     if args.cmd == "throughput" and args.legacy_presets and not (
             args.legacy_root and args.target and args.data):
         ap.error("throughput --legacy-presets needs --legacy-root, --target and --data")
-    result = {"throughput": throughput, "curve": curve, "scaling": scaling}[args.cmd](args)
+    result = {"throughput": throughput, "curve": curve, "scaling": scaling,
+              "ablation": ablation}[args.cmd](args)
     out = Path(args.out)
     write_json(out, result)
     if args.cmd in ("curve", "scaling"):

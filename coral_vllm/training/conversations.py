@@ -239,10 +239,15 @@ SOURCES: tuple[str, ...] = tuple(_READERS)
 
 
 # ---------------------------------------------------------------------------- rules
+def fold(text: str) -> str:
+    """Case and whitespace folded: two texts that differ only there are duplicates."""
+    return " ".join(text.casefold().split())
+
+
 def _dedupe_key(turns: Sequence[str]) -> str:
-    """The whole conversation, case and whitespace folded: conversations that open the
-    same way ("continue", "hi is anyone there?") but go on differently are kept."""
-    return "\x00".join(" ".join(t.casefold().split()) for t in turns)
+    """The whole conversation, folded: conversations that open the same way
+    ("continue", "hi is anyone there?") but go on differently are kept."""
+    return "\x00".join(fold(t) for t in turns)
 
 
 def _source_stats() -> dict[str, Any]:
@@ -312,25 +317,40 @@ def build_conversations(records: Iterable[tuple[str, str, Sequence[str]]],
     return convs, stats
 
 
+def collect(readers: dict[str, tuple[Any, Callable[..., Iterator[tuple[str, Any]]]]],
+            sources: Iterable[str], what: str, ngram: int, cache_dir,
+            build: Callable[[Iterator[tuple[str, str, Any]], EvalOverlapFilter],
+                            tuple[list[Any], dict[str, Any]]]
+            ) -> tuple[list[str], dict[str, collections.Counter], list[Any], dict[str, Any]]:
+    """`build(records, overlap)` over the (source, id, record) stream of the sources'
+    readers, source after source, with the evaluation-overlap filter at `ngram` words.
+    Returns the sources (in order, once each), per source the counter its reader
+    recorded skips in, and build's items (each with a unique `.id`) and per-source stats.
+    An unknown source is refused, naming the `what` sources there are."""
+    sources = list(dict.fromkeys(sources))
+    unknown = [s for s in sources if s not in readers]
+    if unknown:
+        raise ValueError(f"unknown {what} sources {unknown}; choose from {tuple(readers)}")
+    skipped = {src: collections.Counter() for src in sources}
+    records = itertools.chain.from_iterable(
+        ((src, sid, rec) for sid, rec in readers[src][1](cache_dir, skipped[src]))
+        for src in sources)
+    items, per_source = build(records, EvalOverlapFilter(eval_prompts(cache_dir), n=ngram))
+    if len({x.id for x in items}) != len(items):
+        raise RuntimeError(f"{what} ids collide: a source's ids are not unique")
+    return sources, skipped, items, per_source
+
+
 def load_conversations(sources: Iterable[str] = SOURCES, *, max_turns: int | None = None,
                        min_chars: int = 8, max_chars: int = 6000, ngram: int = 8,
                        cache_dir=None) -> tuple[list[Conversation], dict[str, Any]]:
     """Deduplicated, evaluation-filtered conversations of `sources`, plus stats: the
     settings, the evaluation sets, and per source its package==version, raw, kept,
     dropped by reason (the reader's skips included) and turn counts."""
-    sources = list(dict.fromkeys(sources))
-    unknown = [s for s in sources if s not in _READERS]
-    if unknown:
-        raise ValueError(f"unknown conversation sources {unknown}; choose from {SOURCES}")
-    skipped = {src: collections.Counter() for src in sources}
-    records = itertools.chain.from_iterable(
-        ((src, sid, turns) for sid, turns in _READERS[src][1](cache_dir, skipped[src]))
-        for src in sources)
-    overlap = EvalOverlapFilter(eval_prompts(cache_dir), n=ngram)
-    convs, per_source = build_conversations(records, overlap, max_turns=max_turns,
-                                            min_chars=min_chars, max_chars=max_chars)
-    if len({c.id for c in convs}) != len(convs):
-        raise RuntimeError("conversation ids collide: a source's ids are not unique")
+    sources, skipped, convs, per_source = collect(
+        _READERS, sources, "conversation", ngram, cache_dir,
+        lambda records, overlap: build_conversations(
+            records, overlap, max_turns=max_turns, min_chars=min_chars, max_chars=max_chars))
     stats: dict[str, Any] = {
         "settings": {"max_turns": max_turns, "min_chars": min_chars,
                      "max_chars": max_chars, "ngram": ngram},
@@ -348,25 +368,35 @@ def load_conversations(sources: Iterable[str] = SOURCES, *, max_turns: int | Non
 
 
 # ------------------------------------------------------------------------------ file
-def write_conversations(path: str | os.PathLike[str], convs: Iterable[Conversation],
-                        stats: dict[str, Any]) -> Path:
-    """One xz-compressed JSON-lines file: a header line {"format", "stats"}, then one
-    {"id", "source", "turns"} line per conversation. Small, and one file to copy to the
-    GPU host."""
+def write_records(path: str | os.PathLike[str], fmt: str, stats: dict[str, Any],
+                  rows: Iterable[dict[str, Any]]) -> Path:
+    """One xz-compressed JSON-lines file: a header line {"format", "stats"}, then one line
+    per row. Small, and one file to copy to the GPU host."""
     path = Path(path)
     with lzma.open(path, "wt", encoding="utf-8") as f:
-        f.write(json.dumps({"format": FORMAT, "stats": stats}, ensure_ascii=False) + "\n")
-        for c in convs:
-            f.write(json.dumps(dataclasses.asdict(c), ensure_ascii=False) + "\n")
+        f.write(json.dumps({"format": fmt, "stats": stats}, ensure_ascii=False) + "\n")
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
+
+
+def read_records(path: str | os.PathLike[str], fmt: str
+                 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(rows, stats) of a `write_records` file; any other file is refused by its header."""
+    with lzma.open(path, "rt", encoding="utf-8") as f:
+        header = json.loads(f.readline())
+        if header.get("format") != fmt:
+            raise ValueError(f"{path}: not a {fmt} file (header {str(header)[:200]})")
+        return [json.loads(line) for line in f], header["stats"]
+
+
+def write_conversations(path: str | os.PathLike[str], convs: Iterable[Conversation],
+                        stats: dict[str, Any]) -> Path:
+    """{"id", "source", "turns"} per conversation, after the header (`write_records`)."""
+    return write_records(path, FORMAT, stats, map(dataclasses.asdict, convs))
 
 
 def read_conversations(path: str | os.PathLike[str]
                        ) -> tuple[list[Conversation], dict[str, Any]]:
-    with lzma.open(path, "rt", encoding="utf-8") as f:
-        header = json.loads(f.readline())
-        if header.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a {FORMAT} file (header {str(header)[:200]})")
-        convs = [Conversation(d["id"], d["source"], tuple(d["turns"]))
-                 for d in map(json.loads, f)]
-    return convs, header["stats"]
+    rows, stats = read_records(path, FORMAT)
+    return [Conversation(d["id"], d["source"], tuple(d["turns"])) for d in rows], stats

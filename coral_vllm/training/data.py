@@ -18,7 +18,6 @@ before it existed) holds out the last `holdout` share of the training samples in
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -30,6 +29,7 @@ import torch
 from safetensors.numpy import load_file as load_np
 from safetensors.numpy import save_file as save_np
 
+from coral_vllm.datasets import sha256
 from coral_vllm.training.batches import TokenTable
 
 FORMAT = "coral-vllm-data/2"
@@ -37,14 +37,6 @@ MANIFEST = "manifest.json"
 COUNTS_FILE = "token_counts.safetensors"
 DEV_FILE = "dev.safetensors"
 Sample = tuple[Sequence[int], Sequence[int]]  # (token ids, loss mask)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------- writing

@@ -8,6 +8,11 @@
       -> degenerate repetition loops cut out of replies
       -> token shards + manifest (data.py)
 
+A base target (no chat template) takes plain-text passages instead (training/texts.py):
+each is a one-turn conversation whose prompt is the passage's first `prompt_tokens`
+tokens (:class:`TextSplicer`) and whose reply is the target's continuation; the same
+loop, cuts, splits and files serve both (a splicer turns turns + replies into ids).
+
 Replies are spliced into the chat template as the ids the target generated (never
 decoded and re-tokenized), so the drafter trains on exactly the token sequences the
 target produced. The dev prompts get one greedy continuation each, uncut: the offline
@@ -32,8 +37,9 @@ import numpy as np
 import torch
 
 from coral_vllm.training.data import write_dataset
+from coral_vllm.training.splits import DEV_SHARE, HELDOUT_SHARE, split_of
+from coral_vllm.training.texts import PROMPT_TOKENS, TextPrompter
 
-SPLIT_BUCKETS = 10_000
 SENTINEL = "\x00REPLY{}\x00"
 _SENTINEL_RE = re.compile("\x00REPLY\\d+\x00")
 # a reply is called looping when its tail repeats one unit of <= MAX_PERIOD tokens for
@@ -44,17 +50,6 @@ MIN_REPLY_ROOM = 32  # a turn is asked only if this many reply tokens (or max_ne
 
 Reply = tuple[list[int], bool]  # generated ids without the end-of-turn token, ended?
 Generate = Callable[[list[list[int]], list[int]], list[Reply]]
-
-
-# ------------------------------------------------------------------------- splits
-def split_of(conv_id: str, dev_share: float, heldout_share: float) -> str:
-    """'dev', 'heldout' or 'train', fixed by the conversation id alone."""
-    bucket = int(hashlib.sha1(conv_id.encode()).hexdigest()[:8], 16) % SPLIT_BUCKETS
-    if bucket < dev_share * SPLIT_BUCKETS:
-        return "dev"
-    if bucket < (dev_share + heldout_share) * SPLIT_BUCKETS:
-        return "heldout"
-    return "train"
 
 
 # ---------------------------------------------------------------- chat template ids
@@ -85,8 +80,8 @@ class ChatSplicer:
                              "multi-turn self-distillation needs it to")
         return [self.tok.encode(p, add_special_tokens=False) for p in pieces]
 
-    def chat(self, turns: Sequence[str], replies: Sequence[Reply]
-             ) -> tuple[list[int], list[int]]:
+    def sequence(self, turns: Sequence[str], replies: Sequence[Reply]
+                 ) -> tuple[list[int], list[int]]:
         """(ids, loss mask) of turns[0], replies[0], turns[1], ...; with one reply fewer
         than turns it ends with the generation prompt of the last turn. The loss mask is
         1 on the generated tokens, including the end-of-turn token of a reply that ended
@@ -101,6 +96,33 @@ class ChatSplicer:
                 ids += nxt
                 mask += [int(ended and bool(nxt) and nxt[0] in self.eos)] + [0] * (len(nxt) - 1)
             elif ended:
+                ids.append(min(self.eos))
+                mask.append(1)
+        return ids, mask
+
+
+class TextSplicer:
+    """Token ids of a plain-text prompt (:class:`~coral_vllm.training.texts.TextPrompter`)
+    followed by the target's continuation, for a base target (no chat template); the same
+    interface as ChatSplicer, `turns` holding the one passage."""
+
+    def __init__(self, tokenizer, eos_ids: Sequence[int], prompt_tokens: int) -> None:
+        self.prompt = TextPrompter(tokenizer, prompt_tokens)
+        self.eos = set(int(e) for e in eos_ids)
+
+    def sequence(self, turns: Sequence[str], replies: Sequence[Reply]
+                 ) -> tuple[list[int], list[int]]:
+        """(ids, loss mask) of the prompt and, if given, its continuation; the mask is 1
+        on the continuation and on the end token of one that ended."""
+        if len(turns) != 1 or len(replies) > 1:
+            raise ValueError(f"a passage is one prompt with at most one continuation, not "
+                             f"{len(turns)} turns and {len(replies)} replies")
+        ids = self.prompt(turns[0])
+        mask = [0] * len(ids)
+        for reply, ended in replies:
+            ids += reply
+            mask += [1] * len(reply)
+            if ended:
                 ids.append(min(self.eos))
                 mask.append(1)
         return ids, mask
@@ -214,7 +236,11 @@ def strip_end(reply: Reply, eos: set[int]) -> Reply:
 
 # ------------------------------------------------------------------------ the job
 class Parts:
-    """Saved generation results: one file per (stage, chunk), written atomically."""
+    """Saved generation results: one file per (stage, chunk), written atomically.
+
+    Replies are stored as flat tensors (int32 ids, offsets, ended flags), not Python
+    lists, so that a stopped run's parts are small enough to travel back from the GPU
+    host and resume there on a later lease."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -225,41 +251,78 @@ class Parts:
 
     def load(self, stage: str, chunk: int) -> dict[str, Any] | None:
         p = self.path(stage, chunk)
-        return torch.load(p, weights_only=False) if p.is_file() else None
+        if not p.is_file():
+            return None
+        obj = torch.load(p)
+        ids, offsets, ended = obj.pop("ids"), obj.pop("offsets").tolist(), obj.pop("ended")
+        obj["replies"] = [(ids[a:b].tolist(), bool(e))
+                          for a, b, e in zip(offsets, offsets[1:], ended.tolist())]
+        return obj
 
     def save(self, stage: str, chunk: int, obj: dict[str, Any]) -> None:
         p = self.path(stage, chunk)
         tmp = p.with_suffix(".tmp")
-        torch.save(obj, tmp)
+        replies = obj["replies"]
+        lens = torch.tensor([0] + [len(ids) for ids, _ in replies], dtype=torch.int64)
+        packed = {k: v for k, v in obj.items() if k != "replies"}
+        packed.update(ids=torch.tensor([t for ids, _ in replies for t in ids],
+                                       dtype=torch.int32),
+                      offsets=lens.cumsum(0), ended=torch.tensor([e for _, e in replies]))
+        torch.save(packed, tmp)
         os.replace(tmp, p)
 
 
-def build_data(target: str, out_dir: str, conversations: str, *, max_turns: int = 8,
+def _prompt_set(conversations: str | None, texts: str | None, tok, eos: set[int],
+                prompt_tokens: int, target: str
+                ) -> tuple[str, str, list[Any], dict[str, Any], ChatSplicer | TextSplicer]:
+    """(kind, file, conversations, the file's stats, splicer): user turns in the chat
+    template for a chat target, or plain-text passages as one-turn conversations."""
+    from coral_vllm.training.conversations import Conversation, read_conversations
+    from coral_vllm.training.texts import read_passages
+
+    if (conversations is None) == (texts is None):
+        raise ValueError("train data: pass one of --conversations FILE (a chat target) and "
+                         "--texts FILE (a base target's plain-text passages)")
+    if texts is not None:
+        passages, stats = read_passages(texts)
+        convs = [Conversation(p.id, p.source, (p.text,)) for p in passages]
+        return "texts", texts, convs, stats, TextSplicer(tok, eos, prompt_tokens)
+    if tok.chat_template is None:
+        raise ValueError(f"{target} has no chat template (a base model): make its data "
+                         "from plain text, --texts FILE from `coral-vllm train texts`")
+    convs, stats = read_conversations(conversations)
+    return "conversations", conversations, convs, stats, ChatSplicer(tok, eos)
+
+
+def build_data(target: str, out_dir: str, conversations: str | None = None, *,
+               texts: str | None = None, prompt_tokens: int = PROMPT_TOKENS,
+               max_turns: int = 8,
                max_len: int = 2048, max_new_tokens: int = 512, dev_max_new_tokens: int = 256,
-               dev_share: float = 0.005, heldout_share: float = 0.02,
+               dev_share: float = DEV_SHARE, heldout_share: float = HELDOUT_SHARE,
                max_conversations: int | None = None, temperature: float = 0.0,
                backend: str = "auto", seed: int = 0, batch_size: int = 8,
                chunk_prompts: int = 20000, time_limit_min: float = 0.0,
                generator: Generate | None = None) -> dict[str, Any] | None:
-    """The `train data` command; returns the manifest, or None if stopped by the time
-    limit (rerun to resume). `generator` replaces the model (tests)."""
+    """The `train data` command, from `conversations` or plain-text `texts` (one of the
+    two files; `prompt_tokens` is the texts' prompt length); returns the manifest, or
+    None if stopped by the time limit (rerun to resume). `generator` replaces the model
+    (tests)."""
     from transformers import AutoTokenizer
 
-    from coral_vllm.training.conversations import read_conversations
     from coral_vllm.training.target import target_config_dict
 
     t0 = time.time()
-    convs, conv_stats = read_conversations(conversations)
-    if max_conversations is not None:  # a uniform, deterministic subset
-        key = lambda c: hashlib.sha1(("subset:" + c.id).encode()).hexdigest()  # noqa: E731
-        convs = sorted(sorted(convs, key=key)[:max_conversations], key=lambda c: c.id)
-    split = [split_of(c.id, dev_share, heldout_share) for c in convs]
     tok = AutoTokenizer.from_pretrained(target)
     gen_cfg = json.loads((Path(target) / "generation_config.json").read_text()) \
         if (Path(target) / "generation_config.json").is_file() else {}
     eos_cfg = gen_cfg.get("eos_token_id", tok.eos_token_id)
     eos = set([eos_cfg] if isinstance(eos_cfg, int) else eos_cfg or [tok.eos_token_id])
-    splicer = ChatSplicer(tok, eos)
+    kind, prompt_file, convs, file_stats, splicer = _prompt_set(
+        conversations, texts, tok, eos, prompt_tokens, target)
+    if max_conversations is not None:  # a uniform, deterministic subset
+        key = lambda c: hashlib.sha1(("subset:" + c.id).encode()).hexdigest()  # noqa: E731
+        convs = sorted(sorted(convs, key=key)[:max_conversations], key=lambda c: c.id)
+    split = [split_of(c.id, dev_share, heldout_share) for c in convs]
     parts = Parts(Path(out_dir) / "parts")
     if backend == "auto":
         backend = "vllm" if generator is None and _vllm_on_gpu() else "transformers"
@@ -307,7 +370,7 @@ def build_data(target: str, out_dir: str, conversations: str, *, max_turns: int 
 
     # dev prompts: the first turn, one greedy continuation each, as served (no cuts)
     dev_idx = [i for i, s in enumerate(split) if s == "dev"]
-    dev_prompts = [splicer.chat(convs[i].turns[:1], [])[0] for i in dev_idx]
+    dev_prompts = [splicer.sequence(convs[i].turns[:1], [])[0] for i in dev_idx]
     keep = [j for j, p in enumerate(dev_prompts) if len(p) + dev_max_new_tokens <= max_len]
     dev_idx, dev_prompts = [dev_idx[j] for j in keep], [dev_prompts[j] for j in keep]
     dev_replies = run_chunks("dev", dev_prompts, [dev_max_new_tokens] * len(dev_prompts))
@@ -322,7 +385,7 @@ def build_data(target: str, out_dir: str, conversations: str, *, max_turns: int 
         for i in live:
             if len(convs[i].turns) < r:
                 continue
-            ids, _ = splicer.chat(convs[i].turns[:r], replies[i])
+            ids, _ = splicer.sequence(convs[i].turns[:r], replies[i])
             room = min(max_new_tokens, max_len - len(ids))
             if room < min(MIN_REPLY_ROOM, max_new_tokens):
                 cuts["turns_dropped_for_length"] += len(convs[i].turns) - r + 1
@@ -353,15 +416,14 @@ def build_data(target: str, out_dir: str, conversations: str, *, max_turns: int 
     turns_used = {"train": 0, "heldout": 0}
     for i, reps in replies.items():
         if reps:
-            samples[split[i]].append(splicer.chat(convs[i].turns[:len(reps)], reps))
+            samples[split[i]].append(splicer.sequence(convs[i].turns[:len(reps)], reps))
             turns_used[split[i]] += len(reps)
     dev = [(p, list(ids)) for p, (ids, _) in zip(dev_prompts, dev_replies)]
     cuts["share_of_replies_cut_for_loops"] = (cuts["replies_cut_for_loops"]
                                               / max(1, cuts["replies"]))
     meta = {"target": str(target), "backend": backend,
-            "conversations": {"file": Path(conversations).name,
-                              "sources": conv_stats.get("sources", conv_stats),
-                              "total": len(convs)},
+            kind: {"file": Path(prompt_file).name,
+                   "sources": file_stats.get("sources", file_stats), "total": len(convs)},
             "splits": {"rule": "sha1(conversation id) % 10000", "dev_share": dev_share,
                        "heldout_share": heldout_share,
                        "train_conversations": len(samples["train"]),
@@ -370,7 +432,9 @@ def build_data(target: str, out_dir: str, conversations: str, *, max_turns: int 
                        "heldout_turns": turns_used["heldout"]},
             "generation": {"temperature": temperature, "max_new_tokens": max_new_tokens,
                            "dev_max_new_tokens": dev_max_new_tokens, "max_len": max_len,
-                           "max_turns": max_turns, "seed": seed, "chat_template": True,
+                           "max_turns": max_turns, "seed": seed,
+                           "chat_template": isinstance(splicer, ChatSplicer),
+                           **({"prompt_tokens": prompt_tokens} if kind == "texts" else {}),
                            "output_tokens": stats["output_tokens"],
                            "generation_seconds": round(stats["gen_seconds"], 1),
                            "output_tokens_per_s": round(stats["output_tokens"]

@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# The recipe behind the drafters, in stages that each fit one 10-minute GPU-host command:
+# SmolLM2-135M-Instruct by default (chat conversations); another target with
+# CORAL_NAME (prefix of everything sent back), CORAL_TARGET (its directory) and, for a
+# base model, CORAL_TEXTS (plain-text passages from `coral-vllm train texts` instead of
+# conversations), e.g. CORAL_NAME=gemma3 CORAL_TARGET=~/.cache/coral-vllm/models/gemma3-270m
+# CORAL_TEXTS=.gpu-data/texts.jsonl.xz. Run from the repo root after `source scripts/gpu_host_setup.sh`;
+# every stage resumes where the last one stopped (rerun it). Carry .gpu-data/ (the
+# conversations file from `coral-vllm train conversations --out .gpu-data/conversations.jsonl.xz`)
+# and, for `before`, .baseline/ (the trainer at the commit measured as "before":
+# `git archive 25343e8 coral_vllm/ ':!coral_vllm/assets' | tar -x -C .baseline`).
+#   bash scripts/train_gpu.sh data     # the target regenerates every assistant turn (vLLM)
+#   bash scripts/train_gpu.sh before   # tokens/s of the trainer at 25343e8, per preset
+#   bash scripts/train_gpu.sh curves   # EAGLE, HASS, CORAL: 1 epoch each, validated
+#   bash scripts/train_gpu.sh finish   # exports, vLLM tau vs offline tau, tables
+#   bash scripts/train_gpu.sh ablate   # CORAL preset, one lever per run, same data
+#                                              # and budget (CORAL_ABLATIONS), the table
+#   bash scripts/train_gpu.sh scaling  # multi-GPU host: 1/2/4/8 GPUs, same global batch
+# Extra flags for a stage (later flags win): CORAL_DATA_ARGS, CORAL_BEFORE_ARGS, CORAL_TRAIN_ARGS,
+# CORAL_TAU_ARGS (a small rehearsal on the CPU sets these).
+# Work and results live in $CORAL_WORK (default /root/coral-work/$CORAL_NAME, kept while the host is);
+# each stage also copies what it produced to $OUT (default results/), at most 8 files.
+# What a stage makes outlives the host: it comes back in $OUT as xz pieces of <= 15 MiB,
+# $CORAL_NAME-PART.tar.xz.00, .01, ... (`data`: the data directory, with its generation parts if it
+# stopped on the time limit; `curves`, `ablate`: a run that stopped on the time limit,
+# its resumable state included), and the finished runs' metrics ($CORAL_NAME-runs.tgz,
+# -ablation.tgz; `curves` also $CORAL_NAME-drafter_PRESET.tgz, bf16).
+# Copy them into .gpu-data/ here; every stage, on any later lease, first unpacks into
+# $CORAL_WORK whatever is there and missing there, so the stage rerun resumes.
+set -uo pipefail
+N=${CORAL_NAME:-smollm2}
+M=${CORAL_TARGET:-$HOME/.cache/coral-vllm/models/smollm2-135m-instruct}
+W=${CORAL_WORK:-/root/coral-work/$N}
+R=$W/results
+O=${OUT:-results}
+TL=${CORAL_TIME_LIMIT_MIN:-8.5}
+PRESETS=${CORAL_PRESETS:-eagle hass coral}
+mkdir -p "$W" "$R" "$O"
+runs() { for p in $PRESETS; do printf '%s=%s ' "$p" "$W/runs/$p"; done; }
+pack() {  # pack PART DIR [tar options]: $W/DIR -> $O/$N-PART.tar.xz.NN
+  local name=$N-$1 dir=$2; shift 2
+  tar -C "$W" -cf - "$@" "$dir" | xz -T0 -6 | split -b 15M -d - "$O/$name.tar.xz."
+  ls -l "$O/$name".tar.xz.* | awk -v n="$name" \
+    '{s += $5} END {printf "%s: %d piece(s), %.1f MiB\n", n, NR, s / 2^20}'
+}
+restore() {  # every .gpu-data/$N-PART.tar.xz.* whose folder (data, runs/RUN) $W lacks
+  local first top
+  for first in .gpu-data/"$N"-*.tar.xz.00; do
+    [ -f "$first" ] || continue
+    top=$(cat "${first%.00}".* | xz -d | tar -t | head -n 1); top=${top%/}
+    [ -e "$W/$top" ] || { cat "${first%.00}".* | xz -d | tar -x -C "$W" && echo "restored $top"; }
+  done
+}
+restore
+export_run() {  # run -> bf16 drafter dir -> $O/$N-drafter_RUN.tgz (fits the 16 MiB per file)
+  local dense; dense=$([ "$1" = coral ] || echo --dense)
+  python3 -m coral_vllm.cli train export --run "$W/runs/$1" --dest "$W/drafters/$1" \
+    $dense --dtype bfloat16 > /dev/null && tar -C "$W/drafters" -czf "$O/$N-drafter_$1.tgz" "$1"
+}
+train_runs() {  # train_runs TGZ NAME:PRESET:FLAGS... (commas for spaces in FLAGS)
+  # Each run to its end (marked DONE, skipped on any later call or lease), in order, with
+  # one epoch on the same data; one is started only with CORAL_MIN_RUN_MIN (4; an H200
+  # run is ~1 min features + 2-3 min epoch) left, so that it rarely has to travel. One
+  # that stops on the time limit anyway is packed for the next call (without best.pt:
+  # its ~50 MB optimizer state already fills most of the 64 MiB). A --export flag sends
+  # the finished run back as a bf16 drafter. Finished runs' metrics go to $O/$N-TGZ.tgz.
+  local tgz=$1 start spec name preset flags run left; shift
+  [ ! -f ".gpu-data/$N-$tgz.tgz" ] || tar -C "$W" --skip-old-files -xzf ".gpu-data/$N-$tgz.tgz"
+  start=$(date +%s)
+  for spec in "$@"; do
+    IFS=: read -r name preset flags <<< "$spec"; run=$W/runs/$name
+    [ -f "$run/DONE" ] && continue
+    left=$(python3 -c "print($TL - ($(date +%s) - $start) / 60)")
+    if python3 -c "import sys; sys.exit($left >= ${CORAL_MIN_RUN_MIN:-4})"; then
+      echo "$name: not started ($left min left); the next call starts it"; break
+    fi
+    flags=${flags//,/ }
+    python3 -m coral_vllm.cli train train --preset "$preset" --target "$M" --data "$W/data" \
+      --out "$run" --epochs 1 --lr 3e-4 --batch-tokens 32768 --eval-every 100 \
+      --log-every 20 --time-limit-min "$left" ${CORAL_TRAIN_ARGS:-} ${flags//--export/} \
+      >> "$R/train_$name.log" 2>&1
+    echo "$name: exit $? $(grep -E '^eval|done|stopped' "$R/train_$name.log" | tail -n 2)"
+    if grep -q "^stage 1 done" "$R/train_$name.log"; then
+      touch "$run/DONE"; cp "$R/train_$name.log" "$run/train.log"
+      [[ " $flags " == *" --export "* ]] && export_run "$name"
+    else
+      pack "run-$name" "runs/$name" --exclude=best.pt; break
+    fi
+  done
+  # finished runs only: a stopped run's metrics without its state would be resumed from
+  # scratch on top of them
+  local finished; finished=$(cd "$W" && for d in runs/*/DONE; do d=${d%/DONE}; \
+    [ -d "$d" ] && echo "$d/DONE $d/metrics.jsonl $d/train_config.json $d/train.log"; done)
+  [ -z "$finished" ] || tar -C "$W" -czf "$O/$N-$tgz.tgz" $finished
+}
+restore_runs() {  # what `curves` sent back, for `finish` on a later lease
+  for p in $PRESETS; do
+    [ -d "$W/drafters/$p" ] || [ ! -f ".gpu-data/$N-drafter_$p.tgz" ] || {
+      mkdir -p "$W/drafters"; tar -C "$W/drafters" -xzf ".gpu-data/$N-drafter_$p.tgz"; }
+  done
+  [ ! -f ".gpu-data/$N-runs.tgz" ] || tar -C "$W" --skip-old-files -xzf ".gpu-data/$N-runs.tgz"
+}
+# NAME:FLAGS, commas for spaces; the first is the baseline every other run differs from
+ABLATIONS=${CORAL_ABLATIONS:-base: init-target:--init-from-target csra-off:--csra-weight,0 \
+csra-t1:--csra-temperature,1.0}
+case "${1:?stage: data | before | curves | finish | ablate | scaling}" in
+  data)
+    prompts=(--conversations "${CORAL_CONVERSATIONS:-.gpu-data/conversations.jsonl.xz}"
+             --max-turns "${CORAL_MAX_TURNS:-3}")
+    [ -n "${CORAL_TEXTS:-}" ] && prompts=(--texts "$CORAL_TEXTS")
+    python3 -m coral_vllm.cli train data --target "$M" --out "$W/data" "${prompts[@]}" \
+      --max-new-tokens 512 --max-len 2048 --time-limit-min "$TL" ${CORAL_DATA_ARGS:-} 2>&1 \
+      | grep -v "^INFO\|^(" | tail -n 30
+    if [ -f "$W/data/manifest.json" ]; then
+      cp "$W/data/manifest.json" "$O/dataset_manifest_$N.json"
+      pack data data --exclude=data/parts
+    else
+      pack data data
+    fi ;;
+  before)
+    python3 -m coral_vllm.cli bench training throughput --legacy-root .baseline --target "$M" \
+      --data "$W/data" --legacy-presets $PRESETS --work "$W/legacy" \
+      --out "$R/train_throughput.json" ${CORAL_BEFORE_ARGS:-} 2>&1 | tail -n 20
+    cp "$R/train_throughput.json" "$O/" ;;
+  curves)
+    train_runs runs $(for p in $PRESETS; do printf '%s:%s:--export ' "$p" "$p"; done) ;;
+  scaling)  # multi-GPU host: the CORAL preset at 1, 2, 4, 8 GPUs, same global batch
+    n_gpu=$(nvidia-smi -L | wc -l)
+    for g in 1 2 4 8; do
+      [ "$g" -gt "$n_gpu" ] && break
+      python3 -m torch.distributed.run --standalone --nproc-per-node "$g" -m coral_vllm.cli \
+        train train --preset coral --target "$M" --data "$W/data" --out "$W/scaling/$g" \
+        --epochs 1 --lr 3e-4 --batch-tokens 32768 --grad-accum $(( 8 / g )) \
+        --max-steps "${CORAL_SCALING_STEPS:-120}" --eval-every 0 --log-every 10 \
+        ${CORAL_TRAIN_ARGS:-} > "$R/scaling_$g.log" 2>&1
+      echo "$g GPU(s): exit $? $(grep -E '^eval' "$R/scaling_$g.log" | tail -n 1)"
+    done
+    python3 -m coral_vllm.cli bench training scaling \
+      --runs $(for g in 1 2 4 8; do [ -d "$W/scaling/$g" ] && printf '%s=%s ' "$g" "$W/scaling/$g"; done) \
+      --out "$R/train_scaling.json"
+    cp "$R"/train_scaling.* "$R"/scaling_*.log "$O/" ;;
+  ablate)
+    train_runs ablation $(for spec in $ABLATIONS; do printf 'abl-%s:coral:%s ' "${spec%%:*}" "${spec#*:}"; done)
+    base=${ABLATIONS%%:*}
+    [ -f "$W/runs/abl-$base/DONE" ] && python3 -m coral_vllm.cli bench training ablation \
+      --runs $(for spec in $ABLATIONS; do n=${spec%%:*}; [ -f "$W/runs/abl-$n/DONE" ] && \
+               printf '%s=%s ' "$n" "$W/runs/abl-$n"; done) --out "$O/ablation.json" ;;
+  finish)  # on the lease of `curves`, or a later one with its files in .gpu-data/
+    restore_runs
+    python3 -m coral_vllm.cli train vllm-tau --target "$M" --data "$W/data" \
+      --drafters $(for p in $PRESETS; do printf '%s=%s ' "$p" "$W/drafters/$p"; done) \
+      --k 5 --json "$R/vllm_tau_dev.json" ${CORAL_TAU_ARGS:-} 2>&1 | grep '^{' | tail -n 5
+    before=$R/train_throughput.json; [ -f "$before" ] || before=benchmarks/results/train_throughput.json
+    python3 -m coral_vllm.cli bench training throughput --runs $(runs) \
+      --extend "$before" --out "$R/train_throughput.json" | tail -n 3
+    python3 -m coral_vllm.cli bench training curve --runs $(runs) --vllm-tau "$R/vllm_tau_dev.json" \
+      --out "$R/learning_curve.json"
+    cp "$R"/vllm_tau_dev.json "$R"/train_throughput.json "$R"/learning_curve.* "$O/" ;;
+esac
