@@ -22,7 +22,7 @@ def _init_drafter(args: argparse.Namespace) -> int:
 
     path = init_drafter(args.target, args.out, num_groups=args.num_groups,
                         top_k_groups=args.top_k_groups, partition=args.partition,
-                        seed=args.seed)
+                        seed=args.seed, num_layers=args.num_layers)
     print(f"wrote an UNTRAINED drafter to {path}")
     return 0
 
@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--partition", default="contiguous",
                    choices=PARTITION_STRATEGIES,
                    help="how tokens are grouped (default contiguous; frequency needs data)")
+    i.add_argument("--num-layers", type=int, default=1,
+                   help="decoder layers of the drafter (default 1, as EAGLE)")
     i.add_argument("--seed", type=int, default=0)
     i.set_defaults(func=_init_drafter)
 

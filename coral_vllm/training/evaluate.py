@@ -48,6 +48,17 @@ def load_drafter(path: str | Path, target_model, device=None,
     return drafter
 
 
+def require_eagle_features(drafter: CoralDrafter) -> None:
+    """This module's splits carry the target's last hidden state only; a drafter over
+    fused target layers needs `compute_features(..., fused_layers=...)` splits, which
+    only training's validation builds so far."""
+    if drafter.fused_layers is not None:
+        raise NotImplementedError(
+            f"drafter reads fused target layers {drafter.fused_layers}: offline "
+            "`train eval` / `vllm-tau` replay EAGLE drafters only; measure it with the "
+            "trainer's validation (held-out accuracy, chain tau) or vLLM's counters.")
+
+
 def drafter_dtype(drafter: CoralDrafter) -> torch.dtype:
     """The dtype the drafter's fc / layer compute in (target features are cast to it)."""
     return drafter.fc.weight.dtype
@@ -82,6 +93,7 @@ def speculative_generate(target, drafter: CoralDrafter, prompt_ids: Sequence[int
                          k: int = 5, max_new_tokens: int = 128, use_router: bool = False,
                          eos_ids: Sequence[int] = ()) -> dict[str, Any]:
     """Greedy chain speculation; returns the tokens and each round's accepted length."""
+    require_eagle_features(drafter)
     dev = next(target.parameters()).device
     head = DraftHead(drafter, use_router)
     eos = set(eos_ids)
@@ -122,6 +134,7 @@ def tau_of_drafters(target, drafters: dict[str, CoralDrafter], split: EvalSplit,
     dev = next(target.parameters()).device
     results = []
     for name, drafter in drafters.items():
+        require_eagle_features(drafter)
         c = drafter.coral  # type: ignore[attr-defined]
         top1 = DraftTop1(drafter.lm_head.weight, drafter.partition.token_order,
                          c.num_groups, c.group_size, c.top_k_groups)
