@@ -41,6 +41,36 @@ def test_fused_checkpoint_layout(fused_drafter):
             "norm.weight"} <= set(ckpt.shapes)
 
 
+def test_bad_fused_drafters_are_named(fused_drafter, target_dir, tmp_path):
+    """Layers the target lacks, a missing EAGLE-3 tensor, a target that scales its
+    embeddings, a bad training setting: each one named error."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from coral_vllm.format.checkpoint import check_against_target
+    from coral_vllm.format.config import CoralConfigError
+    from coral_vllm.training.config import TrainConfig
+
+    target = json.loads((target_dir / "config.json").read_text())
+    ckpt = read_checkpoint(fused_drafter)
+    check_against_target(ckpt, target)
+    with pytest.raises(CoralConfigError, match=r"\[2, 15, 27\]; give target layer ids in "
+                       r"\[0, 12\)"):
+        check_against_target(ckpt, {**target, "num_hidden_layers": 12})
+    with pytest.raises(CoralConfigError, match="unscaled embeddings .* gemma3_text"):
+        check_against_target(ckpt, {**target, "model_type": "gemma3_text"})
+    bad = tmp_path / "bad"
+    shutil.copytree(fused_drafter, bad)
+    tensors = load_file(str(bad / "model.safetensors"))
+    tensors.pop("layers.0.hidden_norm.weight")
+    save_file(tensors, str(bad / "model.safetensors"))
+    with pytest.raises(CoralConfigError, match="'layers.0.hidden_norm.weight' is missing"):
+        read_checkpoint(bad)
+    with pytest.raises(ValueError, match="fused_layers='low'"):
+        TrainConfig(fused_layers="low")
+
+
 def test_plugin_translates_a_fused_drafter_to_eagle3(fused_drafter):
     from coral_vllm.serving.plugin import translate_coral_config
 

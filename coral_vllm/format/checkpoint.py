@@ -232,13 +232,6 @@ def check_against_target(ckpt: DrafterCheckpoint, target_config: Mapping[str, An
             f"{target_name}'s hidden size is {hidden_size}; the drafter reads the target's "
             "hidden states, so it must be trained for this target.")
     want = target_embed_scale(target_config.get("model_type", ""), hidden_size)
-    have = embed_scale(ckpt.config)
-    if not math.isclose(have, want, rel_tol=1e-6):
-        raise CoralConfigError(
-            f'drafter {str(ckpt.path)!r}: "{EMBED_SCALE}" is {have:g} but {target_name} '
-            f"({target_config.get('model_type')}) scales token embeddings by {want:g}; the "
-            "drafter was made for another kind of target (or by a coral-vllm that did not "
-            "know this one's scale): train/export a drafter for this target.")
     layers = fused_layers(ckpt.config)
     if layers is not None:
         if want != 1.0:
@@ -249,6 +242,13 @@ def check_against_target(ckpt: DrafterCheckpoint, target_config: Mapping[str, An
                 "Export an EAGLE drafter (without fused layers) for it.")
         if "num_hidden_layers" in target_config:
             check_fused_layers(layers, target_config)
+    have = embed_scale(ckpt.config)
+    if not math.isclose(have, want, rel_tol=1e-6):
+        raise CoralConfigError(
+            f'drafter {str(ckpt.path)!r}: "{EMBED_SCALE}" is {have:g} but {target_name} '
+            f"({target_config.get('model_type')}) scales token embeddings by {want:g}; the "
+            "drafter was made for another kind of target (or by a coral-vllm that did not "
+            "know this one's scale): train/export a drafter for this target.")
 
 
 def save_checkpoint(path: str | os.PathLike[str], config: dict[str, Any],
