@@ -385,6 +385,11 @@ def test_two_layer_run_exports_and_reloads(tiny, tmp_path, fused):
     feats = feats[..., HIDDEN:] if fused else feats
     with torch.no_grad():
         assert torch.equal(drafter(ids, feats), trained.eval()(ids, feats))
+    # the offline replay (`train eval`, `vllm-tau`) gives the drafter the features it reads
+    from coral_vllm.training.evaluate import continuation_split, tau_of_drafters
+    split = continuation_split(tiny["model"], tiny["prompts"][:4], 12, [])
+    rows = tau_of_drafters(tiny["model"], {"d": drafter}, split, k=3)
+    assert all(r["tau"] >= 1.0 and r["rounds"] > 0 for r in rows)
 
 
 @pytest.mark.parametrize("layer", [0, 1])
