@@ -14,6 +14,11 @@ A drafter directory holds
     router.w1.weight [d, d], router.w1.bias [d], router.w2.weight [N, d], router.w2.bias [N]
     partition.token_order                    [V] int64, a permutation of the vocabulary
     lm_head.weight, embed_tokens.weight      [V, d], optional: shared with the target if absent
+  A drafter over fused target layers (architecture `Eagle3CoralLlamaForCausalLM`, its
+  k layer ids in `eagle_aux_hidden_state_layer_ids`, served through vLLM's eagle3 path)
+  has EAGLE-3's layout instead: fc.weight [d, k*d] over the fused layers, layer 0's
+  q/k/v over [2d] with input_layernorm (embedding) and hidden_norm (feature), and a
+  final norm.weight [d].
 
 Everything here is checked before an engine starts, from the safetensors header, so a
 drafter that does not fit its target fails with the field and the fix, not deep inside a
