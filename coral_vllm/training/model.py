@@ -248,6 +248,10 @@ class CoralDrafter(nn.Module):
         if getattr(target_model.config, "hidden_act", None) != "silu":
             raise NotImplementedError("init_from_target copies a Llama (SiLU) target layer; "
                                       "this target's layer is another kind.")
+        if self.fused_layers is not None:
+            raise NotImplementedError("init_from_target with fused_layers: the fused layer 0 "
+                                      "attends over [2d], no target layer has its shape; "
+                                      "start it from random (drop --init-from-target).")
         src_layers = target_model.model.layers[-self.num_layers:]
         if len(src_layers) < self.num_layers:
             raise ValueError(f"num_layers={self.num_layers}: init_from_target needs as many "
