@@ -21,6 +21,14 @@ def engine(target_dir: Path, speculative_config: dict[str, Any] | None = None,
                           disable_log_stats=False, **kwargs)
 
 
+def plain_greedy(target_dir: Path, max_tokens: int) -> list[list[int]]:
+    """The target's own greedy replies to PROMPTS (what speculation must reproduce)."""
+    from vllm import SamplingParams
+
+    with engine(target_dir) as llm:
+        return chat(llm, PROMPTS, SamplingParams(temperature=0, max_tokens=max_tokens))
+
+
 def chat(llm: Any, prompts: list[str], params: Any) -> list[list[int]]:
     outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params,
                     use_tqdm=False)
