@@ -46,10 +46,9 @@ def load_drafter(path: str | Path, target_model, device=None,
     ckpt = read_checkpoint(path)
     tensors = load_file(str(Path(path) / WEIGHTS_FILE))
     drafter = build_drafter(ckpt.config, ckpt.coral.num_groups, ckpt.coral.router_act,
-                            tensors, target_model, device, dtype)
+                            tensors, target_model, device, dtype,
+                            selection=ckpt.coral.selection)
     drafter.coral = ckpt.coral  # type: ignore[attr-defined]
-    if ckpt.coral.selection == "static":
-        drafter.router = None
     return drafter
 
 

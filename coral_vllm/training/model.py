@@ -332,18 +332,23 @@ class CoralDrafter(nn.Module):
 def build_drafter(target_cfg: dict[str, Any], num_groups: int, router_act: str,
                   tensors: dict[str, torch.Tensor], target_model, device=None,
                   dtype: torch.dtype | None = None, num_layers: int | None = None,
-                  fused_layers: Sequence[int] | None = None) -> CoralDrafter:
+                  fused_layers: Sequence[int] | None = None,
+                  selection: str = "router") -> CoralDrafter:
     """A CoralDrafter holding `tensors` (checkpoint names; the frozen heads come from
     `target_model`), in `dtype` on `device`, by default the target's: the target's
     features and the drafter then meet in one dtype (bf16 target + float32 drafter used
     to crash in fc with 'expected mat1 and mat2 to have the same dtype').
-    `num_layers`, `fused_layers`: see CoralDrafter."""
+    `num_layers`, `fused_layers`: see CoralDrafter. selection "static": the checkpoint
+    has no router (`router_shapes`), so none is required and `router` is None."""
     drafter = CoralDrafter(target_cfg, num_groups, router_act, num_layers, fused_layers)
     drafter.load_target_heads(target_model)
     missing, unexpected = drafter.load_state_dict(tensors, strict=False)
-    missing = [k for k in missing if not k.startswith(("embed_tokens.", "lm_head."))]
+    optional = ("embed_tokens.", "lm_head.") + (("router.",) if selection == "static" else ())
+    missing = [k for k in missing if not k.startswith(optional)]
     if unexpected or missing:
         raise ValueError(f"drafter tensors do not fit a {drafter.num_layers}-layer drafter: "
                          f"unexpected {unexpected}, missing {missing}")
+    if selection == "static":
+        drafter.router = None
     tparam = next(target_model.parameters())
     return drafter.to(device=device or tparam.device, dtype=dtype or tparam.dtype).eval()
