@@ -17,8 +17,7 @@ from safetensors.torch import load_file
 
 from coral_vllm.format.checkpoint import WEIGHTS_FILE, layer_shapes, save_checkpoint
 from coral_vllm.models.drafters import shipped_drafter
-from coral_vllm.runtime.metrics import from_llm_metrics
-from engine_utils import PROMPTS, chat, engine, plain_greedy
+from engine_utils import PROMPTS, coral_run_and_probe, plain_greedy
 
 K = 3
 MAX_TOKENS = 48
@@ -65,29 +64,19 @@ def _record_next_forward(worker) -> None:
     model.forward = recorded
 
 
-def _recorded(worker) -> dict:
-    return worker.model_runner.drafter.model.coral_record
+def _num_layers(worker) -> int:
+    return len(worker.model_runner.drafter.model.model.layers)
 
 
 @pytest.fixture(scope="module")
 def coral(target_dir, deep_drafter):
-    from vllm import SamplingParams
-
-    spec = {"method": "coral", "model": str(deep_drafter), "num_speculative_tokens": K}
-    with engine(target_dir, spec) as llm:
-        out = chat(llm, PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
-        stats = from_llm_metrics(llm.get_metrics())
-        layers = llm.collective_rpc(lambda w: len(w.model_runner.drafter.model.model.layers))
-        llm.collective_rpc(_record_next_forward)
-        probe = llm.generate([PROBE], SamplingParams(temperature=0, max_tokens=2),
-                             use_tqdm=False)[0]
-        record = llm.collective_rpc(_recorded)[0]
-    return {"out": out, "stats": stats, "layers": layers[0],
-            "probe_ids": probe.prompt_token_ids, "record": record}
+    """`inspected`: the drafter's number of layers."""
+    return coral_run_and_probe(target_dir, deep_drafter, K, MAX_TOKENS, PROBE, _num_layers,
+                               _record_next_forward)
 
 
 def test_two_layer_greedy_equals_plain_decoding(plain, coral):
-    assert coral["layers"] == 2
+    assert coral["inspected"] == 2
     for prompt, e, g in zip(PROMPTS, plain, coral["out"]):
         assert g == e, f"the two-layer drafter changed the greedy output for {prompt!r}"
 

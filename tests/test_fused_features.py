@@ -14,7 +14,7 @@ import torch
 from coral_vllm.format.checkpoint import read_checkpoint
 from coral_vllm.format.drafter_config import FUSED_ARCHITECTURE, default_fused_layers
 from coral_vllm.runtime.metrics import from_llm_metrics
-from engine_utils import PROMPTS, chat, engine, plain_greedy
+from engine_utils import PROMPTS, chat, coral_run_and_probe, engine, plain_greedy
 
 K = 3
 MAX_TOKENS = 32
@@ -108,33 +108,19 @@ def _record_next_call(worker) -> None:
     model.combine_hidden_states, model.forward = recorded_combine, recorded_forward
 
 
-def _recorded(worker) -> dict:
-    return worker.model_runner.drafter.model.coral_record
-
-
 def _drafter_class(worker) -> str:
     return type(worker.model_runner.drafter.model).__name__
 
 
 @pytest.fixture(scope="module")
 def coral(target_dir, fused_drafter):
-    from vllm import SamplingParams
-
-    spec = {"method": "coral", "model": str(fused_drafter), "num_speculative_tokens": K}
-    with engine(target_dir, spec) as llm:
-        out = chat(llm, PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
-        stats = from_llm_metrics(llm.get_metrics())
-        cls = llm.collective_rpc(_drafter_class)[0]
-        llm.collective_rpc(_record_next_call)
-        probe = llm.generate([PROBE], SamplingParams(temperature=0, max_tokens=2),
-                             use_tqdm=False)[0]
-        record = llm.collective_rpc(_recorded)[0]
-    return {"out": out, "stats": stats, "cls": cls, "probe_ids": probe.prompt_token_ids,
-            "record": record}
+    """`inspected`: the drafter's class name."""
+    return coral_run_and_probe(target_dir, fused_drafter, K, MAX_TOKENS, PROBE, _drafter_class,
+                               _record_next_call)
 
 
 def test_fused_greedy_equals_plain_decoding(plain, coral):
-    assert coral["cls"] == FUSED_ARCHITECTURE
+    assert coral["inspected"] == FUSED_ARCHITECTURE
     assert coral["stats"].num_drafts > 0
     for prompt, e, g in zip(PROMPTS, plain, coral["out"]):
         assert g == e, f"the fused-feature drafter changed the greedy output for {prompt!r}"
@@ -173,3 +159,48 @@ def test_vllm_reads_the_layers_training_captures_and_runs_its_forward(coral, fus
                                rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(torch.tensor(rec["out"])[:n], out[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(torch.tensor(rec["next"])[:n], nxt[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def static_fused_drafter(target_dir, tmp_path_factory) -> Path:
+    """The same levers with the static draft vocabulary: 2 layers over fused target
+    layers, no router, the first top_k_groups groups of a frequency partition."""
+    from coral_vllm.models.drafter_init import init_drafter
+
+    n = json.loads((target_dir / "config.json").read_text())["num_hidden_layers"]
+    return init_drafter(target_dir, tmp_path_factory.mktemp("static-fused") / "drafter",
+                        num_layers=2, fused_layers=default_fused_layers(n), std=0.05,
+                        partition="frequency", selection="static")
+
+
+def test_a_fused_deep_drafter_can_be_static(static_fused_drafter, target_dir):
+    from coral_vllm.format.checkpoint import check_against_target
+    from coral_vllm.serving.plugin import translate_coral_config
+
+    ckpt = read_checkpoint(static_fused_drafter)
+    check_against_target(ckpt, json.loads((target_dir / "config.json").read_text()))
+    assert ckpt.coral.selection == "static" and ckpt.config["num_hidden_layers"] == 2
+    assert ckpt.shapes["fc.weight"] == (576, 3 * 576) and "norm.weight" in ckpt.shapes
+    assert not any(k.startswith("router.") for k in ckpt.shapes)
+    out = translate_coral_config({"method": "coral", "model": str(static_fused_drafter)})
+    assert out["method"] == "eagle3"
+
+
+def _head_kind(worker) -> tuple[str, bool, bool]:
+    model = worker.model_runner.drafter.model
+    return type(model).__name__, model.router is None, model.tp_head is None
+
+
+def test_static_fused_greedy_equals_plain_decoding(plain, target_dir, static_fused_drafter):
+    """The eagle3 drafter class serves the static head through the shared CoralHeadMixin."""
+    from vllm import SamplingParams
+
+    spec = {"method": "coral", "model": str(static_fused_drafter), "num_speculative_tokens": K}
+    with engine(target_dir, spec) as llm:
+        out = chat(llm, PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
+        stats = from_llm_metrics(llm.get_metrics())
+        kind = llm.collective_rpc(_head_kind)[0]
+    assert kind == (FUSED_ARCHITECTURE, True, True)
+    assert stats.num_drafts > 0
+    for prompt, e, g in zip(PROMPTS, plain, out):
+        assert g == e, f"the static fused drafter changed the greedy output for {prompt!r}"
