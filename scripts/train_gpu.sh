@@ -57,6 +57,9 @@ export_run() {  # run -> bf16 drafter dir -> $O/$N-drafter_RUN.tgz (fits the 16 
   python3 -m coral_vllm.cli train export --run "$W/runs/$1" --dest "$W/drafters/$1" \
     $dense --dtype bfloat16 > /dev/null && tar -C "$W/drafters" -czf "$O/$N-drafter_$1.tgz" "$1"
 }
+unpack_metrics() {  # finished runs' metrics sent back as $N-NAME.tgz, where $W lacks them
+  [ ! -f ".gpu-data/$N-$1.tgz" ] || tar -C "$W" --skip-old-files -xzf ".gpu-data/$N-$1.tgz"
+}
 train_runs() {  # train_runs TGZ NAME:PRESET:FLAGS... (commas for spaces in FLAGS)
   # Each run to its end (marked DONE, skipped on any later call or lease), in order, with
   # one epoch on the same data; one is started only with CORAL_MIN_RUN_MIN (4; an H200
@@ -65,7 +68,7 @@ train_runs() {  # train_runs TGZ NAME:PRESET:FLAGS... (commas for spaces in FLAG
   # its ~50 MB optimizer state already fills most of the 64 MiB). A --export flag sends
   # the finished run back as a bf16 drafter. Finished runs' metrics go to $O/$N-TGZ.tgz.
   local tgz=$1 start spec name preset flags run left; shift
-  [ ! -f ".gpu-data/$N-$tgz.tgz" ] || tar -C "$W" --skip-old-files -xzf ".gpu-data/$N-$tgz.tgz"
+  unpack_metrics "$tgz"
   start=$(date +%s)
   for spec in "$@"; do
     IFS=: read -r name preset flags <<< "$spec"; run=$W/runs/$name
@@ -98,7 +101,7 @@ restore_runs() {  # what `curves` sent back, for `finish` on a later lease
     [ -d "$W/drafters/$p" ] || [ ! -f ".gpu-data/$N-drafter_$p.tgz" ] || {
       mkdir -p "$W/drafters"; tar -C "$W/drafters" -xzf ".gpu-data/$N-drafter_$p.tgz"; }
   done
-  [ ! -f ".gpu-data/$N-runs.tgz" ] || tar -C "$W" --skip-old-files -xzf ".gpu-data/$N-runs.tgz"
+  unpack_metrics runs
 }
 # NAME:FLAGS, commas for spaces; the first is the baseline every other run differs from
 ABLATIONS=${CORAL_ABLATIONS:-base: init-target:--init-from-target csra-off:--csra-weight,0 \

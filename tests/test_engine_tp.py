@@ -112,7 +112,9 @@ def test_probabilistic_drafting_at_tp2_hands_the_sampler_the_restricted_q(tiny_t
                                                                           drafter):
     """T=1 with probabilistic drafting at TP=2: vLLM's proposer samples from
     compute_logits (the gathered active logits) and the q the rejection sampler sees has
-    mass only on the router's groups' tokens."""
+    mass only on the router's groups' tokens. ignore_eos: the random target samples its
+    end-of-sequence token at T=1 (one reply of 16 stopped at 7 tokens), a legitimate stop
+    that says nothing about q."""
     from vllm import SamplingParams
 
     c = read_checkpoint(drafter).coral
@@ -122,7 +124,8 @@ def test_probabilistic_drafting_at_tp2_hands_the_sampler_the_restricted_q(tiny_t
     with engine(tiny_target, spec, tensor_parallel_size=2) as llm:
         llm.collective_rpc(record_draft_support)
         outs = llm.generate(["The capital of France is"] * 16,
-                            SamplingParams(temperature=1.0, max_tokens=8), use_tqdm=False)
+                            SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True),
+                            use_tqdm=False)
         stats = from_llm_metrics(llm.get_metrics())
         support = llm.collective_rpc(draft_support)
     assert all(len(o.outputs[0].token_ids) == 8 for o in outs)

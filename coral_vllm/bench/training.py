@@ -89,6 +89,18 @@ def run_metrics(run: str | Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
+def run_evals(run: str | Path) -> list[dict[str, Any]]:
+    """A run's validation rows, in order."""
+    return [r["eval"] for r in run_metrics(run) if "eval" in r]
+
+
+def vllm_tau_rows(path: str | None) -> dict[str, dict[str, Any]]:
+    """`train vllm-tau` output by drafter name ({} without one)."""
+    if not path:
+        return {}
+    return {r["drafter"]: r for r in json.loads(Path(path).read_text())["rows"]}
+
+
 def run_device(run: str | Path, fallback: str | None) -> str:
     """The card a run trained on (its metrics' first row), else `fallback` (runs from
     before the trainer recorded it; --device)."""
@@ -153,14 +165,12 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
 
 def curve(args: argparse.Namespace) -> dict[str, Any]:
     runs = parse_named(args.runs, "--runs", "RUN")
-    vllm = {}
-    if args.vllm_tau:
-        vllm = {r["drafter"]: r for r in json.loads(Path(args.vllm_tau).read_text())["rows"]}
+    vllm = vllm_tau_rows(args.vllm_tau)
     rows = []
     device = one_device(list(runs.values()), args.device)
     for preset, run in runs.items():
         key = serving_tau_key(run)
-        evals = [r["eval"] for r in run_metrics(run) if "eval" in r]
+        evals = run_evals(run)
         best = max(evals, key=lambda e: e[key]) if evals else None
         for e in evals:
             row = {"preset": preset, "step": e["step"], "train_tokens": e["train_tokens"],
@@ -184,7 +194,7 @@ def scaling(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for n, run in sorted(runs.items()):
         key = serving_tau_key(run)
-        evals = [r["eval"] for r in run_metrics(run) if "eval" in r]
+        evals = run_evals(run)
         rows.append({"gpus": n, "tokens_per_s": rate[n],
                      "scaling_efficiency": rate[n] * base / (n * rate[base]),
                      "heldout_tau": evals[-1][key] if evals else None,
@@ -200,9 +210,7 @@ _NOT_A_LEVER = {"target", "data", "out", "time_limit_min", "log_every", "eval_ev
 def ablation(args: argparse.Namespace) -> dict[str, Any]:
     """Best held-out tau per run, with the settings that differ from the first run."""
     runs = parse_named(args.runs, "--runs", "RUN")
-    vllm = {}
-    if args.vllm_tau:
-        vllm = {r["drafter"]: r for r in json.loads(Path(args.vllm_tau).read_text())["rows"]}
+    vllm = vllm_tau_rows(args.vllm_tau)
     device = one_device(list(runs.values()), args.device)
     configs = {name: json.loads((Path(run) / "train_config.json").read_text())
                for name, run in runs.items()}
@@ -211,7 +219,7 @@ def ablation(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for name, run in runs.items():
         key = serving_tau_key(run)
-        evals = [r["eval"] for r in run_metrics(run) if "eval" in r]
+        evals = run_evals(run)
         if not evals:
             raise SystemExit(f"--runs {name}={run}: no evaluation rows; train with --eval-every")
         best = max(evals, key=lambda e: e[key])
