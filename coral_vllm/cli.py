@@ -22,7 +22,8 @@ def _init_drafter(args: argparse.Namespace) -> int:
 
     path = init_drafter(args.target, args.out, num_groups=args.num_groups,
                         top_k_groups=args.top_k_groups, partition=args.partition,
-                        seed=args.seed, selection=args.selection)
+                        seed=args.seed, selection=args.selection,
+                        num_layers=args.num_layers)
     print(f"wrote an UNTRAINED drafter to {path}")
     return 0
 
@@ -147,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--selection", default="router", choices=SELECTIONS,
                    help="router (CORAL, default) or static: no router, always the first "
                    "--top-k-groups groups (needs --partition frequency)")
+    i.add_argument("--num-layers", type=int, default=1,
+                   help="decoder layers of the drafter (default 1, as EAGLE)")
     i.add_argument("--seed", type=int, default=0)
     i.set_defaults(func=_init_drafter)
 

@@ -104,8 +104,8 @@ restore_runs() {  # what `curves` sent back, for `finish` on a later lease
   unpack_metrics runs
 }
 # NAME:FLAGS, commas for spaces; the first is the baseline every other run differs from
-ABLATIONS=${CORAL_ABLATIONS:-base: init-target:--init-from-target csra-off:--csra-weight,0 \
-csra-t1:--csra-temperature,1.0}
+ABLATIONS=${CORAL_ABLATIONS:-base: depth2:--num-layers,2 fused:--fused-layers,auto \
+init-target:--init-from-target csra-off:--csra-weight,0 csra-t1:--csra-temperature,1.0}
 case "${1:?stage: data | before | curves | finish | ablate | scaling}" in
   data)
     prompts=(--conversations "${CORAL_CONVERSATIONS:-.gpu-data/conversations.jsonl.xz}"

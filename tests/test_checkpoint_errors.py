@@ -78,6 +78,14 @@ BAD = {
                                             "--selection static"]),
     "config_not_json": (dict(file_edit=lambda d: (d / "config.json").write_text("{")),
                         ["config.json", "cannot be read as JSON", "re-export"]),
+    "depth_without_its_layer": (dict(config_edit=lambda c: c.update(num_hidden_layers=2)),
+                                ["'layers.1.self_attn.q_proj.weight' is missing",
+                                 '"num_hidden_layers" is 2']),
+    "layer_beyond_depth": (dict(tensor_edit=lambda t: t.update(
+        {"layers.1.mlp.down_proj.weight": t["layers.0.mlp.down_proj.weight"].clone()})),
+        ["'layers.1.mlp.down_proj.weight' belongs to no layer", '"num_hidden_layers" = 1']),
+    "bad_depth": (dict(config_edit=lambda c: c.update(num_hidden_layers=0)),
+                  ['"num_hidden_layers" is 0', "positive integer"]),
 }
 # A weights file that cannot be used as it is: the message names the file and the fix.
 UNREADABLE = {
@@ -99,6 +107,19 @@ def test_bad_checkpoint_is_named(case, random_drafter, tmp_path):
         read_checkpoint(bad)
     for needle in needles:
         assert needle in str(err.value), str(err.value)
+
+
+def test_two_layer_drafter_missing_a_layer_1_norm_is_named(target_dir, tmp_path):
+    """A two-layer drafter passes; without its layer-1 input norm it fails, naming it."""
+    from coral_vllm.models.drafter_init import init_drafter
+
+    deep = init_drafter(target_dir, tmp_path / "deep", num_layers=2)
+    assert read_checkpoint(deep).config["num_hidden_layers"] == 2
+    bad = _variant(deep, tmp_path / "bad", tensor_edit=lambda t: t.pop(
+        "layers.1.input_layernorm.weight"))
+    with pytest.raises(CoralConfigError, match=r"'layers.1.input_layernorm.weight' is "
+                       r'missing \(expected shape \[576\], config.json "num_hidden_layers" is 2'):
+        read_checkpoint(bad)
 
 
 @pytest.fixture(scope="module")

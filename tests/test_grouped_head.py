@@ -123,6 +123,7 @@ def test_static_head_is_the_dense_head_on_the_most_frequent_rows(vocab, groups, 
 def test_selection_setting_is_checked_and_old_drafters_read_as_routed():
     from coral_vllm.format.checkpoint import expected_shapes
     from coral_vllm.format.config import CoralConfigError
+    from coral_vllm.format.drafter_config import FUSED_ARCHITECTURE
 
     routed = CoralConfig.for_vocab(1000, 16, 8, 2, partition="cluster")
     old = {k: v for k, v in routed.to_dict().items() if k != "selection"}
@@ -134,6 +135,14 @@ def test_selection_setting_is_checked_and_old_drafters_read_as_routed():
     static = CoralConfig.for_vocab(128256, 16, 64, 8, selection="static")
     assert static.with_active_rows(32768).top_k_groups == 16  # 16 x 2004 = 32064 rows
     assert static.with_active_rows(32768).active_rows == 32064
-    llama = {"hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32}
+    llama = {"hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32,
+             "num_hidden_layers": 1}
     assert not any(k.startswith("router.") for k in expected_shapes(llama, static))
     assert "router.w2.weight" in expected_shapes(llama, routed)
+    # depth and fused target layers leave the router's tensors to the selection
+    deep_fused = dict(llama, num_hidden_layers=2, architectures=[FUSED_ARCHITECTURE],
+                      eagle_aux_hidden_state_layer_ids=[1, 2, 3])
+    shapes = expected_shapes(deep_fused, static)
+    assert not any(k.startswith("router.") for k in shapes)
+    assert shapes["fc.weight"] == (16, 48) and "layers.1.input_layernorm.weight" in shapes
+    assert "router.w2.weight" in expected_shapes(deep_fused, routed)

@@ -86,14 +86,21 @@ def test_data_manifest_and_splits(tiny):
     assert int(dev.loss_mask[:-1].sum()) == sum(dev.lengths - 6)
 
 
-def test_drafter_names_match_checkpoint_format(tiny):
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_drafter_names_match_checkpoint_format(tiny, num_layers):
+    """The training drafter's tensors are exactly the checkpoint's (every layer's, an
+    input norm on layers after the first), whatever the depth."""
     from coral_vllm.format.config import CoralConfig
+    from coral_vllm.format.drafter_config import drafter_llama_config
     tcfg = json.loads((tiny["root"] / "target" / "config.json").read_text())
-    drafter = CoralDrafter(tcfg, num_groups=16)
+    drafter = CoralDrafter(tcfg, num_groups=16, num_layers=num_layers)
     coral = CoralConfig.for_vocab(VOCAB, HIDDEN, 16, 4)
-    shapes = {k: tuple(v.shape) for k, v in drafter.state_dict().items()}
-    for name, shape in expected_shapes(tcfg, coral).items():
-        assert shapes[name] == shape, name
+    config = drafter_llama_config(tcfg, coral, num_layers)
+    assert config["num_hidden_layers"] == num_layers
+    shapes = {k: tuple(v.shape) for k, v in drafter.drafter_state_dict().items()}
+    assert shapes == expected_shapes(config, coral)
+    assert ("layers.1.input_layernorm.weight" in shapes) == (num_layers == 2)
+    assert "layers.0.input_layernorm.weight" not in shapes
 
 
 def test_chunked_soft_ce_matches_plain_loss():
@@ -166,13 +173,13 @@ def test_multi_step_feeds_own_shifted_features(tiny):
     tcfg = json.loads((tiny["root"] / "target" / "config.json").read_text())
     drafter = CoralDrafter(tcfg, num_groups=16)
     seen = []
-    real_forward = drafter.forward
+    real_step = drafter.step
 
     def spy(ids, feats, positions=None, **kw):
         seen.append(feats.detach().clone())
-        return real_forward(ids, feats, positions, **kw)
+        return real_step(ids, feats, positions, **kw)
 
-    drafter.forward = spy
+    drafter.step = spy
     ids = torch.randint(0, VOCAB, (2, 10))
     feats = torch.randn(2, 10, HIDDEN)
     outs = multi_step_forward(drafter, ids, feats, 3, context_alignment=False)
@@ -183,22 +190,28 @@ def test_multi_step_feeds_own_shifted_features(tiny):
         assert not outs[j - 1].requires_grad or seen[j].grad_fn is None
 
 
-@pytest.mark.parametrize("start", [0, 4])
-def test_hass_context_alignment_equals_inference_chain(tiny, start):
+@pytest.mark.parametrize("start,num_layers,fused", [(0, 1, None), (4, 1, None),
+                                                    (4, 2, None), (4, 2, [0, 1])])
+def test_hass_context_alignment_equals_inference_chain(tiny, start, num_layers, fused):
     """Step j's output at t (training, one pass per step) == the depth-j draft of a chain
-    started at t - j + 1 that reads target features before it (inference)."""
+    started at t - j + 1 that reads target features before it (inference, as vLLM's
+    proposer runs it: combine the target's features once, then each step reads the
+    previous step's hand-on state); with two layers every layer keeps its own
+    keys/values per step; with fused features the hand-on state is the pre-norm stream."""
     tcfg = json.loads((tiny["root"] / "target" / "config.json").read_text())
     torch.manual_seed(1)
-    drafter = CoralDrafter(tcfg, num_groups=16).eval()
-    ids, feats = torch.randint(0, VOCAB, (2, 12)), torch.randn(2, 12, HIDDEN)
+    drafter = CoralDrafter(tcfg, num_groups=16, num_layers=num_layers,
+                           fused_layers=fused).eval()
+    width = HIDDEN * (len(fused) if fused else 1)
+    ids, feats = torch.randint(0, VOCAB, (2, 12)), torch.randn(2, 12, width)
     with torch.no_grad():
         outs = multi_step_forward(drafter, ids, feats, 3, context_alignment=True)
-        f_chain = feats[:, : start + 1]
+        h_chain = drafter.combine(feats[:, : start + 1])
         for depth in (1, 2, 3):
             t = start + depth - 1
-            o = drafter(ids[:, : t + 1], f_chain)[:, -1]
-            assert torch.allclose(o, outs[depth - 1][:, t], atol=1e-5), depth
-            f_chain = torch.cat([f_chain, o[:, None]], dim=1)
+            o, nxt, _ = drafter.step(ids[:, : t + 1], h_chain)
+            assert torch.allclose(o[:, -1], outs[depth - 1][:, t], atol=1e-5), depth
+            h_chain = torch.cat([h_chain, nxt[:, -1:]], dim=1)
         naive = multi_step_forward(drafter, ids, feats, 3, context_alignment=False)
     assert torch.allclose(naive[0], outs[0]) and not torch.allclose(naive[2], outs[2])
 
@@ -386,9 +399,61 @@ def test_cli_help_and_eagle_preset(tiny, tmp_path, capsys):
     assert state["config"]["num_steps"] == 1 and state["config"]["serve_router"] is False
 
 
-def test_decoder_layer_matches_transformers_llama_layer(tiny):
-    """Our layer == transformers' LlamaDecoderLayer with input_layernorm = Identity
-    (RoPE theta, GQA, causal SDPA, RMSNorm, SiLU MLP), on positions that do not start at 0."""
+@pytest.mark.parametrize("fused", ["", "0,1"])
+def test_two_layer_run_exports_and_reloads(tiny, tmp_path, fused):
+    """`train --num-layers 2` trains both layers, `export` writes num_hidden_layers = 2
+    and every layer's tensors, and the exported drafter reloads to the trained one;
+    with `--fused-layers 0,1` it reads those target layers (EAGLE-3 layout, eagle3)."""
+    from coral_vllm.format.drafter_config import FUSED_ARCHITECTURE, FUSED_LAYERS
+    from coral_vllm.training.cli import main
+    from coral_vllm.training.evaluate import load_drafter
+    from coral_vllm.training.export import export
+    from coral_vllm.training.target import target_features
+
+    out = tmp_path / "deep"
+    assert main(["train", "--target", tiny["target"], "--data", tiny["data"], "--out",
+                 str(out), "--preset", "hass", "--num-layers", "2", "--max-steps", "3",
+                 "--batch-tokens", "256", "--num-groups", "16", "--top-k-groups", "4",
+                 "--lr", "3e-3", "--warmup-steps", "1", "--fused-layers", fused]) == 0
+    state = load_state(out)
+    assert state["config"]["num_layers"] == 2
+    ckpt = read_checkpoint(export(out, tmp_path / "drafter", dtype="float32",
+                                  checkpoint="latest"))
+    assert ckpt.config["num_hidden_layers"] == 2
+    assert ckpt.shapes["layers.1.input_layernorm.weight"] == (HIDDEN,)
+    assert ("layers.0.input_layernorm.weight" in ckpt.shapes) == bool(fused)
+    if fused:
+        assert ckpt.config["architectures"] == [FUSED_ARCHITECTURE]
+        assert ckpt.config[FUSED_LAYERS] == [0, 1]
+        assert ckpt.shapes["fc.weight"] == (HIDDEN, 2 * HIDDEN)
+        assert ckpt.shapes["norm.weight"] == (HIDDEN,)
+    fresh = CoralDrafter(ckpt.config, 16)
+    for k, v in state["model"].items():  # layer 1 moved away from its initial values
+        if k.startswith("layers.1.") and k.endswith("proj.weight"):
+            assert not torch.equal(v, fresh.state_dict()[k]), k
+    drafter = load_drafter(ckpt.path, tiny["model"])
+    assert drafter.num_layers == 2
+    trained = CoralDrafter(state["target_config"], 16, num_layers=2,
+                           fused_layers=[0, 1] if fused else None)
+    trained.load_state_dict(state["model"], strict=False)
+    trained.load_target_heads(tiny["model"])
+    ids = torch.randint(0, VOCAB, (1, 9))
+    feats = target_features(tiny["model"], ids, fused_layers=drafter.fused_layers)
+    feats = feats[..., HIDDEN:] if fused else feats
+    with torch.no_grad():
+        assert torch.equal(drafter(ids, feats), trained.eval()(ids, feats))
+    # the offline replay (`train eval`, `vllm-tau`) gives the drafter the features it reads
+    from coral_vllm.training.evaluate import continuation_split, tau_of_drafters
+    split = continuation_split(tiny["model"], tiny["prompts"][:4], 12, [])
+    rows = tau_of_drafters(tiny["model"], {"d": drafter}, split, k=3)
+    assert all(r["tau"] >= 1.0 and r["rounds"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_decoder_layer_matches_transformers_llama_layer(tiny, layer):
+    """Our layer == transformers' LlamaDecoderLayer (RoPE theta, GQA, causal SDPA,
+    RMSNorm, SiLU MLP), on positions that do not start at 0: layer 0 with
+    input_layernorm = Identity (EAGLE), layer 1 with it."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
@@ -397,19 +462,22 @@ def test_decoder_layer_matches_transformers_llama_layer(tiny):
     hf_cfg = LlamaConfig(**{k: v for k, v in tcfg.items() if k != "architectures"})
     hf_cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    ref = LlamaDecoderLayer(hf_cfg, layer_idx=0).eval()
-    ref.input_layernorm = torch.nn.Identity()
+    ref = LlamaDecoderLayer(hf_cfg, layer_idx=layer).eval()
+    if layer == 0:
+        ref.input_layernorm = torch.nn.Identity()
     with torch.no_grad():
         ref.post_attention_layernorm.weight.uniform_(0.5, 1.5)
-    drafter = CoralDrafter(tcfg, num_groups=16)
-    drafter.layers[0].load_state_dict(ref.state_dict(), strict=False)
+        if layer:
+            ref.input_layernorm.weight.uniform_(0.5, 1.5)
+    drafter = CoralDrafter(tcfg, num_groups=16, num_layers=2)
+    drafter.layers[layer].load_state_dict(ref.state_dict())
     x = torch.randn(2, 7, HIDDEN)
     pos = torch.arange(3, 10).expand(2, 7)
     cos_sin = LlamaRotaryEmbedding(hf_cfg)(x, pos)
     with torch.no_grad():
         want = ref(x, attention_mask=None, position_ids=pos, position_embeddings=cos_sin)
         want = want[0] if isinstance(want, tuple) else want
-        got, _ = drafter.layers[0](x, pos)
+        got, _ = drafter.layers[layer](x, pos)
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
 
 

@@ -1,18 +1,25 @@
 """The CORAL drafter checkpoint: write it, read it, and check it against its target.
 
 A drafter directory holds
-- `config.json`: a one-layer Llama config sized from the target
-  (`coral_vllm.format.drafter_config`), architecture `EagleCoralLlamaForCausalLM`, its
-  `embed_scale`, and a `"coral"` section (:class:`CoralConfig`);
+- `config.json`: a Llama config of `num_hidden_layers` (N, default 1) layers sized from
+  the target (`coral_vllm.format.drafter_config`), architecture
+  `EagleCoralLlamaForCausalLM`, its `embed_scale`, and a `"coral"` section
+  (:class:`CoralConfig`);
 - `model.safetensors` with these tensors (EAGLE naming, which vLLM's EAGLE loader maps):
     fc.weight                                [d, 2d]   over [token embedding, target feature]
-    layers.0.self_attn.{q,k,v,o}_proj.weight           Llama attention (no input norm)
-    layers.0.mlp.{gate,up,down}_proj.weight            Llama MLP
-    layers.0.post_attention_layernorm.weight [d]
+    layers.i.self_attn.{q,k,v,o}_proj.weight           Llama attention, i = 0..N-1
+    layers.i.mlp.{gate,up,down}_proj.weight            Llama MLP
+    layers.i.post_attention_layernorm.weight [d]
+    layers.i.input_layernorm.weight          [d]       i >= 1 only (layer 0 has no input norm)
     router.w1.weight [d, d], router.w1.bias [d], router.w2.weight [N, d], router.w2.bias [N]
                                              (not needed, and ignored, with "selection": "static")
     partition.token_order                    [V] int64, a permutation of the vocabulary
     lm_head.weight, embed_tokens.weight      [V, d], optional: shared with the target if absent
+  A drafter over fused target layers (architecture `Eagle3CoralLlamaForCausalLM`, its
+  k layer ids in `eagle_aux_hidden_state_layer_ids`, served through vLLM's eagle3 path)
+  has EAGLE-3's layout instead: fc.weight [d, k*d] over the fused layers, layer 0's
+  q/k/v over [2d] with input_layernorm (embedding) and hidden_norm (feature), and a
+  final norm.weight [d].
 
 Everything here is checked before an engine starts, from the safetensors header, so a
 drafter that does not fit its target fails with the field and the fix, not deep inside a
@@ -35,7 +42,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from coral_vllm.format.config import CoralConfig, CoralConfigError
-from coral_vllm.format.drafter_config import (EMBED_SCALE, embed_scale, fold_embed_scale,
+from coral_vllm.format.drafter_config import (EMBED_SCALE, check_fused_layers, embed_scale,
+                                              fold_embed_scale, fused_layers,
                                               target_embed_scale)
 from coral_vllm.format.partition import validate_token_order
 
@@ -49,24 +57,62 @@ _REEXPORT = ("re-export the drafter (`coral-vllm train export`, `coral-vllm init
              "or copy it again")
 EAGLE_ARCHITECTURE = "LlamaForCausalLM"  # vLLM's method "eagle" maps it to EagleLlamaForCausalLM
 
-def expected_shapes(config: dict[str, Any], coral: CoralConfig) -> dict[str, tuple[int, ...]]:
-    """Shape of every required tensor, from the config."""
+def num_layers(config: dict[str, Any]) -> int:
+    """The drafter's depth, `num_hidden_layers`, checked."""
+    n = config.get("num_hidden_layers")
+    if not (isinstance(n, int) and n >= 1):
+        raise CoralConfigError(
+            f'config.json "num_hidden_layers" is {n!r}; it must be the drafter\'s number of '
+            "decoder layers, a positive integer (1 for a standard EAGLE drafter): "
+            f"{_REEXPORT}.")
+    return n
+
+
+def layer_shapes(config: dict[str, Any], i: int, fused: bool = False
+                 ) -> dict[str, tuple[int, ...]]:
+    """Shapes of decoder layer i's tensors. vLLM's EAGLE drafter builds layer 0 without
+    input_layernorm (`llama_eagle.py`: `disable_input_layernorm = i == 0`), later
+    layers with it. Its EAGLE-3 drafter (`fused`, `llama_eagle3.py`) gives layer 0 an
+    input_layernorm for the embedding, a hidden_norm for the feature, and attention over
+    their concatenation [2d]."""
     d = config["hidden_size"]
     heads = config["num_attention_heads"]
     kv = config.get("num_key_value_heads", heads)
     hd = config.get("head_dim") or d // heads
     inter = config["intermediate_size"]
-    p = "layers.0."
-    return {
-        "fc.weight": (d, 2 * d),
-        p + "self_attn.q_proj.weight": (heads * hd, d),
-        p + "self_attn.k_proj.weight": (kv * hd, d),
-        p + "self_attn.v_proj.weight": (kv * hd, d),
+    p = f"layers.{i}."
+    d_in = 2 * d if fused and i == 0 else d
+    shapes = {
+        p + "self_attn.q_proj.weight": (heads * hd, d_in),
+        p + "self_attn.k_proj.weight": (kv * hd, d_in),
+        p + "self_attn.v_proj.weight": (kv * hd, d_in),
         p + "self_attn.o_proj.weight": (d, heads * hd),
         p + "mlp.gate_proj.weight": (inter, d),
         p + "mlp.up_proj.weight": (inter, d),
         p + "mlp.down_proj.weight": (d, inter),
         p + "post_attention_layernorm.weight": (d,),
+    }
+    if i > 0 or fused:
+        shapes[p + "input_layernorm.weight"] = (d,)
+    if i == 0 and fused:
+        shapes[p + "hidden_norm.weight"] = (d,)
+    return shapes
+
+
+def expected_shapes(config: dict[str, Any], coral: CoralConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of every required tensor, from the config. A fused (EAGLE-3-style) drafter's
+    fc reads the concatenated target layers [k*d] and its output goes through a final
+    `norm` (vLLM's `Eagle3LlamaForCausalLM`)."""
+    d = config["hidden_size"]
+    fused = fused_layers(config)
+    shapes: dict[str, tuple[int, ...]] = {
+        "fc.weight": (d, (len(fused) if fused else 2) * d)}
+    for i in range(num_layers(config)):
+        shapes.update(layer_shapes(config, i, fused is not None))
+    if fused:
+        shapes["norm.weight"] = (d,)
+    return {
+        **shapes,
         **router_shapes(d, coral),
         "partition.token_order": (coral.vocab_size,),
     }
@@ -127,13 +173,21 @@ def read_checkpoint(path: str | os.PathLike[str]) -> DrafterCheckpoint:
     expected = expected_shapes(config, coral)
     for name, shape in expected.items():
         if name not in shapes:
+            depth = (f', config.json "num_hidden_layers" is {config["num_hidden_layers"]}'
+                     if name.startswith("layers.") else "")
             raise CoralConfigError(
-                f"{weights}: tensor {name!r} is missing (expected shape {list(shape)}); "
-                "the checkpoint is incomplete or not a CORAL drafter. Re-export it.")
+                f"{weights}: tensor {name!r} is missing (expected shape {list(shape)}"
+                f"{depth}); the checkpoint is incomplete or not a CORAL drafter. Re-export it.")
         if shapes[name] != shape:
             raise CoralConfigError(
                 f"{weights}: tensor {name!r} has shape {list(shapes[name])}, expected "
                 f"{list(shape)} from config.json; the weights and config disagree.")
+    extra = sorted(k for k in shapes if k.startswith("layers.") and k not in expected)
+    if extra:
+        raise CoralConfigError(
+            f"{weights}: tensor {extra[0]!r} belongs to no layer of config.json's "
+            f'"num_hidden_layers" = {config["num_hidden_layers"]}; the weights and config '
+            "disagree: " + _REEXPORT + ".")
     for name in OPTIONAL_TENSORS:
         want = (coral.vocab_size, coral.hidden_size)
         if name in shapes and shapes[name] != want:
@@ -174,8 +228,10 @@ def _read_header(weights: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, s
 def check_against_target(ckpt: DrafterCheckpoint, target_config: Mapping[str, Any],
                          target_name: str = "the target") -> None:
     """The drafter must score the target's vocabulary from the target's hidden states,
-    and embed tokens the way the target does. `target_config`: the target's (text)
-    config.json fields `vocab_size`, `hidden_size`, `model_type`."""
+    and embed tokens the way the target does; a fused-feature drafter must read layers
+    the target has. `target_config`: the target's (text) config.json fields
+    `vocab_size`, `hidden_size`, `model_type` and, for the fused layers' bound,
+    `num_hidden_layers`."""
     vocab_size, hidden_size = target_config["vocab_size"], target_config["hidden_size"]
     if ckpt.coral.vocab_size != vocab_size:
         raise CoralConfigError(
@@ -187,6 +243,16 @@ def check_against_target(ckpt: DrafterCheckpoint, target_config: Mapping[str, An
             f"{target_name}'s hidden size is {hidden_size}; the drafter reads the target's "
             "hidden states, so it must be trained for this target.")
     want = target_embed_scale(target_config.get("model_type", ""), hidden_size)
+    layers = fused_layers(ckpt.config)
+    if layers is not None:
+        if want != 1.0:
+            raise CoralConfigError(
+                f"drafter {str(ckpt.path)!r} reads fused target layers (vLLM's eagle3 "
+                f"path), which coral-vllm supports for targets with unscaled embeddings "
+                f"(Llama, Qwen) only; {target_name} is {target_config.get('model_type')}. "
+                "Export an EAGLE drafter (without fused layers) for it.")
+        if "num_hidden_layers" in target_config:
+            check_fused_layers(layers, target_config)
     have = embed_scale(ckpt.config)
     if not math.isclose(have, want, rel_tol=1e-6):
         raise CoralConfigError(
@@ -250,6 +316,10 @@ def write_eagle_checkpoint(src: str | os.PathLike[str], dest: str | os.PathLike[
     from safetensors.torch import load_file
 
     ckpt = read_checkpoint(src)
+    if fused_layers(ckpt.config) is not None:
+        raise CoralConfigError(
+            f"{src}: a fused-feature (eagle3) drafter has no stock EAGLE twin here yet; "
+            "compare it with its dense export (`train export --dense`) instead.")
     tensors = {k: v for k, v in load_file(str(ckpt.path / WEIGHTS_FILE)).items()
                if not k.startswith(("router.", "partition."))}
     tensors["fc.weight"] = fold_embed_scale(tensors["fc.weight"], embed_scale(ckpt.config))

@@ -1,7 +1,8 @@
-"""The drafter's own config: one Llama layer sized from the target, whatever the target is.
+"""The drafter's own config: N Llama layers sized from the target, whatever the target is.
 
 The drafter is vLLM's EAGLE Llama drafter (`LlamaDecoderLayer`: RMSNorm, RoPE, SiLU-and-mul
-MLP, no input norm) for every target. From the target's config.json it takes
+MLP; layer 0 without input norm, later layers with it) for every target, with
+`num_hidden_layers` = the drafter's depth (default 1). From the target's config.json it takes
 
 - what the two must agree on: `vocab_size` and `hidden_size` (the drafter reads the
   target's last hidden state and shares its embedding and LM head), bos/eos ids, dtype,
@@ -22,14 +23,18 @@ what the drafter shares with it.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from coral_vllm.format.config import DRAFTER_ARCHITECTURE, CoralConfig
+from coral_vllm.format.config import DRAFTER_ARCHITECTURE, CoralConfig, CoralConfigError
 
 EMBED_SCALE = "embed_scale"
+# The EAGLE-3-style drafter over fused target features (served with vLLM's `eagle3`), and
+# the config key vLLM reads its target layers from (`eagle_aux_hidden_state_layer_ids`).
+FUSED_ARCHITECTURE = "Eagle3CoralLlamaForCausalLM"
+FUSED_LAYERS = "eagle_aux_hidden_state_layer_ids"
 
 # Copied from the target: agreements and sizes (see the module docstring).
 _COPIED_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads",
@@ -50,11 +55,15 @@ def target_embed_scale(model_type: str, hidden_size: int) -> float:
     return math.sqrt(hidden_size) if model_type.startswith("gemma") else 1.0
 
 
-def drafter_layer_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The drafter layer's Llama config from a target's config.json.
+def drafter_layer_config(config: Mapping[str, Any],
+                         num_layers: int | None = None) -> dict[str, Any]:
+    """The drafter layers' Llama config from a target's config.json.
 
-    A drafter's own config gives the same layer back (it is a Llama config that already
+    A drafter's own config gives the same layers back (it is a Llama config that already
     names its `embed_scale`), so the training model can be rebuilt from an export.
+    `num_layers` sets the depth; by default a drafter's config (one with a "coral"
+    section) keeps its own `num_hidden_layers` and a target's gives 1 (a target's
+    `num_hidden_layers` is the target's depth, not the drafter's).
     """
     cfg = {k: config[k] for k in _COPIED_KEYS if k in config}
     rope = config.get("rope_parameters")
@@ -65,18 +74,63 @@ def drafter_layer_config(config: Mapping[str, Any]) -> dict[str, Any]:
     scale = config.get(EMBED_SCALE)
     if scale is None:
         scale = target_embed_scale(config.get("model_type", ""), config["hidden_size"])
-    cfg.update(model_type="llama", hidden_act="silu", num_hidden_layers=1,
+    if num_layers is None:
+        num_layers = config.get("num_hidden_layers") if "coral" in config else 1
+    if not (isinstance(num_layers, int) and num_layers >= 1):
+        raise CoralConfigError(
+            f'"num_hidden_layers" (the drafter\'s depth) is {num_layers!r}; it must be a '
+            "positive integer (train with --num-layers N, default 1).")
+    cfg.update(model_type="llama", hidden_act="silu", num_hidden_layers=num_layers,
                **{EMBED_SCALE: float(scale)})
     return cfg
 
 
-def drafter_llama_config(target_config: Mapping[str, Any],
-                         coral: CoralConfig) -> dict[str, Any]:
-    """The drafter checkpoint's config.json: its layer, architecture and "coral" section."""
-    cfg = drafter_layer_config(target_config)
+def drafter_llama_config(target_config: Mapping[str, Any], coral: CoralConfig,
+                         num_layers: int = 1,
+                         fused_layers: Sequence[int] | None = None) -> dict[str, Any]:
+    """The drafter checkpoint's config.json: its layers, architecture and "coral" section.
+
+    `fused_layers`: the target layers whose outputs an EAGLE-3-style drafter reads
+    (`FUSED_ARCHITECTURE`); None for the EAGLE drafter over the last hidden state."""
+    cfg = drafter_layer_config(target_config, num_layers)
     cfg.update(architectures=[DRAFTER_ARCHITECTURE], tie_word_embeddings=False,
                coral=coral.to_dict())
+    if fused_layers is not None:
+        cfg.update(architectures=[FUSED_ARCHITECTURE],
+                   **{FUSED_LAYERS: check_fused_layers(fused_layers, target_config)})
     return cfg
+
+
+def default_fused_layers(num_target_layers: int) -> tuple[int, ...]:
+    """vLLM's default EAGLE-3 layers for Llama targets (`get_eagle3_default_aux_hidden_
+    state_layers`: low, middle, high). Written into the drafter's config, so serving never
+    depends on this default."""
+    return (2, num_target_layers // 2, num_target_layers - 3)
+
+
+def check_fused_layers(layers: Sequence[int], target_config: Mapping[str, Any]) -> list[int]:
+    """Target layer ids vLLM can hand out: aux state L is the residual stream after L
+    layers (0 = the embeddings), so 0 <= L < num_hidden_layers (the last layer's output is
+    what EAGLE reads, after the final norm)."""
+    n = target_config["num_hidden_layers"]
+    layers = list(layers)
+    if not layers or any(not isinstance(x, int) or not 0 <= x < n for x in layers):
+        raise CoralConfigError(
+            f'"{FUSED_LAYERS}" is {layers!r}; give target layer ids in [0, {n}) '
+            f"(the target has {n} layers), e.g. {list(default_fused_layers(n))}.")
+    return layers
+
+
+def fused_layers(config: Mapping[str, Any]) -> list[int] | None:
+    """A drafter config's fused target layers, None for an EAGLE drafter."""
+    if config.get("architectures") != [FUSED_ARCHITECTURE]:
+        return None
+    layers = config.get(FUSED_LAYERS)
+    if not (isinstance(layers, list) and layers and all(isinstance(x, int) for x in layers)):
+        raise CoralConfigError(
+            f'config.json "{FUSED_LAYERS}" is {layers!r}; an {FUSED_ARCHITECTURE} drafter '
+            "needs the target layer ids it was trained on: re-export the drafter.")
+    return layers
 
 
 def embed_scale(config: Mapping[str, Any]) -> float:

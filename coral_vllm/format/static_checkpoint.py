@@ -1,9 +1,9 @@
-"""A CORAL drafter's static-vocabulary twin: the baseline at the same trained layer.
+"""A CORAL drafter's static-vocabulary twin: the baseline at the same trained layers.
 
 `coral-vllm to-static` turns a drafter with a frequency partition (the shipped one, or
-any `train export`) into `selection: "static"`: same layer and partition, no router,
-always its first `top_k_groups` groups, i.e. the most frequent tokens (EAGLE-3 /
-FR-Spec's reduced draft vocabulary). At its own `top_k_groups` it scores exactly as
+any `train export`) into `selection: "static"`: same layers (any depth, fused or not)
+and partition, no router, always its first `top_k_groups` groups, i.e. the most
+frequent tokens (EAGLE-3 / FR-Spec's reduced draft vocabulary). At its own `top_k_groups` it scores exactly as
 many rows as the routed drafter, the comparison at equal active rows; `rows` sizes it
 otherwise (e.g. 32768, EAGLE-3's). A run directory exports the same with `train export
 --selection static`.

@@ -8,6 +8,7 @@ marked `"trained": false` and the plugin logs "UNTRAINED" when serving it. Train
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -21,8 +22,10 @@ from coral_vllm.models.target_heads import LM_HEAD, read_target_heads
 
 def init_drafter(target_dir: str | Path, out_dir: str | Path, *, num_groups: int = 64,
                  top_k_groups: int = 8, partition: str = "contiguous", seed: int = 0,
-                 std: float = 0.02, selection: str = "router") -> Path:
-    """Writes a random drafter for the target at `target_dir` into `out_dir`.
+                 std: float = 0.02, selection: str = "router", num_layers: int = 1,
+                 fused_layers: Sequence[int] | None = None) -> Path:
+    """Writes a random `num_layers`-layer drafter for the target at `target_dir` into
+    `out_dir`; with `fused_layers`, one over those target layers (served as eagle3).
 
     selection "static" (no router tensors) needs partition "frequency"; with no data to
     count, all counts are equal and the order is the token ids'."""
@@ -30,7 +33,7 @@ def init_drafter(target_dir: str | Path, out_dir: str | Path, *, num_groups: int
     coral = CoralConfig.for_vocab(target_config["vocab_size"], target_config["hidden_size"],
                                   num_groups, top_k_groups, partition=partition,
                                   selection=selection)
-    config = drafter_llama_config(target_config, coral)
+    config = drafter_llama_config(target_config, coral, num_layers, fused_layers)
     g = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
     for name, shape in expected_shapes(config, coral).items():

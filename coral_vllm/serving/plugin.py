@@ -4,14 +4,17 @@ vLLM has no registry of speculative methods: `SpeculativeConfig.method` is a clo
 Literal and both model runners pick proposers in hard-coded branches. The least invasive
 hook that works on vLLM 0.26 and 0.32 alike has two parts:
 
-1. The drafter is a new *model architecture* (`EagleCoralLlamaForCausalLM`), registered
+1. The drafter is a new *model architecture* (`EagleCoralLlamaForCausalLM`, or
+   `Eagle3CoralLlamaForCausalLM` for a drafter over fused target layers), registered
    with `ModelRegistry` in every vLLM process (entry point `vllm.general_plugins`), and
    driven through vLLM's own EAGLE proposer, which already supports a head that returns
    top tokens (`use_local_argmax_reduction`).
 2. `EngineArgs.create_speculative_config`, the one place a user's speculative config
    dict becomes a `SpeculativeConfig`, is wrapped so that `method: "coral"` is checked
-   against the target and rewritten to `method: "eagle"` before pydantic sees it. The
-   engine, its workers and its metrics then only ever see a standard EAGLE config.
+   against the target and rewritten to `method: "eagle"` (or `"eagle3"`, when the
+   checkpoint's architecture says it reads fused layers: then vLLM makes the target hand
+   out those layers' hidden states) before pydantic sees it. The engine, its workers and
+   its metrics then only ever see a standard EAGLE / EAGLE-3 config.
 
 A bad drafter therefore fails in the front-end process, before any engine starts.
 On the CPU platform `register()` also installs `cpu_sampling`, which makes speculative
@@ -26,10 +29,12 @@ import inspect
 from typing import Any
 
 from coral_vllm.format.config import DRAFTER_ARCHITECTURE, CoralConfigError
+from coral_vllm.format.drafter_config import FUSED_ARCHITECTURE, fused_layers
 
 METHOD = "coral"
 DEFAULT_NUM_SPECULATIVE_TOKENS = 3
-_DRAFTER_CLASS = "coral_vllm.serving.drafter:EagleCoralLlamaForCausalLM"
+_DRAFTER_CLASSES = {arch: f"coral_vllm.serving.drafter:{arch}"
+                    for arch in (DRAFTER_ARCHITECTURE, FUSED_ARCHITECTURE)}
 # The SpeculativeConfig fields the translated config sets beside the user's own keys.
 PLUGIN_FIELDS = ("method", "model", "num_speculative_tokens", "use_local_argmax_reduction")
 # EngineArgs' short flags for the speculative config (--spec-method/-model/-tokens);
@@ -45,8 +50,9 @@ def register() -> None:
 
     from coral_vllm.serving import cpu_sampling
 
-    if DRAFTER_ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(DRAFTER_ARCHITECTURE, _DRAFTER_CLASS)
+    for arch, cls in _DRAFTER_CLASSES.items():
+        if arch not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(arch, cls)
     wrap_create_speculative_config(EngineArgs)
     cpu_sampling.install()
 
@@ -150,9 +156,12 @@ def translate_coral_config(spec: dict[str, Any], *, spec_model: str | None = Non
             '"num_speculative_tokens": 3}.')
     ckpt = read_checkpoint(out["model"])
     if target_model_config is not None:
-        target = {"model_type": target_model_config.hf_text_config.model_type,
+        text = target_model_config.hf_text_config
+        target = {"model_type": text.model_type,
                   "vocab_size": target_model_config.get_vocab_size(),
                   "hidden_size": target_model_config.get_hidden_size()}
+        if getattr(text, "num_hidden_layers", None) is not None:
+            target["num_hidden_layers"] = text.num_hidden_layers
         check_against_target(ckpt, target, target_name=f"target {target_model_config.model!r}")
     check_draft_tensor_parallel(out.get("draft_tensor_parallel_size"), tensor_parallel_size,
                                 ckpt.coral)
@@ -168,10 +177,13 @@ def translate_coral_config(spec: dict[str, Any], *, spec_model: str | None = Non
             'combined with "draft_sample_method": "probabilistic" or adaptive verification.')
     # Greedy drafting goes through get_top_tokens (no full-vocabulary logits).
     out.setdefault("use_local_argmax_reduction", not (probabilistic or adaptive))
-    out["method"] = "eagle"
+    layers = fused_layers(ckpt.config)
+    out["method"] = "eagle" if layers is None else "eagle3"
     from vllm.logger import init_logger
-    init_logger(__name__).info("coral: drafter %s (%d groups of %d, top-%d, %s partition%s), k=%d",
-                ckpt.path, ckpt.coral.num_groups, ckpt.coral.group_size,
-                ckpt.coral.top_k_groups, ckpt.coral.partition,
-                "" if ckpt.coral.trained else ", UNTRAINED", k)
+    init_logger(__name__).info(
+        "coral: drafter %s (%d layer(s)%s, %d groups of %d, top-%d %s, %s partition%s), k=%d",
+        ckpt.path, ckpt.config["num_hidden_layers"],
+        "" if layers is None else f" over target layers {layers} (eagle3)",
+        ckpt.coral.num_groups, ckpt.coral.group_size, ckpt.coral.top_k_groups,
+        ckpt.coral.selection, ckpt.coral.partition, "" if ckpt.coral.trained else ", UNTRAINED", k)
     return out

@@ -61,8 +61,11 @@ class TrainConfig:
     csra_weight: float = 0.1
     csra_temperature: float = 0.1
     csra_max_positions: int = 512    # positions sampled per batch (bounds the n^2 matrix)
-    # drafter init
-    init_from_target: bool = False   # copy the target's last layer into the drafter layer
+    # drafter shape and init
+    num_layers: int = 1              # decoder layers (EAGLE: 1; later ones have an input norm)
+    fused_layers: str = ""           # EAGLE-3-style input: "" = the last hidden state (EAGLE),
+                                     # "auto" = vLLM's Llama default (2, N/2, N-3), or "2,15,27"
+    init_from_target: bool = False   # copy the target's last N layers into the drafter's
     init_from: str = ""              # a run directory: start from its best drafter (phase 2)
     # target features: computed once per run; "auto" keeps them on the GPU if they fit
     feature_store: str = "auto"      # auto | device | host
@@ -96,14 +99,32 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {allowed}")
-        positive = ("batch_tokens", "grad_accum", "num_steps", "max_len", "num_groups",
-                    "top_k_groups", "eval_k", "log_every", "save_every", "epochs")
+        positive = ("batch_tokens", "grad_accum", "num_steps", "max_len", "num_layers",
+                    "num_groups", "top_k_groups", "eval_k", "log_every", "save_every",
+                    "epochs")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.fused_layers not in ("", "auto"):
+            try:
+                [int(x) for x in self.fused_layers.split(",")]
+            except ValueError:
+                raise ValueError(f"fused_layers={self.fused_layers!r}: give '', 'auto' or "
+                                 "comma-separated target layer ids, e.g. '2,15,27'") from None
         if self.top_k_groups > self.num_groups:
             raise ValueError(f"top_k_groups={self.top_k_groups} > num_groups="
                              f"{self.num_groups}: the router picks k of the groups")
+
+    def fused_layer_ids(self, target_config: dict[str, Any]) -> list[int] | None:
+        """The target layers the drafter reads (None: EAGLE's last hidden state)."""
+        from coral_vllm.format.drafter_config import check_fused_layers, default_fused_layers
+
+        if not self.fused_layers:
+            return None
+        ids = (default_fused_layers(target_config["num_hidden_layers"])
+               if self.fused_layers == "auto"
+               else [int(x) for x in self.fused_layers.split(",")])
+        return check_fused_layers(ids, target_config)
 
     def online_partition(self) -> str:
         """The partition the online router trains over (it cannot compare several)."""

@@ -46,11 +46,31 @@ def load_drafter(path: str | Path, target_model, device=None,
     ckpt = read_checkpoint(path)
     tensors = load_file(str(Path(path) / WEIGHTS_FILE))
     drafter = build_drafter(ckpt.config, ckpt.coral.num_groups, ckpt.coral.router_act,
-                            tensors, target_model, device, dtype)
+                            tensors, target_model, device, dtype,
+                            selection=ckpt.coral.selection)
     drafter.coral = ckpt.coral  # type: ignore[attr-defined]
-    if ckpt.coral.selection == "static":
-        drafter.router = None
     return drafter
+
+
+def require_eagle_features(drafter: CoralDrafter) -> None:
+    """Token-by-token speculation here feeds the drafter's outputs back as target
+    features, which only an EAGLE drafter reads; a fused one hands on another state."""
+    if drafter.fused_layers is not None:
+        raise NotImplementedError(
+            f"drafter reads fused target layers {drafter.fused_layers}: speculative_"
+            "generate replays EAGLE drafters only; use tau_of_drafters (`train eval`, "
+            "`vllm-tau`), which replays chains the way vLLM drafts them.")
+
+
+def with_drafter_features(split: EvalSplit, target, drafter: CoralDrafter) -> EvalSplit:
+    """`split` (the target's last hidden states) with the features `drafter` reads: the
+    same split for EAGLE; recomputed with the fused layers for an EAGLE-3-style one."""
+    if drafter.fused_layers is None:
+        return split
+    dev = next(target.parameters()).device
+    return EvalSplit(split.table, compute_features(target, split.table, dev,
+                                                   fused_layers=drafter.fused_layers),
+                     split.prompt_lens)
 
 
 def drafter_dtype(drafter: CoralDrafter) -> torch.dtype:
@@ -87,6 +107,7 @@ def speculative_generate(target, drafter: CoralDrafter, prompt_ids: Sequence[int
                          k: int = 5, max_new_tokens: int = 128, use_router: bool = False,
                          eos_ids: Sequence[int] = ()) -> dict[str, Any]:
     """Greedy chain speculation; returns the tokens and each round's accepted length."""
+    require_eagle_features(drafter)
     dev = next(target.parameters()).device
     head = DraftHead(drafter, use_router)
     eos = set(eos_ids)
@@ -127,12 +148,13 @@ def tau_of_drafters(target, drafters: dict[str, CoralDrafter], split: EvalSplit,
     dev = next(target.parameters()).device
     results = []
     for name, drafter in drafters.items():
+        drafter_split = with_drafter_features(split, target, drafter)
         c = drafter.coral  # type: ignore[attr-defined]
         top1 = DraftTop1(drafter.lm_head.weight, drafter.partition.token_order,
                          c.num_groups, c.group_size, c.top_k_groups)
         fwd = lambda ids, f, n: multi_step_forward(  # noqa: E731
             drafter, ids, f.to(drafter_dtype(drafter)), n, True)
-        r = chain_tau(fwd, split, top1, drafter.router, k, dev, autocast=False)
+        r = chain_tau(fwd, drafter_split, top1, drafter.router, k, dev, autocast=False)
         for use_router in modes:
             key = "tau_router" if use_router else "tau_dense"
             results.append({"drafter": name, "router": use_router, "k": k, "tau": r[key],

@@ -1,14 +1,15 @@
 """Stage 3: write the plugin's drafter directory from a run directory.
 
-Tensors: the trained drafter (`fc.*`, `layers.0.*`) of the best (or latest) checkpoint,
+Tensors: the trained drafter (`fc.*`, `layers.{0..N-1}.*`) of the best (or latest) checkpoint,
 the router and partition (stage 2's `router.pt` if it ran, else the online router),
 optionally the target's `lm_head` / `embed_tokens`. Config: the target's sizes
-(`drafter_llama_config`) + the `"coral"` section. A *dense* export (EAGLE / HASS
-baselines) sets `top_k_groups = num_groups`, so the grouped head computes every row. A
-*static* export (the EAGLE-3 / FR-Spec static draft vocabulary) keeps the trained layer
-and the run's grouping but no router: `selection: "static"` over the frequency
-partition, with the CORAL drafter's `top_k_groups` (equal active rows) unless
-`static_rows` sizes it.
+and the run's `num_layers` / fused target layers (`drafter_llama_config`) + the `"coral"`
+section. A *dense* export (EAGLE / HASS baselines) sets `top_k_groups = num_groups`, so
+the grouped head computes every row. A *static* export (the EAGLE-3 / FR-Spec static
+draft vocabulary) keeps the trained layers and the run's grouping but no router:
+`selection: "static"` over the frequency partition, with the CORAL drafter's
+`top_k_groups` (equal active rows) unless `static_rows` sizes it. Depth, fused features
+and the head selection are independent: any drafter can be exported static.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def export(run_dir: str | Path, dest: str | Path, *, dense: bool = False,
                    "float32": torch.float32}[dtype]
     model = chosen["model"]
     tensors = {k: v.to(torch_dtype) for k, v in model.items()
-               if k.startswith(("fc.", "layers."))}
+               if k.startswith(("fc.", "layers.", "norm."))}
     router_path = run / ROUTER_FILE
     online = cfg.router_online and "partition.token_order" in model
     num_groups, top_k, act = cfg.num_groups, cfg.top_k_groups, cfg.router_act
@@ -95,7 +96,7 @@ def export(run_dir: str | Path, dest: str | Path, *, dense: bool = False,
     if include_heads:
         heads = read_target_heads(cfg.target)
         tensors.update({k: v.to(torch_dtype) for k, v in heads.items()})
-    config = drafter_llama_config(tcfg, coral)
+    config = drafter_llama_config(tcfg, coral, cfg.num_layers, cfg.fused_layer_ids(tcfg))
     config["torch_dtype"] = config["dtype"] = dtype
     config["coral_training"] = {"num_steps": cfg.num_steps, "csra_weight": cfg.csra_weight,
                                 "steps_trained": chosen.get("step", state["step"]),

@@ -34,7 +34,7 @@ from coral_vllm.training.batches import Batch, TokenTable, epoch_batches
 from coral_vllm.training.data import MANIFEST, load_splits, train_token_counts
 from coral_vllm.training.features import compute_features
 from coral_vllm.training.model import CoralDrafter, build_drafter
-from coral_vllm.training.target import load_target, pick_device
+from coral_vllm.training.target import load_target, pick_device, split_features
 from coral_vllm.training.trainer import load_state, multi_step_forward
 
 ROUTER_FILE = "router.pt"
@@ -48,7 +48,8 @@ def load_trained_drafter(out: str | Path, target_model, device,
         raise FileNotFoundError(f"{out}: no stage-1 state (state/latest.pt); run `train` first.")
     cfg = TrainConfig.from_dict(state["config"])
     drafter = build_drafter(state["target_config"], cfg.num_groups, cfg.router_act,
-                            state["model"], target_model, device, dtype)
+                            state["model"], target_model, device, dtype, cfg.num_layers,
+                            cfg.fused_layer_ids(state["target_config"]))
     return drafter, cfg
 
 
@@ -61,7 +62,7 @@ def collect(drafter: CoralDrafter, target_model, table: TokenTable, num_steps: i
     the first samples of `table` that give `max_tokens` rows."""
     take = int(np.searchsorted(np.cumsum(table.loss_tokens()) * num_steps, max_tokens) + 1)
     table = table.subset(np.arange(min(len(table), take)))
-    store = compute_features(target_model, table, device)
+    store = compute_features(target_model, table, device, fused_layers=drafter.fused_layers)
     feats, top1, dense1 = [], [], []
     gprobs: dict[str, list[torch.Tensor]] = {k: [] for k in partitions}
     groups = {k: group_of_token(v, group_size).to(device) for k, v in partitions.items()}
@@ -69,7 +70,8 @@ def collect(drafter: CoralDrafter, target_model, table: TokenTable, num_steps: i
     for idx in epoch_batches(table.lengths, batch_tokens, seed=0, epoch=0):
         batch = Batch.build(table, idx).to(device)
         f = store[batch.rows.to(store.device)].to(device, drafter.fc.weight.dtype)
-        t_logits = (f[:, 1:].flatten(0, 1)[batch.loss_pos].float() @ head.float().T)
+        last, f = split_features(f, drafter.hidden_size)
+        t_logits = (last[:, 1:].flatten(0, 1)[batch.loss_pos].float() @ head.float().T)
         t_probs = t_logits.softmax(-1)
         for out in multi_step_forward(drafter, batch.ids_in, f[:, :-1], num_steps,
                                       context_alignment):

@@ -14,6 +14,7 @@ Caching them instead would cost, in bf16, samples x tokens x hidden x 2 bytes, e
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +56,29 @@ def base_model(model):
 
 @torch.no_grad()
 def target_features(model, input_ids: torch.Tensor,
-                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Post-final-norm last hidden states [B, S, d] (vLLM's EAGLE input)."""
+                    attention_mask: torch.Tensor | None = None,
+                    fused_layers: Sequence[int] | None = None) -> torch.Tensor:
+    """Post-final-norm last hidden states [B, S, d] (vLLM's EAGLE input).
+
+    With `fused_layers` (EAGLE-3-style drafters) the fused layers follow it:
+    [B, S, (1 + k) * d] = [last | aux_l for l in fused_layers] (`split_features`). vLLM's
+    aux state l is the residual stream after l target layers, residual added, before any
+    norm (`_maybe_add_hidden_state(aux, idx + 1, hidden_states, residual)` in its Llama
+    forward: `hidden_states + residual`); transformers' `hidden_states[l]` is that state
+    for l < num_hidden_layers (its last entry is after the final norm, hence the bound in
+    `check_fused_layers`)."""
     out = base_model(model)(input_ids=input_ids, attention_mask=attention_mask,
-                            use_cache=False)
-    return out.last_hidden_state
+                            use_cache=False, output_hidden_states=fused_layers is not None)
+    if fused_layers is None:
+        return out.last_hidden_state
+    return torch.cat([out.last_hidden_state, *(out.hidden_states[l] for l in fused_layers)],
+                     dim=-1)
+
+
+def split_features(features: torch.Tensor, hidden_size: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the target's last hidden state: what the drafter predicts and the head scores,
+    what the drafter reads) from `target_features`' output: the same tensor for EAGLE."""
+    if features.shape[-1] == hidden_size:
+        return features, features
+    return features[..., :hidden_size], features[..., hidden_size:]

@@ -2,7 +2,8 @@
 
 One optimizer step:
     f = target features, computed once for the whole split (features.py)
-    position t: input (f_t + noise, x_{t+1}), target f_{t+1} (and lm_head(f_{t+1}))
+    position t: input (f_t + noise, x_{t+1}), target f_{t+1} (and lm_head(f_{t+1}));
+              with fused_layers the input is the fused layers' states at t instead
     step 1:   o1 = drafter(x_{+1}, f + noise)
     step j+1: input feature at t is o_j[t-1].detach() (the drafter's own prediction of
               f_t, made one position earlier; position 0 keeps f_0) -- HASS
@@ -55,7 +56,7 @@ from coral_vllm.training.features import compute_features
 from coral_vllm.training.head_loss import chunked_soft_ce
 from coral_vllm.training.csra import csra_loss
 from coral_vllm.training.model import CoralDrafter
-from coral_vllm.training.target import load_target
+from coral_vllm.training.target import load_target, split_features
 from coral_vllm.training.validate import DraftTop1, EvalSplit, validate
 
 STATE_FILE = "state/latest.pt"
@@ -68,24 +69,26 @@ def multi_step_forward(drafter, ids_in: torch.Tensor, feat_in: torch.Tensor,
                        num_steps: int, context_alignment: bool = True) -> list[torch.Tensor]:
     """HASS: step 1 reads target features; step j+1 reads step j's detached outputs
     shifted one position right (o_j[t-1] stands in for f_t; position 0 keeps f_0).
+    Outputs are the features the head scores; what the next step reads is the hidden
+    state vLLM hands on (the same for EAGLE; the pre-norm stream for fused features,
+    whose step 1 reads the fused target layers through fc: `drafter.combine`).
 
     context_alignment (HASS): step j's queries attend to the keys/values that the
     same draft would see at inference (target-feature keys before the draft's start,
     then one key per earlier step); off, every context key is from step j's inputs.
     """
     outs: list[torch.Tensor] = []
-    feat = feat_in
+    first = drafter.combine(feat_in)
+    hidden = first
     past: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per step, per layer
     for _ in range(num_steps):
+        layers_past = ([[p[i] for p in past] for i in range(len(past[0]))]
+                       if context_alignment and past else None)
+        out, nxt, kv = drafter.step(ids_in, hidden, past_kv=layers_past)
         if context_alignment:
-            layers_past = ([[p[i] for p in past] for i in range(len(past[0]))]
-                           if past else None)
-            out, kv = drafter(ids_in, feat, past_kv=layers_past, return_kv=True)
             past.append(kv)
-        else:
-            out = drafter(ids_in, feat)
         outs.append(out)
-        feat = torch.cat([feat_in[:, :1], out[:, :-1].detach().to(feat_in.dtype)], dim=1)
+        hidden = torch.cat([first[:, :1], nxt[:, :-1].detach().to(first.dtype)], dim=1)
     return outs
 
 
@@ -304,22 +307,25 @@ def train(cfg: TrainConfig, device: str | None = None,
     local = schedule.local_samples()
     table = train_all.subset(local)
     slot_of = {int(s): i for i, s in enumerate(local)}  # whole-split index -> local index
-    feats = compute_features(target, table, dev, place=cfg.feature_store)
+    fused = cfg.fused_layer_ids(tcfg)
+    feats = compute_features(target, table, dev, place=cfg.feature_store, fused_layers=fused)
     heldout = dev_split = None
     if rank == 0:
         heldout_table = heldout_table.subset(
             np.arange(min(len(heldout_table), cfg.eval_heldout_samples)))
-        heldout = EvalSplit(heldout_table, compute_features(target, heldout_table, dev))
+        heldout = EvalSplit(heldout_table, compute_features(target, heldout_table, dev,
+                                                            fused_layers=fused))
         dev_table, prompt_lens = load_dev(cfg.data, cfg.max_len)
         if dev_table is not None:
-            dev_split = EvalSplit(dev_table, compute_features(target, dev_table, dev),
+            dev_split = EvalSplit(dev_table, compute_features(target, dev_table, dev,
+                                                              fused_layers=fused),
                                   prompt_lens)
     log(f"data: {len(train_all)} training samples ({table.num_tokens} tokens on this rank), "
         f"{len(heldout_table)} held out, {0 if dev_split is None else len(dev_split.table)} "
         f"dev prompts; features in {time.time() - t0:.0f} s")
 
     # model: drafter + online router over a fixed partition
-    drafter = CoralDrafter(tcfg, cfg.num_groups, cfg.router_act)
+    drafter = CoralDrafter(tcfg, cfg.num_groups, cfg.router_act, cfg.num_layers, fused)
     drafter.load_target_heads(target)
     if cfg.init_from_target:
         drafter.init_layer_from_target(target)
@@ -382,8 +388,9 @@ def train(cfg: TrainConfig, device: str | None = None,
         for slot, idx in enumerate(schedule.epoch(epoch)[k]):
             batch = Batch.build(table, np.array([slot_of[int(i)] for i in idx])).to(dev)
             rows = batch.rows.to(feats.device)
-            f = feats[rows].to(dev, non_blocking=True)
-            feat_in, feat_tgt = f[:, :-1], f[:, 1:]
+            last, f = split_features(feats[rows].to(dev, non_blocking=True),
+                                     drafter.hidden_size)
+            feat_in, feat_tgt = f[:, :-1], last[:, 1:]
             noise_gen, csra_gen = slot_generators(cfg.seed, step, schedule.mine[slot], dev)
             if cfg.feature_noise > 0:
                 u = torch.rand(feat_in.shape, generator=noise_gen, device=dev,

@@ -28,6 +28,7 @@ import torch
 from coral_vllm.format.grouped_head import grouped_logits_torch
 from coral_vllm.format.partition import grouped_rows, row_token_ids
 from coral_vllm.format.router import select_groups
+from coral_vllm.training.target import split_features
 from coral_vllm.training.batches import Batch, TokenTable, epoch_batches
 from coral_vllm.training.head_loss import default_chunk
 
@@ -68,10 +69,13 @@ class DraftTop1:
         return torch.cat(dense), torch.cat(routed)
 
 
-def _batches(split: EvalSplit, device: torch.device):
+def _batches(split: EvalSplit, device: torch.device, hidden_size: int):
+    """(sample indices, batch, the target's last hidden states, the drafter's input
+    features: see `target.split_features`) per evaluation batch."""
     for idx in epoch_batches(split.table.lengths, EVAL_BATCH_TOKENS, seed=0, epoch=0):
         batch = Batch.build(split.table, idx).to(device)
-        yield idx, batch, split.feats[batch.rows.to(split.feats.device)].to(device)
+        f = split.feats[batch.rows.to(split.feats.device)].to(device)
+        yield (idx, batch, *split_features(f, hidden_size))
 
 
 @torch.no_grad()
@@ -81,10 +85,10 @@ def heldout_accuracy(forward, split: EvalSplit, top1: DraftTop1, router,
     with the router's groups only."""
     hits = torch.zeros(num_steps + 1, dtype=torch.int64, device=device)
     total = 0
-    for _, batch, feats in _batches(split, device):
+    for _, batch, last, feats in _batches(split, device, top1.head.shape[1]):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             outs = forward(batch.ids_in, feats[:, :-1], num_steps)
-        want = feats[:, 1:].flatten(0, 1)[batch.loss_pos]
+        want = last[:, 1:].flatten(0, 1)[batch.loss_pos]
         target = (want.to(top1.head.dtype) @ top1.head.T).float().argmax(-1)
         for j, o in enumerate(outs):
             dense, routed = top1(o.flatten(0, 1)[batch.loss_pos], router)
@@ -124,7 +128,7 @@ def chain_tau(forward, split: EvalSplit, top1: DraftTop1, router, k: int,
     """Offline mean acceptance length at chain length k, dense head and router on."""
     assert split.prompt_lens is not None, "chain tau needs the dev split's prompt lengths"
     tables = {"tau_dense": [0, 0], "tau_router": [0, 0]}  # rounds, accepted
-    for idx, batch, feats in _batches(split, device):
+    for idx, batch, _, feats in _batches(split, device, top1.head.shape[1]):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             outs = forward(batch.ids_in, feats[:, :-1], k)
         b, s1 = batch.ids_in.shape
