@@ -386,6 +386,21 @@ def test_bad_settings_name_the_field(tiny, tmp_path):
         _cfg(tiny, tmp_path, batch_tokens=0)
 
 
+def test_a_feature_store_the_host_cannot_hold_is_refused_up_front(monkeypatch):
+    """Where the device cannot take the store it goes to the host; one too large for the
+    host too fails before it is allocated, naming its size and the fixes."""
+    from coral_vllm.training import features
+
+    assert features.host_available_bytes() > 0
+    monkeypatch.setattr(features, "host_available_bytes", lambda: 10 * 2**30)
+    cpu = torch.device("cpu")
+    assert features.store_device(1000, 2304, torch.bfloat16, cpu) == cpu
+    with pytest.raises(features.FeatureStoreTooLarge,
+                       match=r"needs 8\.6 GiB \(2,000,000 tokens x 2304 features x 2 bytes\)"
+                             r".*10\.0 GiB available.*--max-conversations.*--fused-layers"):
+        features.store_device(2_000_000, 2304, torch.bfloat16, cpu, place="host")
+
+
 def test_cli_help_and_eagle_preset(tiny, tmp_path, capsys):
     from coral_vllm.training.cli import main
     with pytest.raises(SystemExit):

@@ -205,9 +205,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps({k: m[k] for k in ("samples", "tokens", "loss_tokens", "backend")}
                          | {"generation": m["generation"], "cuts": m["cuts"]}))
     elif args.cmd == "train":
+        from coral_vllm.training.features import FeatureStoreTooLarge
         from coral_vllm.training.trainer import train
         cfg = TrainConfig.from_preset(args.preset, **_overrides(args))
-        res = train(cfg, device=args.device, stop_at_step=args.stop_at_step)
+        try:
+            res = train(cfg, device=args.device, stop_at_step=args.stop_at_step)
+        except FeatureStoreTooLarge as e:
+            build_parser().error(f"train: {e}")
         import torch.distributed as dist
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -7,11 +7,13 @@ training: computing them once, instead of running the target on every batch of e
 epoch of every preset, removes the target's forward from the training step. SmolLM2-135M
 at 6M tokens x 576 x 2 bytes (bf16) is 7 GB, well inside an H200; the store is placed on
 the CPU instead when the device lacks the memory (`place="auto"`), and a batch is then
-gathered there and copied over.
+gathered there and copied over; one the host cannot hold either is refused before the
+target runs. (EAGLE-3-style fused features on SmolLM2 at 14M tokens: 65 GB.)
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -22,20 +24,49 @@ from coral_vllm.training.target import target_features
 
 FEATURE_BATCH_TOKENS = 1 << 16
 DEVICE_MEMORY_SHARE = 0.5  # at most this share of the free device memory for the store
+HOST_MEMORY_SHARE = 0.8    # and of the host's available memory, when it lives there
+
+
+class FeatureStoreTooLarge(MemoryError):
+    """Neither the device nor the host can hold a run's feature store."""
+
+
+def host_available_bytes() -> int:
+    """The host memory a new allocation can take (Linux `MemAvailable`)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def store_device(num_rows: int, hidden: int, dtype: torch.dtype, device: torch.device,
                  place: str = "auto") -> torch.device:
-    """Where a [num_rows, hidden] store lives: the training device if it fits."""
+    """Where a [num_rows, hidden] store lives: the training device if it fits, else the
+    host. A store the host cannot hold either fails here, with its size and the fixes,
+    instead of the kernel killing the run halfway through computing it."""
     if place not in ("auto", "device", "host"):
         raise ValueError(f"feature_store={place!r}: choose auto, device or host")
-    if device.type != "cuda" or place == "device":
-        return device
-    if place == "host":
-        return torch.device("cpu")
-    need = num_rows * hidden * torch.tensor([], dtype=dtype).element_size()
-    free, _ = torch.cuda.mem_get_info(device)
-    return device if need <= DEVICE_MEMORY_SHARE * free else torch.device("cpu")
+    width = torch.tensor([], dtype=dtype).element_size()
+    need = num_rows * hidden * width
+    if device.type == "cuda" and place != "host":
+        free, _ = torch.cuda.mem_get_info(device)
+        if place == "device" or need <= DEVICE_MEMORY_SHARE * free:
+            return device
+    available = host_available_bytes()
+    if need > HOST_MEMORY_SHARE * available:
+        raise FeatureStoreTooLarge(
+            f"the target feature store needs {need / 2**30:.1f} GiB ({num_rows:,} tokens x "
+            f"{hidden} features x {width} bytes) and the host has "
+            f"{available / 2**30:.1f} GiB available ({HOST_MEMORY_SHARE:.0%} may be used"
+            + ("" if device.type != "cuda" else
+               f"; the device did not hold it within {DEVICE_MEMORY_SHARE:.0%} of its free memory")
+            + "): train on less data (train data --max-conversations N) or read fewer "
+            "target layers (--fused-layers).")
+    return torch.device("cpu")
 
 
 @torch.no_grad()
