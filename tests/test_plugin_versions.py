@@ -126,9 +126,15 @@ def test_real_engine_config_with_the_plugin_loaded(target_dir, spec):
     args = EngineArgs(model=str(target_dir), dtype="float32", max_model_len=512,
                       speculative_config=_coral() if spec else None)
     assert getattr(EngineArgs.create_speculative_config, "_coral_wrapped", False)
-    config = args.create_engine_config().speculative_config
+    engine_config = args.create_engine_config()
+    config = engine_config.speculative_config
     if spec is None:
         assert config is None
     else:
         assert config.method == "eagle" and config.use_local_argmax_reduction
         assert config.num_speculative_tokens == 3
+        # the compile-cache key takes the drafter's config (hash_coral_draft), and a real
+        # draft ModelConfig (EAGLEConfig with the "coral" section) hashes
+        assert getattr(type(config).compute_hash, "_coral_wrapped", False)
+        assert config.compute_hash() != type(config).compute_hash.__wrapped__(config)
+        assert isinstance(engine_config.compute_hash(), str)

@@ -16,7 +16,8 @@ A drafter directory holds
     partition.token_order                    [V] int64, a permutation of the vocabulary
     lm_head.weight, embed_tokens.weight      [V, d], optional: shared with the target if absent
   A drafter over fused target layers (architecture `Eagle3CoralLlamaForCausalLM`, its
-  k layer ids in `eagle_aux_hidden_state_layer_ids`, served through vLLM's eagle3 path)
+  k layer ids, strictly increasing, in `eagle_aux_hidden_state_layer_ids` and k in
+  `num_aux_hidden_states`, served through vLLM's eagle3 path)
   has EAGLE-3's layout instead: fc.weight [d, k*d] over the fused layers, layer 0's
   q/k/v over [2d] with input_layernorm (embedding) and hidden_norm (feature), and a
   final norm.weight [d].

@@ -35,6 +35,10 @@ EMBED_SCALE = "embed_scale"
 # the config key vLLM reads its target layers from (`eagle_aux_hidden_state_layer_ids`).
 FUSED_ARCHITECTURE = "Eagle3CoralLlamaForCausalLM"
 FUSED_LAYERS = "eagle_aux_hidden_state_layer_ids"
+# How many target states vLLM's EAGLE-3 Llama drafter sizes fc for. vLLM (0.26 and 0.32,
+# `llama_eagle3.LlamaModel`) reads this key, else `eagle_config`'s layer ids, else
+# assumes 3; it does not count the top-level FUSED_LAYERS, which is what it hands out.
+NUM_FUSED = "num_aux_hidden_states"
 
 # Copied from the target: agreements and sizes (see the module docstring).
 _COPIED_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads",
@@ -96,8 +100,9 @@ def drafter_llama_config(target_config: Mapping[str, Any], coral: CoralConfig,
     cfg.update(architectures=[DRAFTER_ARCHITECTURE], tie_word_embeddings=False,
                coral=coral.to_dict())
     if fused_layers is not None:
+        layers = check_fused_layers(fused_layers, target_config)
         cfg.update(architectures=[FUSED_ARCHITECTURE],
-                   **{FUSED_LAYERS: check_fused_layers(fused_layers, target_config)})
+                   **{FUSED_LAYERS: layers, NUM_FUSED: len(layers)})
     return cfg
 
 
@@ -111,13 +116,27 @@ def default_fused_layers(num_target_layers: int) -> tuple[int, ...]:
 def check_fused_layers(layers: Sequence[int], target_config: Mapping[str, Any]) -> list[int]:
     """Target layer ids vLLM can hand out: aux state L is the residual stream after L
     layers (0 = the embeddings), so 0 <= L < num_hidden_layers (the last layer's output is
-    what EAGLE reads, after the final norm)."""
+    what EAGLE reads, after the final norm); strictly increasing (`check_fused_order`)."""
     n = target_config["num_hidden_layers"]
     layers = list(layers)
     if not layers or any(not isinstance(x, int) or not 0 <= x < n for x in layers):
         raise CoralConfigError(
             f'"{FUSED_LAYERS}" is {layers!r}; give target layer ids in [0, {n}) '
             f"(the target has {n} layers), e.g. {list(default_fused_layers(n))}.")
+    return check_fused_order(layers)
+
+
+def check_fused_order(layers: list[int]) -> list[int]:
+    """vLLM's targets (`EagleModelMixin._maybe_add_hidden_state`, 0.26 and 0.32) append
+    an aux state as their layer loop passes a listed id: in increasing layer order, each
+    layer once, whatever order the list has. Training concatenates in list order, so an
+    unsorted list feeds fc its blocks permuted (drafts accepted by chance only) and a
+    repeated id makes fc's input shorter than fc (a crash in the first draft step)."""
+    if any(b <= a for a, b in zip(layers, layers[1:])):
+        raise CoralConfigError(
+            f'"{FUSED_LAYERS}" is {layers!r}; vLLM hands the drafter these target '
+            f"layers' states in increasing order, each once, so list them strictly "
+            f"increasing (e.g. {sorted(set(layers))}) and train the drafter on that list.")
     return layers
 
 
@@ -130,7 +149,23 @@ def fused_layers(config: Mapping[str, Any]) -> list[int] | None:
         raise CoralConfigError(
             f'config.json "{FUSED_LAYERS}" is {layers!r}; an {FUSED_ARCHITECTURE} drafter '
             "needs the target layer ids it was trained on: re-export the drafter.")
-    return layers
+    count = config.get(NUM_FUSED, len(layers))
+    if count != len(layers):
+        raise CoralConfigError(
+            f'config.json "{NUM_FUSED}" is {count!r} but "{FUSED_LAYERS}" lists '
+            f"{len(layers)} layers; vLLM sizes fc from the first, so they must agree: "
+            "re-export the drafter.")
+    return check_fused_order(layers)
+
+
+def complete_fused_config(hf_config: Any) -> None:
+    """Gives a fused drafter's (vLLM) config `NUM_FUSED` when it lacks it (drafters
+    exported before the key was written), so vLLM's EAGLE-3 drafter builds fc over the
+    listed layers instead of its default of 3: without it a drafter over k != 3 layers
+    fails to load (fc [d, 3d] against the checkpoint's [d, k*d])."""
+    layers = getattr(hf_config, FUSED_LAYERS, None)
+    if layers and getattr(hf_config, NUM_FUSED, None) is None:
+        setattr(hf_config, NUM_FUSED, len(layers))
 
 
 def embed_scale(config: Mapping[str, Any]) -> float:

