@@ -95,6 +95,15 @@ def test_target_is_found_by_name_in_positional_calls(wrapped):
         wrapped["Args032"](_coral()).create_speculative_config(small, PARALLEL)
 
 
+def test_pipeline_parallelism_is_refused_before_the_engine_starts(wrapped):
+    staged = SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=2)
+    with pytest.raises(CoralConfigError, match="pipeline_parallel_size is 2.*--tensor-parallel"):
+        wrapped["Args032"](_coral()).create_speculative_config(TARGET, staged)
+    one_stage = SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1)
+    out = wrapped["Args032"](_coral()).create_speculative_config(TARGET, one_stage)
+    assert out["config"]["method"] == "eagle"
+
+
 def test_wrapping_twice_is_a_no_op(wrapped):
     cls = wrapped["Args032"]
     before = cls.create_speculative_config

