@@ -50,8 +50,7 @@ def store_device(num_rows: int, hidden: int, dtype: torch.dtype, device: torch.d
     instead of the kernel killing the run halfway through computing it."""
     if place not in ("auto", "device", "host"):
         raise ValueError(f"feature_store={place!r}: choose auto, device or host")
-    width = torch.tensor([], dtype=dtype).element_size()
-    need = num_rows * hidden * width
+    need = num_rows * hidden * dtype.itemsize
     if device.type == "cuda" and place != "host":
         free, _ = torch.cuda.mem_get_info(device)
         if place == "device" or need <= DEVICE_MEMORY_SHARE * free:
@@ -60,11 +59,9 @@ def store_device(num_rows: int, hidden: int, dtype: torch.dtype, device: torch.d
     if need > HOST_MEMORY_SHARE * available:
         raise FeatureStoreTooLarge(
             f"the target feature store needs {need / 2**30:.1f} GiB ({num_rows:,} tokens x "
-            f"{hidden} features x {width} bytes) and the host has "
-            f"{available / 2**30:.1f} GiB available ({HOST_MEMORY_SHARE:.0%} may be used"
-            + ("" if device.type != "cuda" else
-               f"; the device did not hold it within {DEVICE_MEMORY_SHARE:.0%} of its free memory")
-            + "): train on less data (train data --max-conversations N) or read fewer "
+            f"{hidden} features x {dtype.itemsize} bytes) and the host has "
+            f"{available / 2**30:.1f} GiB available, of which {HOST_MEMORY_SHARE:.0%} may "
+            "be used: train on less data (train data --max-conversations N) or read fewer "
             "target layers (--fused-layers).")
     return torch.device("cpu")
 
