@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import torch
 
-from coral_vllm.format.grouped_head import scatter_to_vocab
-
 
 def _slice_scores(hidden: torch.Tensor, grouped_weight: torch.Tensor,
                   rows: int) -> torch.Tensor:
@@ -40,5 +38,7 @@ def static_logits(hidden: torch.Tensor, grouped_weight: torch.Tensor,
     """Full-vocabulary logits [n, V] float32: the first `rows` rows' scores at their
     token ids, -inf elsewhere (probabilistic drafting samples from exactly this)."""
     logits = _slice_scores(hidden, grouped_weight, rows).float() * scale
-    tokens = row_tokens[:rows].expand(logits.shape[0], rows)
-    return scatter_to_vocab(logits, tokens, vocab_size)
+    full = logits.new_full((logits.shape[0], vocab_size), float("-inf"))
+    # the first `rows` rows hold distinct real tokens (no padding), one index for all
+    full[:, row_tokens[:rows]] = logits
+    return full
