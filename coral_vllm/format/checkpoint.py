@@ -51,6 +51,8 @@ from coral_vllm.format.partition import validate_token_order
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 OPTIONAL_TENSORS = ("lm_head.weight", "embed_tokens.weight")
+LAYER_PREFIXES = ("fc.", "layers.", "norm.")  # the drafter's layers: vLLM's EAGLE loaders
+OWN_PREFIXES = ("router.", "partition.")      # CORAL's own: vLLM's loaders never see them
 INDEX_TENSORS = ("partition.token_order",)  # integer; every other tensor is a weight
 WEIGHT_DTYPES = ("F32", "F16", "BF16")       # safetensors' names
 INDEX_DTYPES = ("I64", "I32")
@@ -322,7 +324,7 @@ def write_eagle_checkpoint(src: str | os.PathLike[str], dest: str | os.PathLike[
             f"{src}: a fused-feature (eagle3) drafter has no stock EAGLE twin here yet; "
             "compare it with its dense export (`train export --dense`) instead.")
     tensors = {k: v for k, v in load_file(str(ckpt.path / WEIGHTS_FILE)).items()
-               if not k.startswith(("router.", "partition."))}
+               if not k.startswith(OWN_PREFIXES)}
     tensors["fc.weight"] = fold_embed_scale(tensors["fc.weight"], embed_scale(ckpt.config))
     config = {k: v for k, v in ckpt.config.items() if k not in ("coral", EMBED_SCALE)}
     config["architectures"] = [EAGLE_ARCHITECTURE]

@@ -39,6 +39,7 @@ from vllm.logger import init_logger
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.models.utils import maybe_prefix
 
+from coral_vllm.format.checkpoint import OWN_PREFIXES
 from coral_vllm.format.config import CoralConfig
 from coral_vllm.format.grouped_head import (grouped_layout_problem, grouped_logits,
                                             grouped_top1, head_backend, scatter_to_vocab)
@@ -47,7 +48,6 @@ from coral_vllm.format.sharded_head import ShardedGroupedHead, shard_layout
 from coral_vllm.format.static_head import static_logits, static_top1
 
 logger = init_logger(__name__)
-OWN_PREFIXES = ("router.", "partition.")  # checkpoint tensors vLLM's loaders never see
 
 
 class CoralHeadMixin:
@@ -136,8 +136,8 @@ class CoralHeadMixin:
     def _check_head_once(self) -> None:
         """Fails the engine if the grouped copy (`grouped_weight`, with TP > 1
         `tp_head.weight`) is not the head it serves, in grouped order. Runs at the first
-        eager call (vLLM's warm-up and profiling runs come before any CUDA-graph capture), never while compiling or capturing, where it could not
-        synchronise."""
+        eager call (vLLM's warm-up and profiling runs come before any CUDA-graph
+        capture), never while compiling or capturing, where it could not synchronise."""
         if self._head_checked or torch.compiler.is_compiling() or (
                 self.lm_head.weight.is_cuda and torch.cuda.is_current_stream_capturing()):
             return

@@ -1,6 +1,6 @@
 """Stage 3: write the plugin's drafter directory from a run directory.
 
-Tensors: the trained drafter (`fc.*`, `layers.{0..N-1}.*`) of the best (or latest) checkpoint,
+Tensors: the trained drafter (`fc.*`, `layers.{0..N-1}.*`, fused: `norm.*`) of the best (or latest) checkpoint,
 the router and partition (stage 2's `router.pt` if it ran, else the online router),
 optionally the target's `lm_head` / `embed_tokens`. Config: the target's sizes
 and the run's `num_layers` / fused target layers (`drafter_llama_config`) + the `"coral"`
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from coral_vllm.format.checkpoint import save_checkpoint
+from coral_vllm.format.checkpoint import LAYER_PREFIXES, save_checkpoint
 from coral_vllm.format.drafter_config import drafter_llama_config
 from coral_vllm.format.config import CoralConfig
 from coral_vllm.format.partition import contiguous_order, frequency_order
@@ -66,7 +66,7 @@ def export(run_dir: str | Path, dest: str | Path, *, dense: bool = False,
                    "float32": torch.float32}[dtype]
     model = chosen["model"]
     tensors = {k: v.to(torch_dtype) for k, v in model.items()
-               if k.startswith(("fc.", "layers.", "norm."))}
+               if k.startswith(LAYER_PREFIXES)}
     router_path = run / ROUTER_FILE
     online = cfg.router_online and "partition.token_order" in model
     num_groups, top_k, act = cfg.num_groups, cfg.top_k_groups, cfg.router_act

@@ -1,6 +1,7 @@
 """The CORAL drafter in plain PyTorch, with exactly the checkpoint's parameter names.
 
     h = fc(cat([s * embed(x_{t+1}), f_t]))        fc.weight [d, 2d], no bias; s: embed_scale
+    (the EAGLE drafter; the fused, EAGLE-3-style one: `CoralDrafter`'s docstring)
     for layer i = 0..N-1 (N = num_hidden_layers, default 1):
         residual = h; h = self_attn(input_layernorm(h))   layer 0: no input norm (EAGLE)
         residual = h + residual
@@ -17,7 +18,8 @@ neox-style RoPE (rotate_half) with the target's rope theta, GQA, causal attentio
 SiLU-and-mul MLP, for every target: its config is `drafter_layer_config` of the target's
 (`coral_vllm.format.drafter_config`: sizes and agreements from the target; s = sqrt(d)
 for Gemma, whose model scales its embeddings so). Names (see
-`coral_vllm.format.checkpoint.expected_shapes`): `fc.*`, `layers.i.*`, `router.w{1,2}.*`,
+`coral_vllm.format.checkpoint.expected_shapes`): `fc.*`, `layers.i.*`, `norm.*` (fused
+only), `router.w{1,2}.*`,
 `partition.token_order`; the frozen `embed_tokens.*` and `lm_head.*` come from the target
 and are not trained.
 """
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from coral_vllm.format.checkpoint import LAYER_PREFIXES, OWN_PREFIXES
 from coral_vllm.format.config import CoralConfig
 from coral_vllm.format.drafter_config import EMBED_SCALE, drafter_layer_config
 from coral_vllm.format.drafter_config import fused_layers as config_fused_layers
@@ -38,7 +41,7 @@ from coral_vllm.format.partition import build_token_order, contiguous_order, gro
 from coral_vllm.format.router import Router
 
 
-TRAINED_PREFIXES = ("fc.", "layers.", "norm.", "router.", "partition.")
+TRAINED_PREFIXES = LAYER_PREFIXES + OWN_PREFIXES
 
 
 def rope_theta(cfg: dict[str, Any]) -> float:
