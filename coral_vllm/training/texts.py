@@ -55,6 +55,7 @@ from coral_vllm.training.splits import DEV_SHARE, HELDOUT_SHARE, split_of
 FORMAT = "coral-vllm-texts/1"
 MIN_PASSAGE_CHARS = 200  # a passage shorter than this (an `__init__.py`) prompts little
 MAX_PER_SOURCE = 6000
+MIN_CHARS, MAX_CHARS = 1000, 4000  # passage lengths (characters)
 PROMPT_TOKENS = 128  # a passage's prompt, in `train data --texts` and `bench e2e texts:FILE`
 
 SCHELLING_DIR = "evals/registry/data/schelling_point/"
@@ -224,7 +225,7 @@ def _visit_order(pid: str) -> str:
 
 
 def build_passages(records: Iterable[tuple[str, str, str]], overlap: EvalOverlapFilter, *,
-                   min_chars: int = 1000, max_chars: int = 4000,
+                   min_chars: int = MIN_CHARS, max_chars: int = MAX_CHARS,
                    max_per_source: int | None = MAX_PER_SOURCE
                    ) -> tuple[list[Passage], dict[str, dict[str, Any]]]:
     """Applies the rules to (source, document id, text) records, grouped by source.
@@ -273,8 +274,8 @@ def build_passages(records: Iterable[tuple[str, str, str]], overlap: EvalOverlap
     return passages, stats
 
 
-def load_passages(sources: Iterable[str] = SOURCES, *, min_chars: int = 1000,
-                  max_chars: int = 4000, max_per_source: int | None = MAX_PER_SOURCE,
+def load_passages(sources: Iterable[str] = SOURCES, *, min_chars: int = MIN_CHARS,
+                  max_chars: int = MAX_CHARS, max_per_source: int | None = MAX_PER_SOURCE,
                   ngram: int = 8, cache_dir=None) -> tuple[list[Passage], dict[str, Any]]:
     """Deduplicated, evaluation-filtered passages of `sources`, plus stats: the settings,
     the evaluation sets, and per source its package pins, documents (with the readers'
