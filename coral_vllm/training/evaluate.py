@@ -147,8 +147,12 @@ def tau_of_drafters(target, drafters: dict[str, CoralDrafter], split: EvalSplit,
     """Offline chain tau (validate.chain_tau) of each exported drafter on one split."""
     dev = next(target.parameters()).device
     results = []
+    feature_splits: dict[tuple[int, ...] | None, EvalSplit] = {}  # one target pass per input
     for name, drafter in drafters.items():
-        drafter_split = with_drafter_features(split, target, drafter)
+        reads = None if drafter.fused_layers is None else tuple(drafter.fused_layers)
+        if reads not in feature_splits:
+            feature_splits[reads] = with_drafter_features(split, target, drafter)
+        drafter_split = feature_splits[reads]
         c = drafter.coral  # type: ignore[attr-defined]
         top1 = DraftTop1(drafter.lm_head.weight, drafter.partition.token_order,
                          c.num_groups, c.group_size, c.top_k_groups)
