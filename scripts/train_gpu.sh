@@ -9,7 +9,8 @@
 # conversations file from `coral-vllm train conversations --out .gpu-data/conversations.jsonl.xz`)
 # and, for `before`, .baseline/ (the trainer at the commit measured as "before":
 # `git archive 25343e8 coral_vllm/ ':!coral_vllm/assets' | tar -x -C .baseline`).
-#   bash scripts/train_gpu.sh data     # the target regenerates every assistant turn (vLLM)
+#   bash scripts/train_gpu.sh data     # the target regenerates every assistant turn (vLLM;
+#                                      # with CORAL_TEXTS: continues each passage)
 #   bash scripts/train_gpu.sh before   # tokens/s of the trainer at 25343e8, per preset
 #   bash scripts/train_gpu.sh curves   # EAGLE, HASS, CORAL: 1 epoch each, validated
 #   bash scripts/train_gpu.sh finish   # exports, vLLM tau vs offline tau, tables

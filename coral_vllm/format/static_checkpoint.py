@@ -3,8 +3,8 @@
 `coral-vllm to-static` turns a drafter with a frequency partition (the shipped one, or
 any `train export`) into `selection: "static"`: same layers (any depth, fused or not)
 and partition, no router, always its first `top_k_groups` groups, i.e. the most
-frequent tokens (EAGLE-3 / FR-Spec's reduced draft vocabulary). At its own `top_k_groups` it scores exactly as
-many rows as the routed drafter, the comparison at equal active rows; `rows` sizes it
+frequent tokens (EAGLE-3 / FR-Spec's reduced draft vocabulary). At its own
+`top_k_groups` it scores exactly as many rows as the routed drafter, the comparison at equal active rows; `rows` sizes it
 otherwise (e.g. 32768, EAGLE-3's). A run directory exports the same with `train export
 --selection static`.
 """
