@@ -1,4 +1,10 @@
-"""Shared fixtures: the real default target (converted from PyPI once) and drafters."""
+"""Shared fixtures: the real default target (converted from PyPI once), drafters, and the
+engine runs the lossless tests share (one plain engine per target, two per drafter kind,
+started on first use: tests/engine_runs.py).
+
+A test that asks for `runs` starts engines, so it must carry the `engine` marker (the
+fast tier, `pytest -m "not engine"`, deselects them); collection fails if one does not.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,19 @@ import pytest
 
 from coral_vllm.models.drafter_init import init_drafter
 from coral_vllm.models.model_store import fetch_model
+from drafter_kinds import Drafters
+from engine_runs import EngineRuns
+
+ENGINE_FIXTURES = {"runs"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    unmarked = [item.nodeid for item in items
+                if ENGINE_FIXTURES & set(getattr(item, "fixturenames", ()))
+                and item.get_closest_marker("engine") is None]
+    if unmarked:
+        raise pytest.UsageError("these tests start engines (fixture 'runs') but are not "
+                                "marked `engine`: " + ", ".join(unmarked))
 
 
 @pytest.fixture(scope="session")
@@ -16,7 +35,24 @@ def target_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma_dir() -> Path:
+    """Gemma-3-270M (a base model, vocabulary 262,144), converted once like the default."""
+    return fetch_model("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
 def random_drafter(target_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained drafter for the real target (plumbing and error cases)."""
     return init_drafter(target_dir, tmp_path_factory.mktemp("drafters") / "random",
                         partition="cluster", seed=1)
+
+
+@pytest.fixture(scope="session")
+def drafters(tmp_path_factory: pytest.TempPathFactory) -> Drafters:
+    """Every kind's target and drafter on disk (tests/drafter_kinds.py), made on first use."""
+    return Drafters(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def runs(drafters: Drafters, tmp_path_factory: pytest.TempPathFactory) -> EngineRuns:
+    return EngineRuns(drafters, tmp_path_factory)

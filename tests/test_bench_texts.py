@@ -18,12 +18,6 @@ from coral_vllm.training.splits import DEV_SHARE, HELDOUT_SHARE, split_of
 from coral_vllm.training.texts import PROMPT_TOKENS, Passage, TextPrompter, write_passages
 
 
-@pytest.fixture(scope="module")
-def gemma_dir():
-    from coral_vllm.models.model_store import fetch_model
-    return fetch_model("gemma3-270m")
-
-
 @pytest.fixture
 def stub_server():
     """(base URL, recorded (path, JSON body) list) of an OpenAI-shaped stub."""

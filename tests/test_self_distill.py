@@ -126,12 +126,6 @@ def test_build_data_stops_at_the_time_limit(target_dir, tmp_path):
 
 # ------------------------------------------------------------------ plain text (base)
 @pytest.fixture(scope="module")
-def gemma_dir():
-    from coral_vllm.models.model_store import fetch_model
-    return fetch_model("gemma3-270m")
-
-
-@pytest.fixture(scope="module")
 def gemma_tok(gemma_dir):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(str(gemma_dir))

@@ -1,4 +1,9 @@
-"""`vllm serve` with the coral method answers the OpenAI API and exports spec metrics."""
+"""`vllm serve` with the coral method answers the OpenAI API and exports spec metrics.
+
+This server runs with the product's defaults, under torch.compile: the suite's one
+check of compiled coral serving (the offline test engines run eagerly, see
+tests/engine_utils.py), including that its greedy replies are plain decoding's.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,10 @@ import pytest
 from coral_vllm.models.drafters import default_drafter
 from coral_vllm.runtime.metrics import parse_prometheus
 from coral_vllm.runtime.server import fetch_metrics, running_server
+from drafter_kinds import TARGETS
+from engine_utils import PROMPTS
 
+pytestmark = pytest.mark.engine
 K = 3
 MESSAGES = [{"role": "user", "content": "Write two sentences about the ocean."}]
 
@@ -39,6 +47,27 @@ def test_chat_completion_and_stream_agree(client, served_model):
                                             max_tokens=40, temperature=0, stream=True)
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == text
+
+
+def test_compiled_greedy_replies_equal_plain_decoding(client, served_model, runs):
+    """The compiled server's greedy chat replies to the smoke prompts, as token ids, are
+    the plain engine's (tests/engine_runs.py; eager: in float32 the two differ by
+    rounding only, which would flip a token only at a near-tie of the top two logits)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def reply(prompt: str) -> list[int]:
+        out = client.chat.completions.create(
+            model=served_model, messages=[{"role": "user", "content": prompt}],
+            max_tokens=TARGETS["smollm2"].max_tokens, temperature=0,
+            extra_body={"return_token_ids": True})
+        return out.choices[0].token_ids
+
+    plain = runs.plain("smollm2")["greedy"]
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:  # in flight together: batched steps
+        served = list(pool.map(reply, PROMPTS))
+    assert len(served) == len(plain) == len(PROMPTS)
+    for prompt, expected, got in zip(PROMPTS, plain, served):
+        assert got == expected, f"compiled coral serving changed the greedy output for {prompt!r}"
 
 
 def test_metrics_expose_spec_decode_counters(server, client, served_model):

@@ -9,6 +9,7 @@ import pytest
 from coral_vllm.models.drafters import shipped_drafter
 
 
+@pytest.mark.engine
 def test_offline_tau_matches_vllm_counters(target_dir, tmp_path):
     """The shipped (trained) drafter on four dev prompts whose stored continuations are
     the target's greedy replies: the replayed tau equals the one vLLM counts when it

@@ -78,6 +78,12 @@ def add_engine_resource_args(p: argparse.ArgumentParser, *, gpu_memory_utilizati
                    help="seconds for every engine to be ready (default 900)")
 
 
+def add_enforce_eager_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="run without torch.compile / CUDA graphs: quick start-ups, slower "
+                   "steps (CI on a CPU)")
+
+
 def engine_resources(args: argparse.Namespace) -> dict[str, Any]:
     """The parsed resource options as vLLM engine arguments."""
     return {"gpu_memory_utilization": args.gpu_memory_utilization,

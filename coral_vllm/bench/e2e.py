@@ -38,9 +38,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from coral_vllm.bench.args import (PLAIN, add_drafters_arg, add_engine_resource_args,
-                                   add_output_args, bench_parser, engine_resources,
-                                   parse_drafters, server_log_dir, target_dir)
+from coral_vllm.bench.args import (PLAIN, add_drafters_arg, add_enforce_eager_arg,
+                                   add_engine_resource_args, add_output_args, bench_parser,
+                                   engine_resources, parse_drafters, server_log_dir,
+                                   target_dir)
 from coral_vllm.bench.client import Prompt, run_load
 from coral_vllm.bench.results import device_name, write_json
 from coral_vllm.datasets import BENCHMARKS, benchmark_texts
@@ -246,12 +247,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     servers = {v.server_name: v for vs in plan.values() for v in vs}
     out = Path(args.out)
     log_dir = server_log_dir(args)
-    extra = ["--disable-uvicorn-access-log", "--max-num-seqs", str(max(args.concurrency))]
+    extra = ["--disable-uvicorn-access-log", "--max-num-seqs", str(max(args.concurrency)),
+             *(["--enforce-eager"] if args.enforce_eager else [])]
     specs = {name: v.server_spec(model, args.k, extra, log_dir, engine_resources(args))
              for name, v in servers.items()}
     result: dict[str, Any] = {
         "device": device_name(), "vllm_version": vllm.__version__, "model": model.name,
-        "k": args.k, "max_tokens": args.max_tokens,
+        "k": args.k, "max_tokens": args.max_tokens, "enforce_eager": args.enforce_eager,
         "acceptance": "real: the drafters' own drafts verified by the target",
         "drafters": {n: drafter_info(p) for n, p in drafters.items()},
         "draft_sample_method": {str(t): vs[-1].draft_sample_method for t, vs in plan.items()},
@@ -320,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draft greedily at T > 0 too (default: probabilistic drafting)")
     add_engine_resource_args(p, gpu_memory_utilization=0.08, kv_cache_gib=2,
                              per="server (GPU only)")
+    add_enforce_eager_arg(p)
     add_output_args(p, "benchmarks/results/e2e_smollm2.json")
     return p
 

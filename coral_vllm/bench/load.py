@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from coral_vllm.bench.args import (PLAIN, add_engine_resource_args, add_output_args,
-                                   bench_parser, engine_resources, server_log_dir,
-                                   target_dir)
+from coral_vllm.bench.args import (PLAIN, add_enforce_eager_arg, add_engine_resource_args,
+                                   add_output_args, bench_parser, engine_resources,
+                                   server_log_dir, target_dir)
 from coral_vllm.bench.client import run_load
 from coral_vllm.bench.results import device_name, write_json
 from coral_vllm.datasets import BENCHMARKS, benchmark_texts
@@ -283,8 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, nargs="+", default=[16, 48, 128, 256],
                    help="output budgets, cycled over the pool (default 16 48 128 256)")
     p.add_argument("--seed", type=int, default=0, help="client-side choices (default 0)")
-    p.add_argument("--enforce-eager", action="store_true",
-                   help="serve without torch.compile / CUDA graphs (quick start-ups: CI)")
+    add_enforce_eager_arg(p)
     p.add_argument("--gpu-dtype", help="GPU only: serve in this dtype (default bfloat16; "
                    "float32 makes T=0 replies independent of batching up to near-ties)")
     add_engine_resource_args(p, gpu_memory_utilization=0.2, kv_cache_gib=8,

@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from coral_vllm.bench.args import add_engine_resource_args, bench_parser, engine_resources
+from coral_vllm.bench.args import (add_enforce_eager_arg, add_engine_resource_args,
+                                   bench_parser, engine_resources)
 from coral_vllm.bench.e2e import step_time_ratio
 from coral_vllm.bench.results import device_name, write_json
 from coral_vllm.format.checkpoint import read_checkpoint
@@ -224,7 +225,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "SYNTHETIC (vLLM rejection_sample_method='synthetic'): draft tokens accepted at "
         "the set mean length whatever they are; dummy weights",
         "k": args.k, "temperature": 0.0, "prompt_len": args.prompt_len,
-        "max_tokens": args.max_tokens,
+        "max_tokens": args.max_tokens, "enforce_eager": args.enforce_eager,
         "drafters": {"eagle": "vLLM's EAGLE Llama drafter, dense LM head (method eagle)",
                      "static": f"same layer, no router, one dense GEMM over the ~"
                                f"{args.static_rows} most frequent rows (selection static, "
@@ -249,6 +250,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      "max_num_seqs": max(args.batches), **engine_resources(args)}
     if args.dtype:
         engine_kwargs["dtype"] = args.dtype
+    if args.enforce_eager:
+        engine_kwargs["enforce_eager"] = True
     for shape_name in args.shapes:
         shape = {**SHAPES[shape_name], **(json.loads(args.shape_override)
                                           if args.shape_override else {})}
@@ -369,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="active rows of the static drafter (the top_k_groups nearest "
                    "this; default 32768, EAGLE-3's draft vocabulary)")
     p.add_argument("--dtype", help="engine dtype (default: vLLM's choice, bf16 on GPU)")
+    add_enforce_eager_arg(p)
     # four engines (plain, eagle, static, coral) share the card: 4 x 0.22 < 1
     add_engine_resource_args(p, gpu_memory_utilization=0.22, kv_cache_gib=3, per="engine")
     p.add_argument("--work-dir", help="where target configs and drafters are written")

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from coral_vllm.bench.args import PLAIN, bench_parser
+from coral_vllm.bench.args import PLAIN, add_enforce_eager_arg, bench_parser
 from coral_vllm.bench.results import device_name, write_json
 from coral_vllm.bench.smoke_prompts import SMOKE_PROMPTS
 
@@ -73,7 +73,8 @@ def _generate(llm, prompts: list[str], batch: int, max_tokens: int):
 
 
 def run_variant(model: Path, spec: dict | None, tp: int, batches: list[int],
-                max_tokens: int, dtype: str, hidden_size: int) -> dict[str, Any]:
+                max_tokens: int, dtype: str, hidden_size: int,
+                enforce_eager: bool = False) -> dict[str, Any]:
     from coral_vllm.runtime.engine_args import bind_cpu_ranks
     from coral_vllm.runtime.metrics import from_llm_metrics
     from coral_vllm.runtime.offline_engine import offline_engine
@@ -82,7 +83,8 @@ def run_variant(model: Path, spec: dict | None, tp: int, batches: list[int],
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc(fn)
     out: dict[str, Any] = {"replies": {}, "tok_s": {}}
     with offline_engine(model, spec, tensor_parallel_size=tp, dtype=dtype,
-                        disable_log_stats=False, max_model_len=1024) as llm:
+                        disable_log_stats=False, max_model_len=1024,
+                        enforce_eager=enforce_eager) as llm:
         _generate(llm, SMOKE_PROMPTS[:1], 1, 8)  # warm-up, not timed
         for batch in batches:
             prompts = (SMOKE_PROMPTS * (-(-batch // len(SMOKE_PROMPTS))))[:max(batch, 8)]
@@ -105,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32",
                     help="float32 (default) keeps T=0 replies independent of batching, so "
                          "identity is a strict test; bfloat16 for serving speed")
+    add_enforce_eager_arg(ap)
     ap.add_argument("--out", default="benchmarks/results/tp2.json")
     args = ap.parse_args(argv)
 
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, s in ((PLAIN, None), ("coral", spec)):
         print(f"== {name}, tensor_parallel_size {t}", flush=True)
         runs[name] = run_variant(model, s, t, args.batches, args.max_tokens, args.dtype,
-                                 hidden)
+                                 hidden, args.enforce_eager)
     pairs = [(a, b) for batch in args.batches
              for a, b in zip(runs[PLAIN]["replies"][batch], runs["coral"]["replies"][batch])]
     same = sum(a == b for a, b in pairs)
@@ -139,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                  for name in runs for b in args.batches],
         "vllm_version": vllm.__version__, "model": str(model), "drafter": str(drafter),
         "dtype": args.dtype, "k": args.num_speculative_tokens, "max_tokens": args.max_tokens,
+        "enforce_eager": args.enforce_eager,
         "spec_decode": runs["coral"]["spec_decode"],
         "ranks_agree": all(r["top_tokens"] == ranks[0]["top_tokens"] for r in ranks),
         "ranks": ranks,

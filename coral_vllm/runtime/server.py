@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,9 +16,15 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from coral_vllm.runtime.engine_args import cli_flags, engine_defaults
+
+# how a caller hears about a start-up: (seconds waited, the log's newest message)
+Progress = Callable[[float, str], None]
+PROGRESS_EVERY_S = 10.0
+_LOG_PREFIX = re.compile(r"^(\([^)]*\) )?(DEBUG|INFO|WARNING|ERROR) \d\d-\d\d [\d:]+ "
+                         r"\[[^\]]*\] ")
 
 
 def free_port() -> int:
@@ -44,11 +51,14 @@ def serve_command(spec: "ServerSpec", port: int) -> list[str]:
 def running_server(model: str | Path, drafter: str | Path | None = None, *,
                    num_speculative_tokens: int = 3, extra_spec: dict | None = None,
                    extra_args: list[str] | None = None, startup_timeout: float = 600.0,
-                   log_path: str | Path | None = None) -> Iterator[str]:
-    """Yields the server's base URL (http://127.0.0.1:PORT) once /health answers."""
+                   log_path: str | Path | None = None,
+                   progress: Progress | None = None) -> Iterator[str]:
+    """Yields the server's base URL (http://127.0.0.1:PORT) once /health answers;
+    `progress` hears how the start-up goes while it waits."""
     spec = ServerSpec(model, drafter, num_speculative_tokens, extra_spec, extra_args, log_path)
-    with running_servers({"server": spec}, startup_timeout=startup_timeout) as urls:
-        yield urls["server"]
+    with running_server_processes({"server": spec}, startup_timeout=startup_timeout,
+                                  progress=progress) as servers:
+        yield servers["server"].url
 
 
 @dataclasses.dataclass
@@ -80,7 +90,8 @@ def running_servers(specs: dict[str, ServerSpec], *,
 
 
 @contextlib.contextmanager
-def running_server_processes(specs: dict[str, ServerSpec], *, startup_timeout: float = 600.0
+def running_server_processes(specs: dict[str, ServerSpec], *, startup_timeout: float = 600.0,
+                             progress: Progress | None = None
                              ) -> Iterator[dict[str, RunningServer]]:
     """`running_servers`, yielding each server's process id with its URL."""
     procs: dict[str, tuple[subprocess.Popen, Path]] = {}
@@ -98,16 +109,21 @@ def running_server_processes(specs: dict[str, ServerSpec], *, startup_timeout: f
             urls[name] = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + startup_timeout
         for name, (proc, log_file) in procs.items():
-            _wait_healthy(urls[name], proc, deadline - time.monotonic(), log_file)
+            _wait_healthy(urls[name], proc, deadline - time.monotonic(), log_file, progress)
         yield {name: RunningServer(urls[name], proc.pid) for name, (proc, _) in procs.items()}
     finally:
         for proc, _ in procs.values():
             _stop(proc)
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float, log_file: Path) -> None:
-    deadline = time.monotonic() + timeout
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float, log_file: Path,
+                  progress: Progress | None = None) -> None:
+    start = time.monotonic()
+    deadline, told = start + timeout, start
     while time.monotonic() < deadline:
+        if progress is not None and time.monotonic() - told >= PROGRESS_EVERY_S:
+            told = time.monotonic()
+            progress(told - start, last_log_message(log_file))
         if proc.poll() is not None:
             tail = log_file.read_text()[-4000:]
             raise RuntimeError(f"vllm serve exited with {proc.returncode} before it was "
@@ -122,15 +138,33 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float, log_file: Pa
     raise TimeoutError(f"vllm serve was not healthy before the start-up deadline; log: {log_file}")
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
+def last_log_message(log_file: Path) -> str:
+    """The newest log line of a server that says something, without vLLM's
+    "(APIServer pid=N) INFO 12-03 07:23:45 [file.py:12]" prefix: what it is doing now."""
     try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
+        lines = log_file.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        message = _LOG_PREFIX.sub("", line).strip()
+        if message:
+            return message
+    return ""
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Asks the server to stop (SIGTERM to `vllm serve` alone: it shuts its engine down
+    itself, so its log ends without an engine-died traceback), then kills whatever of
+    its process group outlived it."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    proc.wait()
 
 
 def fetch_metrics(url: str) -> str:
