@@ -7,6 +7,7 @@ import json
 import pytest
 
 from coral_vllm.models.drafters import shipped_drafter
+from engine_utils import engines_in_process
 
 
 @pytest.mark.engine
@@ -32,8 +33,9 @@ def test_offline_tau_matches_vllm_counters(target_dir, tmp_path):
     data = tmp_path / "data"
     write_dataset(data, sample, model.config.vocab_size, dev=list(zip(prompts, conts)))
     del model
-    out = compare(str(target_dir), str(data), {"coral": str(shipped_drafter())}, k=5,
-                  out_json=str(tmp_path / "tau.json"))
+    with engines_in_process():  # start-up time only (tests/engine_utils.py)
+        out = compare(str(target_dir), str(data), {"coral": str(shipped_drafter())}, k=5,
+                      out_json=str(tmp_path / "tau.json"))
     row = out["rows"][0]
     print(json.dumps(row))
     assert row["router"] and row["vllm_drafts"] > 0 and row["vllm_tau"] > 1.2
