@@ -154,16 +154,28 @@ case "${1:?stage: data | loops | before | curves | finish | ablate | scaling | c
     wait
     python3 -m coral_vllm.cli bench training ablation --runs keep="$W/runs/loops-keep" \
       trim="$W/runs/loops-trim" --out "$R/loops.json" && cat "$R/loops.json" ;;
-  collect)  # for the commands that wait on a job: the replies so far, manifests, logs, runs
-    rm -f "$O/$N"-data.tar.xz.*
-    [ -d "$W/data/parts" ] && pack data data/parts --exclude='*.tmp'
-    [ -f "$W/data/manifest.json" ] && cp "$W/data/manifest.json" "$O/dataset_manifest_$N.json"
-    [ -f "$W/data-trim/manifest.json" ] && cp "$W/data-trim/manifest.json" "$O/dataset_manifest_${N}_trim.json"
-    tar -C "$R" -czf "$O/$N-logs.tgz" . 2>/dev/null
-    runs=$(cd "$W" && ls -d runs/loops-* 2>/dev/null | while read -r d; do \
-      for f in metrics.jsonl train_config.json; do [ -f "$d/$f" ] && echo "$d/$f"; done; done)
-    [ -z "$runs" ] || tar -C "$W" -czf "$O/$N-loops.tgz" $runs
-    ls -l "$O" ;;
+  collect)  # for the commands that wait on a job: what it made so far (the replies, the
+            # manifests, logs, run metrics) packed into $W/outbox, then sent to $OUT at
+            # most 8 files / 60 MiB a command: `collect more` sends the rest, if any
+    X=$W/outbox
+    if [ "${2:-}" != more ]; then
+      rm -rf "$X" && mkdir -p "$X"
+      [ -d "$W/data/parts" ] && O=$X pack data data/parts --exclude='*.tmp'
+      [ -f "$W/data/manifest.json" ] && cp "$W/data/manifest.json" "$X/dataset_manifest_$N.json"
+      [ -f "$W/data-trim/manifest.json" ] && cp "$W/data-trim/manifest.json" "$X/dataset_manifest_${N}_trim.json"
+      tar -C "$R" -czf "$X/$N-logs.tgz" . 2>/dev/null
+      runs=$(cd "$W" && ls -d runs/loops-* 2>/dev/null | while read -r d; do \
+        for f in metrics.jsonl train_config.json; do [ -f "$d/$f" ] && echo "$d/$f"; done; done)
+      [ -z "$runs" ] || tar -C "$W" -czf "$X/$N-loops.tgz" $runs
+    fi
+    sent=0 bytes=0
+    for f in $(ls "$X" | sort); do
+      size=$(stat -c %s "$X/$f")
+      [ $((bytes + size)) -gt $((60 << 20)) ] || [ "$sent" -ge 8 ] && break
+      mv "$X/$f" "$O/" && sent=$((sent + 1)) bytes=$((bytes + size))
+    done
+    ls -l "$O"; left=$(ls "$X" | wc -l)
+    [ "$left" = 0 ] && echo "outbox empty" || echo "$left file(s) left: run \`collect more\`" ;;
   before)
     python3 -m coral_vllm.cli bench training throughput --legacy-root .baseline --target "$M" \
       --data "$W/data" --legacy-presets $PRESETS --work "$W/legacy" \
