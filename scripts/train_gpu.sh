@@ -15,6 +15,8 @@
 #                                      # data/ keeps looping replies, data-trim/ trims them
 #                                      # (with CORAL_TEXTS: continues each passage)
 #   bash scripts/train_gpu.sh loops    # data/ vs data-trim/: two runs side by side, one plan
+#   bash scripts/train_gpu.sh long     # the shipped drafter's run (6 epochs of data/), resumed
+#   bash scripts/train_gpu.sh ship     # its exports, vLLM tau (k=5, MT-bench, HumanEval), e2e
 #   bash scripts/train_gpu.sh before   # tokens/s of the trainer at 25343e8, per preset
 #   bash scripts/train_gpu.sh curves   # EAGLE, HASS, CORAL: 1 epoch each, validated
 #   bash scripts/train_gpu.sh finish   # exports, vLLM tau vs offline tau, tables
@@ -27,7 +29,7 @@
 # CORAL_TIME_LIMIT_MIN, 8.5), leaving what it made usable, so one job can run several
 # stages across the 10-minute commands of a lease.
 # Extra flags for a stage (later flags win): CORAL_DATA_ARGS, CORAL_BEFORE_ARGS, CORAL_TRAIN_ARGS,
-# CORAL_TAU_ARGS (a small rehearsal on the CPU sets these).
+# CORAL_TAU_ARGS, CORAL_ACCEPTANCE_ARGS, CORAL_E2E_ARGS (a small rehearsal on the CPU sets these).
 # Work and results live in $CORAL_WORK (default /root/coral-work/$CORAL_NAME, kept while the host is);
 # each stage also copies what it produced to $OUT (default results/), at most 8 files.
 # What a stage makes outlives the host: it comes back in $OUT as xz pieces of <= 15 MiB,
@@ -57,11 +59,17 @@ pack() {  # pack PART DIR [tar options]: $W/DIR -> $O/$N-PART.tar.xz.NN
 left_min() {  # minutes to the deadline, less $1
   python3 -c "print(round(max(0.0, ($DEADLINE - $(date +%s)) / 60 - ${1:-0}), 2))"
 }
+pieces() {  # every piece of the pack named $1 anywhere under .gpu-data, in order (the
+  # pieces of one pack may come up in different commands' folders)
+  find -L .gpu-data -name "$1.[0-9][0-9]" 2>/dev/null | awk -F/ '{print $NF "\t" $0}' \
+    | sort | cut -f2
+}
 restore() {  # every .gpu-data/**/$N-PART.tar.xz.* whose folder (data, runs/RUN) $W lacks
-  local first top
+  local first name top
   for first in $(find -L .gpu-data -name "$N-*.tar.xz.00" 2>/dev/null | sort); do
-    top=$(cat "${first%.00}".* | xz -d | tar -t | head -n 1); top=${top%/}
-    [ -e "$W/$top" ] || { cat "${first%.00}".* | xz -d | tar -x -C "$W" && echo "restored $top"; }
+    name=$(basename "${first%.00}")
+    top=$(cat $(pieces "$name") | xz -d | tar -t | head -n 1); top=${top%/}
+    [ -e "$W/$top" ] || { cat $(pieces "$name") | xz -d | tar -x -C "$W" && echo "restored $top"; }
   done
 }
 restore
@@ -118,7 +126,7 @@ restore_runs() {  # what `curves` sent back, for `finish` on a later lease
 # NAME:FLAGS, commas for spaces; the first is the baseline every other run differs from
 ABLATIONS=${CORAL_ABLATIONS:-base: depth2:--num-layers,2 fused:--fused-layers,auto \
 init-target:--init-from-target csra-off:--csra-weight,0 csra-t1:--csra-temperature,1.0}
-case "${1:?stage: data | loops | before | curves | finish | ablate | scaling | collect}" in
+case "${1:?stage: data | loops | long | ship | before | curves | finish | ablate | scaling | collect}" in
   data)  # engines side by side (a 135M target leaves one vLLM engine CPU-bound), then
          # the data from all their parts: looping replies kept (data/), trimmed (data-trim/)
     [ -f "$W/conversations.jsonl.xz" ] || cp "${CORAL_CONVERSATIONS:-.gpu-data/conversations.jsonl.xz}" "$W/"
@@ -154,6 +162,33 @@ case "${1:?stage: data | loops | before | curves | finish | ablate | scaling | c
     wait
     python3 -m coral_vllm.cli bench training ablation --runs keep="$W/runs/loops-keep" \
       trim="$W/runs/loops-trim" --out "$R/loops.json" && cat "$R/loops.json" ;;
+  long)  # the shipped drafter's run: one plan (below) to its end, resumed by every later
+          # call or lease from what came back; the deadline stops it (state saved)
+    [ -f "$W/data/manifest.json" ] || python3 -m coral_vllm.cli train data --target "$M" \
+      --conversations "$W/conversations.jsonl.xz" --max-turns "${CORAL_MAX_TURNS:-3}" \
+      --max-new-tokens 512 --max-len 2048 --shards "${CORAL_DATA_ENGINES:-3}" --loops keep \
+      --out "$W/data" --write-only | tail -c 300
+    python3 -m coral_vllm.cli train train --preset coral --target "$M" --data "$W/data" \
+      --out "$W/runs/long" --epochs 6 --lr 3e-4 --batch-tokens 32768 --eval-every 200 \
+      --log-every 50 --time-limit-min "$(left_min 1.5)" ${CORAL_TRAIN_ARGS:-} \
+      >> "$R/train_long.log" 2>&1
+    echo "long: exit $? $(grep -E '^eval|done|stopped' "$R/train_long.log" | tail -n 2)" ;;
+  ship)  # the finished long run: router and dense-head exports; vLLM's tau at k=5 on all of
+         # MT-bench and HumanEval (T=0); bench e2e, batch 1, T=0, MT-bench, CORAL vs plain
+    grep -q "^stage 1 done" "$R/train_long.log" || { echo "long: not done"; exit 3; }
+    for head in router dense; do
+      flag=; [ "$head" = dense ] && flag=--dense
+      python3 -m coral_vllm.cli train export --run "$W/runs/long" --dest "$W/drafters/long-$head" \
+        $flag --dtype bfloat16 > /dev/null || exit 1
+    done
+    python3 -m coral_vllm.cli bench acceptance --model "$M" --drafters coral="$W/drafters/long-router" \
+      coral-dense-head="$W/drafters/long-dense" -k 5 --limit 164 --max-tokens 256 \
+      --out "$R/acceptance.json" ${CORAL_ACCEPTANCE_ARGS:-} 2>&1 | grep -v "^INFO\|^(\|^WARN" | tail -n 6
+    for k in ${CORAL_SHIP_K:-3 5}; do
+      python3 -m coral_vllm.cli bench e2e --model "$M" -k "$k" --drafters coral="$W/drafters/long-router" \
+        --datasets mtbench --temperatures 0 --concurrency 1 --requests 16 --repeats 5 \
+        --out "$R/e2e_smollm2_k$k.json" --log-dir "$R/logs_e2e_k$k" ${CORAL_E2E_ARGS:-} 2>&1 | grep -v "^INFO\|^(" | tail -n 4
+    done ;;
   collect)  # for the commands that wait on a job: what it made so far (the replies, the
             # manifests, logs, run metrics) packed into $W/outbox, then sent to $OUT at
             # most 8 files / 60 MiB a command: `collect more` sends the rest, if any
@@ -167,6 +202,9 @@ case "${1:?stage: data | loops | before | curves | finish | ablate | scaling | c
       runs=$(cd "$W" && ls -d runs/loops-* 2>/dev/null | while read -r d; do \
         for f in metrics.jsonl train_config.json; do [ -f "$d/$f" ] && echo "$d/$f"; done; done)
       [ -z "$runs" ] || tar -C "$W" -czf "$X/$N-loops.tgz" $runs
+      # the long run whole (state included: the next lease resumes it), its drafters
+      [ -d "$W/runs/long" ] && O=$X pack run-long runs/long
+      [ -d "$W/drafters" ] && tar -C "$W" -czf "$X/$N-drafters.tgz" drafters
     fi
     sent=0 bytes=0
     for f in $(ls "$X" | sort); do
