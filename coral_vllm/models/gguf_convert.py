@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,7 +57,8 @@ def convert_gguf(gguf_path: str | os.PathLike[str], out: str | os.PathLike[str],
                  workers: int | None = None) -> str:
     """Writes the HF directory `out` from `gguf_path` (replacing it only once complete)
     and returns the converter that did it. `dtype`: a DTYPES key; `converter`: a
-    CONVERTERS entry; `workers`: threads of the direct converter (default: every core)."""
+    CONVERTERS entry; `workers`: threads that dequantise in the direct converter
+    (default: one per core)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose one of {list(DTYPES)}")
     if converter not in CONVERTERS:
@@ -229,17 +230,29 @@ def _convert_direct(reader: Any, gguf_path: Path, out: Path, dtype: torch.dtype,
             w = w.copy()
         f.write(name, torch.from_numpy(w).reshape(layout[name][0]).to(dtype))
 
-    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+    # `workers` threads dequantise, two more read the metadata
+    with ThreadPoolExecutor((workers or os.cpu_count() or 1) + 2) as pool:
         tokenizer = pool.submit(write_tokenizer, gguf_path, reader.fields, out)
         config = pool.submit(load_config, gguf_path, dtype)
         with SafetensorsFile(out / WEIGHTS_FILE, layout) as f:
             biggest_first = sorted(tensors, key=lambda n: -tensors[n].n_elements)
-            for done in [pool.submit(convert, name) for name in biggest_first]:
-                done.result()
+            _finish_all([pool.submit(convert, name) for name in biggest_first])
         config = config.result()
     _check_layout(config, layout)
     _write_config(config, out)
     return tokenizer.result()
+
+
+def _finish_all(jobs: list[Future]) -> None:
+    """Waits for every job; after a failure, cancels the jobs not started and waits for
+    the running ones (they write into the open file) before raising the failure."""
+    wait(jobs, return_when=FIRST_EXCEPTION)
+    for job in jobs:
+        job.cancel()
+    wait(jobs)
+    for job in jobs:
+        if not job.cancelled() and job.exception() is not None:
+            raise job.exception()
 
 
 def _check_layout(config: Any, layout: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:

@@ -21,7 +21,7 @@ import zipfile
 from pathlib import Path
 
 from coral_vllm.datasets import sha256
-from coral_vllm.models.gguf_convert import convert_gguf
+from coral_vllm.models.gguf_convert import DTYPES, convert_gguf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +75,7 @@ def cache_root() -> Path:
 
 
 def known_model(name: str) -> KnownModel:
+    """The KNOWN_MODELS entry `name`; an unknown name is refused, naming the known."""
     if name not in KNOWN_MODELS:
         raise ValueError(f"unknown model {name!r}; known: {sorted(KNOWN_MODELS)}")
     return KNOWN_MODELS[name]
@@ -155,6 +156,8 @@ def fetch_model(name: str | None = None, force: bool = False,
     sha256 is checked. dtype: of the weights, by default the model's own
     (`KnownModel.dtype`); converter: see `gguf_convert.CONVERTERS`.
     """
+    if dtype is not None and dtype not in DTYPES:  # before minutes of downloading
+        raise ValueError(f"dtype {dtype!r}: choose one of {list(DTYPES)}")
     identified = gguf is not None and name is None
     spec = identify_gguf(gguf, None) if identified else known_model(name or DEFAULT_MODEL)
     out = model_dir(spec.name, dtype)

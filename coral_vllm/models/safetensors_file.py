@@ -65,6 +65,8 @@ class SafetensorsFile:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Copies `tensor` (the layout's shape and dtype) to its byte range."""
+        if self._fd < 0:
+            raise RuntimeError(f"{self.path}: written to after it was closed")
         offset, size, shape, dtype = self._ranges[name]
         if tuple(tensor.shape) != shape or tensor.dtype != dtype:
             raise ValueError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, the layout "
@@ -83,6 +85,7 @@ class SafetensorsFile:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         os.close(self._fd)
+        self._fd = -1
         missing = [n for n in self._ranges if n not in self._written]
         if exc_type is not None or missing:
             self.path.unlink(missing_ok=True)
