@@ -28,6 +28,7 @@ from coral_vllm.format.drafter_config import default_fused_layers, drafter_llama
 from coral_vllm.models.drafter_init import init_drafter
 from coral_vllm.runtime.metrics import from_llm_metrics
 from engine_utils import PROMPTS, chat, draft_support, engine, record_draft_support
+from tiny_targets import write_qwen2_target
 
 K = 3
 MAX_TOKENS = 24
@@ -38,6 +39,12 @@ SAMPLE_PROMPT = "Name a colour."
 KINDS = ("router", "dense", "static")
 FEATURES = torch.randn(6, 128, generator=torch.Generator().manual_seed(0)) * 4
 EAGER = {"enforce_eager": True}
+
+
+@pytest.fixture(scope="session")
+def qwen2_target(target_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random Qwen2 with SmolLM2's tokenizer (q/k/v biases, untied head)."""
+    return write_qwen2_target(tmp_path_factory.mktemp("qwen2") / "target", target_dir)
 
 
 def qwen25_coder_config() -> dict:
