@@ -11,7 +11,7 @@
 #     bash scripts/stage_gguf.sh .gpu-model/qwen2.5-coder-1.5b-instruct/p00
 #     bash scripts/stage_gguf.sh .gpu-model/qwen2.5-coder-1.5b-instruct/p01   ...
 # Pieces accumulate in $CORAL_GGUF_STORE/NAME (default /root/coral-gguf), each checked
-# against the MANIFEST's sha256 as it arrives; the call that brings the last one joins
+# against the MANIFEST's sha256 as it arrives (pieces of another cut are kept apart); the call that brings the last one joins
 # them, checks the whole file's sha256, and converts it with
 # `coral-vllm fetch-model NAME --gguf FILE` into the cache fetch-model reads
 # (/root/.cache/coral-vllm/models/NAME, bf16 safetensors for Qwen), which needs the vLLM
@@ -32,26 +32,28 @@ NAME=$(awk '$1 == "model" {print $2}' "$MANIFEST")
 SUM=$(awk '$1 == "sha256" {print $2}' "$MANIFEST")
 STORE=${CORAL_GGUF_STORE:-/root/coral-gguf}/$NAME
 GGUF="$STORE/$NAME.gguf"
-mkdir -p "$STORE"
+# pieces of one cut (one MANIFEST) only: a re-cut, e.g. after the checkout grew, starts over
+PIECES="$STORE/cut-$(sha256sum "$MANIFEST" | cut -c1-12)"
 
 if [ ! -f "$GGUF" ]; then
+  mkdir -p "$PIECES"
   # this call's piece(s), each checked on arrival (.ok marks a checked one)
   while read -r _ label sum _; do
     src="$PIECE/$NAME.gguf.$label"
-    [ -f "$src" ] && [ ! -f "$STORE/$label.ok" ] || continue
-    cp "$src" "$STORE/$label"
-    if [ "$(sha256sum "$STORE/$label" | cut -d' ' -f1)" != "$sum" ]; then
-      rm -f "$STORE/$label"; echo "$label: sha256 differs from the MANIFEST; carry it again"; exit 1
+    [ -f "$src" ] && [ ! -f "$PIECES/$label.ok" ] || continue
+    cp "$src" "$PIECES/$label"
+    if [ "$(sha256sum "$PIECES/$label" | cut -d' ' -f1)" != "$sum" ]; then
+      rm -f "$PIECES/$label"; echo "$label: sha256 differs from the MANIFEST; carry it again"; exit 1
     fi
-    touch "$STORE/$label.ok"; echo "stored $label"
+    touch "$PIECES/$label.ok"; echo "stored $label"
   done < <(awk '$1 == "piece"' "$MANIFEST")
   order=$(awk '$1 == "piece" {print $2}' "$MANIFEST")
-  missing=$(for label in $order; do [ -f "$STORE/$label.ok" ] || printf '%s ' "$label"; done)
+  missing=$(for label in $order; do [ -f "$PIECES/$label.ok" ] || printf '%s ' "$label"; done)
   if [ -n "$missing" ]; then echo "$NAME: still missing $missing"; exit 0; fi
   echo "$NAME: all pieces present; joining"
-  (cd "$STORE" && cat $order) > "$GGUF.partial"
+  (cd "$PIECES" && cat $order) > "$GGUF.partial"
   whole=$(sha256sum "$GGUF.partial" | cut -d' ' -f1)
-  for label in $order; do rm -f "$STORE/$label" "$STORE/$label.ok"; done
+  rm -rf "$STORE"/cut-*
   if [ "$whole" != "$SUM" ]; then
     rm -f "$GGUF.partial"; echo "$NAME: joined file's sha256 is not $SUM; carry every piece again"; exit 1
   fi

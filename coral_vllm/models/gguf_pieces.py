@@ -31,16 +31,19 @@ MANIFEST = "MANIFEST"
 
 
 def checkout_bytes(repo: str | os.PathLike[str] = ".") -> int:
-    """Bytes a GPU-host call carries of the checkout: tracked files and untracked ones
-    git does not ignore."""
+    """Bytes a GPU-host call carries of the checkout `repo` is in: tracked files and
+    untracked ones git does not ignore, from the repository's root."""
+    def git(*args: str, cwd: str | os.PathLike[str]) -> str:
+        return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
+                              text=True).stdout
+
     try:
-        names = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"],
-                               cwd=repo, check=True, capture_output=True).stdout
+        top = git("rev-parse", "--show-toplevel", cwd=repo).strip()
+        names = git("ls-files", "-co", "--exclude-standard", "-z", cwd=top).split("\0")
     except (OSError, subprocess.CalledProcessError) as e:
         raise RuntimeError(f"{repo}: cannot list the checkout with git ({e}); pass "
                            "--piece-bytes") from e
-    return sum(os.path.getsize(Path(repo, n)) for n in names.decode().split("\0")
-               if n and Path(repo, n).is_file())
+    return sum(os.path.getsize(Path(top, n)) for n in names if n and Path(top, n).is_file())
 
 
 def default_piece_bytes(repo: str | os.PathLike[str] = ".") -> int:
