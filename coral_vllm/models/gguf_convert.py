@@ -230,14 +230,20 @@ def _convert_direct(reader: Any, gguf_path: Path, out: Path, dtype: torch.dtype,
             w = w.copy()
         f.write(name, torch.from_numpy(w).reshape(layout[name][0]).to(dtype))
 
-    # `workers` threads dequantise, two more read the metadata
-    with ThreadPoolExecutor((workers or os.cpu_count() or 1) + 2) as pool:
-        tokenizer = pool.submit(write_tokenizer, gguf_path, reader.fields, out)
-        config = pool.submit(load_config, gguf_path, dtype)
-        with SafetensorsFile(out / WEIGHTS_FILE, layout) as f:
-            biggest_first = sorted(tensors, key=lambda n: -tensors[n].n_elements)
-            _finish_all([pool.submit(convert, name) for name in biggest_first])
-        config = config.result()
+    # `workers` threads dequantise, two more read the metadata; torch's own threads
+    # would multiply with them (each cast would start a team of one per core)
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor((workers or os.cpu_count() or 1) + 2) as pool:
+            tokenizer = pool.submit(write_tokenizer, gguf_path, reader.fields, out)
+            config = pool.submit(load_config, gguf_path, dtype)
+            with SafetensorsFile(out / WEIGHTS_FILE, layout) as f:
+                biggest_first = sorted(tensors, key=lambda n: -tensors[n].n_elements)
+                _finish_all([pool.submit(convert, name) for name in biggest_first])
+            config = config.result()
+    finally:
+        torch.set_num_threads(torch_threads)
     _check_layout(config, layout)
     _write_config(config, out)
     return tokenizer.result()
