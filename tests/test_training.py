@@ -10,7 +10,7 @@ import torch
 
 from coral_vllm.format.checkpoint import expected_shapes, read_checkpoint
 from coral_vllm.training.batches import Batch, TokenTable, epoch_batches, padded_len
-from coral_vllm.training.config import TrainConfig
+from coral_vllm.training.config import PlanChanged, TrainConfig
 from coral_vllm.training.csra import csra_loss
 from coral_vllm.training.data import load_dev, load_splits, read_samples, write_dataset
 from coral_vllm.training.model import CoralDrafter
@@ -351,7 +351,14 @@ def test_resume_continues_at_right_step(tiny, tmp_path):
     part = _cfg(tiny, tmp_path / "part", max_steps=8, feature_noise=0.2)
     r1 = train(part, stop_at_step=5)
     assert r1["step"] == 5 and not r1["done"] and load_state(part.out)["step"] == 5
-    r2 = train(part)
+    # the plan is fixed at the start: a longer budget or another lr is refused, naming
+    # the setting; a time limit (or where the data lies) may change
+    for change in ({"max_steps": 16}, {"lr": 1e-3}):
+        with pytest.raises(PlanChanged, match=f"started with {next(iter(change))}="):
+            train(_cfg(tiny, tmp_path / "part", feature_noise=0.2,
+                       **{"max_steps": 8, **change}))
+    r2 = train(_cfg(tiny, tmp_path / "part", max_steps=8, feature_noise=0.2,
+                    time_limit_min=60))
     assert r2["step"] == 8 and r2["done"]
     a, b = load_state(full.out), load_state(part.out)
     assert b["step"] == 8 and a["tokens_seen"] == b["tokens_seen"]
@@ -534,7 +541,7 @@ def test_mixed_dtypes_and_router_on_exported_drafter(tiny, trained, tmp_path):
 def test_torchrun_two_ranks_equal_one_process_accumulating(tiny, tmp_path):
     """`torchrun --nproc-per-node 2 ... train` (DDP over gloo) ends where one process with
     --grad-accum 2 ends: same samples per step, same random draws, averaged gradients.
-    A state written by either resumes in the other world size."""
+    A state written by one process resumes under two ranks to the same drafter."""
     import subprocess
     import sys
 
@@ -562,10 +569,22 @@ def test_torchrun_two_ranks_equal_one_process_accumulating(tiny, tmp_path):
     assert [r["gpus"] for r in table["rows"]] == [1, 2]
     assert table["rows"][0]["scaling_efficiency"] == 1.0
     assert all(r["tokens_per_s"] > 0 and r["heldout_tau"] >= 1.0 for r in table["rows"])
-    # resume across world sizes: the 2-rank state continues in one process to step 8
-    assert main([*args[:-2], "--max-steps", "8", "--out", str(tmp_path / "ddp"),
-                 "--grad-accum", "2"]) == 0
-    assert load_state(tmp_path / "ddp")["step"] == 8
+    # resume across world sizes: one process stops at step 3, two ranks finish the run,
+    # to the drafter of the run that was never stopped; the number of micro-batches a
+    # step is part of the plan
+    assert main([*args, "--out", str(tmp_path / "mix"), "--grad-accum", "2",
+                 "--stop-at-step", "3"]) == 3
+    with pytest.raises(SystemExit):
+        main([*args, "--out", str(tmp_path / "mix"), "--grad-accum", "1"])
+    mix = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "2", "-m", "coral_vllm.cli", "train", *args,
+                          "--out", str(tmp_path / "mix"), "--grad-accum", "1"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert mix.returncode == 0, mix.stderr[-3000:]
+    c = load_state(tmp_path / "mix")
+    assert c["step"] == 6 and c["tokens_seen"] == b["tokens_seen"]
+    for k, v in b["model"].items():
+        assert torch.allclose(v.float(), c["model"][k].float(), atol=1e-5), k
 
 
 def test_second_phase_starts_from_a_run_with_topk_distillation(tiny, trained, tmp_path):

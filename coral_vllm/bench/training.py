@@ -41,6 +41,8 @@ from typing import Any, Sequence
 from coral_vllm.bench.args import parse_named
 from coral_vllm.bench.plots import plot_file
 from coral_vllm.bench.results import device_name, write_json
+from coral_vllm.training.config import RESUMABLE_CHANGES
+from coral_vllm.training.data import read_manifest
 
 # Run inside a subprocess whose sys.path starts with the legacy package: times the old
 # trainer between its batch builds (its loop reads every step's loss back to the host,
@@ -202,39 +204,60 @@ def scaling(args: argparse.Namespace) -> dict[str, Any]:
     return {"device": device, "rows": rows}
 
 
-# settings that say where a run lives or how it is logged, not what it trains
-_NOT_A_LEVER = {"target", "data", "out", "time_limit_min", "log_every", "eval_every",
-                "save_every", "stop_at_step", "init_from"}
+# settings that say where a run lives or how it is logged, not what it trains (the data
+# a run reads is compared by what its manifest says, not by its path)
+_NOT_A_LEVER = RESUMABLE_CHANGES | {"init_from"}
+
+
+def data_summary(run: str | Path) -> dict[str, Any]:
+    """What a run's data is: its looping replies' handling and size (from the manifest)."""
+    cfg = json.loads((Path(run) / "train_config.json").read_text())
+    try:
+        m = read_manifest(cfg["data"])
+    except FileNotFoundError:
+        return {}
+    return {"loops": m.get("cuts", {}).get("loops", "trim"), "samples": m.get("samples"),
+            "tokens": m.get("tokens"), "complete": m.get("complete", True)}
 
 
 def ablation(args: argparse.Namespace) -> dict[str, Any]:
-    """Best held-out tau per run, with the settings that differ from the first run."""
+    """Per run: the best held-out tau and the tau at its last evaluation up to the last
+    step every run reached (runs cut short by a time limit compare there; None if it has
+    none), with the settings (and data) that differ from the first run."""
     runs = parse_named(args.runs, "--runs", "RUN")
     vllm = vllm_tau_rows(args.vllm_tau)
     device = one_device(list(runs.values()), args.device)
     configs = {name: json.loads((Path(run) / "train_config.json").read_text())
                for name, run in runs.items()}
+    data = {name: data_summary(run) for name, run in runs.items()}
+    evals = {name: run_evals(run) for name, run in runs.items()}
+    for name, rows_ in evals.items():
+        if not rows_:
+            raise SystemExit(f"--runs {name}={runs[name]}: no evaluation rows; train with "
+                             "--eval-every")
+    common = min(max(e["step"] for e in rows_) for rows_ in evals.values())
     base_name = next(iter(runs))
     base = configs[base_name]
     rows = []
     for name, run in runs.items():
         key = serving_tau_key(run)
-        evals = run_evals(run)
-        if not evals:
-            raise SystemExit(f"--runs {name}={run}: no evaluation rows; train with --eval-every")
-        best = max(evals, key=lambda e: e[key])
+        best = max(evals[name], key=lambda e: e[key])
+        upto = [e for e in evals[name] if e["step"] <= common]
         changed = {k: v for k, v in configs[name].items()
                    if k not in _NOT_A_LEVER and base.get(k) != v}
+        if data[name] != data[base_name]:
+            changed["data"] = data[name]
         rows.append({"lever": name, "changed": changed, "heldout_tau": best[key],
                      "heldout_acc1": best.get("heldout_acc1"),
                      "tokens_at_best": best["train_tokens"],
-                     "train_tokens": evals[-1]["train_tokens"],
+                     "train_tokens": evals[name][-1]["train_tokens"],
+                     "heldout_tau_at_common_step": upto[-1][key] if upto else None,
                      "vllm_tau": vllm.get(name, {}).get("vllm_tau"),
                      "ratio_to_baseline": None})
-    base_tau = rows[0]["heldout_tau"]
     for row in rows:
-        row["ratio_to_baseline"] = row["heldout_tau"] / base_tau
-    return {"device": device, "baseline": base_name, "k": args.k, "rows": rows}
+        row["ratio_to_baseline"] = row["heldout_tau"] / rows[0]["heldout_tau"]
+    return {"device": device, "baseline": base_name, "k": args.k, "common_step": common,
+            "data": data[base_name], "rows": rows}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

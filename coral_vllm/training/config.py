@@ -25,6 +25,20 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# What a resumed run may change: where things are, how often it logs, validates and
+# saves, its time limit, where its features live, and how a step's micro-batches are
+# spread over ranks and accumulation (the trainer checks that their number, world size x
+# grad_accum, stays). The rest is the run's plan (budget, schedule, recipe), fixed when
+# the run starts so that a run spread over many calls and hosts follows one learning-rate
+# schedule to its end.
+RESUMABLE_CHANGES = frozenset({"target", "data", "out", "time_limit_min", "log_every",
+                               "eval_every", "save_every", "feature_store", "grad_accum"})
+
+
+class PlanChanged(ValueError):
+    """A resume asked for a different plan (or data) than the run started with."""
+
+
 @dataclasses.dataclass
 class TrainConfig:
     # paths
@@ -138,6 +152,19 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def check_resumes(self, started: dict[str, Any]) -> None:
+        """Raises PlanChanged naming every plan setting that differs from `started` (the
+        config the run was started with)."""
+        old, new = TrainConfig.from_dict(started).to_dict(), self.to_dict()
+        diff = [k for k in new if k not in RESUMABLE_CHANGES and new[k] != old[k]]
+        if diff:
+            raise PlanChanged(
+                f"{self.out} was started with "
+                + ", ".join(f"{k}={old[k]!r}" for k in diff) + "; this command asks "
+                + ", ".join(f"{k}={new[k]!r}" for k in diff) + ". A run's plan is fixed "
+                "when it starts: resume with the settings in its train_config.json (only "
+                f"{', '.join(sorted(RESUMABLE_CHANGES))} may change), or pass a new --out.")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":

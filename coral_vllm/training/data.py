@@ -18,6 +18,7 @@ before it existed) holds out the last `holdout` share of the training samples in
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -137,6 +138,14 @@ def read_samples(data_dir: str | Path, key: str = "shards", verify: bool = False
         samples += [(t["input_ids"][a:b], t["loss_mask"][a:b])
                     for a, b in zip(off[:-1], off[1:])]
     return samples
+
+
+def data_fingerprint(data_dir: str | Path) -> str:
+    """One hash of every file a training run reads (from the manifest's hashes)."""
+    m = read_manifest(data_dir)
+    files = [s["sha256"] for s in m.get("shards", []) + m.get("heldout_shards", [])]
+    files.append(m.get("dev", {}).get("sha256", ""))
+    return hashlib.sha256(" ".join(files).encode()).hexdigest()
 
 
 def holdout_split(n: int, holdout: float) -> tuple[list[int], list[int]]:

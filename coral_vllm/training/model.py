@@ -26,6 +26,7 @@ and are not trained.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,6 +43,10 @@ from coral_vllm.format.router import Router
 
 
 TRAINED_PREFIXES = LAYER_PREFIXES + OWN_PREFIXES
+# A target layer's parameters `init_layer_from_target` leaves out: Qwen2's q/k/v biases
+# (the drafter's Llama layer has none). The target's input norm of the drafter's layer 0
+# is left out too: EAGLE's first layer has no input norm. Anything else is refused.
+DROPPED_TARGET_PARAMS = tuple(f"self_attn.{p}_proj.bias" for p in "qkv")
 
 
 def rope_theta(cfg: dict[str, Any]) -> float:
@@ -246,8 +251,8 @@ class CoralDrafter(nn.Module):
 
     def init_layer_from_target(self, target_model) -> None:
         """Start the N decoder layers from the target's last N layers (optional; EAGLE
-        starts from random) and fc from 'pass the feature through'. Llama-layer targets
-        only."""
+        starts from random) and fc from 'pass the feature through'. Llama-layer targets,
+        and Qwen2's, whose q/k/v biases are left out (with a warning saying so)."""
         if getattr(target_model.config, "hidden_act", None) != "silu":
             raise NotImplementedError("init_from_target copies a Llama (SiLU) target layer; "
                                       "this target's layer is another kind.")
@@ -259,10 +264,25 @@ class CoralDrafter(nn.Module):
         if len(src_layers) < self.num_layers:
             raise ValueError(f"num_layers={self.num_layers}: init_from_target needs as many "
                              f"target layers, the target has {len(src_layers)}.")
+        dropped: set[str] = set()
         with torch.no_grad():
-            for src, dst in zip(src_layers, self.layers):
-                for name, p in dst.named_parameters():
+            for i, (src, dst) in enumerate(zip(src_layers, self.layers)):
+                mine = dict(dst.named_parameters())
+                extra = set(dict(src.named_parameters())) - set(mine)
+                refused = sorted(extra - set(DROPPED_TARGET_PARAMS) - {"input_layernorm.weight"})
+                if refused:
+                    raise NotImplementedError(
+                        f"init_from_target: the target's layer has {refused}, which the "
+                        "drafter's Llama layer has no place for; start it from random "
+                        "(drop --init-from-target).")
+                dropped |= extra & set(DROPPED_TARGET_PARAMS)
+                for name, p in mine.items():
                     p.copy_(src.get_parameter(name))
+            if dropped:
+                warnings.warn(f"init_from_target: the target layer's {sorted(dropped)} are "
+                              "left out: the drafter's layer (vLLM's EAGLE Llama layer) has "
+                              "no attention biases, so it starts from the target layer "
+                              "without them and training adapts it.", stacklevel=2)
             d = self.hidden_size
             self.fc.weight.zero_()
             self.fc.weight[:, d:] += torch.eye(d)

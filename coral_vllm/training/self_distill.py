@@ -5,13 +5,14 @@
       -> round r: every live conversation's history (its user turns, each followed by
          the target's OWN reply from the earlier rounds) + user turn r in the chat
          template -> the target's greedy reply (vLLM on a GPU; transformers elsewhere)
-      -> degenerate repetition loops cut out of replies
+      -> looping replies kept whole, as vLLM serves them, or trimmed to one copy
+         (`loops`; the same generation serves both)
       -> token shards + manifest (data.py)
 
 A base target (no chat template) takes plain-text passages instead (training/texts.py):
 each is a one-turn conversation whose prompt is the passage's first `prompt_tokens`
 tokens (:class:`TextSplicer`) and whose reply is the target's continuation; the same
-loop, cuts, splits and files serve both (a splicer turns turns + replies into ids).
+loop, splits and files serve both (a splicer turns turns + replies into ids).
 
 Replies are spliced into the chat template as the ids the target generated (never
 decoded and re-tokenized), so the drafter trains on exactly the token sequences the
@@ -19,8 +20,11 @@ target produced. The dev prompts get one greedy continuation each, uncut: the of
 chain tau replays it (validate.py), and vLLM serving the same prompts must produce it.
 
 Generation runs round by round in parts of `chunk_prompts` prompts saved under
-`out/parts/`; a rerun loads the parts already there and generates only what is missing,
-so a run cut by `time_limit_min` resumes.
+`out/parts/`; a rerun loads the parts already there and generates only what is missing.
+A run cut by `time_limit_min` starts no part it cannot finish and still writes the data
+of every reply generated so far (manifest "complete": false), so it can be trained on
+and resumed. A small target leaves one vLLM engine CPU-bound, so the conversations can
+be split over several engine processes on one GPU (`shards`, `shard`), merged after.
 """
 
 from __future__ import annotations
@@ -47,6 +51,12 @@ _SENTINEL_RE = re.compile("\x00REPLY\\d+\x00")
 MAX_PERIOD = 256
 LOOP_MIN_TOKENS = 16
 MIN_REPLY_ROOM = 32  # a turn is asked only if this many reply tokens (or max_new_tokens) fit
+# what the written data does with a looping reply (see apply_loops)
+LOOP_MODES = ("keep", "trim")
+DEFAULT_LOOPS = "keep"
+# time a vLLM engine's start (~100 s compiling on an H200) and its first part need; a
+# part is not started with less left before the time limit, until there is a rate
+FIRST_VLLM_PART_S = 240.0
 
 Reply = tuple[list[int], bool]  # generated ids without the end-of-turn token, ended?
 Generate = Callable[[list[list[int]], list[int]], list[Reply]]
@@ -64,10 +74,19 @@ class ChatSplicer:
     def __init__(self, tokenizer, eos_ids: Sequence[int]) -> None:
         self.tok = tokenizer
         self.eos = set(int(e) for e in eos_ids)
+        # tokenizing is most of the data stage's CPU time: each conversation prefix is
+        # asked for once per round and again when the data is written
+        self._segments: dict[tuple[str, ...], list[list[int]]] = {}
 
     def segments(self, turns: Sequence[str]) -> list[list[int]]:
         """len(turns) pieces: piece i precedes reply i + 1; the last ends with the
         generation prompt for turns[-1]."""
+        key = tuple(turns)
+        if key not in self._segments:
+            self._segments[key] = self._render(key)
+        return self._segments[key]
+
+    def _render(self, turns: tuple[str, ...]) -> list[list[int]]:
         msgs: list[dict[str, str]] = []
         for i, t in enumerate(turns):
             msgs.append({"role": "user", "content": t})
@@ -78,7 +97,7 @@ class ChatSplicer:
         if len(pieces) != len(turns):
             raise ValueError("the chat template does not render assistant turns verbatim; "
                              "multi-turn self-distillation needs it to")
-        return [self.tok.encode(p, add_special_tokens=False) for p in pieces]
+        return list(self.tok(pieces, add_special_tokens=False)["input_ids"])
 
     def sequence(self, turns: Sequence[str], replies: Sequence[Reply]
                  ) -> tuple[list[int], list[int]]:
@@ -157,16 +176,18 @@ def loop_start(ids: Sequence[int], max_period: int = MAX_PERIOD,
 
 
 # -------------------------------------------------------------------- generation
-def vllm_generator(target: str, max_model_len: int, temperature: float, seed: int
-                   ) -> Generate:
-    """Many sequences in flight through vLLM's offline engine (the GPU path)."""
+def vllm_generator(target: str, max_model_len: int, temperature: float, seed: int,
+                   gpu_share: float = 0.88) -> Generate:
+    """Many sequences in flight through vLLM's offline engine (the GPU path); several
+    engines can share one GPU (`gpu_share` each), since a small target leaves vLLM's
+    per-step CPU work, not the GPU, as the limit."""
     from vllm import LLM, SamplingParams
 
     from coral_vllm.runtime.engine_args import engine_defaults
 
     # on a GPU: many sequences in flight (a 135M target leaves the card idle otherwise)
     llm = LLM(model=target, seed=seed, max_model_len=max_model_len, enable_prefix_caching=True,
-              **engine_defaults(gpu_memory_utilization=0.9, max_num_seqs=1024,
+              **engine_defaults(gpu_memory_utilization=gpu_share, max_num_seqs=1024,
                                 max_num_batched_tokens=32768))
 
     def generate(prompts: list[list[int]], max_tokens: list[int]) -> list[Reply]:
@@ -294,156 +315,288 @@ def _prompt_set(conversations: str | None, texts: str | None, tok, eos: set[int]
     return "conversations", conversations, convs, stats, ChatSplicer(tok, eos)
 
 
-def build_data(target: str, out_dir: str, conversations: str | None = None, *,
-               texts: str | None = None, prompt_tokens: int = PROMPT_TOKENS,
-               max_turns: int = 8,
-               max_len: int = 2048, max_new_tokens: int = 512, dev_max_new_tokens: int = 256,
-               dev_share: float = DEV_SHARE, heldout_share: float = HELDOUT_SHARE,
-               max_conversations: int | None = None, temperature: float = 0.0,
-               backend: str = "auto", seed: int = 0, batch_size: int = 8,
-               chunk_prompts: int = 20000, time_limit_min: float = 0.0,
-               generator: Generate | None = None) -> dict[str, Any] | None:
-    """The `train data` command, from `conversations` or plain-text `texts` (one of the
-    two files; `prompt_tokens` is the texts' prompt length); returns the manifest, or
-    None if stopped by the time limit (rerun to resume). `generator` replaces the model
-    (tests)."""
-    from transformers import AutoTokenizer
+def shard_of(conv_id: str, shards: int) -> int:
+    """Which of `shards` generation engines a conversation goes to (fixed by its id, and
+    independent of its split)."""
+    return int(hashlib.sha1(("shard:" + conv_id).encode()).hexdigest()[:8], 16) % shards
 
-    from coral_vllm.training.target import target_config_dict
 
-    t0 = time.time()
-    tok = AutoTokenizer.from_pretrained(target)
-    gen_cfg = json.loads((Path(target) / "generation_config.json").read_text()) \
-        if (Path(target) / "generation_config.json").is_file() else {}
-    eos_cfg = gen_cfg.get("eos_token_id", tok.eos_token_id)
-    eos = set([eos_cfg] if isinstance(eos_cfg, int) else eos_cfg or [tok.eos_token_id])
-    kind, prompt_file, convs, file_stats, splicer = _prompt_set(
-        conversations, texts, tok, eos, prompt_tokens, target)
-    if max_conversations is not None:  # a uniform, deterministic subset
-        key = lambda c: hashlib.sha1(("subset:" + c.id).encode()).hexdigest()  # noqa: E731
-        convs = sorted(sorted(convs, key=key)[:max_conversations], key=lambda c: c.id)
-    split = [split_of(c.id, dev_share, heldout_share) for c in convs]
-    parts = Parts(Path(out_dir) / "parts")
-    if backend == "auto":
-        backend = "vllm" if generator is None and _vllm_on_gpu() else "transformers"
-    engine: dict[str, Any] = {"start_s": 0.0}
+class Generation:
+    """Stages of prompts through the target, in saved parts, within a time limit.
 
-    def gen() -> Generate:
-        if generator is not None:
-            return generator
-        if "fn" not in engine:
-            t = time.time()
-            engine["fn"] = (vllm_generator(target, max_len, temperature, seed)
-                            if backend == "vllm" else
-                            hf_generator(target, temperature, seed, batch_size, sorted(eos),
-                                         tok.pad_token_id or 0))
-            engine["start_s"] = time.time() - t
-        return engine["fn"]
+    A part is started only if it is expected to end before `deadline`: from this
+    process's rate once it has generated a part's worth of prompts, before that if at
+    least `first_part_s` (an engine start and a first part) are left. So a run cut by
+    the limit loses no generated reply, and the parts that exist are always usable.
+    `generate=False` uses the saved parts only (a part missing stops the run as the
+    time limit would)."""
 
-    def run_chunks(stage: str, prompts: list[list[int]], limits: list[int]
-                   ) -> list[Reply] | None:
-        """Replies for every prompt, from saved parts or generated now (None: out of time)."""
+    def __init__(self, start_engine: Callable[[], Generate], chunk_prompts: int,
+                 deadline: float | None, first_part_s: float = 0.0,
+                 generate: bool = True) -> None:
+        self.start_engine, self.chunk, self.deadline = start_engine, chunk_prompts, deadline
+        self.first_part_s, self.generate = first_part_s, generate
+        self.fn: Generate | None = None
+        self.engine_start_s = 0.0
+        self.stopped: str | None = None      # the first part not generated for lack of time
+        self.seconds, self.output_tokens = 0.0, 0     # over every part used
+        self._fresh_s, self._fresh_prompts = 0.0, 0   # parts generated by this process
+
+    def run(self, parts: Parts, stage: str, prompts: list[list[int]], limits: list[int]
+            ) -> list[Reply]:
+        """Replies to a prefix of `prompts`: all, or those of the parts done in time."""
         replies: list[Reply] = []
-        for c, a in enumerate(range(0, len(prompts), chunk_prompts)):
+        for c, a in enumerate(range(0, len(prompts), self.chunk)):
             saved = parts.load(stage, c)
             if saved is None:
-                if time_limit_min > 0 and time.time() - t0 > time_limit_min * 60:
-                    print(f"time limit: stopped before {stage} part {c}; rerun to resume.")
-                    return None
-                generate = gen()  # the engine starts outside the timed region
-                t = time.time()
-                got = generate(prompts[a:a + chunk_prompts], limits[a:a + chunk_prompts])
-                saved = {"replies": got, "seconds": time.time() - t,
-                         "output_tokens": sum(len(r) for r, _ in got)}
+                if not self._fits(len(prompts[a:a + self.chunk])):
+                    self.stopped = self.stopped or f"{parts.root.name}/{stage} part {c}"
+                    print(f"{stage} part {c} not generated"
+                          + ("; rerun to resume." if self.generate else " (write only)."))
+                    return replies
+                saved = self._generate(prompts[a:a + self.chunk], limits[a:a + self.chunk])
                 parts.save(stage, c, saved)
-                print(f"{stage} part {c}: {len(got)} replies, {saved['output_tokens']} tokens, "
+                print(f"{stage} part {c}: {len(saved['replies'])} replies, "
+                      f"{saved['output_tokens']} tokens, "
                       f"{saved['output_tokens'] / max(1e-9, saved['seconds']):.0f} tok/s",
                       flush=True)
             replies += saved["replies"]
-            stats["gen_seconds"] += saved["seconds"]
-            stats["output_tokens"] += saved["output_tokens"]
+            self.seconds += saved["seconds"]
+            self.output_tokens += saved["output_tokens"]
         return replies
 
-    stats = {"gen_seconds": 0.0, "output_tokens": 0}
-    cuts = {"replies": 0, "replies_cut_for_loops": 0, "tokens_cut_for_loops": 0,
-            "conversations_ended_by_max_tokens": 0, "turns_dropped_for_length": 0}
+    def _fits(self, n_prompts: int) -> bool:
+        if not self.generate:
+            return False
+        if self.deadline is None:
+            return True
+        if self._fresh_prompts < self.chunk:  # no rate to go by yet
+            expected = self.first_part_s
+        else:
+            expected = n_prompts * self._fresh_s / self._fresh_prompts
+        return time.time() + expected < self.deadline
 
-    # dev prompts: the first turn, one greedy continuation each, as served (no cuts)
-    dev_idx = [i for i, s in enumerate(split) if s == "dev"]
-    dev_prompts = [splicer.sequence(convs[i].turns[:1], [])[0] for i in dev_idx]
-    keep = [j for j, p in enumerate(dev_prompts) if len(p) + dev_max_new_tokens <= max_len]
-    dev_idx, dev_prompts = [dev_idx[j] for j in keep], [dev_prompts[j] for j in keep]
-    dev_replies = run_chunks("dev", dev_prompts, [dev_max_new_tokens] * len(dev_prompts))
-    if dev_replies is None:
-        return None
+    def _generate(self, prompts: list[list[int]], limits: list[int]) -> dict[str, Any]:
+        if self.fn is None:  # the engine starts outside the timed region
+            t = time.time()
+            self.fn = self.start_engine()
+            self.engine_start_s = time.time() - t
+        t = time.time()
+        got = self.fn(prompts, limits)
+        seconds = time.time() - t
+        self._fresh_s += seconds
+        self._fresh_prompts += len(prompts)
+        return {"replies": got, "seconds": seconds,
+                "output_tokens": sum(len(r) for r, _ in got)}
 
-    # train + held-out conversations, round by round
-    live = [i for i, s in enumerate(split) if s != "dev"]
-    replies: dict[int, list[Reply]] = {i: [] for i in live}
+
+Turn = tuple[list[int], bool, int | None]  # reply ids (no end token), ended, loop cut
+
+
+def converse(gen: Generation, parts: Parts, convs: Sequence[Any], members: list[int],
+             splicer: ChatSplicer | TextSplicer, eos: set[int], max_turns: int,
+             max_len: int, max_new_tokens: int, counts: dict[str, int]
+             ) -> dict[int, list[Turn]]:
+    """Round r asks every live conversation of `members` its user turn r after the
+    target's own earlier replies. A conversation lives on while its replies end by
+    themselves and do not loop, whatever the data later does with loops, so one
+    generation serves both `loops` modes. Replies are returned uncut."""
+    turns: dict[int, list[Turn]] = {i: [] for i in members}
+    live = list(members)
     for r in range(1, max_turns + 1):
         asked, prompts, limits = [], [], []
         for i in live:
             if len(convs[i].turns) < r:
                 continue
-            ids, _ = splicer.sequence(convs[i].turns[:r], replies[i])
+            ids, _ = splicer.sequence(convs[i].turns[:r], [t[:2] for t in turns[i]])
             room = min(max_new_tokens, max_len - len(ids))
             if room < min(MIN_REPLY_ROOM, max_new_tokens):
-                cuts["turns_dropped_for_length"] += len(convs[i].turns) - r + 1
+                counts["turns_dropped_for_length"] += len(convs[i].turns) - r + 1
                 continue
             asked.append(i)
             prompts.append(ids)
             limits.append(room)
         if not asked:
             break
-        got = run_chunks(f"round{r:02d}", prompts, limits)
-        if got is None:
-            return None
+        got = gen.run(parts, f"round{r:02d}", prompts, limits)
         live = []
         for i, reply in zip(asked, got):
             ids, ended = strip_end(reply, eos)
-            cuts["replies"] += 1
             cut = loop_start(ids)
-            if cut is not None:
-                cuts["replies_cut_for_loops"] += 1
-                cuts["tokens_cut_for_loops"] += len(ids) - cut
-                ids, ended = ids[:cut], False
-            replies[i].append((ids, ended))
-            if ended:
-                live.append(i)  # a reply cut short ends its conversation
+            turns[i].append((ids, ended, cut))
+            if ended and cut is None:
+                live.append(i)
             elif cut is None:
-                cuts["conversations_ended_by_max_tokens"] += 1
+                counts["conversations_ended_by_max_tokens"] += 1
+        if len(got) < len(prompts):  # out of time: later rounds need this one
+            break
+    return turns
+
+
+def apply_loops(turns: list[Turn], loops: str, cuts: dict[str, int]) -> list[Reply]:
+    """The replies as the data holds them: a looping reply whole ("keep", as vLLM serves
+    the target) or cut to one copy of its repeating unit, unended ("trim")."""
+    out: list[Reply] = []
+    for ids, ended, cut in turns:
+        cuts["replies"] += 1
+        if cut is not None:
+            cuts["replies_looping"] += 1
+            cuts["loop_tokens"] += len(ids) - cut
+            if loops == "trim":
+                ids, ended = ids[:cut], False
+        out.append((ids, ended))
+    return out
+
+
+class _DataSetup:
+    """The target's tokenizer and end tokens, the prompt set, its splits and splicer."""
+
+    def __init__(self, target: str, conversations: str | None, texts: str | None,
+                 prompt_tokens: int, max_conversations: int | None, dev_share: float,
+                 heldout_share: float) -> None:
+        from transformers import AutoTokenizer
+
+        self.target = target
+        self.tok = AutoTokenizer.from_pretrained(target)
+        gen_file = Path(target) / "generation_config.json"
+        gen_cfg = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+        eos_cfg = gen_cfg.get("eos_token_id", self.tok.eos_token_id)
+        self.eos = set([eos_cfg] if isinstance(eos_cfg, int)
+                       else eos_cfg or [self.tok.eos_token_id])
+        self.kind, self.prompt_file, convs, self.file_stats, self.splicer = _prompt_set(
+            conversations, texts, self.tok, self.eos, prompt_tokens, target)
+        if max_conversations is not None:  # a uniform, deterministic subset
+            key = lambda c: hashlib.sha1(("subset:" + c.id).encode()).hexdigest()  # noqa: E731
+            convs = sorted(sorted(convs, key=key)[:max_conversations], key=lambda c: c.id)
+        self.convs = convs
+        self.split = [split_of(c.id, dev_share, heldout_share) for c in convs]
+
+
+def _engine(backend: str, target: str, max_len: int, temperature: float, seed: int,
+            batch_size: int, setup: _DataSetup, gpu_share: float) -> Generate:
+    if backend == "vllm":
+        return vllm_generator(target, max_len, temperature, seed, gpu_share)
+    return hf_generator(target, temperature, seed, batch_size, sorted(setup.eos),
+                        setup.tok.pad_token_id or 0)
+
+
+def _dev_continuations(gen: Generation, parts: Parts, setup: _DataSetup, members: list[int],
+                       max_len: int, max_new_tokens: int
+                       ) -> list[tuple[list[int], list[int]]]:
+    """(prompt, greedy continuation) of the dev conversations' first turns, as served:
+    no cuts, what the offline chain tau replays and vLLM must reproduce."""
+    prompts = [setup.splicer.sequence(setup.convs[i].turns[:1], [])[0]
+               for i in members if setup.split[i] == "dev"]
+    prompts = [p for p in prompts if len(p) + max_new_tokens <= max_len]
+    got = gen.run(parts, "dev", prompts, [max_new_tokens] * len(prompts))
+    return [(p, list(ids)) for p, (ids, _) in zip(prompts, got)]
+
+
+def _write(out_dir: str, setup: _DataSetup, turns: dict[int, list[Turn]],
+           dev: list[tuple[list[int], list[int]]], loops: str, counts: dict[str, int],
+           progress: dict[str, Any], dev_share: float, heldout_share: float
+           ) -> dict[str, Any]:
+    """Every conversation with a reply as one sample of its split; the manifest."""
+    from coral_vllm.training.target import target_config_dict
+
+    cuts = {"loops": loops, "replies": 0, "replies_looping": 0, "loop_tokens": 0, **counts}
     samples: dict[str, list[tuple[list[int], list[int]]]] = {"train": [], "heldout": []}
     turns_used = {"train": 0, "heldout": 0}
-    for i, reps in replies.items():
-        if reps:
-            samples[split[i]].append(splicer.sequence(convs[i].turns[:len(reps)], reps))
-            turns_used[split[i]] += len(reps)
-    dev = [(p, list(ids)) for p, (ids, _) in zip(dev_prompts, dev_replies)]
-    cuts["share_of_replies_cut_for_loops"] = (cuts["replies_cut_for_loops"]
-                                              / max(1, cuts["replies"]))
-    meta = {"target": str(target), "backend": backend,
-            kind: {"file": Path(prompt_file).name,
-                   "sources": file_stats.get("sources", file_stats), "total": len(convs)},
+    for i in sorted(turns):
+        if turns[i]:
+            reps = apply_loops(turns[i], loops, cuts)
+            split = setup.split[i]
+            samples[split].append(setup.splicer.sequence(setup.convs[i].turns[:len(reps)],
+                                                         reps))
+            turns_used[split] += len(reps)
+    cuts["share_of_replies_looping"] = cuts["replies_looping"] / max(1, cuts["replies"])
+    meta = {"target": str(setup.target), **progress,
+            setup.kind: {"file": Path(setup.prompt_file).name,
+                         "sources": setup.file_stats.get("sources", setup.file_stats),
+                         "total": len(setup.convs)},
             "splits": {"rule": "sha1(conversation id) % 10000", "dev_share": dev_share,
                        "heldout_share": heldout_share,
                        "train_conversations": len(samples["train"]),
                        "heldout_conversations": len(samples["heldout"]),
                        "dev_prompts": len(dev), "train_turns": turns_used["train"],
                        "heldout_turns": turns_used["heldout"]},
-            "generation": {"temperature": temperature, "max_new_tokens": max_new_tokens,
-                           "dev_max_new_tokens": dev_max_new_tokens, "max_len": max_len,
-                           "max_turns": max_turns, "seed": seed,
-                           "chat_template": isinstance(splicer, ChatSplicer),
-                           **({"prompt_tokens": prompt_tokens} if kind == "texts" else {}),
-                           "output_tokens": stats["output_tokens"],
-                           "generation_seconds": round(stats["gen_seconds"], 1),
-                           "output_tokens_per_s": round(stats["output_tokens"]
-                                                        / max(1e-9, stats["gen_seconds"])),
-                           "engine_start_seconds": round(engine["start_s"], 1)},
             "cuts": cuts}
-    vocab = target_config_dict(target)["vocab_size"]
+    vocab = target_config_dict(setup.target)["vocab_size"]
     return write_dataset(out_dir, samples["train"], vocab, heldout=samples["heldout"],
                          dev=dev, meta=meta)
+
+
+def build_data(target: str, out_dir: str, conversations: str | None = None, *,
+               texts: str | None = None, prompt_tokens: int = PROMPT_TOKENS,
+               max_turns: int = 8,
+               max_len: int = 2048, max_new_tokens: int = 512, dev_max_new_tokens: int = 256,
+               dev_share: float = DEV_SHARE, heldout_share: float = HELDOUT_SHARE,
+               max_conversations: int | None = None, temperature: float = 0.0,
+               loops: str = DEFAULT_LOOPS, shards: int = 1, shard: int | None = None,
+               backend: str = "auto", seed: int = 0, batch_size: int = 8,
+               chunk_prompts: int = 6000, time_limit_min: float = 0.0,
+               write_only: bool = False, generator: Generate | None = None
+               ) -> dict[str, Any]:
+    """The `train data` command, from `conversations` or plain-text `texts` (one of the
+    two files; `prompt_tokens` is the texts' prompt length). Returns the manifest, whose
+    "complete" is False when the time limit stopped generation (the data written holds
+    every reply generated so far; rerun to resume and rewrite it).
+
+    With `shards` > 1 the conversations are split by id over that many generation
+    engines: `shard` = s generates shard s only (one process per engine, side by side
+    on one GPU) and writes no data (its summary is returned); `shard` None writes the
+    data from every shard's parts, generating what is missing. `generator` replaces the
+    model (tests); `write_only` writes the data from the saved parts, generating none.
+    """
+    if loops not in LOOP_MODES:
+        raise ValueError(f"loops={loops!r}: choose one of {LOOP_MODES}")
+    if shard is not None and not 0 <= shard < shards:
+        raise ValueError(f"shard {shard} of {shards}: give 0 <= shard < shards")
+    other = sorted({d.name.split("-of-")[1] for d in (Path(out_dir) / "parts").glob("shard*-of-*")}
+                   - {str(shards)})
+    if other:
+        raise ValueError(f"{out_dir}/parts holds the parts of a run over {', '.join(other)} "
+                         f"engines: resume it with --shards {other[0]} (the conversations "
+                         "of a shard depend on the number of shards)")
+    t0 = time.time()
+    setup = _DataSetup(target, conversations, texts, prompt_tokens, max_conversations,
+                       dev_share, heldout_share)
+    if backend == "auto":
+        backend = "vllm" if generator is None and _vllm_on_gpu() else "transformers"
+    gen = Generation((lambda: generator) if generator is not None else
+                     lambda: _engine(backend, target, max_len, temperature, seed, batch_size,
+                                     setup, gpu_share=0.88 / (shards if shard is not None else 1)),
+                     chunk_prompts, t0 + time_limit_min * 60 if time_limit_min > 0 else None,
+                     first_part_s=FIRST_VLLM_PART_S if backend == "vllm" else 0.0,
+                     generate=not write_only)
+    counts = {"turns_dropped_for_length": 0, "conversations_ended_by_max_tokens": 0}
+    dev: list[tuple[list[int], list[int]]] = []
+    turns: dict[int, list[Turn]] = {}
+    for s in (range(shards) if shard is None else [shard]):
+        members = [i for i in range(len(setup.convs))
+                   if shards == 1 or shard_of(setup.convs[i].id, shards) == s]
+        parts = Parts(Path(out_dir) / "parts" / (f"shard{s}-of-{shards}" if shards > 1 else ""))
+        dev += _dev_continuations(gen, parts, setup, members, max_len, dev_max_new_tokens)
+        rest = [i for i in members if setup.split[i] != "dev"]
+        turns.update(converse(gen, parts, setup.convs, rest, setup.splicer, setup.eos,
+                              max_turns, max_len, max_new_tokens, counts))
+    generation = {"temperature": temperature, "max_new_tokens": max_new_tokens,
+                  "dev_max_new_tokens": dev_max_new_tokens, "max_len": max_len,
+                  "max_turns": max_turns, "seed": seed, "engines": shards,
+                  "chat_template": isinstance(setup.splicer, ChatSplicer),
+                  **({"prompt_tokens": prompt_tokens} if setup.kind == "texts" else {}),
+                  "output_tokens": gen.output_tokens,
+                  "generation_seconds": round(gen.seconds, 1),
+                  "output_tokens_per_s_per_engine": round(gen.output_tokens
+                                                          / max(1e-9, gen.seconds)),
+                  "engine_start_seconds": round(gen.engine_start_s, 1)}
+    progress = {"complete": gen.stopped is None, "stopped_before": gen.stopped,
+                "backend": backend, "generation": generation}
+    if shard is not None:
+        return {**progress, "shard": shard, "shards": shards,
+                "conversations_in_shard": len(turns)}
+    return _write(out_dir, setup, turns, dev, loops, counts, progress, dev_share,
+                  heldout_share)
 
 
 def _vllm_on_gpu() -> bool:

@@ -50,8 +50,9 @@ import torch.nn.functional as F
 
 from coral_vllm.bench.results import device_name
 from coral_vllm.training.batches import Batch, epoch_batches
-from coral_vllm.training.config import TrainConfig
-from coral_vllm.training.data import load_dev, load_splits, train_token_counts
+from coral_vllm.training.config import PlanChanged, TrainConfig
+from coral_vllm.training.data import (data_fingerprint, load_dev, load_splits,
+                                      train_token_counts)
 from coral_vllm.training.features import compute_features
 from coral_vllm.training.head_loss import chunked_soft_ce
 from coral_vllm.training.csra import csra_loss
@@ -299,6 +300,18 @@ def train(cfg: TrainConfig, device: str | None = None,
     per_epoch = [schedule.steps_in(e) for e in range(cfg.epochs)]
     total_steps = min(cfg.max_steps, sum(per_epoch)) if cfg.max_steps else sum(per_epoch)
     state = load_state(out)
+    data_id = data_fingerprint(cfg.data)
+    if state is not None:
+        cfg.check_resumes(state["config"])
+        if state.get("data_fingerprint", data_id) != data_id:
+            raise PlanChanged(f"{out} was started on other data than {cfg.data} holds now "
+                              "(its shards' hashes differ): resume on the same data, or "
+                              "pass a new --out.")
+        started = state.get("micro_batches", schedule.shards)
+        if started != schedule.shards:
+            raise PlanChanged(f"{out} was started with {started} micro-batches a step (world "
+                              f"size x grad_accum); this command has {world} x "
+                              f"{cfg.grad_accum}: pick --grad-accum so the product is {started}.")
     if state is not None and state["step"] >= total_steps:
         log(f"{out}: already trained ({state['step']} steps)")
         return {"step": state["step"], "total_steps": total_steps, "done": True,
@@ -448,7 +461,8 @@ def train(cfg: TrainConfig, device: str | None = None,
         chunk_end = stop_at_step is not None and step >= stop_at_step
         if step % cfg.save_every == 0 or step == total_steps or out_of_time or chunk_end:
             if rank == 0:
-                _save(out, drafter, opt, sched, step, total_steps, tokens_seen, best, cfg)
+                _save(out, drafter, opt, sched, step, total_steps, tokens_seen, best, cfg,
+                      data_id, world)
         if (out_of_time or chunk_end) and step < total_steps:
             stopped_early = True
             break
@@ -478,12 +492,14 @@ def _append(path: Path, row: dict[str, Any]) -> None:
 
 
 def _save(out: Path, drafter: CoralDrafter, opt, sched, step: int, total: int,
-          tokens_seen: int, best: dict[str, Any], cfg: TrainConfig) -> None:
+          tokens_seen: int, best: dict[str, Any], cfg: TrainConfig, data_id: str,
+          world: int) -> None:
     """No RNG state: every random draw is seeded by (seed, step, slot), so any world size
     resumes this state to the same steps."""
     atomic_save({"model": drafter.drafter_state_dict(), "optimizer": opt.state_dict(),
                  "scheduler": sched.state_dict(), "step": step, "total_steps": total,
                  "tokens_seen": tokens_seen, "best": best, "config": cfg.to_dict(),
-                 "target_config": drafter.cfg},
+                 "target_config": drafter.cfg, "data_fingerprint": data_id,
+                 "micro_batches": cfg.grad_accum * world},
                 out / STATE_FILE)
     cfg.save(out / "train_config.json")

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# A GPU-host job that outlives the command that starts it. A host command may run for
+# 10 minutes, but a lease holds the host for 30: work longer than one command (data
+# generation, then training) runs as one job in its own session, and the commands after
+# the one that starts it (issued back to back, since an idle host is given back after
+# ~30 s) wait for it and bring back what it has made so far.
+#   bash scripts/gpu_job.sh start NAME CMD...   run CMD detached; log in $CORAL_JOBS/NAME.log
+#   bash scripts/gpu_job.sh wait NAME MINUTES   until the job ends or MINUTES pass, then the
+#                                               log's tail; exit: the job's status once it
+#                                               ended, 99 while it still runs
+# Jobs live in $CORAL_JOBS (default /root/coral-jobs), gone with the host.
+set -uo pipefail
+J=${CORAL_JOBS:-/root/coral-jobs}
+mkdir -p "$J"
+case "${1:?start NAME CMD... | wait NAME MINUTES}" in
+  start)
+    name=${2:?name}; shift 2
+    rm -f "$J/$name.rc"
+    # setsid: the job is not in this command's process group, so it is not ended when
+    # the command returns; its status goes to NAME.rc when it ends
+    setsid bash -c '"${@:2}"; echo $? > "$1"' _ "$J/$name.rc" "$@" \
+      > "$J/$name.log" 2>&1 < /dev/null &
+    echo "started $name (pid $!), log $J/$name.log" ;;
+  wait)
+    name=${2:?name}
+    until=$(python3 -c "import time; print(int(time.time() + 60 * ${3:?minutes}))")
+    while [ ! -f "$J/$name.rc" ] && [ "$(date +%s)" -lt "$until" ]; do sleep 5; done
+    tail -n "${CORAL_JOB_TAIL:-30}" "$J/$name.log"
+    if [ -f "$J/$name.rc" ]; then
+      echo "$name ended: exit $(cat "$J/$name.rc")"; exit "$(cat "$J/$name.rc")"
+    fi
+    echo "$name still running"; exit 99 ;;
+  *) echo "unknown verb $1: start | wait" >&2; exit 2 ;;
+esac
