@@ -21,6 +21,7 @@ import torch
 
 import kind_probes
 from engine_utils import PROMPTS
+from tiny_targets import write_qwen2_target, write_tiny_llama_target
 
 K = 3  # draft tokens per step, every kind
 
@@ -43,8 +44,11 @@ TARGETS = {
     # a base model: raw prompts
     "gemma3": Target(("The capital of France is", "def fibonacci(n):\n",
                       "Once upon a time, there was a"), False, 24, "My favourite colour is"),
-    # random weights with SmolLM2's tokenizer; greedy replies come from `bench tp`
+    # random weights with SmolLM2's tokenizer (tests/tiny_targets.py); its greedy
+    # replies come from `bench tp`
     "tiny-llama": Target((), False, 0, "The capital of France is"),
+    # Qwen2's layout (q/k/v biases, untied head) at random weights, SmolLM2's tokenizer
+    "qwen2-tiny": Target(tuple(PROMPTS), True, 24, "The capital of France is"),
 }
 
 
@@ -74,6 +78,9 @@ KINDS = {
     "static-fused": Kind("smollm2", greedy_probe=kind_probes.head_kind),
     "tp2": Kind("tiny-llama", tensor_parallel_size=2, greedy_run=kind_probes.bench_tp),
     "gemma": Kind("gemma3", greedy_probe=kind_probes.gemma),
+    "qwen2-router": Kind("qwen2-tiny", greedy_probe=kind_probes.served_head),
+    "qwen2-dense": Kind("qwen2-tiny", greedy_probe=kind_probes.served_head),
+    "qwen2-static": Kind("qwen2-tiny", greedy_probe=kind_probes.served_head),
 }
 
 
@@ -105,27 +112,6 @@ def all_groups_active(src: Path, dest: Path) -> Path:
     return dest
 
 
-TOKENIZER_FILES = ("tokenizer", "special_tokens", "vocab", "merges", "generation")
-
-
-def tiny_llama(smollm2: Path, root: Path) -> Path:
-    """A random 2-layer Llama with 4 attention heads and SmolLM2's vocabulary and
-    tokenizer (49,152 tokens, 24,576 per rank at TP=2): SmolLM2-135M's 9 heads cannot be
-    split over two ranks."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, vocab_size=49152,
-                      tie_word_embeddings=True, max_position_embeddings=2048,
-                      initializer_range=0.3)
-    LlamaForCausalLM(cfg).save_pretrained(root)
-    for f in smollm2.iterdir():
-        if f.name.startswith(TOKENIZER_FILES):
-            shutil.copy(f, root / f.name)
-    return root
-
-
 class Drafters:
     """Targets and drafters on disk, each made once per test run when first asked for."""
 
@@ -144,8 +130,10 @@ class Drafters:
         return self._once("target:" + name, {
             "smollm2": fetch_model,
             "gemma3": lambda: fetch_model("gemma3-270m"),
-            "tiny-llama": lambda: tiny_llama(self.target("smollm2"),
-                                             self._tmp.mktemp("tiny-llama")),
+            "tiny-llama": lambda: write_tiny_llama_target(
+                self._tmp.mktemp("tiny-llama") / "target", self.target("smollm2")),
+            "qwen2-tiny": lambda: write_qwen2_target(
+                self._tmp.mktemp("qwen2") / "target", self.target("smollm2")),
         }[name])
 
     def drafter(self, kind: str) -> Path:
@@ -180,5 +168,15 @@ class Drafters:
             from coral_vllm.cli import main
 
             assert main(["init-drafter", str(self.target("gemma3")), str(out)]) == 0
+            return out
+        qwen2 = dict(num_groups=64, partition="frequency", seed=1)
+        if kind == "qwen2-router":
+            return init_drafter(self.target("qwen2-tiny"), out, top_k_groups=8, **qwen2)
+        if kind == "qwen2-dense":
+            return init_drafter(self.target("qwen2-tiny"), out, top_k_groups=64, **qwen2)
+        if kind == "qwen2-static":  # the router drafter's `coral-vllm to-static` twin
+            from coral_vllm.cli import main
+
+            assert main(["to-static", str(self.drafter("qwen2-router")), str(out)]) == 0
             return out
         raise KeyError(kind)

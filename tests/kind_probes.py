@@ -17,6 +17,7 @@ from engine_utils import engines_in_process
 ROUNDTRIP_FEATURES = torch.randn(6, 576, generator=torch.Generator().manual_seed(0))
 GEMMA_FEATURES = torch.randn(3, 640, generator=torch.Generator().manual_seed(0)) * 4
 GEMMA_FEATURE_TOKENS = [818, 5279, 529]
+QWEN2_TINY_FEATURES = torch.randn(6, 128, generator=torch.Generator().manual_seed(0)) * 4
 # a raw (chat-template-free) prompt none of the greedy prompts prefixes, so the
 # drafter's prefill of it starts at position 0 and prefix caching leaves all of it to run
 PROBE = "Water boils at a lower temperature on a mountain because"
@@ -79,6 +80,11 @@ def fused(llm) -> dict:
 
 def head_kind(llm) -> dict:
     return {"head_kind": llm.collective_rpc(wp.head_kind)[0]}
+
+
+def served_head(llm) -> dict:
+    """The tiny Qwen2 target's drafters: the served head for QWEN2_TINY_FEATURES."""
+    return {"head": llm.collective_rpc(wp.served_head, args=(QWEN2_TINY_FEATURES.tolist(),))[0]}
 
 
 def gemma(llm) -> dict:

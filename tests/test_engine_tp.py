@@ -2,7 +2,7 @@
 
 SmolLM2-135M has 9 attention heads, which TP=2 cannot split, so the target here is a
 tiny random Llama with 4 heads and SmolLM2's vocabulary and tokenizer (49,152 tokens,
-sharded 24,576 per rank; `drafter_kinds.tiny_llama`). The run is `coral-vllm bench tp`,
+sharded 24,576 per rank; `tiny_targets.write_tiny_llama_target`). The run is `coral-vllm bench tp`,
 the command the 2-GPU run uses (the TP=2 kind's greedy run, `kind_probes.bench_tp`):
 greedy replies of coral at TP=2 equal plain TP=2 decoding's, and every rank's sharded
 head drafts what the single-rank head over the whole vocabulary drafts. (Restricted q

@@ -43,3 +43,19 @@ def write_qwen2_target(dest: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     model.save_pretrained(dest)
     copy_tokenizer(tokenizer_dir, dest)
     return dest
+
+
+def write_tiny_llama_target(dest: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """A 2-layer Llama (d=256) with 4 attention heads, so that TP=2 splits them
+    (SmolLM2-135M's 9 cannot be), and a tied head: 49,152 rows, 24,576 per rank at TP=2.
+    Weights at std 0.3: peaked next-token distributions."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=49152,
+                      tie_word_embeddings=True, max_position_embeddings=2048,
+                      initializer_range=0.3)
+    LlamaForCausalLM(cfg).save_pretrained(dest)
+    copy_tokenizer(tokenizer_dir, dest)
+    return dest

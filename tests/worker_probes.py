@@ -67,6 +67,21 @@ def stale_head_check(worker, h: list) -> tuple[bool, str]:
     return checked, ""
 
 
+def served_head(worker, h: list) -> dict:
+    """The served drafter's greedy path (`get_top_tokens`) and draft logits for features
+    `h`, and whether it shares the target's own head."""
+    import torch
+
+    drafter, target = worker.model_runner.drafter.model, worker.model_runner.model
+    h = torch.tensor(h, dtype=drafter.grouped_weight.dtype)
+    with torch.no_grad():
+        logits = drafter.compute_logits(h)
+        top = drafter.get_top_tokens(h)
+    return {"top": top.tolist(), "argmax": logits.argmax(-1).tolist(),
+            "rows": torch.isfinite(logits).sum(-1).tolist(),
+            "shares_head": drafter.lm_head is target.lm_head}
+
+
 def num_layers(worker) -> int:
     return len(worker.model_runner.drafter.model.model.layers)
 
