@@ -57,7 +57,7 @@ case "${1:?lm-head | lm-head-check | serve-check | sampling-check | e2e | e2e-k1
     bench load --duration-s 240 --concurrency 64 --gpu-dtype float32 \
       --out "$R/load.json" --log-dir "$R/logs_load" 2>&1 | quiet 20 ;;
   seeds)
-    python3 -m pytest -q -p no:cacheprovider tests/test_engine_lossless.py -k same_seed 2>&1 \
+    python3 -m pytest -q -p no:cacheprovider tests/test_lossless.py -k same_seed 2>&1 \
       | tail -n 15 ;;
   synthetic)
     prior=()

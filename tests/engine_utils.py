@@ -3,11 +3,12 @@
 Test engines differ from the product's defaults in two ways, both for start-up time on a
 CPU and neither for what the tests check:
 
-- eager (`enforce_eager=True`): torch.compile more than doubles an engine's start
-  (SmolLM2-135M on 2 cores: 39 s eager, 86 s compiled) and changes no token the tests
-  compare, since the plain reference and the speculative engine run the same way.
+- eager on a CPU (`enforce_eager=True`): torch.compile more than doubles an engine's
+  start (SmolLM2-135M on 2 cores: 39 s eager, 86 s compiled) and changes no token the
+  tests compare, since the plain reference and the speculative engine run the same way.
   Serving under torch.compile is covered by tests/test_serve_openai.py, whose
-  `vllm serve` runs with the product defaults.
+  `vllm serve` runs with the product defaults. On a GPU (scripts/bench_gpu.sh seeds)
+  engines keep vLLM's default, compiled with CUDA graphs.
 - in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0): the engine core runs in the test
   process instead of a fresh process that imports torch and vLLM again, so every engine
   after the first starts in seconds. Workers of a TP > 1 engine are still processes of
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from coral_vllm.bench.smoke_prompts import SMOKE_PROMPTS
+from coral_vllm.runtime.engine_args import on_cpu
 from coral_vllm.runtime.offline_engine import offline_engine
 
 PROMPTS = SMOKE_PROMPTS
@@ -34,11 +36,12 @@ _IN_PROCESS = "VLLM_ENABLE_V1_MULTIPROCESSING"
 @contextlib.contextmanager
 def engine(target_dir: Path, speculative_config: dict[str, Any] | None = None, *,
            in_process: bool = True, **kwargs: Any) -> Iterator[Any]:
-    """A float32 CPU engine with stats on (see coral_vllm.runtime.offline_engine), eager
-    unless `enforce_eager=False` is passed."""
+    """An engine with stats on and this machine's defaults (float32 on a CPU; see
+    coral_vllm.runtime.offline_engine), eager on a CPU unless `enforce_eager=False`."""
+    kwargs.setdefault("enforce_eager", on_cpu())
     with engines_in_process(in_process), \
             offline_engine(target_dir, speculative_config, max_model_len=1024,
-                           disable_log_stats=False, **{"enforce_eager": True, **kwargs}) as llm:
+                           disable_log_stats=False, **kwargs) as llm:
         yield llm
 
 
