@@ -164,6 +164,7 @@ case "${1:?stage: data | loops | long | ship | before | curves | finish | ablate
       trim="$W/runs/loops-trim" --out "$R/loops.json" && cat "$R/loops.json" ;;
   long)  # the shipped drafter's run: one plan (below) to its end, resumed by every later
           # call or lease from what came back; the deadline stops it (state saved)
+    [ -f "$W/conversations.jsonl.xz" ] || cp "${CORAL_CONVERSATIONS:-.gpu-data/conversations.jsonl.xz}" "$W/"
     [ -f "$W/data/manifest.json" ] || python3 -m coral_vllm.cli train data --target "$M" \
       --conversations "$W/conversations.jsonl.xz" --max-turns "${CORAL_MAX_TURNS:-3}" \
       --max-new-tokens 512 --max-len 2048 --shards "${CORAL_DATA_ENGINES:-3}" --loops keep \
@@ -195,14 +196,19 @@ case "${1:?stage: data | loops | long | ship | before | curves | finish | ablate
     X=$W/outbox
     if [ "${2:-}" != more ]; then
       rm -rf "$X" && mkdir -p "$X"
-      [ -d "$W/data/parts" ] && O=$X pack data data/parts --exclude='*.tmp'
+      # the replies, unless they came up from here (then this machine has them)
+      [ -d "$W/data/parts" ] && [ -z "$(pieces "$N-data.tar.xz")" ] \
+        && O=$X pack data data/parts --exclude='*.tmp'
       [ -f "$W/data/manifest.json" ] && cp "$W/data/manifest.json" "$X/dataset_manifest_$N.json"
       [ -f "$W/data-trim/manifest.json" ] && cp "$W/data-trim/manifest.json" "$X/dataset_manifest_${N}_trim.json"
       tar -C "$R" -czf "$X/$N-logs.tgz" . 2>/dev/null
       runs=$(cd "$W" && ls -d runs/loops-* 2>/dev/null | while read -r d; do \
         for f in metrics.jsonl train_config.json; do [ -f "$d/$f" ] && echo "$d/$f"; done; done)
       [ -z "$runs" ] || tar -C "$W" -czf "$X/$N-loops.tgz" $runs
-      # the long run whole (state included: the next lease resumes it), its drafters
+      # the long run: its metrics first (small), then whole (state included: the next
+      # lease resumes it), its drafters
+      [ -d "$W/runs/long" ] && tar -C "$W" -czf "$X/$N-long-metrics.tgz" \
+        $(cd "$W" && ls runs/long/metrics.jsonl runs/long/train_config.json 2>/dev/null)
       [ -d "$W/runs/long" ] && O=$X pack run-long runs/long
       [ -d "$W/drafters" ] && tar -C "$W" -czf "$X/$N-drafters.tgz" drafters
     fi
