@@ -5,6 +5,7 @@ GPU-host staging of a GGUF in pieces (`gguf-pieces`, scripts/stage_gguf.sh)."""
 from __future__ import annotations
 
 import filecmp
+import json
 import os
 import shutil
 import subprocess
@@ -37,25 +38,71 @@ def _tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_direct_conversion_equals_the_transformers_conversion(smollm2_gguf, tmp_path,
-                                                              monkeypatch):
-    """`fetch-model --gguf FILE` (no name: the file's sha256 says it is SmolLM2; the
-    direct converter, float32) writes what the transformers path writes: every tensor
-    equal, config, generation config, tokenizer and chat template byte for byte."""
-    monkeypatch.setenv("CORAL_VLLM_CACHE", str(tmp_path / "cache"))
-    direct = model_store.fetch_model(gguf=smollm2_gguf)
-    assert direct == tmp_path / "cache" / "models" / SMOLLM2
-    reference = tmp_path / "transformers"
-    assert convert_gguf(smollm2_gguf, reference, dtype="float32",
-                        end_of_turn="<|im_end|>", converter="transformers") == "transformers"
+def _first_blocks(gguf_path: Path, blocks: int, dest: Path) -> Path:
+    """`gguf_path` cut to its first `blocks` transformer blocks: the same metadata
+    (block count changed), tokenizer and quantized tensors, byte for byte. Both converters
+    do per block what they do for all of them, at a fraction of the time."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    reader = GGUFReader(gguf_path)
+    arch = reader.fields["general.architecture"].contents()
+    writer = GGUFWriter(str(dest), arch)
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        value = blocks if name == f"{arch}.block_count" else field.contents()
+        sub = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
+        writer.add_key_value(name, value, field.types[0], sub_type=sub)
+    for t in reader.tensors:
+        if not t.name.startswith("blk.") or int(t.name.split(".")[1]) < blocks:
+            writer.add_tensor(t.name, np.asarray(t.data), raw_shape=t.data.shape,
+                              raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dest
+
+
+def test_direct_conversion_equals_the_transformers_conversion(smollm2_gguf, tmp_path):
+    """The direct converter (float32) writes what the transformers path writes, on
+    SmolLM2's own GGUF cut to two blocks: every tensor equal, config, generation config,
+    tokenizer and chat template byte for byte. (The whole model goes through the direct
+    converter in every set-up: `fetch-model` in scripts/setup.sh.)"""
+    cut = _first_blocks(smollm2_gguf, 2, tmp_path / "cut.gguf")
+    direct, reference = tmp_path / "direct", tmp_path / "transformers"
+    kw = {"dtype": "float32", "end_of_turn": "<|im_end|>"}
+    assert convert_gguf(cut, direct, converter="auto", **kw) == "direct"
+    assert convert_gguf(cut, reference, converter="transformers", **kw) == "transformers"
     got, want = _tensors(direct), _tensors(reference)
-    assert got.keys() == want.keys() and len(got) == 272
+    assert got.keys() == want.keys() and len(got) == 2 * 9 + 2
     for name, tensor in want.items():
         assert tensor.dtype == torch.float32 and torch.equal(got[name], tensor), name
+    assert json.loads((direct / "config.json").read_text())["num_hidden_layers"] == 2
     files = {p.name for p in reference.iterdir() if p.suffix != ".safetensors"}
     assert {p.name for p in direct.iterdir() if p.suffix != ".safetensors"} == files
     for name in files:
         assert filecmp.cmp(direct / name, reference / name, shallow=False), name
+
+
+def test_fetch_model_names_a_gguf_by_its_sha256(smollm2_gguf, tmp_path, monkeypatch):
+    """`fetch-model --gguf FILE` with no name: the file's sha256 says it is SmolLM2, so
+    it is converted into SmolLM2's cache folder with SmolLM2's dtype and end of turn."""
+    monkeypatch.setenv("CORAL_VLLM_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def convert(gguf, out, **kw):
+        calls.append((Path(gguf), Path(out), kw))
+        Path(out).mkdir(parents=True)
+        (Path(out) / "config.json").write_text("{}")
+
+    monkeypatch.setattr(model_store, "convert_gguf", convert)
+    out = model_store.fetch_model(gguf=smollm2_gguf)
+    spec = model_store.known_model(SMOLLM2)
+    assert out == tmp_path / "cache" / "models" / SMOLLM2
+    assert calls == [(smollm2_gguf, out, {"dtype": spec.dtype, "end_of_turn":
+                                          spec.end_of_turn, "converter": "auto"})]
+    assert model_store.fetch_model(gguf=smollm2_gguf) == out and len(calls) == 1
 
 
 def test_cache_dirs_and_refusals(tmp_path, monkeypatch):
