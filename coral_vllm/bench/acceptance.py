@@ -79,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {"target": str(model.name), "k": args.k,
               "device": device_name(),
               "vllm_version": vllm.__version__, "temperature": 0.0,
-              "prompts_per_dataset": args.limit, "max_tokens": args.max_tokens,
+              # what each dataset gave (`--limit` is a cap: MT-bench has 80)
+              "prompts_per_dataset": {d: len(p) for d, p in prompts.items()},
+              "max_tokens": args.max_tokens,
               "measured_by": "vLLM spec-decode counters (chain drafting, target verifying)",
               "rows": rows}
     write_json(Path(args.out), result)
