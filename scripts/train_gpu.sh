@@ -17,6 +17,8 @@
 #   bash scripts/train_gpu.sh loops    # data/ vs data-trim/: two runs side by side, one plan
 #   bash scripts/train_gpu.sh long     # the shipped drafter's run (6 epochs of data/), resumed
 #   bash scripts/train_gpu.sh ship     # its exports, vLLM tau (k=5, MT-bench, HumanEval), e2e
+#   bash scripts/train_gpu.sh levers   # the recipe's levers (LEVERS), 4 epochs each, 3 at a
+#                                      # time, resumed; table by dev tau, vLLM tau of the best 2
 #   bash scripts/train_gpu.sh before   # tokens/s of the trainer at 25343e8, per preset
 #   bash scripts/train_gpu.sh curves   # EAGLE, HASS, CORAL: 1 epoch each, validated
 #   bash scripts/train_gpu.sh finish   # exports, vLLM tau vs offline tau, tables
@@ -78,8 +80,19 @@ export_run() {  # run -> bf16 drafter dir -> $O/$N-drafter_RUN.tgz (fits the 16 
   python3 -m coral_vllm.cli train export --run "$W/runs/$1" --dest "$W/drafters/$1" \
     $dense --dtype bfloat16 > /dev/null && tar -C "$W/drafters" -czf "$O/$N-drafter_$1.tgz" "$1"
 }
-unpack_metrics() {  # finished runs' metrics sent back as $N-NAME.tgz, where $W lacks them
-  [ ! -f ".gpu-data/$N-$1.tgz" ] || tar -C "$W" --skip-old-files -xzf ".gpu-data/$N-$1.tgz"
+unpack_metrics() {  # finished runs' metrics sent back as $N-NAME.tgz (in any .gpu-data
+  # subfolder), where $W lacks them
+  local f
+  for f in $(find -L .gpu-data -name "$N-$1.tgz" 2>/dev/null | sort); do
+    tar -C "$W" --skip-old-files -xzf "$f"
+  done
+}
+data_ready() {  # the data of `data`, rebuilt from its replies (parts) where only they came back
+  [ -f "$W/conversations.jsonl.xz" ] || cp "${CORAL_CONVERSATIONS:-.gpu-data/conversations.jsonl.xz}" "$W/"
+  [ -f "$W/data/manifest.json" ] || python3 -m coral_vllm.cli train data --target "$M" \
+    --conversations "$W/conversations.jsonl.xz" --max-turns "${CORAL_MAX_TURNS:-3}" \
+    --max-new-tokens 512 --max-len 2048 --shards "${CORAL_DATA_ENGINES:-3}" --loops keep \
+    --out "$W/data" --write-only | tail -c 300
 }
 train_runs() {  # train_runs TGZ NAME:PRESET:FLAGS... (commas for spaces in FLAGS)
   # Each run to its end (marked DONE, skipped on any later call or lease), in order, with
@@ -126,7 +139,12 @@ restore_runs() {  # what `curves` sent back, for `finish` on a later lease
 # NAME:FLAGS, commas for spaces; the first is the baseline every other run differs from
 ABLATIONS=${CORAL_ABLATIONS:-base: depth2:--num-layers,2 fused:--fused-layers,auto \
 init-target:--init-from-target csra-off:--csra-weight,0 csra-t1:--csra-temperature,1.0}
-case "${1:?stage: data | loops | long | ship | before | curves | finish | ablate | scaling | collect}" in
+# The recipe levers at a converged budget, NAME:FLAGS as above, the baseline first; ordered
+# by what they are expected to move, so that the first sessions run the likeliest
+LEVERS=${CORAL_LEVERS:-base: steps5:--num-steps,5 depth2:--num-layers,2 \
+distill1:--distill-weight,1.0 ce-only:--feature-loss-weight,0,--distill-weight,1.0 decay08:--step-weight-decay,0.8 \
+csra-off:--csra-weight,0 fused:--fused-layers,auto lr1e-3:--lr,1e-3}
+case "${1:?stage: data | loops | long | ship | levers | before | curves | finish | ablate | scaling | collect}" in
   data)  # engines side by side (a 135M target leaves one vLLM engine CPU-bound), then
          # the data from all their parts: looping replies kept (data/), trimmed (data-trim/)
     [ -f "$W/conversations.jsonl.xz" ] || cp "${CORAL_CONVERSATIONS:-.gpu-data/conversations.jsonl.xz}" "$W/"
@@ -164,11 +182,7 @@ case "${1:?stage: data | loops | long | ship | before | curves | finish | ablate
       trim="$W/runs/loops-trim" --out "$R/loops.json" && cat "$R/loops.json" ;;
   long)  # the shipped drafter's run: one plan (below) to its end, resumed by every later
           # call or lease from what came back; the deadline stops it (state saved)
-    [ -f "$W/conversations.jsonl.xz" ] || cp "${CORAL_CONVERSATIONS:-.gpu-data/conversations.jsonl.xz}" "$W/"
-    [ -f "$W/data/manifest.json" ] || python3 -m coral_vllm.cli train data --target "$M" \
-      --conversations "$W/conversations.jsonl.xz" --max-turns "${CORAL_MAX_TURNS:-3}" \
-      --max-new-tokens 512 --max-len 2048 --shards "${CORAL_DATA_ENGINES:-3}" --loops keep \
-      --out "$W/data" --write-only | tail -c 300
+    data_ready
     python3 -m coral_vllm.cli train train --preset coral --target "$M" --data "$W/data" \
       --out "$W/runs/long" --epochs 6 --lr 3e-4 --batch-tokens 32768 --eval-every 200 \
       --log-every 50 --time-limit-min "$(left_min 1.5)" ${CORAL_TRAIN_ARGS:-} \
@@ -190,6 +204,40 @@ case "${1:?stage: data | loops | long | ship | before | curves | finish | ablate
         --datasets mtbench --temperatures 0 --concurrency 1 --requests 16 --repeats 5 \
         --out "$R/e2e_smollm2_k$k.json" --log-dir "$R/logs_e2e_k$k" ${CORAL_E2E_ARGS:-} 2>&1 | grep -v "^INFO\|^(" | tail -n 4
     done ;;
+  levers)  # one run per lever (the CORAL preset on data/, CORAL_LEVER_EPOCHS (4) epochs,
+           # one flag changed), CORAL_LEVER_PARALLEL (3) side by side on the GPU (a 135M
+           # target's drafter leaves most of an H200 idle: 2 runs gave ~400k tokens/s
+           # together vs ~250k alone), each resumed from what came back until DONE; then
+           # the table by dev tau, and vLLM's tau on the dev prompts for the best two
+    data_ready
+    unpack_metrics levers
+    todo=(); for spec in $LEVERS; do [ -f "$W/runs/lever-${spec%%:*}/DONE" ] || todo+=("$spec"); done
+    for spec in "${todo[@]:0:${CORAL_LEVER_PARALLEL:-3}}"; do
+      name=lever-${spec%%:*} flags=${spec#*:}
+      ( python3 -m coral_vllm.cli train train --preset coral --target "$M" --data "$W/data" \
+          --out "$W/runs/$name" --epochs "${CORAL_LEVER_EPOCHS:-4}" --lr 3e-4 --batch-tokens 32768 \
+          --eval-every 200 --log-every 50 --time-limit-min "$(left_min 1.5)" ${flags//,/ } \
+          ${CORAL_TRAIN_ARGS:-} >> "$R/train_$name.log" 2>&1
+        grep -q "^stage 1 done" "$R/train_$name.log" && touch "$W/runs/$name/DONE" \
+          && cp "$R/train_$name.log" "$W/runs/$name/train.log"
+        echo "$name: $(grep -E '^eval|done|stopped' "$R/train_$name.log" | tail -n 1)" ) &
+    done
+    wait
+    done_runs=$(for spec in $LEVERS; do n=${spec%%:*}; [ -f "$W/runs/lever-$n/DONE" ] \
+      && printf '%s=%s ' "$n" "$W/runs/lever-$n"; done)
+    [ -f "$W/runs/lever-${LEVERS%%:*}/DONE" ] || { echo "levers: the baseline is not done yet"; exit 0; }
+    python3 -m coral_vllm.cli bench training ablation --runs $done_runs --out "$R/ablation.json"
+    best=$(python3 -c "import json; r = json.load(open('$R/ablation.json'))['rows']
+print(' '.join(x['lever'] for x in sorted(r, key=lambda x: -x['heldout_tau'])[:2]))")
+    for n in $best; do
+      [ -d "$W/drafters/lever-$n" ] || python3 -m coral_vllm.cli train export \
+        --run "$W/runs/lever-$n" --dest "$W/drafters/lever-$n" --dtype bfloat16 > /dev/null
+    done
+    python3 -m coral_vllm.cli train vllm-tau --target "$M" --data "$W/data" --k 5 \
+      --drafters $(for n in $best; do printf '%s=%s ' "$n" "$W/drafters/lever-$n"; done) \
+      --json "$R/levers_vllm_tau_dev.json" ${CORAL_TAU_ARGS:-} 2>&1 | grep '^{' | tail -n 2
+    python3 -m coral_vllm.cli bench training ablation --runs $done_runs \
+      --vllm-tau "$R/levers_vllm_tau_dev.json" --out "$R/ablation.json" && cp "$R/ablation.json" "$O/" ;;
   collect)  # for the commands that wait on a job: what it made so far (the replies, the
             # manifests, logs, run metrics) packed into $W/outbox, then sent to $OUT at
             # most 8 files / 60 MiB a command: `collect more` sends the rest, if any
@@ -211,6 +259,13 @@ case "${1:?stage: data | loops | long | ship | before | curves | finish | ablate
         $(cd "$W" && ls runs/long/metrics.jsonl runs/long/train_config.json 2>/dev/null)
       [ -d "$W/runs/long" ] && O=$X pack run-long runs/long
       [ -d "$W/drafters" ] && tar -C "$W" -czf "$X/$N-drafters.tgz" drafters
+      # the lever runs: finished ones' metrics, the others whole (resumed next lease)
+      done_levers=$(cd "$W" && for d in runs/lever-*/DONE; do d=${d%/DONE}; [ -d "$d" ] && \
+        echo "$d/DONE $d/metrics.jsonl $d/train_config.json $d/train.log"; done)
+      [ -z "$done_levers" ] || tar -C "$W" -czf "$X/$N-levers.tgz" $done_levers
+      for d in $(cd "$W" && ls -d runs/lever-* 2>/dev/null); do
+        [ -f "$W/$d/DONE" ] || O=$X pack "run-${d#runs/}" "$d" --exclude=best.pt
+      done
     fi
     sent=0 bytes=0
     for f in $(ls "$X" | sort); do
