@@ -87,11 +87,18 @@ unpack_metrics() {  # finished runs' metrics sent back as $N-NAME.tgz (in any .g
     tar -C "$W" --skip-old-files -xzf "$f"
   done
 }
+# how `data` generates, and rebuilds from the replies (one definition: a rebuild with other
+# settings would be other data)
+DATA_ARGS=(--max-new-tokens 512 --max-len 2048 --shards "${CORAL_DATA_ENGINES:-3}" ${CORAL_DATA_ARGS:-})
+CONVERSATIONS=(--conversations "$W/conversations.jsonl.xz" --max-turns "${CORAL_MAX_TURNS:-3}")
+conversations_ready() {  # the prompt set, under the one name every stage reads it by
+  [ -f "$W/conversations.jsonl.xz" ] || cp "${CORAL_CONVERSATIONS:-.gpu-data/conversations.jsonl.xz}" \
+    "$W/conversations.jsonl.xz"
+}
 data_ready() {  # the data of `data`, rebuilt from its replies (parts) where only they came back
-  [ -f "$W/conversations.jsonl.xz" ] || cp "${CORAL_CONVERSATIONS:-.gpu-data/conversations.jsonl.xz}" "$W/"
+  conversations_ready
   [ -f "$W/data/manifest.json" ] || python3 -m coral_vllm.cli train data --target "$M" \
-    --conversations "$W/conversations.jsonl.xz" --max-turns "${CORAL_MAX_TURNS:-3}" \
-    --max-new-tokens 512 --max-len 2048 --shards "${CORAL_DATA_ENGINES:-3}" --loops keep \
+    "${CONVERSATIONS[@]}" "${DATA_ARGS[@]}" --loops keep \
     --out "$W/data" --write-only | tail -c 300
 }
 train_runs() {  # train_runs TGZ NAME:PRESET:FLAGS... (commas for spaces in FLAGS)
@@ -147,12 +154,11 @@ csra-off:--csra-weight,0 fused:--fused-layers,auto lr1e-3:--lr,1e-3}
 case "${1:?stage: data | loops | long | ship | levers | before | curves | finish | ablate | scaling | collect}" in
   data)  # engines side by side (a 135M target leaves one vLLM engine CPU-bound), then
          # the data from all their parts: looping replies kept (data/), trimmed (data-trim/)
-    [ -f "$W/conversations.jsonl.xz" ] || cp "${CORAL_CONVERSATIONS:-.gpu-data/conversations.jsonl.xz}" "$W/"
-    prompts=(--conversations "$W/conversations.jsonl.xz" --max-turns "${CORAL_MAX_TURNS:-3}")
+    conversations_ready
+    prompts=("${CONVERSATIONS[@]}")
     [ -n "${CORAL_TEXTS:-}" ] && prompts=(--texts "$CORAL_TEXTS")
     E=${CORAL_DATA_ENGINES:-3}
-    gen=(python3 -m coral_vllm.cli train data --target "$M" "${prompts[@]}" --max-new-tokens 512
-         --max-len 2048 --shards "$E" ${CORAL_DATA_ARGS:-})
+    gen=(python3 -m coral_vllm.cli train data --target "$M" "${prompts[@]}" "${DATA_ARGS[@]}")
     tl=$(left_min "${CORAL_DATA_RESERVE_MIN:-0}")
     for s in $(seq 0 $((E - 1))); do  # own compile caches: the engines start at once
       VLLM_CACHE_ROOT=$HOME/.cache/vllm-engine$s "${gen[@]}" --out "$W/data" --shard "$s" \
@@ -163,6 +169,7 @@ case "${1:?stage: data | loops | long | ship | levers | before | curves | finish
     # parts an engine did not make (it failed) are generated here by one engine, in time
     "${gen[@]}" --out "$W/data" --loops keep --time-limit-min "$(left_min "${CORAL_DATA_RESERVE_MIN:-0}")" \
       2>&1 | grep -v "^INFO\|^(" | tail -n 5
+    [ -f "$W/data/manifest.json" ] || { echo "data: none written (see $R/data_engine*.log)"; exit 1; }
     mkdir -p "$W/data-trim" && ln -sfn "$W/data/parts" "$W/data-trim/parts"
     "${gen[@]}" --out "$W/data-trim" --loops trim --write-only | tail -n 1
     cp "$W/data/manifest.json" "$O/dataset_manifest_$N.json"
@@ -188,21 +195,30 @@ case "${1:?stage: data | loops | long | ship | levers | before | curves | finish
       --log-every 50 --time-limit-min "$(left_min 1.5)" ${CORAL_TRAIN_ARGS:-} \
       >> "$R/train_long.log" 2>&1
     echo "long: exit $? $(grep -E '^eval|done|stopped' "$R/train_long.log" | tail -n 2)" ;;
-  ship)  # the finished long run: router and dense-head exports; vLLM's tau at k=5 on all of
-         # MT-bench and HumanEval (T=0); bench e2e, batch 1, T=0, MT-bench, CORAL vs plain
+  ship)  # the finished long run exported three ways (router: CORAL; dense: the EAGLE
+         # head; static: the frequency partition's first groups, at the router's active
+         # rows); vLLM's tau at k=5 (and every smaller k) on all of MT-bench and HumanEval
+         # (T=0); bench e2e at CORAL_SHIP_K (3 5), batch 1, T=0, MT-bench, plain vs the
+         # CORAL_SHIP_E2E heads (router). Other targets: CORAL_ACCEPTANCE_ARGS (e.g.
+         # `-k 6 --datasets humaneval mtbench gsm8k`), CORAL_E2E_ARGS (later flags win)
     grep -q "^stage 1 done" "$R/train_long.log" || { echo "long: not done"; exit 3; }
-    for head in router dense; do
-      flag=; [ "$head" = dense ] && flag=--dense
-      python3 -m coral_vllm.cli train export --run "$W/runs/long" --dest "$W/drafters/long-$head" \
-        $flag --dtype bfloat16 > /dev/null || exit 1
+    declare -A as=([router]=coral [dense]=dense-head [static]=static)
+    for head in router dense static; do
+      case $head in dense) flag=--dense ;; static) flag="--selection static" ;; *) flag= ;; esac
+      [ -d "$W/drafters/long-$head" ] || python3 -m coral_vllm.cli train export --run "$W/runs/long" \
+        --dest "$W/drafters/long-$head" $flag --dtype bfloat16 > /dev/null || exit 1
     done
-    python3 -m coral_vllm.cli bench acceptance --model "$M" --drafters coral="$W/drafters/long-router" \
-      coral-dense-head="$W/drafters/long-dense" -k 5 --limit 164 --max-tokens 256 \
-      --out "$R/acceptance.json" ${CORAL_ACCEPTANCE_ARGS:-} 2>&1 | grep -v "^INFO\|^(\|^WARN" | tail -n 6
+    heads() { for h in "$@"; do printf '%s=%s ' "${as[$h]}" "$W/drafters/long-$h"; done; }
+    python3 -m coral_vllm.cli bench acceptance --model "$M" --drafters $(heads router dense static) \
+      -k 5 --limit 164 --max-tokens 256 --out "$R/acceptance_$N.json" ${CORAL_ACCEPTANCE_ARGS:-} \
+      2>&1 | grep -v "^INFO\|^(\|^WARN" | tail -n 9
+    cp "$R/acceptance_$N.json" "$O/"
     for k in ${CORAL_SHIP_K:-3 5}; do
-      python3 -m coral_vllm.cli bench e2e --model "$M" -k "$k" --drafters coral="$W/drafters/long-router" \
+      python3 -m coral_vllm.cli bench e2e --model "$M" -k "$k" --drafters $(heads ${CORAL_SHIP_E2E:-router}) \
         --datasets mtbench --temperatures 0 --concurrency 1 --requests 16 --repeats 5 \
-        --out "$R/e2e_smollm2_k$k.json" --log-dir "$R/logs_e2e_k$k" ${CORAL_E2E_ARGS:-} 2>&1 | grep -v "^INFO\|^(" | tail -n 4
+        --out "$R/e2e_${N}_k$k.json" --log-dir "$R/logs_e2e_k$k" ${CORAL_E2E_ARGS:-} 2>&1 \
+        | grep -v "^INFO\|^(" | tail -n 6
+      cp "$R/e2e_${N}_k$k.json" "$O/"
     done ;;
   levers)  # one run per lever (the CORAL preset on data/, CORAL_LEVER_EPOCHS (4) epochs,
            # one flag changed), CORAL_LEVER_PARALLEL (3) side by side on the GPU (a 135M
