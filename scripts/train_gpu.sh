@@ -70,6 +70,10 @@ restore() {  # every .gpu-data/**/$N-PART.tar.xz.* whose folder (data, runs/RUN)
   local first name top
   for first in $(find -L .gpu-data -name "$N-*.tar.xz.00" 2>/dev/null | sort); do
     name=$(basename "${first%.00}")
+    if [ -n "$(pieces "$name" | awk -F/ '{print $NF}' | uniq -d)" ]; then
+      echo "restore: two copies of a piece of $name under .gpu-data; carry one:"; pieces "$name"
+      continue
+    fi
     top=$(cat $(pieces "$name") | xz -d | tar -t | head -n 1); top=${top%/}
     [ -e "$W/$top" ] || { cat $(pieces "$name") | xz -d | tar -x -C "$W" && echo "restored $top"; }
   done
