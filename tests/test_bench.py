@@ -169,7 +169,7 @@ def test_e2e_run_through_vllm_serve(target_dir, tmp_path):
 
 
 def test_repeated_cells_report_the_median_round_and_all_rounds():
-    from coral_vllm.bench.e2e import median_run
+    from coral_vllm.bench.rounds import median_run
 
     rounds = [{"output_tok_s": 3.0, "tpot_ms": 1.0}, {"output_tok_s": 1.0, "tpot_ms": 3.0},
               {"output_tok_s": 2.0, "tpot_ms": 2.0}]
@@ -190,32 +190,61 @@ def test_bad_drafter_arguments_name_the_fix(tmp_path):
     assert parse_drafters([f"c={default_drafter()}"]) == {"c": default_drafter()}
 
 
-def test_lm_head_check_runs_on_the_interpreter():
-    """`coral-vllm bench lm-head --check` (the GPU correctness check of the kernel) runs
-    end to end on the CPU through the Triton interpreter, at tiny shapes."""
+@pytest.fixture(scope="module")
+def lm_head_on_the_interpreter(tmp_path_factory):
+    """`coral-vllm bench lm-head --check`, then the benchmark (tiny, --no-sweep), on the
+    CPU through the Triton interpreter, in one process: one interpreter start for both
+    tests below."""
     import subprocess
     import sys
 
-    run = subprocess.run([sys.executable, "-m", "coral_vllm.cli", "bench", "lm-head",
-                          "--device", "cpu", "--tiny", "--check"],
-                         capture_output=True, text=True, timeout=600)
+    out = tmp_path_factory.mktemp("lm_head") / "lm_head.json"
+    tiny = ["bench", "lm-head", "--device", "cpu", "--tiny"]
+    script = ("import sys\nfrom coral_vllm.cli import main\n"
+              f"rc = main({tiny + ['--check']!r})\n"
+              f"sys.exit(rc or main({tiny + ['--no-sweep', '--out', str(out)]!r}))\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=600)
+    return run, out
+
+
+def test_lm_head_check_runs_on_the_interpreter(lm_head_on_the_interpreter):
+    """`coral-vllm bench lm-head --check` (the GPU correctness check of the kernel) runs
+    end to end on the CPU through the Triton interpreter, at tiny shapes."""
+    run, _ = lm_head_on_the_interpreter
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "CHECK PASSED" in run.stdout
 
 
-def test_lm_head_benchmark_times_the_static_head_on_the_interpreter(tmp_path):
+def test_lm_head_benchmark_times_the_static_head_on_the_interpreter(
+        lm_head_on_the_interpreter):
     """`coral-vllm bench lm-head` (tiny, CPU): every row carries the static head at the
-    same active rows beside dense and grouped."""
-    import subprocess
-    import sys
+    same active rows beside dense and grouped, every method timed in the default rounds
+    with intervals for the speedups, and the every-cell target called from them."""
+    from coral_vllm.bench.stats import MIN_ROUNDS
 
-    out = tmp_path / "lm_head.json"
-    run = subprocess.run([sys.executable, "-m", "coral_vllm.cli", "bench", "lm-head",
-                          "--device", "cpu", "--tiny", "--no-sweep", "--out", str(out)],
-                         capture_output=True, text=True, timeout=600)
+    run, out = lm_head_on_the_interpreter
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    rows = json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
     assert rows and all(r["static_ms"] > 0 and r["speedup_vs_static"] > 0 for r in rows)
+    assert result["rounds"] == MIN_ROUNDS and {r["path"] for r in rows} == {"per_token",
+                                                                            "union"}
+    for r in rows:
+        iv = r["intervals"]
+        assert set(iv["variants"]) == {"dense_ms", "static_ms", "gather_ms", "grouped_ms",
+                                       "per_token_ms", "union_ms", "dense_path_ms"} - {
+                                           f"{r['path']}_ms"}
+        assert all(s["rounds"] == MIN_ROUNDS and s["coverage"] == 0.9375
+                   for s in iv["variants"].values())
+        for name in ("speedup_vs_dense", "speedup_vs_static"):
+            s = iv["ratios"][name]
+            assert s["median"] == r[name] and s["difference"] in ("higher", "lower", "same")
+            assert s["interval"][0] <= r[name] <= s["interval"][1]
+    [t] = result["targets"]
+    assert t["cells"] == len(rows) and t["call"] in ("met", "missed", "undecided")
+    assert t["measured"] == min(r["speedup_vs_dense"] for r in rows)
+    assert "vs dense" in run.stdout and t["call"].upper() in run.stdout
 
 
 TINY_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
