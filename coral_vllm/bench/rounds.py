@@ -9,9 +9,9 @@ alike. Where a measurement is generation (`bench e2e`, `bench synthetic`), its w
 sized once per cell so that it lasts `--min-seconds` (default 2 s, GPU runs; 0 for CPU
 smoke runs): a pilot pass of every variant, not reported, times one pass, and every
 measurement of the cell then runs the same number of passes, so every variant and round
-does the same work (the same prompts, which real acceptance depends on). One pass of two
-hundred tokens is well under a second on an H200, where one measurement was not enough
-to tell a 15% effect from noise.
+does the same work (the same prompts, which real acceptance depends on). On a GPU one
+pass of a small batch can be short, and one short measurement per cell could not tell a
+15% effect from noise (issue 21).
 
 Per cell the report holds each variant's median with its interval (`stats.summarize`),
 every ratio of two variants formed round by round (`stats.ratio_summary`), and a call of
@@ -151,7 +151,7 @@ def cell_lines(title: str, cell: dict[str, Any], unit: str) -> list[str]:
     `unit`, then each ratio's, with the table's call (and the paired ratio's where it
     alone would call a difference)."""
     if "intervals" not in cell:
-        return [f"{title} (one round: no interval, no call)",
+        return [f"{title} (one round: no interval)",
                 "    " + "  ".join(f"{k} {v}" for k, v in cell.items()
                                    if isinstance(v, float))]
     iv = cell["intervals"]
