@@ -202,28 +202,32 @@ def test_bad_drafter_arguments_name_the_fix(tmp_path):
 
 @pytest.fixture(scope="module")
 def lm_head_on_the_interpreter(tmp_path_factory):
-    """`coral-vllm bench lm-head --check`, then the benchmark (tiny, --no-sweep), on the
-    CPU through the Triton interpreter, in one process: one interpreter start for both
-    tests below."""
+    """`coral-vllm bench lm-head --check` and the benchmark (tiny, --no-sweep) on the CPU
+    through the Triton interpreter, started together (two cores: the two tests below
+    wait for the longer of them, not for both in turn). {"check"|"bench": (returncode,
+    stdout, stderr)}, and the benchmark's JSON path."""
     import subprocess
     import sys
 
     out = tmp_path_factory.mktemp("lm_head") / "lm_head.json"
-    tiny = ["bench", "lm-head", "--device", "cpu", "--tiny"]
-    script = ("import sys\nfrom coral_vllm.cli import main\n"
-              f"rc = main({tiny + ['--check']!r})\n"
-              f"sys.exit(rc or main({tiny + ['--no-sweep', '--out', str(out)]!r}))\n")
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=600)
-    return run, out
+    procs = {name: subprocess.Popen(
+        [sys.executable, "-m", "coral_vllm.cli", "bench", "lm-head", "--device", "cpu",
+         "--tiny", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for name, extra in (("check", ["--check"]),
+                            ("bench", ["--no-sweep", "--out", str(out)]))}
+    runs = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=600)
+        runs[name] = (proc.returncode, stdout, stderr)
+    return runs, out
 
 
 def test_lm_head_check_runs_on_the_interpreter(lm_head_on_the_interpreter):
     """`coral-vllm bench lm-head --check` (the GPU correctness check of the kernel) runs
     end to end on the CPU through the Triton interpreter, at tiny shapes."""
-    run, _ = lm_head_on_the_interpreter
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    assert "CHECK PASSED" in run.stdout
+    returncode, stdout, stderr = lm_head_on_the_interpreter[0]["check"]
+    assert returncode == 0, stdout[-2000:] + stderr[-2000:]
+    assert "CHECK PASSED" in stdout
 
 
 def test_lm_head_benchmark_times_the_static_head_on_the_interpreter(
@@ -233,8 +237,9 @@ def test_lm_head_benchmark_times_the_static_head_on_the_interpreter(
     with intervals for the speedups, and the every-cell target called from them."""
     from coral_vllm.bench.stats import MIN_ROUNDS
 
-    run, out = lm_head_on_the_interpreter
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    runs, out = lm_head_on_the_interpreter
+    returncode, stdout, stderr = runs["bench"]
+    assert returncode == 0, stdout[-2000:] + stderr[-2000:]
     result = json.loads(out.read_text())
     rows = result["rows"]
     assert rows and all(r["static_ms"] > 0 and r["speedup_vs_static"] > 0 for r in rows)
@@ -254,7 +259,7 @@ def test_lm_head_benchmark_times_the_static_head_on_the_interpreter(
     [t] = result["targets"]
     assert t["cells"] == len(rows) and t["call"] in ("met", "missed", "undecided")
     assert t["measured"] == min(r["speedup_vs_dense"] for r in rows)
-    assert "vs dense" in run.stdout and t["call"].upper() in run.stdout
+    assert "vs dense" in stdout and t["call"].upper() in stdout
 
 
 TINY_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
