@@ -20,14 +20,25 @@ def test_rounds_interleave_in_rotated_order_after_a_pilot_that_sizes_the_passes(
         return {"wall_s": per_pass[v] * passes, "output_tok_s": 10.0 / per_pass[v]}
 
     runs, passes = measure_rounds("ABC", measure, rounds=5, min_seconds=2.0)
-    assert passes == 5  # ceil(1.1 * 2 s / 0.5 s): the fastest variant lasts >= 2 s too
+    assert passes == [5] * 5  # ceil(1.1 * 2 s / 0.5 s): the fastest variant lasts >= 2 s too
     assert calls[:3] == [("A", 1), ("B", 1), ("C", 1)]  # the pilot, not reported
     assert ["".join(v for v, _ in calls[3 + 3 * r:6 + 3 * r]) for r in range(5)] == \
         ["ABC", "BCA", "CAB", "ABC", "BCA"]
     assert {p for _, p in calls[3:]} == {5} and all(len(r) == 5 for r in runs.values())
     assert measurement_row(runs["A"])["shortest_wall_s"] == 2.5
     calls.clear()
-    assert measure_rounds("AB", measure, rounds=2)[1] == 1 and len(calls) == 4  # no pilot
+    assert measure_rounds("AB", measure, rounds=2)[1] == [1, 1] and len(calls) == 4  # no pilot
+    seen = []
+
+    def slow_pilot(v, passes):  # every first pass (the pilot) slower than the later ones
+        seen.append(v)
+        per = 0.5 if seen.count(v) == 1 else {"A": 0.25, "B": 0.8}[v]
+        return {"wall_s": per * passes}
+
+    runs, passes = measure_rounds("AB", slow_pilot, rounds=3, min_seconds=2.0)
+    # pilot: ceil(2.2 / 0.5) = 5; round 1 left A at 5 x 0.25 = 1.25 s: ceil(2.2 / 0.25) = 9
+    assert passes == [5, 9, 9] and runs["A"][0]["wall_s"] == 1.25
+    assert min(m["wall_s"] for m in runs["A"][1:]) >= 2.0
 
 
 def test_a_cell_calls_a_difference_only_where_the_variants_intervals_are_disjoint():

@@ -6,10 +6,11 @@ A cell (a batch size, a concurrency level, a head shape and token count) is meas
 `--rounds` rounds (default `stats.MIN_ROUNDS`); in each, every variant runs once, in the
 order `stats.rotated` gives that round, so a drift of the card falls on all variants
 alike. Where a measurement is generation (`bench e2e`, `bench synthetic`), its work is
-sized once per cell so that it lasts `--min-seconds` (default 2 s, GPU runs; 0 for CPU
-smoke runs): a pilot pass of every variant, not reported, times one pass, and every
-measurement of the cell then runs the same number of passes, so every variant and round
-does the same work (the same prompts, which real acceptance depends on). On a GPU one
+sized so that it lasts `--min-seconds` (default 2 s, GPU runs; 0 for CPU smoke runs): a
+pilot pass of every variant, not reported, times one pass, and every measurement of a
+round then runs the same number of passes, so every variant of a round does the same work
+(the same prompts, which real acceptance depends on); a round whose shortest measurement
+still fell short (the pilot ran slower than the rounds) sizes the rounds after it. On a GPU one
 pass of a small batch can be short, and one short measurement per cell could not tell a
 15% effect from noise (issue 21).
 
@@ -55,18 +56,26 @@ def passes_for(pilot_walls: Sequence[float], min_seconds: float) -> int:
 
 def measure_rounds(variants: Sequence[Hashable],
                    measure: Callable[[Any, int], dict[str, Any]], *, rounds: int,
-                   min_seconds: float = 0.0) -> tuple[dict[Any, list[dict[str, Any]]], int]:
-    """({variant: its measurements in round order}, passes per measurement).
+                   min_seconds: float = 0.0) -> tuple[dict[Any, list[dict[str, Any]]], list[int]]:
+    """({variant: its measurements in round order}, passes per measurement in each round).
     `measure(variant, passes)` runs one measurement of `passes` passes and returns at
-    least its `wall_s` when `min_seconds` > 0 (the pilot is sized by it)."""
+    least its `wall_s` when `min_seconds` > 0: the pilot sizes the passes by it, and a
+    round that still fell short (a pilot pass slower than later ones) sizes the rounds
+    after it; every variant of a round runs the same passes."""
     passes = 1
     if min_seconds > 0:
         passes = passes_for([measure(v, 1)["wall_s"] for v in variants], min_seconds)
     runs: dict[Any, list[dict[str, Any]]] = {v: [] for v in variants}
+    used = []
     for r in range(rounds):
-        for v in rotated(list(variants), r):
-            runs[v].append(measure(v, passes))
-    return runs, passes
+        got = {v: measure(v, passes) for v in rotated(list(variants), r)}
+        for v, m in got.items():
+            runs[v].append(m)
+        used.append(passes)
+        if min_seconds > 0:
+            passes = max(passes, passes_for([m["wall_s"] / passes for m in got.values()],
+                                            min_seconds))
+    return runs, used
 
 
 def median_run(runs: list[dict[str, Any]], key: str = "output_tok_s") -> dict[str, Any]:

@@ -349,7 +349,7 @@ def ratios(rows: list[dict[str, Any]], k: int | None = None) -> list[dict[str, A
     out = []
     for (shape, batch, length), by in cells.items():
         if (shape, batch) in plain:
-            by = {**by, PLAIN: plain[(shape, batch)]}
+            by = {PLAIN: plain[(shape, batch)], **by}
         row: dict[str, Any] = {"shape": shape, "batch": batch,
                                "synthetic_acceptance_length": length,
                                **compare({v: rounds_of(r) for v, r in by.items()}, RATIOS)}
