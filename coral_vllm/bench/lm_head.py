@@ -2,7 +2,7 @@
 
 GPU run:
 
-    coral-vllm bench lm-head --out $OUT/lm_head.json    # benchmark, < 6 min on H100
+    coral-vllm bench lm-head --out $OUT/lm_head.json    # benchmark (5 rounds a cell)
     coral-vllm bench lm-head --check                    # correctness + CUDA graphs
 
 CPU smoke test of the same logic (Triton interpreter, tiny shapes):
