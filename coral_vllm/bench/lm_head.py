@@ -2,7 +2,7 @@
 
 GPU run:
 
-    coral-vllm bench lm-head --out $OUT/lm_head.json    # benchmark, < 6 min on H100
+    coral-vllm bench lm-head --out $OUT/lm_head.json    # benchmark (5 rounds a cell)
     coral-vllm bench lm-head --check                    # correctness + CUDA graphs
 
 CPU smoke test of the same logic (Triton interpreter, tiny shapes):
@@ -45,7 +45,6 @@ import os
 import sys
 import time
 from pathlib import Path
-
 from typing import Any, Callable
 
 from coral_vllm.bench.args import bench_parser
@@ -108,7 +107,7 @@ class Timer:
         """Warms `calls` up (and on CUDA captures them into a graph) once; returns a
         measurement, ms per call, to repeat in every round."""
         import torch
-        if not self.cuda:   # smoke test only: one untimed pass now, one timed per call
+        if not self.cuda:   # smoke test only: one untimed pass now, one timed per round
             for c in calls:
                 c()
 

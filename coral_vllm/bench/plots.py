@@ -1,4 +1,6 @@
-"""Figures for the benchmark results: what people look at before reading the JSON."""
+"""Figures for the benchmark results: what people look at before reading the JSON. A
+ratio is drawn at its median with its interval as the error bar (`rounds.compare`), so a
+figure shows no more than the rounds support."""
 
 from __future__ import annotations
 
@@ -14,6 +16,18 @@ def _pyplot():
     return plt
 
 
+def _points(cells: list[dict[str, Any]], x: str, name: str) -> tuple[list, list, list]:
+    """(x, median, [below, above]) of ratio `name` over the cells that have it, sorted by
+    x: the error bars are the ratio's interval (`rounds.compare`), none for one round."""
+    from coral_vllm.bench.rounds import ratio_of
+
+    summaries = sorted(((c[x], ratio_of(c, name)) for c in cells if c.get(name) is not None),
+                       key=lambda p: p[0])
+    pts = [(at, s["median"], s["interval"]) for at, s in summaries]
+    return ([p[0] for p in pts], [p[1] for p in pts],
+            [[p[1] - p[2][0] for p in pts], [p[2][1] - p[1] for p in pts]])
+
+
 def plot_e2e(result: dict[str, Any], dest: Path) -> Path:
     """Speedup over plain decoding vs concurrency, one line per drafter, one panel per
     dataset x temperature."""
@@ -23,14 +37,19 @@ def plot_e2e(result: dict[str, Any], dest: Path) -> Path:
     temps = list(dict.fromkeys(r["temperature"] for r in rows))
     fig, axes = plt.subplots(len(temps), len(datasets), squeeze=False, sharey=True,
                              figsize=(4 * len(datasets), 3.2 * len(temps)))
+    if "ratios" in result:
+        all_cells = result["ratios"]
+    else:  # a result from before the per-cell ratios
+        from coral_vllm.bench.e2e import summarize
+        all_cells = summarize(result["rows"], result["k"])["ratios"]
     for i, t in enumerate(temps):
         for j, d in enumerate(datasets):
             ax = axes[i][j]
+            cells = [c for c in all_cells if (c["dataset"], c["temperature"]) == (d, t)]
             for name in dict.fromkeys(r["drafter"] for r in rows):
-                pts = sorted((r["concurrency"], r["speedup_vs_plain"]) for r in rows
-                             if (r["drafter"], r["dataset"], r["temperature"]) == (name, d, t))
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", label=name)
+                x, y, err = _points(cells, "concurrency", f"{name}_vs_plain")
+                if x:
+                    ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name)
             ax.axhline(1.0, color="gray", lw=0.8, ls="--")
             ax.set_xscale("log", base=2)
             ax.set_title(f"{d}, T={t:g}")
@@ -56,19 +75,21 @@ def plot_synthetic(result: dict[str, Any], dest: Path) -> Path:
             colour = None
             for key, style, label in (("coral_vs_eagle", "-", "vs EAGLE"),
                                       ("coral_vs_static", "--", "vs static")):
-                pts = sorted((r["batch"], r[key]) for r in rs
-                             if r["synthetic_acceptance_length"] == length and r.get(key))
-                if pts:
-                    line, = ax.plot(*zip(*pts), marker="o", ls=style, color=colour,
-                                    label=f"acceptance {length:g}, {label}")
-                    colour = line.get_color()
+                x, y, err = _points([r for r in rs if r["synthetic_acceptance_length"] ==
+                                     length], "batch", key)
+                if x:
+                    bars = ax.errorbar(x, y, yerr=err, marker="o", ls=style, color=colour,
+                                       capsize=3, label=f"acceptance {length:g}, {label}"
+                                       if length else f"real acceptance, {label}")
+                    colour = bars.lines[0].get_color()
         ax.axhline(1.0, color="gray", lw=0.8, ls="--")
         ax.set_xscale("log", base=2)
         ax.set_title(shape)
         ax.set_xlabel("batch")
         ax.set_ylabel("CORAL tok/s / other drafter's tok/s")
         ax.legend(fontsize=8)
-    return _save(fig, f"SYNTHETIC acceptance, dummy weights, k={result['k']}, "
+    kind = "SYNTHETIC" if result["acceptance"].startswith("SYNTHETIC") else "real"
+    return _save(fig, f"{kind} acceptance, dummy weights, k={result['k']}, "
                       f"{result['device']}, vLLM {result['vllm_version']}", dest)
 
 
@@ -81,10 +102,9 @@ def plot_lm_head(result: dict[str, Any], dest: Path) -> Path:
     fig, axes = plt.subplots(1, len(shapes), figsize=(4.2 * len(shapes), 3.6), squeeze=False)
     for ax, (d, vocab) in zip(axes[0], shapes):
         for n in sorted({r["tokens"] for r in rows}):
-            sel = sorted((r for r in rows if (r["d"], r["vocab"], r["tokens"]) == (d, vocab, n)),
-                         key=lambda r: r["active_fraction"])
-            ax.plot([r["active_fraction"] for r in sel],
-                    [r["dense_ms"] / r["grouped_ms"] for r in sel], marker="o", label=f"n={n}")
+            x, y, err = _points([r for r in rows if (r["d"], r["vocab"], r["tokens"]) ==
+                                 (d, vocab, n)], "active_fraction", "speedup_vs_dense")
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"n={n}")
         ax.axhline(1.0, color="gray", lw=0.8, ls="--")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=2)

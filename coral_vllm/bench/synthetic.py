@@ -94,7 +94,7 @@ def prepare_shape(shape: dict[str, Any], root: Path, *, num_groups: int,
             "target": target}
 
 
-def set_synthetic_acceptance(worker: Any, length: float) -> list[float]:
+def set_synthetic_acceptance(worker: Any, length: float) -> None:
     """Runs inside the engine's worker (collective_rpc): overwrite the rejection sampler's
     per-position conditional acceptance rates in place (same tensor, so captured graphs
     and kernels see the new values)."""
@@ -108,7 +108,6 @@ def set_synthetic_acceptance(worker: Any, length: float) -> list[float]:
     rates = unconditional_to_conditional_rates(
         SpeculativeConfig._acceptance_length_to_rates(length, k))
     rates_t.copy_(torch.tensor(rates, dtype=rates_t.dtype))
-    return rates
 
 
 def run_batch(llm: Any, batch: int, prompt_len: int, max_tokens: int, passes: int,
