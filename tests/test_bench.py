@@ -135,8 +135,8 @@ def test_e2e_run_through_vllm_serve(target_dir, tmp_path):
     eagerly: what is checked is the benchmark's bookkeeping, and serving under
     torch.compile has its own test (test_serve_openai.py)."""
     from coral_vllm.bench.e2e import main
-    from coral_vllm.training.splits import DEV_SHARE, HELDOUT_SHARE, split_of
-    from coral_vllm.training.texts import Passage, write_passages
+    from coral_vllm.data.splits import DEV_SHARE, HELDOUT_SHARE, split_of
+    from coral_vllm.data.texts import Passage, write_passages
 
     dev_ids = [i for i in (f"t:{n}#0" for n in range(2000))
                if split_of(i, DEV_SHARE, HELDOUT_SHARE) == "dev"][:2]

@@ -231,10 +231,10 @@ def test_trainer_exports_a_gemma_drafter_the_plugin_accepts(tmp_path):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     from coral_vllm.training.config import TrainConfig
-    from coral_vllm.training.data import write_dataset
+    from coral_vllm.data.shards import write_dataset
     from coral_vllm.training.evaluate import load_drafter, speculative_generate
     from coral_vllm.training.export import export
-    from coral_vllm.training.self_distill import generate_hf
+    from coral_vllm.data.generators import generate_hf
     from coral_vllm.training.trainer import train
 
     torch.manual_seed(0)

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from coral_vllm.format.checkpoint import expected_shapes, read_checkpoint
-from coral_vllm.training.batches import Batch, TokenTable, epoch_batches, padded_len
+from coral_vllm.data.batches import Batch, TokenTable, epoch_batches, padded_len
 from coral_vllm.training.config import PlanChanged, TrainConfig
 from coral_vllm.training.csra import csra_loss
-from coral_vllm.training.data import load_dev, load_splits, read_samples, write_dataset
+from coral_vllm.data.shards import load_dev, load_splits, read_samples, write_dataset
 from coral_vllm.training.model import CoralDrafter
-from coral_vllm.training.self_distill import generate_hf
+from coral_vllm.data.generators import generate_hf
 from coral_vllm.training.trainer import load_state, multi_step_forward, train
 
 VOCAB, HIDDEN = 512, 64
@@ -396,7 +396,7 @@ def test_bad_settings_name_the_field(tiny, tmp_path):
 def test_a_feature_store_the_host_cannot_hold_is_refused_up_front(monkeypatch):
     """Where the device cannot take the store it goes to the host; one too large for the
     host too fails before it is allocated, naming its size and the fixes."""
-    from coral_vllm.training import features
+    from coral_vllm.data import feature_store as features
 
     assert features.host_available_bytes() > 0
     monkeypatch.setattr(features, "host_available_bytes", lambda: 10 * 2**30)
@@ -430,7 +430,7 @@ def test_two_layer_run_exports_and_reloads(tiny, tmp_path, fused):
     from coral_vllm.training.cli import main
     from coral_vllm.training.evaluate import load_drafter
     from coral_vllm.training.export import export
-    from coral_vllm.training.target import target_features
+    from coral_vllm.data.target import target_features
 
     out = tmp_path / "deep"
     assert main(["train", "--target", tiny["target"], "--data", tiny["data"], "--out",

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     import vllm
     from transformers import AutoTokenizer
 
-    from coral_vllm.datasets import benchmark_prompts
+    from coral_vllm.data.eval_sets import benchmark_prompts
     from coral_vllm.format.checkpoint import read_checkpoint
 
     drafters = parse_drafters(args.drafters)

@@ -44,7 +44,7 @@ from coral_vllm.bench.args import (PLAIN, add_drafters_arg, add_enforce_eager_ar
                                    target_dir)
 from coral_vllm.bench.client import Prompt, run_load
 from coral_vllm.bench.results import device_name, write_json
-from coral_vllm.datasets import BENCHMARKS, benchmark_texts
+from coral_vllm.data.eval_sets import BENCHMARKS, benchmark_texts
 from coral_vllm.format.checkpoint import is_coral_checkpoint, read_checkpoint
 from coral_vllm.runtime.metrics import histogram_mean, parse_prometheus, prometheus_totals
 from coral_vllm.runtime.server import ServerSpec, fetch_metrics, running_servers
@@ -115,12 +115,12 @@ def dataset_arg(spec: str) -> str:
 def dataset_prompts(dataset: str, model: Path) -> tuple[list[Prompt], str]:
     """(prompts, their description in the results) of one --datasets entry."""
     if not dataset.startswith(TEXTS):
-        return (benchmark_texts(dataset), f"coral_vllm.datasets.benchmark_texts({dataset!r}), "
+        return (benchmark_texts(dataset), f"coral_vllm.data.eval_sets.benchmark_texts({dataset!r}), "
                 "chat template, first N per level")
     from transformers import AutoTokenizer
 
-    from coral_vllm.training.splits import DEV_SHARE, SPLIT_BUCKETS
-    from coral_vllm.training.texts import PROMPT_TOKENS, dev_prompts
+    from coral_vllm.data.splits import DEV_SHARE, SPLIT_BUCKETS
+    from coral_vllm.data.texts import PROMPT_TOKENS, dev_prompts
 
     path = dataset[len(TEXTS):]
     prompts = dev_prompts(path, AutoTokenizer.from_pretrained(str(model)))

@@ -34,7 +34,7 @@ from coral_vllm.bench.args import (PLAIN, add_enforce_eager_arg, add_engine_reso
                                    server_log_dir, target_dir)
 from coral_vllm.bench.client import run_load
 from coral_vllm.bench.results import device_name, write_json
-from coral_vllm.datasets import BENCHMARKS, benchmark_texts
+from coral_vllm.data.eval_sets import BENCHMARKS, benchmark_texts
 from coral_vllm.runtime.metrics import parse_prometheus, prometheus_totals
 from coral_vllm.runtime.server import (RunningServer, ServerSpec, fetch_metrics,
                                        running_server_processes)

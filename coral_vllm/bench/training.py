@@ -42,7 +42,7 @@ from coral_vllm.bench.args import parse_named
 from coral_vllm.bench.plots import plot_file
 from coral_vllm.bench.results import device_name, write_json
 from coral_vllm.training.config import RESUMABLE_CHANGES
-from coral_vllm.training.data import read_manifest
+from coral_vllm.data.shards import read_manifest
 
 # Run inside a subprocess whose sys.path starts with the legacy package: times the old
 # trainer between its batch builds (its loop reads every step's loss back to the host,

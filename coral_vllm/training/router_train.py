@@ -30,11 +30,11 @@ from coral_vllm.format.partition import build_token_order, frequency_order, grou
 from coral_vllm.format.config import PARTITION_STRATEGIES, CoralConfig
 from coral_vllm.format.router import Router
 from coral_vllm.training.config import TrainConfig
-from coral_vllm.training.batches import Batch, TokenTable, epoch_batches
-from coral_vllm.training.data import MANIFEST, load_splits, train_token_counts
-from coral_vllm.training.features import compute_features
+from coral_vllm.data.batches import Batch, TokenTable, epoch_batches
+from coral_vllm.data.shards import MANIFEST, load_splits, train_token_counts
+from coral_vllm.data.feature_store import compute_features
 from coral_vllm.training.model import CoralDrafter, build_drafter
-from coral_vllm.training.target import load_target, pick_device, split_features
+from coral_vllm.data.target import load_target, pick_device, split_features
 from coral_vllm.training.trainer import load_state, multi_step_forward
 
 ROUTER_FILE = "router.pt"

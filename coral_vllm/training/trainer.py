@@ -49,15 +49,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from coral_vllm.bench.results import device_name
-from coral_vllm.training.batches import Batch, epoch_batches
+from coral_vllm.data.batches import Batch, epoch_batches
 from coral_vllm.training.config import PlanChanged, TrainConfig
-from coral_vllm.training.data import (data_fingerprint, load_dev, load_splits,
+from coral_vllm.data.shards import (data_fingerprint, load_dev, load_splits,
                                       train_token_counts)
-from coral_vllm.training.features import compute_features
+from coral_vllm.data.feature_store import compute_features
 from coral_vllm.training.head_loss import chunked_soft_ce
 from coral_vllm.training.csra import csra_loss
 from coral_vllm.training.model import CoralDrafter
-from coral_vllm.training.target import load_target, split_features
+from coral_vllm.data.target import load_target, split_features
 from coral_vllm.training.validate import DraftTop1, EvalSplit, validate
 
 STATE_FILE = "state/latest.pt"

