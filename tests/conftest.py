@@ -29,6 +29,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                                 "marked `engine`: " + ", ".join(unmarked))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one thread is as fast, and immune to OpenMP spin-waiting when the
+    CI box is shared (2 threads on 2 busy cores made test_training.py 40x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def target_dir() -> Path:
     return fetch_model()

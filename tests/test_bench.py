@@ -179,7 +179,7 @@ def test_repeated_cells_report_the_median_round_and_all_rounds():
 
 
 def test_bad_drafter_arguments_name_the_fix(tmp_path):
-    from coral_vllm.bench.args import parse_drafters
+    from coral_vllm.named_paths import parse_drafters
     from coral_vllm.cli import main
 
     with pytest.raises(SystemExit, match="not NAME=DIR"):

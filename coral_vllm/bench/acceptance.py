@@ -15,8 +15,10 @@ import json
 import sys
 from pathlib import Path
 
-from coral_vllm.bench.args import add_drafters_arg, bench_parser, parse_drafters, target_dir
-from coral_vllm.bench.results import device_name, write_json
+from coral_vllm.bench.args import add_drafters_arg, bench_parser, target_dir
+from coral_vllm.bench.results import write_json
+from coral_vllm.named_paths import parse_drafters
+from coral_vllm.runtime.device import device_name
 from coral_vllm.runtime.metrics import from_llm_metrics
 from coral_vllm.runtime.offline_engine import offline_engine
 

@@ -42,7 +42,8 @@ import time
 from pathlib import Path
 
 from coral_vllm.bench.args import bench_parser
-from coral_vllm.bench.results import device_name, write_json
+from coral_vllm.bench.results import write_json
+from coral_vllm.runtime.device import device_name
 
 SHAPES = [(576, 49152), (640, 262144), (4096, 128256), (3584, 152064)]
 TOKENS = [1, 4, 16, 64]

@@ -29,12 +29,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from coral_vllm.bench.args import (PLAIN, add_enforce_eager_arg, add_engine_resource_args,
+from coral_vllm.bench.args import (add_enforce_eager_arg, add_engine_resource_args,
                                    add_output_args, bench_parser, engine_resources,
                                    server_log_dir, target_dir)
 from coral_vllm.bench.client import run_load
-from coral_vllm.bench.results import device_name, write_json
+from coral_vllm.bench.results import write_json
 from coral_vllm.data.eval_sets import BENCHMARKS, benchmark_texts
+from coral_vllm.named_paths import PLAIN
+from coral_vllm.runtime.device import device_name
 from coral_vllm.runtime.metrics import parse_prometheus, prometheus_totals
 from coral_vllm.runtime.server import (RunningServer, ServerSpec, fetch_metrics,
                                        running_server_processes)

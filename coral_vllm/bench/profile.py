@@ -23,8 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from coral_vllm.bench.args import add_drafters_arg, bench_parser, parse_drafters, target_dir
-from coral_vllm.bench.results import device_name, write_json
+from coral_vllm.bench.args import add_drafters_arg, bench_parser, target_dir
+from coral_vllm.bench.results import write_json
+from coral_vllm.named_paths import parse_drafters
+from coral_vllm.runtime.device import device_name
 
 RANGE = "coral_bench::propose"
 _SYNC_OPS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")

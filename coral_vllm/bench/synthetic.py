@@ -34,8 +34,9 @@ from typing import Any
 from coral_vllm.bench.args import (add_enforce_eager_arg, add_engine_resource_args,
                                    bench_parser, engine_resources)
 from coral_vllm.bench.e2e import step_time_ratio
-from coral_vllm.bench.results import device_name, write_json
+from coral_vllm.bench.results import write_json
 from coral_vllm.format.checkpoint import read_checkpoint
+from coral_vllm.runtime.device import device_name
 
 # Public config.json values of the two targets (sizes only; weights are dummy).
 SHAPES: dict[str, dict[str, Any]] = {

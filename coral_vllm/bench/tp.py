@@ -19,9 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from coral_vllm.bench.args import PLAIN, add_enforce_eager_arg, bench_parser
-from coral_vllm.bench.results import device_name, write_json
+from coral_vllm.bench.args import add_enforce_eager_arg, bench_parser
+from coral_vllm.bench.results import write_json
 from coral_vllm.bench.smoke_prompts import SMOKE_PROMPTS
+from coral_vllm.named_paths import PLAIN
+from coral_vllm.runtime.device import device_name
 
 DEFAULT_TP_MODEL = "gemma3-270m"
 PROBE_SEED = 0

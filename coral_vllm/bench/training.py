@@ -38,9 +38,10 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from coral_vllm.bench.args import parse_named
 from coral_vllm.bench.plots import plot_file
-from coral_vllm.bench.results import device_name, write_json
+from coral_vllm.bench.results import write_json
+from coral_vllm.named_paths import parse_named
+from coral_vllm.runtime.device import device_name
 from coral_vllm.training.config import RESUMABLE_CHANGES
 from coral_vllm.data.shards import read_manifest
 

@@ -29,7 +29,7 @@ from coral_vllm.data.batches import TokenTable
 from coral_vllm.data.feature_store import compute_features
 from coral_vllm.training.model import CoralDrafter, build_drafter
 from coral_vllm.data.target import load_target, pick_device, target_features
-from coral_vllm.training.trainer import multi_step_forward
+from coral_vllm.training.multi_step import multi_step_forward
 from coral_vllm.training.validate import DraftTop1, EvalSplit, chain_tau
 
 

@@ -91,7 +91,7 @@ def compare(target: str, data: str, drafters: dict[str, str], *, k: int = 5,
             out_json: str | None = None) -> dict[str, Any]:
     """Offline vs vLLM tau per drafter on the data directory's dev prompts. vLLM runs
     first (each engine torn down after), then the target for the offline replays."""
-    from coral_vllm.bench.results import device_name
+    from coral_vllm.runtime.device import device_name
 
     table, prompt_lens = load_dev(data, 1 << 20)
     if table is None:
