@@ -7,12 +7,12 @@ import sys
 
 from coral_vllm.demo import DEFAULT_PROMPT
 from coral_vllm.format.config import PARTITION_STRATEGIES, SELECTIONS
-from coral_vllm.models.gguf_convert import CONVERTERS, DIRECT_ARCHITECTURES, DTYPES
-from coral_vllm.models.model_store import CHAT_MODELS, DEFAULT_MODEL, KNOWN_MODELS
+from coral_vllm.model_store.gguf_convert import CONVERTERS, DIRECT_ARCHITECTURES, DTYPES
+from coral_vllm.model_store.targets import CHAT_MODELS, DEFAULT_MODEL, KNOWN_MODELS
 
 
 def _fetch_model(args: argparse.Namespace) -> int:
-    from coral_vllm.models.model_store import fetch_model
+    from coral_vllm.model_store.targets import fetch_model
 
     print(fetch_model(args.name, force=args.force, gguf=args.gguf, dtype=args.dtype,
                       converter=args.converter))
@@ -20,7 +20,7 @@ def _fetch_model(args: argparse.Namespace) -> int:
 
 
 def _gguf_pieces(args: argparse.Namespace) -> int:
-    from coral_vllm.models.gguf_pieces import cut_pieces
+    from coral_vllm.model_store.gguf_pieces import cut_pieces
 
     folders = cut_pieces(args.name, args.out, args.piece_bytes, args.gguf)
     for folder in folders:
@@ -31,7 +31,7 @@ def _gguf_pieces(args: argparse.Namespace) -> int:
 
 
 def _init_drafter(args: argparse.Namespace) -> int:
-    from coral_vllm.models.drafter_init import init_drafter
+    from coral_vllm.model_store.drafter_init import init_drafter
 
     path = init_drafter(args.target, args.out, num_groups=args.num_groups,
                         top_k_groups=args.top_k_groups, partition=args.partition,
@@ -57,7 +57,7 @@ def _check_drafter(args: argparse.Namespace) -> int:
           f"{'trained' if c.trained else 'UNTRAINED'}, "
           f"{'own' if ckpt.has_own_lm_head else 'shared'} LM head")
     if args.tensor_parallel_size > 1:
-        from coral_vllm.format.sharded_head import describe_sharding
+        from coral_vllm.head.sharded_lm_head import describe_sharding
         print("ok: " + describe_sharding(ckpt.token_order, c, args.tensor_parallel_size))
     return 0
 
@@ -112,8 +112,8 @@ _BENCH_COMMANDS = {
     "e2e": "plain vs drafters through vllm serve + the OpenAI API, real acceptance",
     "synthetic": "8B-shaped targets, dummy weights, synthetic acceptance",
     "profile": "where a draft step's time goes: timed and profiled proposer in the engine",
-    "lm-head": "grouped LM-head kernel vs dense head: timings, bandwidth; --check: GPU "
-               "correctness",
+    "grouped-lm-head": "grouped LM-head kernel vs dense head: timings, bandwidth; --check: "
+                       "GPU correctness",
     "serve-check": "vllm serve without and with coral: replies, tok/s, acceptance",
     "sampling-check": "T=1 sampling stays the target's distribution (plain vs coral vs "
                       "stock EAGLE)",
@@ -123,12 +123,14 @@ _BENCH_COMMANDS = {
     "training": "trainer tokens/s before/after; held-out tau learning curves",
     "tp": "coral vs plain at tensor_parallel_size t: greedy identity, tok/s, per-rank head",
 }
+_BENCH_ALIASES = {"lm-head": "grouped-lm-head"}  # the names scripts have called them by
 
 
 def _bench(args: argparse.Namespace) -> int:
     import importlib
 
-    module = importlib.import_module(f"coral_vllm.bench.{args.bench.replace('-', '_')}")
+    name = _BENCH_ALIASES.get(args.bench, args.bench)
+    module = importlib.import_module(f"coral_vllm.bench.{name.replace('-', '_')}")
     return module.main(args.rest)
 
 
@@ -229,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
                        f"{', '.join(_BENCH_COMMANDS)}, plot (see `coral-vllm bench -h`)")
     bsub = b.add_subparsers(dest="bench", required=True)
     for name, what in _BENCH_COMMANDS.items():
-        bp = bsub.add_parser(name, help=what + " (see -h)", add_help=False)
+        aliases = [a for a, n in _BENCH_ALIASES.items() if n == name]
+        bp = bsub.add_parser(name, aliases=aliases, help=what + " (see -h)", add_help=False)
         bp.add_argument("rest", nargs=argparse.REMAINDER)
         bp.set_defaults(func=_bench)
     bp = bsub.add_parser("plot", help="draw the PNG next to a result JSON")
@@ -263,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] in _PASSTHROUGH:  # their own parsers see every argument, -h too
             return _PASSTHROUGH[argv[0]](argparse.Namespace(rest=argv[1:]))
-        if argv[:1] == ["bench"] and argv[1:2] and argv[1] in _BENCH_COMMANDS:
+        if argv[:1] == ["bench"] and argv[1:2] and (argv[1] in _BENCH_COMMANDS
+                                                     or argv[1] in _BENCH_ALIASES):
             return _bench(argparse.Namespace(bench=argv[1], rest=argv[2:]))
         args = build_parser().parse_args(argv)
         return args.func(args)

@@ -11,8 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from coral_vllm.models.drafters import default_drafter
-from coral_vllm.models.model_store import DEFAULT_MODEL, fetch_model
+from coral_vllm.model_store.drafters import default_drafter
+from coral_vllm.model_store.targets import DEFAULT_MODEL, fetch_model
 from coral_vllm.runtime.device import on_cpu
 from coral_vllm.runtime.metrics import parse_prometheus
 from coral_vllm.runtime.server import fetch_metrics, running_server

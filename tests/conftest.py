@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from coral_vllm.models.drafter_init import init_drafter
-from coral_vllm.models.model_store import fetch_model
+from coral_vllm.model_store.drafter_init import init_drafter
+from coral_vllm.model_store.targets import fetch_model
 from drafter_kinds import Drafters
 from engine_runs import EngineRuns
 

@@ -14,7 +14,7 @@ from coral_vllm.bench.e2e import drafter_info, plan_variants, step_time_ratio, s
 from coral_vllm.bench.synthetic import ratios
 from coral_vllm.format.checkpoint import (is_coral_checkpoint, read_checkpoint,
                                           write_eagle_checkpoint)
-from coral_vllm.models.drafters import default_drafter
+from coral_vllm.model_store.drafters import default_drafter
 from coral_vllm.runtime.metrics import histogram_mean, prometheus_totals
 
 SCRAPE_1 = """# HELP vllm:request_time_per_output_token_seconds x

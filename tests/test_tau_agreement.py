@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from coral_vllm.models.drafters import shipped_drafter
+from coral_vllm.model_store.drafters import shipped_drafter
 from engine_utils import engines_in_process
 
 

@@ -222,7 +222,7 @@ def test_static_export_is_the_drafter_the_router_report_measured(tiny, trained, 
     import shutil
 
     from coral_vllm.format.partition import grouped_rows, row_token_ids
-    from coral_vllm.format.static_head import static_logits
+    from coral_vllm.head.static_lm_head import static_logits
     from coral_vllm.training.cli import main
     from coral_vllm.training.evaluate import (continuation_split, load_drafter,
                                               speculative_generate, tau_of_drafters)

@@ -34,7 +34,7 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
 
 
 def target_dir(args: argparse.Namespace) -> Path:
-    from coral_vllm.models.model_store import fetch_model
+    from coral_vllm.model_store.targets import fetch_model
 
     return Path(args.model) if args.model else fetch_model(gguf=args.gguf)
 

@@ -238,7 +238,7 @@ def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import vllm
 
-    from coral_vllm.models.drafters import default_drafter
+    from coral_vllm.model_store.drafters import default_drafter
 
     model = target_dir(args)
     drafters = parse_drafters(args.drafters) if args.drafters \

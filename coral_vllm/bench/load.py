@@ -216,7 +216,7 @@ def _settled_counts(url: str, timeout_s: float = 30.0) -> dict[str, float]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import vllm
 
-    from coral_vllm.models.drafters import default_drafter
+    from coral_vllm.model_store.drafters import default_drafter
 
     model = target_dir(args)
     drafter = Path(args.drafter) if args.drafter else default_drafter()

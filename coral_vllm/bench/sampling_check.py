@@ -22,7 +22,7 @@ from coral_vllm.bench.args import bench_parser, target_dir
 from coral_vllm.bench.lossless import binned_tv, noise_bound, token_marginals
 from coral_vllm.bench.results import write_json
 from coral_vllm.format.checkpoint import write_eagle_checkpoint
-from coral_vllm.models.drafters import default_drafter
+from coral_vllm.model_store.drafters import default_drafter
 from coral_vllm.runtime.device import device_name
 from coral_vllm.runtime.offline_engine import offline_engine
 

@@ -18,7 +18,7 @@ from coral_vllm.bench.args import add_output_args, bench_parser, server_log_dir,
 from coral_vllm.bench.results import write_json
 from coral_vllm.bench.smoke_prompts import SMOKE_PROMPTS
 from coral_vllm.format.checkpoint import read_checkpoint
-from coral_vllm.models.drafters import default_drafter
+from coral_vllm.model_store.drafters import default_drafter
 from coral_vllm.named_paths import PLAIN
 from coral_vllm.runtime.device import device_name
 from coral_vllm.runtime.metrics import parse_prometheus

@@ -78,7 +78,7 @@ def prepare_shape(shape: dict[str, Any], root: Path, *, num_groups: int,
     """A config-only target dir and the three drafters for it (random weights: the
     drafter checkpoint checks read them; the engines then use dummy weights anyway)."""
     from coral_vllm.format.checkpoint import write_eagle_checkpoint
-    from coral_vllm.models.drafter_init import init_drafter
+    from coral_vllm.model_store.drafter_init import init_drafter
 
     target = root / "target"
     target.mkdir(parents=True, exist_ok=True)

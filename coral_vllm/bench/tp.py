@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import vllm
 
-    from coral_vllm.models.drafters import default_drafter
-    from coral_vllm.models.model_store import fetch_model
+    from coral_vllm.model_store.drafters import default_drafter
+    from coral_vllm.model_store.targets import fetch_model
 
     model = Path(args.model) if args.model else fetch_model(DEFAULT_TP_MODEL, gguf=args.gguf)
     drafter = Path(args.drafter) if args.drafter else default_drafter(DEFAULT_TP_MODEL)

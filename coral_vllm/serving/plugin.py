@@ -191,8 +191,8 @@ def check_draft_tensor_parallel(draft_tp: Any, target_tp: int, coral: Any) -> No
     """vLLM's EAGLE path builds the drafter in the target's workers at the target's
     tensor parallel size and shares its vocabulary-sharded LM head, whatever
     "draft_tensor_parallel_size" says; the grouped head follows the shards
-    (`coral_vllm.format.sharded_head`) if the vocabulary splits evenly."""
-    from coral_vllm.format.sharded_head import check_shardable
+    (`coral_vllm.head.sharded_lm_head`) if the vocabulary splits evenly."""
+    from coral_vllm.head.sharded_lm_head import check_shardable
 
     if draft_tp is not None and draft_tp != target_tp:
         raise CoralConfigError(

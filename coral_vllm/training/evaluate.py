@@ -8,7 +8,7 @@ output feature feeds the next step, as in vLLM), the target verifies them with o
 forward (no KV cache: simple, exact, slow), and the round yields the accepted prefix
 plus the target's own next token, so tau = mean(accepted + 1). With the router on, each
 draft token is the top-1 over the router's `top_k_groups` groups only
-(`coral_vllm.format.grouped_head`); off, over the whole vocabulary.
+(`coral_vllm.head.grouped_lm_head`); off, over the whole vocabulary.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import torch
 from safetensors.torch import load_file
 
 from coral_vllm.format.checkpoint import WEIGHTS_FILE, read_checkpoint
-from coral_vllm.format.grouped_head import grouped_top1
+from coral_vllm.head.grouped_lm_head import grouped_top1
 from coral_vllm.format.partition import grouped_rows, row_token_ids
-from coral_vllm.format.router import select_groups
+from coral_vllm.head.router import select_groups
 from coral_vllm.data.batches import TokenTable
 from coral_vllm.data.feature_store import compute_features
 from coral_vllm.training.model import CoralDrafter, build_drafter

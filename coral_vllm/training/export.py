@@ -23,8 +23,8 @@ from coral_vllm.format.checkpoint import LAYER_PREFIXES, save_checkpoint
 from coral_vllm.format.drafter_config import drafter_llama_config
 from coral_vllm.format.config import CoralConfig
 from coral_vllm.format.partition import contiguous_order, frequency_order
-from coral_vllm.format.router import Router
-from coral_vllm.models.target_heads import read_target_heads
+from coral_vllm.head.router import Router
+from coral_vllm.model_store.target_heads import read_target_heads
 from coral_vllm.training.config import TrainConfig
 from coral_vllm.data.shards import load_splits, train_token_counts
 from coral_vllm.data.target import target_config_dict

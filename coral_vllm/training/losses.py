@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from coral_vllm.format.router import Router
+from coral_vllm.head.router import Router
 from coral_vllm.training.config import TrainConfig
 from coral_vllm.training.model import CoralDrafter
 

@@ -39,7 +39,7 @@ from coral_vllm.format.config import CoralConfig
 from coral_vllm.format.drafter_config import EMBED_SCALE, drafter_layer_config
 from coral_vllm.format.drafter_config import fused_layers as config_fused_layers
 from coral_vllm.format.partition import build_token_order, contiguous_order, group_of_token
-from coral_vllm.format.router import Router
+from coral_vllm.head.router import Router
 
 
 TRAINED_PREFIXES = LAYER_PREFIXES + OWN_PREFIXES

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from coral_vllm.format.partition import build_token_order, frequency_order, group_of_token
 from coral_vllm.format.config import PARTITION_STRATEGIES, CoralConfig
-from coral_vllm.format.router import Router
+from coral_vllm.head.router import Router
 from coral_vllm.training.config import TrainConfig
 from coral_vllm.data.batches import Batch, TokenTable, epoch_batches
 from coral_vllm.data.shards import MANIFEST, load_splits, train_token_counts

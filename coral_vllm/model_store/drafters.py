@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from coral_vllm.models.model_store import DEFAULT_MODEL, cache_root, fetch_model
+from coral_vllm.model_store.targets import DEFAULT_MODEL, cache_root, fetch_model
 
 ASSETS = Path(__file__).parents[1] / "assets" / "drafters"
 
@@ -23,7 +23,7 @@ def default_drafter(model: str = DEFAULT_MODEL) -> Path:
     shipped = shipped_drafter(model)
     if shipped is not None:
         return shipped
-    from coral_vllm.models.drafter_init import init_drafter
+    from coral_vllm.model_store.drafter_init import init_drafter
 
     path = cache_root() / "drafters" / f"{model}-untrained"
     if not (path / "config.json").is_file():

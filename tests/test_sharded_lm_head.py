@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from coral_vllm.format.config import CoralConfig, CoralConfigError
-from coral_vllm.format.grouped_head import grouped_logits_torch, grouped_top1, scatter_to_vocab
+from coral_vllm.head.grouped_lm_head import grouped_logits_torch, grouped_top1, scatter_to_vocab
 from coral_vllm.format.partition import build_token_order, grouped_rows, row_token_ids
-from coral_vllm.format.sharded_head import (ShardedGroupedHead, check_shardable,
+from coral_vllm.head.sharded_lm_head import (ShardedGroupedHead, check_shardable,
                                             shard_layout, vocab_shard)
 
 
@@ -49,12 +49,12 @@ def _ranks(cfg: CoralConfig, weight: torch.Tensor, order: torch.Tensor, tp: int)
 
 def _sharded_top1(heads, h, group_ids):
     gathered = torch.cat([hd.local_top1(h, group_ids) for hd in heads], dim=-1)
-    from coral_vllm.format.sharded_head import reduce_top1
+    from coral_vllm.head.sharded_lm_head import reduce_top1
     return reduce_top1(gathered, len(heads))
 
 
 def _sharded_logits(heads, h, group_ids, vocab):
-    from coral_vllm.format.sharded_head import gathered_to_vocab
+    from coral_vllm.head.sharded_lm_head import gathered_to_vocab
     gathered = torch.cat([hd.local_logits(h, group_ids) for hd in heads], dim=-1)
     return gathered_to_vocab(gathered, len(heads), vocab)
 
@@ -204,7 +204,7 @@ def test_two_process_gloo_run_equals_single_rank():
 def test_plugin_accepts_the_target_tp_and_names_what_it_cannot_run():
     """At the target's TP the coral config translates; a different draft TP, and a TP
     the vocabulary does not split into, fail naming the setting and the fix."""
-    from coral_vllm.models.drafters import default_drafter
+    from coral_vllm.model_store.drafters import default_drafter
     from coral_vllm.serving.plugin import translate_coral_config
 
     spec = {"method": "coral", "model": str(default_drafter())}
@@ -220,7 +220,7 @@ def test_plugin_accepts_the_target_tp_and_names_what_it_cannot_run():
 
 def test_check_drafter_reports_the_sharding_or_one_error_line(capsys):
     from coral_vllm.cli import main
-    from coral_vllm.models.drafters import default_drafter
+    from coral_vllm.model_store.drafters import default_drafter
 
     drafter = str(default_drafter())
     assert main(["check-drafter", drafter, "--tensor-parallel-size", "2"]) == 0

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from coral_vllm.format.config import CoralConfig, CoralConfigError
-from coral_vllm.format.grouped_head import (grouped_layout_problem, grouped_logits,
+from coral_vllm.head.grouped_lm_head import (grouped_layout_problem, grouped_logits,
                                             grouped_top1, scatter_to_vocab)
 
 VOCAB_PADDING = 64           # vLLM's DEFAULT_VOCAB_PADDING_SIZE (0.26, 0.32)

@@ -1,6 +1,7 @@
 """Triton kernels for the grouped LM head (CORAL drafter): logits and fused top-1.
 
-Layout (see `coral_vllm/format/grouped_head.py`, whose `grouped_logits_torch` is the reference):
+Layout (see `coral_vllm/head/grouped_lm_head.py`, whose `grouped_logits_torch` is the
+reference):
 `grouped_weight` [N*G, d] holds the LM-head rows reordered so vocabulary group g is the
 contiguous slab of rows [g*G, (g+1)*G); `row_tokens` [N*G] int64 is the token id of every
 row (-1 on the zero padding rows of a ragged last group); `group_ids` [n, k] int64 are the
@@ -48,8 +49,8 @@ groups an independent batch covers):
   Bytes: skipping that little is all the union kernel can gain, and at small d it pays
   more than that in fixed costs (~3-7 us a call) and lower bandwidth (1.0-2.4 TB/s vs
   cuBLAS 2.3-2.7 on H100, v1), while the dense path costs cuBLAS + ~2-4 us. Measured v1
-  crossover (kernels/NOTES.md): union beat that with 19-42 MiB uncovered (x1.09-1.14
-  over cuBLAS), not with <= 7 MiB (x0.50-1.00). Coverage: in every v1 row with c < 0.8 a
+  crossover (docs/grouped-lm-head-kernel.md): union beat that with 19-42 MiB uncovered
+  (x1.09-1.14 over cuBLAS), not with <= 7 MiB (x0.50-1.00). Coverage: in every v1 row with c < 0.8 a
   grouped path beat cuBLAS by >= 9%, and without it heads under 12 MiB would always go
   dense. d: at d >= 3584 union ran at cuBLAS speed even fully covered (x0.94-1.02), so
   the extra path is not used there;

@@ -17,7 +17,7 @@ from coral_vllm.format.checkpoint import expected_shapes, save_checkpoint
 from coral_vllm.format.drafter_config import drafter_llama_config
 from coral_vllm.format.config import CoralConfig
 from coral_vllm.format.partition import build_token_order
-from coral_vllm.models.target_heads import LM_HEAD, read_target_heads
+from coral_vllm.model_store.target_heads import LM_HEAD, read_target_heads
 
 
 def init_drafter(target_dir: str | Path, out_dir: str | Path, *, num_groups: int = 64,

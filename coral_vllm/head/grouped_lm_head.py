@@ -1,13 +1,13 @@
 """Grouped LM head: logits of the router's activated vocabulary groups only.
 
 Layout: `grouped_weight` is the LM head with its rows reordered by the partition
-(`partition.grouped_rows`), shape [num_groups * group_size, d]; `row_tokens` gives the
+(`format.partition.grouped_rows`), shape [num_groups * group_size, d]; `row_tokens` gives the
 token id of each row (-1 for padding). For token i and its activated groups
 `group_ids[i] = (g_0 .. g_{k-1})`, column j * G + c of the result is row g_j * G + c.
 
-This module is the plain PyTorch path (CPU, and the reference the Triton kernel in
-`coral_kernels.grouped_lm_head` is tested against). On CUDA the same functions dispatch
-to the kernel. Every function on the draft path has fixed output shapes and no host
+This module is the plain PyTorch path (CPU, and the reference the Triton kernel of the
+same name, `coral_vllm.kernels.grouped_lm_head`, is tested against). On CUDA the same
+functions dispatch to the kernel. Every function on the draft path has fixed output shapes and no host
 synchronisation, so it can sit inside a captured CUDA graph; `grouped_layout_problem`
 is the one-time load check and does synchronise.
 """
@@ -67,7 +67,7 @@ def grouped_logits(hidden: torch.Tensor, grouped_weight: torch.Tensor,
                    scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of the active rows and their token ids; Triton on CUDA, torch elsewhere."""
     if head_backend(hidden) == "triton":
-        from coral_kernels.grouped_lm_head import grouped_logits_triton
+        from coral_vllm.kernels.grouped_lm_head import grouped_logits_triton
         return grouped_logits_triton(hidden, grouped_weight, row_tokens, group_ids,
                                      group_size, scale)
     return grouped_logits_torch(hidden, grouped_weight, row_tokens, group_ids,
@@ -83,7 +83,7 @@ def grouped_top1(hidden: torch.Tensor, grouped_weight: torch.Tensor,
     [n, V] (or even [n, k*G]) tensor is written.
     """
     if head_backend(hidden) == "triton":
-        from coral_kernels.grouped_lm_head import grouped_top1_triton
+        from coral_vllm.kernels.grouped_lm_head import grouped_top1_triton
         return grouped_top1_triton(hidden, grouped_weight, row_tokens, group_ids,
                                    group_size, scale)
     logits, tokens = grouped_logits_torch(hidden, grouped_weight, row_tokens, group_ids,

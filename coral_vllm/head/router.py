@@ -38,7 +38,7 @@ def select_groups(router: Router | None, h: torch.Tensor, k: int) -> torch.Tenso
     the first k groups, the most frequent tokens under the frequency partition. The
     offline evaluators score these through the grouped head, and so does serving with
     TP > 1 (the sharded head); at TP = 1 serving scores the static ones as one contiguous
-    slice (`static_head`), the same set of rows."""
+    slice (`static_lm_head`), the same set of rows."""
     if router is None:
         return torch.arange(k, device=h.device).expand(h.shape[0], k)
     return router.select(h.to(router.w1.weight.dtype), k)

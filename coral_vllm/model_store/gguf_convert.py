@@ -210,7 +210,7 @@ def _convert_direct(reader: Any, gguf_path: Path, out: Path, dtype: torch.dtype,
     import transformers
     from gguf import dequantize
 
-    from coral_vllm.models.safetensors_file import SafetensorsFile
+    from coral_vllm.model_store.safetensors_file import SafetensorsFile
 
     # transformers imports its classes on first use, which two threads must not do at once
     transformers.AutoConfig, transformers.AutoTokenizer  # noqa: B018

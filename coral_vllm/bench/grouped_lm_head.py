@@ -2,12 +2,12 @@
 
 GPU run:
 
-    coral-vllm bench lm-head --out $OUT/lm_head.json    # benchmark, < 6 min on H100
-    coral-vllm bench lm-head --check                    # correctness + CUDA graphs
+    coral-vllm bench grouped-lm-head --out $OUT/lm_head.json    # < 6 min on H100
+    coral-vllm bench grouped-lm-head --check            # correctness + CUDA graphs
 
 CPU smoke test of the same logic (Triton interpreter, tiny shapes):
 
-    coral-vllm bench lm-head --device cpu --tiny --out /tmp/b/lm_head.json
+    coral-vllm bench grouped-lm-head --device cpu --tiny --out /tmp/b/lm_head.json
 
 What is measured, per (d, V), tokens n and active fraction f = k / N (N = 256 groups,
 G = V / N rows each, so k = 8, 16, 32, 64 for f = 1/32 .. 1/4):
@@ -59,7 +59,7 @@ PATH_KEYS = {"per_token": "per_token_ms", "union": "union_ms", "dense": "dense_p
 
 
 def parse_args(argv=None):
-    p = bench_parser("lm-head", __doc__, target=False)
+    p = bench_parser("grouped-lm-head", __doc__, target=False)
     p.add_argument("--out", default="benchmarks/results/lm_head.json",
                    help="result JSON; the plot goes next to it (.png)")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --tiny)")
@@ -138,7 +138,7 @@ def copy_bandwidth_gbs(device, tiny):
 def bench_row(glh, torch_ref, timer, d, vocab, n, frac, num_groups, weights, rows, device,
               gen, alt_paths=True):
     import torch
-    from coral_vllm.format.static_head import static_top1
+    from coral_vllm.head.static_lm_head import static_top1
     G = math.ceil(vocab / num_groups)
     k = max(1, round(frac * num_groups))
     sets = [torch.randint(0, num_groups, (n, k), generator=gen).to(device)
@@ -261,8 +261,8 @@ def sweep(glh, timer, device, gen, tiny):
 
 def run_benchmark(args):
     import torch
-    import coral_kernels.grouped_lm_head as glh
-    from coral_vllm.format.grouped_head import grouped_logits_torch
+    import coral_vllm.kernels.grouped_lm_head as glh
+    from coral_vllm.head.grouped_lm_head import grouped_logits_torch
     global REPS_IN_GRAPH
     device = args.device
     tiny = args.tiny
@@ -339,8 +339,8 @@ def fp32_scores_supported(device):
 def run_check(args):
     """GPU correctness: all three paths, three dtypes, ragged groups, CUDA-graph replay."""
     import torch
-    import coral_kernels.grouped_lm_head as glh
-    from coral_vllm.format.grouped_head import grouped_logits_torch
+    import coral_vllm.kernels.grouped_lm_head as glh
+    from coral_vllm.head.grouped_lm_head import grouped_logits_torch
     device = args.device
     gen = torch.Generator().manual_seed(args.seed)
     failures = []

@@ -22,7 +22,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from coral_vllm.models.model_store import gguf_from_packages, identify_gguf, known_model
+from coral_vllm.model_store.targets import gguf_from_packages, identify_gguf, known_model
 
 CALL_LIMIT = 64 << 20   # bytes one GPU-host call uploads, checkout included
 MARGIN = 2 << 20        # room for the checkout to grow between cutting and staging
