@@ -21,6 +21,7 @@ from coral_vllm.named_paths import parse_drafters
 from coral_vllm.runtime.device import device_name
 from coral_vllm.runtime.metrics import from_llm_metrics
 from coral_vllm.runtime.offline_engine import offline_engine
+from coral_vllm.speculative_config import speculative_config
 
 DATASETS = ("mtbench", "humaneval")
 
@@ -29,8 +30,7 @@ def measure(model: Path, drafter: Path, k: int, prompts: dict[str, list[list[int
             max_tokens: int) -> dict[str, float]:
     from vllm import SamplingParams, TokensPrompt
 
-    spec = {"method": "coral", "model": str(drafter), "num_speculative_tokens": k}
-    with offline_engine(model, spec, max_model_len=2048, disable_log_stats=False) as llm:
+    with offline_engine(model, speculative_config(drafter, k), max_model_len=2048, disable_log_stats=False) as llm:
         out = {}
         for name, ids in prompts.items():
             before = from_llm_metrics(llm.get_metrics())

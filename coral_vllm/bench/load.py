@@ -40,6 +40,7 @@ from coral_vllm.runtime.device import device_name
 from coral_vllm.runtime.metrics import parse_prometheus, prometheus_totals
 from coral_vllm.runtime.server import (RunningServer, ServerSpec, fetch_metrics,
                                        running_server_processes)
+from coral_vllm.speculative_config import NUM_SPECULATIVE_TOKENS
 
 SAMPLED_TEMPERATURE = 0.8
 CANCEL_AFTER_CHUNKS = (1, 12)  # a cancelled stream hangs up after this many chunks
@@ -270,7 +271,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     p = bench_parser("load", __doc__)
     p.add_argument("--drafter", help="CORAL drafter dir (default: the shipped one)")
-    p.add_argument("-k", type=int, default=3, help="draft tokens per step (default 3)")
+    p.add_argument("-k", type=int, default=NUM_SPECULATIVE_TOKENS,
+                   help=f"draft tokens per step (default {NUM_SPECULATIVE_TOKENS})")
     p.add_argument("--duration-s", type=float, default=180.0,
                    help="seconds of load; requests in flight then finish (default 180)")
     p.add_argument("--warmup-s", type=float,

@@ -23,6 +23,7 @@ from coral_vllm.named_paths import PLAIN
 from coral_vllm.runtime.device import device_name
 from coral_vllm.runtime.metrics import parse_prometheus
 from coral_vllm.runtime.server import fetch_metrics, running_server
+from coral_vllm.speculative_config import NUM_SPECULATIVE_TOKENS
 
 
 def run_variant(model: Path, drafter: Path | None, k: int, prompts: list[str],
@@ -55,7 +56,7 @@ def run_variant(model: Path, drafter: Path | None, k: int, prompts: list[str],
 def main(argv: list[str] | None = None) -> int:
     ap = bench_parser("serve-check", __doc__)
     ap.add_argument("--drafter", help="CORAL drafter dir (default: the shipped one)")
-    ap.add_argument("-k", "--num-speculative-tokens", type=int, default=3)
+    ap.add_argument("-k", "--num-speculative-tokens", type=int, default=NUM_SPECULATIVE_TOKENS)
     ap.add_argument("--max-tokens", type=int, default=128)
     add_output_args(ap, "benchmarks/results/serve_check.json")
     args = ap.parse_args(argv)

@@ -24,6 +24,7 @@ from coral_vllm.bench.results import write_json
 from coral_vllm.bench.smoke_prompts import SMOKE_PROMPTS
 from coral_vllm.named_paths import PLAIN
 from coral_vllm.runtime.device import device_name
+from coral_vllm.speculative_config import NUM_SPECULATIVE_TOKENS, speculative_config
 
 DEFAULT_TP_MODEL = "gemma3-270m"
 PROBE_SEED = 0
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = bench_parser("tp", __doc__)
     ap.add_argument("--drafter", help="CORAL drafter dir (default: the target's default)")
     ap.add_argument("--tensor-parallel-size", "-t", type=int, default=2)
-    ap.add_argument("-k", "--num-speculative-tokens", type=int, default=3)
+    ap.add_argument("-k", "--num-speculative-tokens", type=int, default=NUM_SPECULATIVE_TOKENS)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--dtype", default="float32",
@@ -123,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     model = Path(args.model) if args.model else fetch_model(DEFAULT_TP_MODEL, gguf=args.gguf)
     drafter = Path(args.drafter) if args.drafter else default_drafter(DEFAULT_TP_MODEL)
     hidden = json.loads((drafter / "config.json").read_text())["hidden_size"]
-    spec = {"method": "coral", "model": str(drafter),
-            "num_speculative_tokens": args.num_speculative_tokens}
+    spec = speculative_config(drafter, args.num_speculative_tokens)
     t = args.tensor_parallel_size
     runs = {}
     for name, s in ((PLAIN, None), ("coral", spec)):

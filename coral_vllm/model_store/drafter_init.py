@@ -15,13 +15,14 @@ import torch
 
 from coral_vllm.format.checkpoint import expected_shapes, save_checkpoint
 from coral_vllm.format.drafter_config import drafter_llama_config
-from coral_vllm.format.config import CoralConfig
+from coral_vllm.format.config import NUM_GROUPS, TOP_K_GROUPS, CoralConfig
 from coral_vllm.format.partition import build_token_order
 from coral_vllm.model_store.target_heads import LM_HEAD, read_target_heads
 
 
-def init_drafter(target_dir: str | Path, out_dir: str | Path, *, num_groups: int = 64,
-                 top_k_groups: int = 8, partition: str = "contiguous", seed: int = 0,
+def init_drafter(target_dir: str | Path, out_dir: str | Path, *,
+                 num_groups: int = NUM_GROUPS, top_k_groups: int = TOP_K_GROUPS,
+                 partition: str = "contiguous", seed: int = 0,
                  std: float = 0.02, selection: str = "router", num_layers: int = 1,
                  fused_layers: Sequence[int] | None = None) -> Path:
     """Writes a random `num_layers`-layer drafter for the target at `target_dir` into

@@ -30,9 +30,9 @@ def vllm_tau(target: str, drafter: str, prompts: list[list[int]], max_tokens: li
 
     from coral_vllm.runtime.metrics import from_llm_metrics
     from coral_vllm.runtime.offline_engine import offline_engine
+    from coral_vllm.speculative_config import speculative_config
 
-    spec = {"method": "coral", "model": str(drafter), "num_speculative_tokens": k}
-    with offline_engine(target, spec, max_model_len=4096, disable_log_stats=False,
+    with offline_engine(target, speculative_config(drafter, k), max_model_len=4096, disable_log_stats=False,
                         enforce_eager=enforce_eager,
                         gpu_only={"gpu_memory_utilization": 0.5}) as llm:
         before = from_llm_metrics(llm.get_metrics())
