@@ -26,7 +26,7 @@ _BENCH_COMMANDS = {
     "acceptance": "mean acceptance length per drafter from vLLM's counters",
     "load": "concurrent streaming chat (some cancelled) against a coral server: "
             "failures, T=0 replies vs plain, TTFT, server memory",
-    "training": "trainer tokens/s before/after; held-out tau learning curves",
+    "training": "held-out tau learning curves, trainer tokens/s, scaling, ablations",
     "tp": "coral vs plain at tensor_parallel_size t: greedy identity, tok/s, per-rank head",
 }
 _BENCH_ALIASES = {"lm-head": "grouped-lm-head"}  # the names scripts have called them by
