@@ -15,6 +15,8 @@
 #   bash scripts/train_gpu.sh loops    # data/ vs data-trim/: two runs side by side, one plan
 #   bash scripts/train_gpu.sh long     # the shipped drafter's run (6 epochs of data/), resumed
 #   bash scripts/train_gpu.sh ship     # its exports, vLLM tau (k=5, MT-bench, HumanEval), e2e
+#   bash scripts/train_gpu.sh levers   # the recipe's levers (LEVERS), 4 epochs each, 3 at a
+#                                      # time, resumed; table by dev tau, vLLM tau of the best 2
 #   bash scripts/train_gpu.sh curves   # EAGLE, HASS, CORAL: 1 epoch each, validated
 #   bash scripts/train_gpu.sh finish   # exports, vLLM tau vs offline tau, tables
 #   bash scripts/train_gpu.sh ablate   # CORAL preset, one lever per run, same data
@@ -65,6 +67,10 @@ restore() {  # every .gpu-data/**/$N-PART.tar.xz.* whose folder (data, runs/RUN)
   local first name top
   for first in $(find -L .gpu-data -name "$N-*.tar.xz.00" 2>/dev/null | sort); do
     name=$(basename "${first%.00}")
+    if [ -n "$(pieces "$name" | awk -F/ '{print $NF}' | uniq -d)" ]; then
+      echo "restore: two copies of a piece of $name under .gpu-data; carry one:"; pieces "$name"
+      continue
+    fi
     top=$(cat $(pieces "$name") | xz -d | tar -t | head -n 1); top=${top%/}
     [ -e "$W/$top" ] || { cat $(pieces "$name") | xz -d | tar -x -C "$W" && echo "restored $top"; }
   done
@@ -75,8 +81,26 @@ export_run() {  # run -> bf16 drafter dir -> $O/$N-drafter_RUN.tgz (fits the 16 
   python3 -m coral_vllm.cli train export --run "$W/runs/$1" --dest "$W/drafters/$1" \
     $dense --dtype bfloat16 > /dev/null && tar -C "$W/drafters" -czf "$O/$N-drafter_$1.tgz" "$1"
 }
-unpack_metrics() {  # finished runs' metrics sent back as $N-NAME.tgz, where $W lacks them
-  [ ! -f ".gpu-data/$N-$1.tgz" ] || tar -C "$W" --skip-old-files -xzf ".gpu-data/$N-$1.tgz"
+unpack_metrics() {  # finished runs' metrics sent back as $N-NAME.tgz (in any .gpu-data
+  # subfolder), where $W lacks them
+  local f
+  for f in $(find -L .gpu-data -name "$N-$1.tgz" 2>/dev/null | sort); do
+    tar -C "$W" --skip-old-files -xzf "$f"
+  done
+}
+# how `data` generates, and rebuilds from the replies (one definition: a rebuild with other
+# settings would be other data)
+DATA_ARGS=(--max-new-tokens 512 --max-len 2048 --shards "${CORAL_DATA_ENGINES:-3}" ${CORAL_DATA_ARGS:-})
+CONVERSATIONS=(--conversations "$W/conversations.jsonl.xz" --max-turns "${CORAL_MAX_TURNS:-3}")
+conversations_ready() {  # the prompt set, under the one name every stage reads it by
+  [ -f "$W/conversations.jsonl.xz" ] || cp "${CORAL_CONVERSATIONS:-.gpu-data/conversations.jsonl.xz}" \
+    "$W/conversations.jsonl.xz"
+}
+data_ready() {  # the data of `data`, rebuilt from its replies (parts) where only they came back
+  conversations_ready
+  [ -f "$W/data/manifest.json" ] || python3 -m coral_vllm.cli train data --target "$M" \
+    "${CONVERSATIONS[@]}" "${DATA_ARGS[@]}" --loops keep \
+    --out "$W/data" --write-only | tail -c 300
 }
 train_runs() {  # train_runs TGZ NAME:PRESET:FLAGS... (commas for spaces in FLAGS)
   # Each run to its end (marked DONE, skipped on any later call or lease), in order, with
@@ -123,15 +147,19 @@ restore_runs() {  # what `curves` sent back, for `finish` on a later lease
 # NAME:FLAGS, commas for spaces; the first is the baseline every other run differs from
 ABLATIONS=${CORAL_ABLATIONS:-base: depth2:--num-layers,2 fused:--fused-layers,auto \
 init-target:--init-from-target csra-off:--csra-weight,0 csra-t1:--csra-temperature,1.0}
-case "${1:?stage: data | loops | long | ship | curves | finish | ablate | scaling | collect}" in
+# The recipe levers at a converged budget, NAME:FLAGS as above, the baseline first; ordered
+# by what they are expected to move, so that the first sessions run the likeliest
+LEVERS=${CORAL_LEVERS:-base: steps5:--num-steps,5 depth2:--num-layers,2 \
+distill1:--distill-weight,1.0 ce-only:--feature-loss-weight,0,--distill-weight,1.0 decay08:--step-weight-decay,0.8 \
+csra-off:--csra-weight,0 fused:--fused-layers,auto lr1e-3:--lr,1e-3}
+case "${1:?stage: data | loops | long | ship | levers | curves | finish | ablate | scaling | collect}" in
   data)  # engines side by side (a 135M target leaves one vLLM engine CPU-bound), then
          # the data from all their parts: looping replies kept (data/), trimmed (data-trim/)
-    [ -f "$W/conversations.jsonl.xz" ] || cp "${CORAL_CONVERSATIONS:-.gpu-data/conversations.jsonl.xz}" "$W/"
-    prompts=(--conversations "$W/conversations.jsonl.xz" --max-turns "${CORAL_MAX_TURNS:-3}")
+    conversations_ready
+    prompts=("${CONVERSATIONS[@]}")
     [ -n "${CORAL_TEXTS:-}" ] && prompts=(--texts "$CORAL_TEXTS")
     E=${CORAL_DATA_ENGINES:-3}
-    gen=(python3 -m coral_vllm.cli train data --target "$M" "${prompts[@]}" --max-new-tokens 512
-         --max-len 2048 --shards "$E" ${CORAL_DATA_ARGS:-})
+    gen=(python3 -m coral_vllm.cli train data --target "$M" "${prompts[@]}" "${DATA_ARGS[@]}")
     tl=$(left_min "${CORAL_DATA_RESERVE_MIN:-0}")
     for s in $(seq 0 $((E - 1))); do  # own compile caches: the engines start at once
       VLLM_CACHE_ROOT=$HOME/.cache/vllm-engine$s "${gen[@]}" --out "$W/data" --shard "$s" \
@@ -142,6 +170,7 @@ case "${1:?stage: data | loops | long | ship | curves | finish | ablate | scalin
     # parts an engine did not make (it failed) are generated here by one engine, in time
     "${gen[@]}" --out "$W/data" --loops keep --time-limit-min "$(left_min "${CORAL_DATA_RESERVE_MIN:-0}")" \
       2>&1 | grep -v "^INFO\|^(" | tail -n 5
+    [ -f "$W/data/manifest.json" ] || { echo "data: none written (see $R/data_engine*.log)"; exit 1; }
     mkdir -p "$W/data-trim" && ln -sfn "$W/data/parts" "$W/data-trim/parts"
     "${gen[@]}" --out "$W/data-trim" --loops trim --write-only | tail -n 1
     cp "$W/data/manifest.json" "$O/dataset_manifest_$N.json"
@@ -161,32 +190,71 @@ case "${1:?stage: data | loops | long | ship | curves | finish | ablate | scalin
       trim="$W/runs/loops-trim" --out "$R/loops.json" && cat "$R/loops.json" ;;
   long)  # the shipped drafter's run: one plan (below) to its end, resumed by every later
           # call or lease from what came back; the deadline stops it (state saved)
-    [ -f "$W/conversations.jsonl.xz" ] || cp "${CORAL_CONVERSATIONS:-.gpu-data/conversations.jsonl.xz}" "$W/"
-    [ -f "$W/data/manifest.json" ] || python3 -m coral_vllm.cli train data --target "$M" \
-      --conversations "$W/conversations.jsonl.xz" --max-turns "${CORAL_MAX_TURNS:-3}" \
-      --max-new-tokens 512 --max-len 2048 --shards "${CORAL_DATA_ENGINES:-3}" --loops keep \
-      --out "$W/data" --write-only | tail -c 300
+    data_ready
     python3 -m coral_vllm.cli train train --preset coral --target "$M" --data "$W/data" \
       --out "$W/runs/long" --epochs 6 --lr 3e-4 --batch-tokens 32768 --eval-every 200 \
       --log-every 50 --time-limit-min "$(left_min 1.5)" ${CORAL_TRAIN_ARGS:-} \
       >> "$R/train_long.log" 2>&1
     echo "long: exit $? $(grep -E '^eval|done|stopped' "$R/train_long.log" | tail -n 2)" ;;
-  ship)  # the finished long run: router and dense-head exports; vLLM's tau at k=5 on all of
-         # MT-bench and HumanEval (T=0); bench e2e, batch 1, T=0, MT-bench, CORAL vs plain
+  ship)  # the finished long run exported three ways (router: CORAL; dense: the EAGLE
+         # head; static: the frequency partition's first groups, at the router's active
+         # rows); vLLM's tau at k=5 (and every smaller k) on all of MT-bench and HumanEval
+         # (T=0); bench e2e at CORAL_SHIP_K (3 5), batch 1, T=0, MT-bench, plain vs the
+         # CORAL_SHIP_E2E heads (router). Other targets: CORAL_ACCEPTANCE_ARGS (e.g.
+         # `-k 6 --datasets humaneval mtbench gsm8k`), CORAL_E2E_ARGS (later flags win)
     grep -q "^stage 1 done" "$R/train_long.log" || { echo "long: not done"; exit 3; }
-    for head in router dense; do
-      flag=; [ "$head" = dense ] && flag=--dense
-      python3 -m coral_vllm.cli train export --run "$W/runs/long" --dest "$W/drafters/long-$head" \
-        $flag --dtype bfloat16 > /dev/null || exit 1
+    declare -A as=([router]=coral [dense]=dense-head [static]=static)
+    for head in router dense static; do
+      case $head in dense) flag=--dense ;; static) flag="--selection static" ;; *) flag= ;; esac
+      [ -d "$W/drafters/long-$head" ] || python3 -m coral_vllm.cli train export --run "$W/runs/long" \
+        --dest "$W/drafters/long-$head" $flag --dtype bfloat16 > /dev/null || exit 1
     done
-    python3 -m coral_vllm.cli bench acceptance --model "$M" --drafters coral="$W/drafters/long-router" \
-      coral-dense-head="$W/drafters/long-dense" -k 5 --limit 164 --max-tokens 256 \
-      --out "$R/acceptance.json" ${CORAL_ACCEPTANCE_ARGS:-} 2>&1 | grep -v "^INFO\|^(\|^WARN" | tail -n 6
+    heads() { for h in "$@"; do printf '%s=%s ' "${as[$h]}" "$W/drafters/long-$h"; done; }
+    python3 -m coral_vllm.cli bench acceptance --model "$M" --drafters $(heads router dense static) \
+      -k 5 --limit 164 --max-tokens 256 --out "$R/acceptance_$N.json" ${CORAL_ACCEPTANCE_ARGS:-} \
+      2>&1 | grep -v "^INFO\|^(\|^WARN" | tail -n 9
+    cp "$R/acceptance_$N.json" "$O/"
     for k in ${CORAL_SHIP_K:-3 5}; do
-      python3 -m coral_vllm.cli bench e2e --model "$M" -k "$k" --drafters coral="$W/drafters/long-router" \
+      python3 -m coral_vllm.cli bench e2e --model "$M" -k "$k" --drafters $(heads ${CORAL_SHIP_E2E:-router}) \
         --datasets mtbench --temperatures 0 --concurrency 1 --requests 16 --repeats 5 \
-        --out "$R/e2e_smollm2_k$k.json" --log-dir "$R/logs_e2e_k$k" ${CORAL_E2E_ARGS:-} 2>&1 | grep -v "^INFO\|^(" | tail -n 4
+        --out "$R/e2e_${N}_k$k.json" --log-dir "$R/logs_e2e_k$k" ${CORAL_E2E_ARGS:-} 2>&1 \
+        | grep -v "^INFO\|^(" | tail -n 6
+      cp "$R/e2e_${N}_k$k.json" "$O/"
     done ;;
+  levers)  # one run per lever (the CORAL preset on data/, CORAL_LEVER_EPOCHS (4) epochs,
+           # one flag changed), CORAL_LEVER_PARALLEL (3) side by side on the GPU (a 135M
+           # target's drafter leaves most of an H200 idle: 2 runs gave ~400k tokens/s
+           # together vs ~250k alone), each resumed from what came back until DONE; then
+           # the table by dev tau, and vLLM's tau on the dev prompts for the best two
+    data_ready
+    unpack_metrics levers
+    todo=(); for spec in $LEVERS; do [ -f "$W/runs/lever-${spec%%:*}/DONE" ] || todo+=("$spec"); done
+    for spec in "${todo[@]:0:${CORAL_LEVER_PARALLEL:-3}}"; do
+      name=lever-${spec%%:*} flags=${spec#*:}
+      ( python3 -m coral_vllm.cli train train --preset coral --target "$M" --data "$W/data" \
+          --out "$W/runs/$name" --epochs "${CORAL_LEVER_EPOCHS:-4}" --lr 3e-4 --batch-tokens 32768 \
+          --eval-every 200 --log-every 50 --time-limit-min "$(left_min 1.5)" ${flags//,/ } \
+          ${CORAL_TRAIN_ARGS:-} >> "$R/train_$name.log" 2>&1
+        grep -q "^stage 1 done" "$R/train_$name.log" && touch "$W/runs/$name/DONE" \
+          && cp "$R/train_$name.log" "$W/runs/$name/train.log"
+        echo "$name: $(grep -E '^eval|done|stopped' "$R/train_$name.log" | tail -n 1)" ) &
+    done
+    wait
+    done_runs=$(for spec in $LEVERS; do n=${spec%%:*}; [ -f "$W/runs/lever-$n/DONE" ] \
+      && printf '%s=%s ' "$n" "$W/runs/lever-$n"; done)
+    [ -f "$W/runs/lever-${LEVERS%%:*}/DONE" ] || { echo "levers: the baseline is not done yet"; exit 0; }
+    python3 -m coral_vllm.cli bench training ablation --runs $done_runs --out "$R/ablation.json"
+    best=$(python3 -c "import json; r = json.load(open('$R/ablation.json'))['rows']
+print(' '.join(x['lever'] for x in sorted(r, key=lambda x: -x['heldout_tau'])[:2]))")
+    for n in $best; do
+      [ -d "$W/drafters/lever-$n" ] || python3 -m coral_vllm.cli train export \
+        --run "$W/runs/lever-$n" --dest "$W/drafters/lever-$n" --dtype bfloat16 > /dev/null
+    done
+    python3 -m coral_vllm.cli train vllm-tau --target "$M" --data "$W/data" --k 5 \
+      --drafters $(for n in $best; do printf '%s=%s ' "$n" "$W/drafters/lever-$n"; done) \
+      --json "$R/levers_vllm_tau_dev.json" ${CORAL_TAU_ARGS:-} 2>&1 | grep '^{' | tail -n 2
+    python3 -m coral_vllm.cli bench training ablation --runs $done_runs \
+      --vllm-tau "$R/levers_vllm_tau_dev.json" --out "$R/ablation.json" && cp "$R/ablation.json" "$O/" ;;
   collect)  # for the commands that wait on a job: what it made so far (the replies, the
             # manifests, logs, run metrics) packed into $W/outbox, then sent to $OUT at
             # most 8 files / 60 MiB a command: `collect more` sends the rest, if any
@@ -208,6 +276,13 @@ case "${1:?stage: data | loops | long | ship | curves | finish | ablate | scalin
         $(cd "$W" && ls runs/long/metrics.jsonl runs/long/train_config.json 2>/dev/null)
       [ -d "$W/runs/long" ] && O=$X pack run-long runs/long
       [ -d "$W/drafters" ] && tar -C "$W" -czf "$X/$N-drafters.tgz" drafters
+      # the lever runs: finished ones' metrics, the others whole (resumed next lease)
+      done_levers=$(cd "$W" && for d in runs/lever-*/DONE; do d=${d%/DONE}; [ -d "$d" ] && \
+        echo "$d/DONE $d/metrics.jsonl $d/train_config.json $d/train.log"; done)
+      [ -z "$done_levers" ] || tar -C "$W" -czf "$X/$N-levers.tgz" $done_levers
+      for d in $(cd "$W" && ls -d runs/lever-* 2>/dev/null); do
+        [ -f "$W/$d/DONE" ] || O=$X pack "run-${d#runs/}" "$d" --exclude=best.pt
+      done
     fi
     sent=0 bytes=0
     for f in $(ls "$X" | sort); do

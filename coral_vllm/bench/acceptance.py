@@ -1,9 +1,17 @@
 """Mean acceptance length tau per drafter, measured by vLLM itself: chain drafting with k
-tokens, greedy (T=0), the target verifying, on the first turns of MT-bench and HumanEval.
+tokens, greedy (T=0), the target verifying, on the first turns of MT-bench and HumanEval
+(`--datasets`: GSM8K too).
 
 tau = 1 + accepted / drafts from vLLM's spec-decode counters (the bonus token counted),
 one offline engine per drafter, all drafters on the same prompts and settings. Dense
 drafters (EAGLE/HASS baselines) are exported with every group active.
+
+Each row also has `tau_by_k`: tau had the engine drafted only j <= k tokens, from the
+same run's per-position counters, 1 + (the share of drafts whose first i tokens were all
+accepted, summed over i <= j). In a chain the first j drafts of a step do not depend on
+the later ones, so this is the k-token run cut at j; a run drafting j tokens would start
+its steps at other positions of the same (greedy, lossless) text, so the two agree in
+expectation, not to the digit. One engine per drafter instead of one per k.
 
     coral-vllm bench acceptance --drafters eagle=DIR hass=DIR coral=DIR \\
         --router-report benchmarks/results/router_report_smollm2.json
@@ -17,26 +25,37 @@ from pathlib import Path
 
 from coral_vllm.bench.args import add_drafters_arg, bench_parser, target_dir
 from coral_vllm.bench.results import write_json
+from coral_vllm.data.eval_sets import BENCHMARKS
 from coral_vllm.named_paths import parse_drafters
 from coral_vllm.runtime.device import device_name
-from coral_vllm.runtime.metrics import from_llm_metrics
+from coral_vllm.runtime.metrics import SpecDecodeStats, from_llm_metrics
 from coral_vllm.runtime.offline_engine import offline_engine
 from coral_vllm.speculative_config import speculative_config
 
 DATASETS = ("mtbench", "humaneval")
 
 
+def tau_by_k(per_position_rate: list[float]) -> dict[int, float]:
+    """tau at every j <= k from one k-token run: 1 + the first j positions' rates."""
+    taus, tau = {}, 1.0
+    for j, rate in enumerate(per_position_rate, start=1):
+        tau += rate
+        taus[j] = round(tau, 4)
+    return taus
+
+
 def measure(model: Path, drafter: Path, k: int, prompts: dict[str, list[list[int]]],
-            max_tokens: int) -> dict[str, float]:
+            max_tokens: int) -> dict[str, SpecDecodeStats]:
     from vllm import SamplingParams, TokensPrompt
 
-    with offline_engine(model, speculative_config(drafter, k), max_model_len=2048, disable_log_stats=False) as llm:
+    with offline_engine(model, speculative_config(drafter, k), max_model_len=2048,
+                        disable_log_stats=False) as llm:
         out = {}
         for name, ids in prompts.items():
             before = from_llm_metrics(llm.get_metrics())
             llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids],
                          SamplingParams(temperature=0, max_tokens=max_tokens), use_tqdm=False)
-            out[name] = (from_llm_metrics(llm.get_metrics()) - before).acceptance_length
+            out[name] = from_llm_metrics(llm.get_metrics()) - before
         return out
 
 
@@ -46,8 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--router-report", help="router stage report: held-out recall@k of "
                     "the chosen partition's router, or of its static_head for a static "
                     "drafter, goes into the rows of drafters that restrict their head")
-    ap.add_argument("-k", type=int, default=5)
-    ap.add_argument("--limit", type=int, default=20, help="prompts per dataset")
+    ap.add_argument("-k", type=int, default=5, help="tokens drafted per step (rows also "
+                    "give tau at every smaller k: tau_by_k)")
+    ap.add_argument("--datasets", nargs="+", choices=BENCHMARKS, default=list(DATASETS))
+    ap.add_argument("--limit", type=int, default=20, help="prompts per dataset, at most")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--out", default="benchmarks/results/acceptance.json")
     args = ap.parse_args(argv)
@@ -61,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     drafters = parse_drafters(args.drafters)
     model = target_dir(args)
     tok = AutoTokenizer.from_pretrained(str(model))
-    prompts = {d: benchmark_prompts(d, tok, args.limit) for d in DATASETS}
+    prompts = {d: benchmark_prompts(d, tok, args.limit) for d in args.datasets}
     recall = {}  # held-out recall@k of each head selection, from the router report
     if args.router_report:
         rep = json.loads(Path(args.router_report).read_text())
@@ -71,9 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, path in drafters.items():
         coral = read_checkpoint(path).coral
         routed = coral.top_k_groups < coral.num_groups
-        taus = measure(model, path, args.k, prompts, args.max_tokens)
-        for dataset, tau in taus.items():
+        stats = measure(model, path, args.k, prompts, args.max_tokens)
+        for dataset, st in stats.items():
+            tau = st.acceptance_length
             rows.append({"drafter": name, "dataset": dataset, "tau": round(tau, 4),
+                         "tau_by_k": tau_by_k(st.per_position_rate),
                          "selection": coral.selection,
                          "recall_at_k": recall.get(coral.selection) if routed else None,
                          "active_groups": f"{coral.top_k_groups}/{coral.num_groups}"})
@@ -81,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {"target": str(model.name), "k": args.k,
               "device": device_name(),
               "vllm_version": vllm.__version__, "temperature": 0.0,
-              "prompts_per_dataset": args.limit, "max_tokens": args.max_tokens,
+              # what each dataset gave (`--limit` is a cap: MT-bench has 80)
+              "prompts_per_dataset": {d: len(p) for d, p in prompts.items()},
+              "max_tokens": args.max_tokens,
               "measured_by": "vLLM spec-decode counters (chain drafting, target verifying)",
               "rows": rows}
     write_json(Path(args.out), result)

