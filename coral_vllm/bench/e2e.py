@@ -116,7 +116,8 @@ def dataset_arg(spec: str) -> str:
 def dataset_prompts(dataset: str, model: Path) -> tuple[list[Prompt], str]:
     """(prompts, their description in the results) of one --datasets entry."""
     if not dataset.startswith(TEXTS):
-        return (benchmark_texts(dataset), f"coral_vllm.data.eval_sets.benchmark_texts({dataset!r}), "
+        return (benchmark_texts(dataset),
+                f"coral_vllm.data.eval_sets.benchmark_texts({dataset!r}), "
                 "chat template, first N per level")
     from transformers import AutoTokenizer
 

@@ -3,12 +3,13 @@
 A drafter learns from the target's last hidden state after the final norm (what vLLM
 hands an EAGLE drafter), and an EAGLE-3-style one also reads a few layers' residual
 streams (`target.target_features`); the store then holds both, k + 1 times as wide. The
-target is frozen, so these features never change during training: computing them once, instead of running the target on every batch of every
-epoch of every preset, removes the target's forward from the training step. SmolLM2-135M
-at 6M tokens x 576 x 2 bytes (bf16) is 7 GB, well inside an H200; the store is placed on
-the CPU instead when the device lacks the memory (`place="auto"`), and a batch is then
-gathered there and copied over; one the host cannot hold either is refused before the
-target runs. (EAGLE-3-style fused features on SmolLM2 at 14M tokens: 65 GB.)
+target is frozen, so these features never change during training: computing them once,
+instead of running the target on every batch of every epoch of every preset, removes
+the target's forward from the training step. SmolLM2-135M at 6M tokens x 576 x 2 bytes
+(bf16) is 7 GB, well inside an H200; the store is placed on the CPU instead when the
+device lacks the memory (`place="auto"`), and a batch is then gathered there and copied
+over; one the host cannot hold either is refused before the target runs. (EAGLE-3-style
+fused features on SmolLM2 at 14M tokens: 65 GB.)
 """
 
 from __future__ import annotations

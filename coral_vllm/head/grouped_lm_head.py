@@ -7,9 +7,9 @@ token id of each row (-1 for padding). For token i and its activated groups
 
 This module is the plain PyTorch path (CPU, and the reference the Triton kernel of the
 same name, `coral_vllm.kernels.grouped_lm_head`, is tested against). On CUDA the same
-functions dispatch to the kernel. Every function on the draft path has fixed output shapes and no host
-synchronisation, so it can sit inside a captured CUDA graph; `grouped_layout_problem`
-is the one-time load check and does synchronise.
+functions dispatch to the kernel. Every function on the draft path has fixed output
+shapes and no host synchronisation, so it can sit inside a captured CUDA graph;
+`grouped_layout_problem` is the one-time load check and does synchronise.
 """
 
 from __future__ import annotations

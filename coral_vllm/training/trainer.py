@@ -161,7 +161,8 @@ def load_drafter_and_features(run: Run, schedule: Schedule, train_all: TokenTabl
     then the drafter: its frozen heads from the target, its weights from the run's state
     (or another run's, `init_from`), else a new partition for the online router."""
     cfg, dev = run.cfg, run.device
-    target, _, tcfg = load_target(cfg.target, dev, torch.bfloat16 if run.bf16 else torch.float32)
+    dtype = torch.bfloat16 if run.bf16 else torch.float32
+    target, _, tcfg = load_target(cfg.target, dev, dtype)
     fused = cfg.fused_layer_ids(tcfg)
     feats = compute_split_features(run, target, train_all, heldout, schedule, fused)
     run.log(f"data: {len(train_all)} training samples ({feats.table.num_tokens} tokens on "

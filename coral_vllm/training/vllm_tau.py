@@ -32,8 +32,8 @@ def vllm_tau(target: str, drafter: str, prompts: list[list[int]], max_tokens: li
     from coral_vllm.runtime.offline_engine import offline_engine
     from coral_vllm.speculative_config import speculative_config
 
-    with offline_engine(target, speculative_config(drafter, k), max_model_len=4096, disable_log_stats=False,
-                        enforce_eager=enforce_eager,
+    with offline_engine(target, speculative_config(drafter, k), max_model_len=4096,
+                        disable_log_stats=False, enforce_eager=enforce_eager,
                         gpu_only={"gpu_memory_utilization": 0.5}) as llm:
         before = from_llm_metrics(llm.get_metrics())
         t = time.time()
