@@ -11,17 +11,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from coral_vllm.models.drafters import default_drafter
-from coral_vllm.models.model_store import DEFAULT_MODEL, fetch_model
-from coral_vllm.runtime.engine_args import on_cpu
+from coral_vllm.model_store.drafters import default_drafter
+from coral_vllm.model_store.targets import DEFAULT_MODEL, fetch_model
+from coral_vllm.runtime.device import on_cpu
 from coral_vllm.runtime.metrics import parse_prometheus
 from coral_vllm.runtime.server import fetch_metrics, running_server
+from coral_vllm.speculative_config import NUM_SPECULATIVE_TOKENS
 
 DEFAULT_PROMPT = "Explain in three sentences why the sky is blue."
 
 
 def run_demo(model: str = DEFAULT_MODEL, drafter: str | None = None,
-             num_speculative_tokens: int = 3, prompt: str = DEFAULT_PROMPT,
+             num_speculative_tokens: int = NUM_SPECULATIVE_TOKENS,
+             prompt: str = DEFAULT_PROMPT,
              max_tokens: int = 128) -> int:
     from openai import OpenAI
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU-host commands behind the GPU tables of the README (benchmarks/results/), one per
+# The GPU-host commands behind the GPU tables of docs/benchmarks.md (benchmarks/results/), one per
 # 10-minute host command (run from the repo root; sources scripts/gpu_host_setup.sh itself).
 #   bash scripts/bench_gpu.sh lm-head             # grouped LM-head kernel vs dense head
 #   bash scripts/bench_gpu.sh lm-head-check       # the kernel's correctness + CUDA graphs

@@ -3,8 +3,9 @@
 # (../shared/gpu-host/README.md). Source it from the repo root, at the start of every
 # command: `source scripts/gpu_host_setup.sh`. It
 #  - installs this checkout like everywhere else: an offline editable install (pip +
-#    setuptools, no index, no build isolation) that makes `coral_vllm` and `coral_kernels`
-#    importable and writes the `vllm.general_plugins` entry point vLLM loads the plugin by;
+#    setuptools, no index, no build isolation) that makes `coral_vllm` (its Triton
+#    kernels included) importable and writes the `vllm.general_plugins` entry point
+#    vLLM loads the plugin by;
 #  - installs carried wheels (.whl/: accelerate, for GGUF loading) into the staged site;
 #  - points the dataset loaders at carried dataset wheels (.gpu-data/);
 #  - converts the default target from the staged GGUF (once per host).
@@ -28,7 +29,7 @@ rm -rf "$CORAL_SITE"/coral_vllm-0.1.0.dist-info
 # (seen on an H200 host, Dec 2026); PEP 660 with the host's own setuptools needs none.
 PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --no-index --no-deps \
   --no-build-isolation --use-pep517 -e "$REPO" || return 1
-python3 -c "import coral_kernels, coral_vllm.serving.plugin as p, importlib.metadata as m
+python3 -c "import coral_vllm.kernels.grouped_lm_head, coral_vllm.serving.plugin as p, importlib.metadata as m
 assert any(e.value == p.__name__ + ':register' for e in m.entry_points(group='vllm.general_plugins'))
 " || { echo "coral-vllm is not installed as vLLM sees it (see above)"; return 1; }
 [ -d "$REPO/.gpu-data" ] && export CORAL_VLLM_WHEELS=$REPO/.gpu-data

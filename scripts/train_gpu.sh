@@ -7,9 +7,7 @@
 # Run from the repo root after `source scripts/gpu_host_setup.sh`; every stage resumes
 # where the last one stopped (rerun it). Carry .gpu-data/ (the conversations file from
 # `coral-vllm train conversations --out .gpu-data/conversations.jsonl.xz`, and what
-# earlier leases sent back, in any subfolder) and, for `before`, .baseline/ (the trainer
-# at the commit measured as "before": `git archive 25343e8 coral_vllm/ ':!coral_vllm/assets'
-# | tar -x -C .baseline`).
+# earlier leases sent back, in any subfolder).
 #   bash scripts/train_gpu.sh data     # the target regenerates every assistant turn, over
 #                                      # CORAL_DATA_ENGINES (3) vLLM engines on one GPU;
 #                                      # data/ keeps looping replies, data-trim/ trims them
@@ -19,7 +17,6 @@
 #   bash scripts/train_gpu.sh ship     # its exports, vLLM tau (k=5, MT-bench, HumanEval), e2e
 #   bash scripts/train_gpu.sh levers   # the recipe's levers (LEVERS), 4 epochs each, 3 at a
 #                                      # time, resumed; table by dev tau, vLLM tau of the best 2
-#   bash scripts/train_gpu.sh before   # tokens/s of the trainer at 25343e8, per preset
 #   bash scripts/train_gpu.sh curves   # EAGLE, HASS, CORAL: 1 epoch each, validated
 #   bash scripts/train_gpu.sh finish   # exports, vLLM tau vs offline tau, tables
 #   bash scripts/train_gpu.sh ablate   # CORAL preset, one lever per run, same data
@@ -30,7 +27,7 @@
 # Time: a stage stops in time for CORAL_DEADLINE (epoch seconds; default now +
 # CORAL_TIME_LIMIT_MIN, 8.5), leaving what it made usable, so one job can run several
 # stages across the 10-minute commands of a lease.
-# Extra flags for a stage (later flags win): CORAL_DATA_ARGS, CORAL_BEFORE_ARGS, CORAL_TRAIN_ARGS,
+# Extra flags for a stage (later flags win): CORAL_DATA_ARGS, CORAL_TRAIN_ARGS,
 # CORAL_TAU_ARGS, CORAL_ACCEPTANCE_ARGS, CORAL_E2E_ARGS (a small rehearsal on the CPU sets these).
 # Work and results live in $CORAL_WORK (default /root/coral-work/$CORAL_NAME, kept while the host is);
 # each stage also copies what it produced to $OUT (default results/), at most 8 files.
@@ -155,7 +152,7 @@ init-target:--init-from-target csra-off:--csra-weight,0 csra-t1:--csra-temperatu
 LEVERS=${CORAL_LEVERS:-base: steps5:--num-steps,5 depth2:--num-layers,2 \
 distill1:--distill-weight,1.0 ce-only:--feature-loss-weight,0,--distill-weight,1.0 decay08:--step-weight-decay,0.8 \
 csra-off:--csra-weight,0 fused:--fused-layers,auto lr1e-3:--lr,1e-3}
-case "${1:?stage: data | loops | long | ship | levers | before | curves | finish | ablate | scaling | collect}" in
+case "${1:?stage: data | loops | long | ship | levers | curves | finish | ablate | scaling | collect}" in
   data)  # engines side by side (a 135M target leaves one vLLM engine CPU-bound), then
          # the data from all their parts: looping replies kept (data/), trimmed (data-trim/)
     conversations_ready
@@ -295,11 +292,6 @@ print(' '.join(x['lever'] for x in sorted(r, key=lambda x: -x['heldout_tau'])[:2
     done
     ls -l "$O"; left=$(ls "$X" | wc -l)
     [ "$left" = 0 ] && echo "outbox empty" || echo "$left file(s) left: run \`collect more\`" ;;
-  before)
-    python3 -m coral_vllm.cli bench training throughput --legacy-root .baseline --target "$M" \
-      --data "$W/data" --legacy-presets $PRESETS --work "$W/legacy" \
-      --out "$R/train_throughput.json" ${CORAL_BEFORE_ARGS:-} 2>&1 | tail -n 20
-    cp "$R/train_throughput.json" "$O/" ;;
   curves)
     train_runs runs $(for p in $PRESETS; do printf '%s:%s:--export ' "$p" "$p"; done) ;;
   scaling)  # multi-GPU host: the CORAL preset at 1, 2, 4, 8 GPUs, same global batch
@@ -328,9 +320,9 @@ print(' '.join(x['lever'] for x in sorted(r, key=lambda x: -x['heldout_tau'])[:2
     python3 -m coral_vllm.cli train vllm-tau --target "$M" --data "$W/data" \
       --drafters $(for p in $PRESETS; do printf '%s=%s ' "$p" "$W/drafters/$p"; done) \
       --k 5 --json "$R/vllm_tau_dev.json" ${CORAL_TAU_ARGS:-} 2>&1 | grep '^{' | tail -n 5
-    before=$R/train_throughput.json; [ -f "$before" ] || before=benchmarks/results/train_throughput.json
+    earlier=$R/train_throughput.json; [ -f "$earlier" ] || earlier=benchmarks/results/train_throughput.json
     python3 -m coral_vllm.cli bench training throughput --runs $(runs) \
-      --extend "$before" --out "$R/train_throughput.json" | tail -n 3
+      --extend "$earlier" --out "$R/train_throughput.json" | tail -n 3
     python3 -m coral_vllm.cli bench training curve --runs $(runs) --vllm-tau "$R/vllm_tau_dev.json" \
       --out "$R/learning_curve.json"
     cp "$R"/vllm_tau_dev.json "$R"/train_throughput.json "$R"/learning_curve.* "$O/" ;;

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from coral_vllm.models.drafter_init import init_drafter
-from coral_vllm.models.model_store import fetch_model
+from coral_vllm.model_store.drafter_init import init_drafter
+from coral_vllm.model_store.targets import fetch_model
 from drafter_kinds import Drafters
 from engine_runs import EngineRuns
 
@@ -27,6 +27,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if unmarked:
         raise pytest.UsageError("these tests start engines (fixture 'runs') but are not "
                                 "marked `engine`: " + ", ".join(unmarked))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one thread is as fast, and immune to OpenMP spin-waiting when the
+    CI box is shared (2 threads on 2 busy cores made test_training.py 40x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -129,7 +129,7 @@ class Drafters:
         return self._made[key]
 
     def target(self, name: str) -> Path:
-        from coral_vllm.models.model_store import fetch_model
+        from coral_vllm.model_store.targets import fetch_model
 
         return self._once("target:" + name, {
             "smollm2": fetch_model,
@@ -146,8 +146,8 @@ class Drafters:
     def _make(self, kind: str) -> Path:
         from coral_vllm.format.drafter_config import default_fused_layers
         from coral_vllm.format.static_checkpoint import write_static_checkpoint
-        from coral_vllm.models.drafter_init import init_drafter
-        from coral_vllm.models.drafters import shipped_drafter
+        from coral_vllm.model_store.drafter_init import init_drafter
+        from coral_vllm.model_store.drafters import shipped_drafter
 
         out = self._tmp.mktemp(kind) / "drafter"
         smollm2 = self.target("smollm2")

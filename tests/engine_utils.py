@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from coral_vllm.bench.smoke_prompts import SMOKE_PROMPTS
-from coral_vllm.runtime.engine_args import on_cpu
+from coral_vllm.runtime.device import on_cpu
 from coral_vllm.runtime.offline_engine import offline_engine
 
 PROMPTS = SMOKE_PROMPTS

@@ -14,7 +14,7 @@ from coral_vllm.bench.e2e import drafter_info, plan_variants, step_time_ratio, s
 from coral_vllm.bench.synthetic import ratios
 from coral_vllm.format.checkpoint import (is_coral_checkpoint, read_checkpoint,
                                           write_eagle_checkpoint)
-from coral_vllm.models.drafters import default_drafter
+from coral_vllm.model_store.drafters import default_drafter
 from coral_vllm.runtime.metrics import histogram_mean, prometheus_totals
 
 SCRAPE_1 = """# HELP vllm:request_time_per_output_token_seconds x
@@ -135,8 +135,8 @@ def test_e2e_run_through_vllm_serve(target_dir, tmp_path):
     eagerly: what is checked is the benchmark's bookkeeping, and serving under
     torch.compile has its own test (test_serve_openai.py)."""
     from coral_vllm.bench.e2e import main
-    from coral_vllm.training.splits import DEV_SHARE, HELDOUT_SHARE, split_of
-    from coral_vllm.training.texts import Passage, write_passages
+    from coral_vllm.data.splits import DEV_SHARE, HELDOUT_SHARE, split_of
+    from coral_vllm.data.texts import Passage, write_passages
 
     dev_ids = [i for i in (f"t:{n}#0" for n in range(2000))
                if split_of(i, DEV_SHARE, HELDOUT_SHARE) == "dev"][:2]
@@ -189,7 +189,7 @@ def test_repeated_cells_report_the_median_round_and_all_rounds():
 
 
 def test_bad_drafter_arguments_name_the_fix(tmp_path):
-    from coral_vllm.bench.args import parse_drafters
+    from coral_vllm.named_paths import parse_drafters
     from coral_vllm.cli import main
 
     with pytest.raises(SystemExit, match="not NAME=DIR"):

@@ -14,8 +14,8 @@ import pytest
 
 from coral_vllm.bench.client import run_load
 from coral_vllm.bench.e2e import build_parser, dataset_arg, dataset_prompts, warmup_prompt
-from coral_vllm.training.splits import DEV_SHARE, HELDOUT_SHARE, split_of
-from coral_vllm.training.texts import PROMPT_TOKENS, Passage, TextPrompter, write_passages
+from coral_vllm.data.splits import DEV_SHARE, HELDOUT_SHARE, split_of
+from coral_vllm.data.texts import PROMPT_TOKENS, Passage, TextPrompter, write_passages
 
 
 @pytest.fixture

@@ -111,7 +111,7 @@ def test_bad_checkpoint_is_named(case, random_drafter, tmp_path):
 
 def test_two_layer_drafter_missing_a_layer_1_norm_is_named(target_dir, tmp_path):
     """A two-layer drafter passes; without its layer-1 input norm it fails, naming it."""
-    from coral_vllm.models.drafter_init import init_drafter
+    from coral_vllm.model_store.drafter_init import init_drafter
 
     deep = init_drafter(target_dir, tmp_path / "deep", num_layers=2)
     assert read_checkpoint(deep).config["num_hidden_layers"] == 2
@@ -192,7 +192,7 @@ def test_target_mismatch_is_named(random_drafter):
 
 def _drafter_for_other_target(src: Path, dst: Path, vocab: int, hidden: int) -> Path:
     """A self-consistent drafter (passes its own checks) made for another target."""
-    from coral_vllm.models.drafter_init import init_drafter
+    from coral_vllm.model_store.drafter_init import init_drafter
 
     cfg = json.loads((src / "config.json").read_text())
     cfg.pop("coral")

@@ -11,8 +11,9 @@ import zipfile
 
 import pytest
 
-from coral_vllm.datasets import PACKAGES, EvalOverlapFilter, eval_prompts
-from coral_vllm.training import conversations as C
+from coral_vllm.data.eval_sets import EvalOverlapFilter, eval_prompts
+from coral_vllm.data.wheels import PACKAGES
+from coral_vllm.data import conversations as C
 
 EVAL_TEXT = "Natalia sold clips to forty eight of her friends in April and then half as many"
 OVERLAPPING = "Please solve: natalia sold clips to forty-eight of her friends in april, thanks."

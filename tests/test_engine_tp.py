@@ -17,7 +17,7 @@ import torch
 from coral_vllm.bench import tp as bench_tp
 from coral_vllm.format.checkpoint import WEIGHTS_FILE, read_checkpoint
 from coral_vllm.format.partition import group_of_token
-from coral_vllm.format.router import Router
+from coral_vllm.head.router import Router
 
 pytestmark = pytest.mark.engine
 KIND = "tp2"

@@ -92,7 +92,7 @@ def test_vllm_reads_the_layers_training_captures_and_runs_its_forward(runs, fuse
     from transformers import AutoModelForCausalLM
 
     from coral_vllm.training.evaluate import load_drafter
-    from coral_vllm.training.target import split_features, target_features
+    from coral_vllm.data.target import split_features, target_features
 
     coral = runs.greedy("fused")
     rec, ids = coral["record"], coral["probe_ids"]

@@ -21,7 +21,7 @@ from coral_vllm.format.checkpoint import (check_against_target, expected_shapes,
 from coral_vllm.format.config import CoralConfig, CoralConfigError
 from coral_vllm.format.drafter_config import (EMBED_SCALE, drafter_layer_config,
                                               drafter_llama_config)
-from coral_vllm.models.model_store import fetch_model
+from coral_vllm.model_store.targets import fetch_model
 from kind_probes import GEMMA_FEATURE_TOKENS, GEMMA_FEATURES
 
 GEMMA = "gemma3-270m"
@@ -90,7 +90,7 @@ def test_drafter_is_a_llama_layer_sized_like_the_target(gemma_config):
 def test_training_model_builds_the_checkpoints_layer(gemma_config, tmp_path):
     """CoralDrafter from the target's config and from the exported drafter's config: the
     checkpoint's tensor shapes, the same embedding scale, the same outputs."""
-    from coral_vllm.models.drafter_init import init_drafter
+    from coral_vllm.model_store.drafter_init import init_drafter
     from coral_vllm.training.model import CoralDrafter
 
     target = _small_gemma_target(gemma_config, tmp_path / "target")
@@ -109,7 +109,7 @@ def test_training_model_builds_the_checkpoints_layer(gemma_config, tmp_path):
 
 
 def test_stock_eagle_export_folds_the_embedding_scale_into_fc(gemma_config, tmp_path):
-    from coral_vllm.models.drafter_init import init_drafter
+    from coral_vllm.model_store.drafter_init import init_drafter
 
     target = _small_gemma_target(gemma_config, tmp_path / "target")
     src = init_drafter(target, tmp_path / "coral", num_groups=8, top_k_groups=2)
@@ -131,7 +131,7 @@ def _rewrite_config(src: Path, dst: Path, edit) -> Path:
 
 
 def test_drafters_for_other_targets_are_refused(gemma_drafter, gemma_config, tmp_path):
-    from coral_vllm.models.drafters import shipped_drafter
+    from coral_vllm.model_store.drafters import shipped_drafter
 
     gemma = read_checkpoint(gemma_drafter)
     check_against_target(gemma, gemma_config)
@@ -157,7 +157,7 @@ def test_real_engine_refuses_a_smollm2_drafter_for_gemma(gemma_dir):
     """Through vLLM's own front end, before any engine starts."""
     from vllm import LLM
 
-    from coral_vllm.models.drafters import shipped_drafter
+    from coral_vllm.model_store.drafters import shipped_drafter
 
     with pytest.raises(CoralConfigError, match=r'"vocab_size" is 49152 but target .*gemma'):
         LLM(model=str(gemma_dir), dtype="float32", max_model_len=512,
@@ -201,7 +201,7 @@ def test_gemma_drafter_in_vllm_matches_the_training_model(runs, gemma_drafter, h
     """vLLM shares Gemma's (unscaled) embedding module and tied head with the drafter; the
     drafter's fc with the scale folded in equals the training model's fc over scaled
     embeddings; its grouped head equals the dense head restricted to the router's
-    groups (computed here without coral_vllm.format.grouped_head), and its top tokens
+    groups (computed here without coral_vllm.head.grouped_lm_head), and its top tokens
     are that head's argmax."""
     from coral_vllm.format.partition import group_of_token
     from coral_vllm.training.evaluate import load_drafter
@@ -231,10 +231,10 @@ def test_trainer_exports_a_gemma_drafter_the_plugin_accepts(tmp_path):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     from coral_vllm.training.config import TrainConfig
-    from coral_vllm.training.data import write_dataset
+    from coral_vllm.data.shards import write_dataset
     from coral_vllm.training.evaluate import load_drafter, speculative_generate
     from coral_vllm.training.export import export
-    from coral_vllm.training.self_distill import generate_hf
+    from coral_vllm.data.generators import generate_hf
     from coral_vllm.training.trainer import train
 
     torch.manual_seed(0)

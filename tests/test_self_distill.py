@@ -8,12 +8,14 @@ import types
 
 import pytest
 
-from coral_vllm.training.conversations import Conversation, write_conversations
-from coral_vllm.training.data import load_dev, load_splits, read_manifest
-from coral_vllm.training import self_distill
-from coral_vllm.training.self_distill import (ChatSplicer, build_data, loop_start,
-                                              split_of)
-from coral_vllm.training.texts import Passage, TextPrompter, dev_prompts, write_passages
+from coral_vllm.data import self_distill
+from coral_vllm.data.conversations import Conversation, write_conversations
+from coral_vllm.data.loops import loop_start
+from coral_vllm.data.self_distill import build_data
+from coral_vllm.data.shards import load_dev, load_splits, read_manifest
+from coral_vllm.data.splicers import ChatSplicer
+from coral_vllm.data.splits import split_of
+from coral_vllm.data.texts import Passage, TextPrompter, dev_prompts, write_passages
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,7 @@ def test_splicer_gives_the_template_ids_around_generated_replies(tok):
     """Replies spliced in as ids == the chat template of the whole conversation (SmolLM2's
     real template, default system prompt included); the mask marks exactly the replies
     and each reply's end-of-turn token."""
-    from coral_vllm.datasets import chat_prompt_ids
+    from coral_vllm.data.eval_sets import chat_prompt_ids
 
     splicer = ChatSplicer(tok, [tok.eos_token_id])
     turns = ["Hi there", "How are you today?"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from coral_vllm.models.drafters import default_drafter
+from coral_vllm.model_store.drafters import default_drafter
 from coral_vllm.runtime.metrics import parse_prometheus
 from coral_vllm.runtime.server import fetch_metrics, running_server
 from drafter_kinds import TARGETS

@@ -40,7 +40,7 @@ def test_exported_drafter_roundtrips_into_vllm(runs, drafters):
     weights where vLLM keeps them readable (it stacks q/k/v and gate/up; the CPU build
     repacks Linear weights), and the same draft logits for the same
     features: the training model's dense head masked to its router's groups (computed
-    here without coral_vllm.format.grouped_head) equals vLLM's compute_logits; top tokens agree."""
+    here without coral_vllm.head.grouped_lm_head) equals vLLM's compute_logits; top tokens agree."""
     from transformers import AutoModelForCausalLM
 
     from coral_vllm.format.partition import group_of_token

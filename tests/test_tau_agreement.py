@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from coral_vllm.models.drafters import shipped_drafter
+from coral_vllm.model_store.drafters import shipped_drafter
 from engine_utils import engines_in_process
 
 
@@ -23,9 +23,9 @@ def test_offline_tau_matches_vllm_counters(target_dir, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from coral_vllm.datasets import chat_prompt_ids
-    from coral_vllm.training.data import write_dataset
-    from coral_vllm.training.self_distill import generate_hf
+    from coral_vllm.data.eval_sets import chat_prompt_ids
+    from coral_vllm.data.shards import write_dataset
+    from coral_vllm.data.generators import generate_hf
     from coral_vllm.training.vllm_tau import compare
 
     tok = AutoTokenizer.from_pretrained(str(target_dir))

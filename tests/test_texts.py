@@ -12,10 +12,10 @@ import subprocess
 
 import pytest
 
-from coral_vllm import debian
-from coral_vllm.datasets import EvalOverlapFilter, eval_prompts
-from coral_vllm.training import texts as T
-from coral_vllm.training.conversations import fold
+from coral_vllm.data import debian
+from coral_vllm.data.eval_sets import EvalOverlapFilter, eval_prompts
+from coral_vllm.data import texts as T
+from coral_vllm.data.sources import fold
 
 EVAL_TEXT = "def below_zero(operations: List[int]) -> bool: detect if at any point the balance"
 

@@ -8,26 +8,17 @@ import numpy as np
 import pytest
 import torch
 
+from coral_vllm.data.generators import generate_hf
+from coral_vllm.data.shards import load_dev, load_splits, read_samples, write_dataset
 from coral_vllm.format.checkpoint import expected_shapes, read_checkpoint
-from coral_vllm.training.batches import Batch, TokenTable, epoch_batches, padded_len
 from coral_vllm.training.config import PlanChanged, TrainConfig
-from coral_vllm.training.csra import csra_loss
-from coral_vllm.training.data import load_dev, load_splits, read_samples, write_dataset
 from coral_vllm.training.model import CoralDrafter
-from coral_vllm.training.self_distill import generate_hf
-from coral_vllm.training.trainer import load_state, multi_step_forward, train
+from coral_vllm.training.multi_step import multi_step_forward
+from coral_vllm.training.run_dir import load_state
+from coral_vllm.training.trainer import train
 
 VOCAB, HIDDEN = 512, 64
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is as fast, and immune to OpenMP spin-waiting when the
-    CI box is shared (2 threads on 2 busy cores made this file 40x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -101,72 +92,6 @@ def test_drafter_names_match_checkpoint_format(tiny, num_layers):
     assert shapes == expected_shapes(config, coral)
     assert ("layers.1.input_layernorm.weight" in shapes) == (num_layers == 2)
     assert "layers.0.input_layernorm.weight" not in shapes
-
-
-def test_chunked_soft_ce_matches_plain_loss():
-    """Loss (full and top-K terms), gradient, agreement and target top-1 of the chunked
-    head loss equal the plain [N, V] computation (float32), with chunks that do not
-    divide N."""
-    from coral_vllm.training.head_loss import chunked_soft_ce, soft_ce_reference
-
-    g = torch.Generator().manual_seed(0)
-    head = torch.randn(300, 32, generator=g)
-    tgt = torch.randn(70, 32, generator=g)
-    preds = (tgt + 0.5 * torch.randn(3, 70, 32, generator=g)).requires_grad_(True)
-    w = torch.tensor([1.0, 0.5, 0.25])
-    w_topk = torch.tensor([0.3, 0.2, 0.1])
-    ce, tk, agree, top1 = chunked_soft_ce(preds, tgt, head, chunk=16, topk=10)
-    (ce * w + tk * w_topk).sum().backward()
-    grad = preds.grad.clone()
-    preds.grad = None
-    ce_ref, tk_ref, agree_ref, top1_ref = soft_ce_reference(preds, tgt, head, topk=10)
-    (ce_ref * w + tk_ref * w_topk).sum().backward()
-    assert torch.allclose(ce, ce_ref, rtol=1e-5, atol=1e-6), (ce, ce_ref)
-    assert torch.allclose(tk, tk_ref, rtol=1e-5, atol=1e-6), (tk, tk_ref)
-    assert torch.allclose(grad, preds.grad, rtol=1e-4, atol=1e-7)
-    assert torch.equal(agree, agree_ref) and torch.equal(top1, top1_ref)
-    assert 0 < int(agree.sum()) < 3 * 70 and (tk > 0).all() and (tk < ce).all()
-
-
-def test_batches_cover_every_sample_once_within_budget():
-    lengths = np.random.default_rng(0).integers(3, 300, size=500)
-    batches = epoch_batches(lengths, budget=1024, seed=1, epoch=0)
-    seen = np.sort(np.concatenate(batches))
-    assert np.array_equal(seen, np.arange(500))
-    for b in batches:
-        longest = padded_len(int(lengths[b].max()))
-        assert len(b) == 1 or len(b) * longest <= 1024
-    again = epoch_batches(lengths, budget=1024, seed=1, epoch=0)
-    assert all(np.array_equal(a, b) for a, b in zip(batches, again))
-    other = epoch_batches(lengths, budget=1024, seed=1, epoch=1)
-    assert not all(np.array_equal(a, b) for a, b in zip(batches, other))
-
-
-def test_batch_alignment():
-    """Position t reads x_{t+1} and is trained where x_{t+2} is a response token."""
-    samples = [(np.arange(10, 20), np.r_[np.zeros(4), np.ones(6)]),
-               (np.arange(30, 35), np.r_[np.zeros(3), np.ones(2)])]
-    table = TokenTable.from_samples(samples, max_len=64)
-    b = Batch.build(table, np.array([0, 1]))
-    s1 = b.ids_in.shape[1]
-    assert b.rows.shape == (2, s1 + 1) and b.tokens == 15 and b.loss_tokens == 6 + 2
-    assert b.ids_in[0, :9].tolist() == list(range(11, 20))
-    for p in b.loss_pos.tolist():
-        i, t = divmod(p, s1)
-        assert table.loss_mask[int(b.rows[i, t + 2])] == 1
-    assert (b.rows[1, 5:] == table.pad_row).all() and table.tokens[table.pad_row] == 0
-
-
-def test_csra_zero_when_steps_agree():
-    torch.manual_seed(0)
-    base = torch.nn.functional.normalize(torch.randn(64, 256), dim=-1)
-    same = torch.stack([base, base, base])
-    noisy = torch.stack([base, torch.randn(64, 256), torch.randn(64, 256)])
-    low, high = csra_loss(same, 0.1), csra_loss(noisy, 0.1)
-    assert torch.isfinite(low) and torch.isfinite(high)
-    assert low < 0.05 < 1.0 < high
-    assert csra_loss(same[:1], 0.1) == 0  # one step: nothing to align
-    assert torch.isfinite(csra_loss(noisy, 0.1, max_positions=16))
 
 
 def test_multi_step_feeds_own_shifted_features(tiny):
@@ -297,7 +222,7 @@ def test_static_export_is_the_drafter_the_router_report_measured(tiny, trained, 
     import shutil
 
     from coral_vllm.format.partition import grouped_rows, row_token_ids
-    from coral_vllm.format.static_head import static_logits
+    from coral_vllm.head.static_lm_head import static_logits
     from coral_vllm.training.cli import main
     from coral_vllm.training.evaluate import (continuation_split, load_drafter,
                                               speculative_generate, tau_of_drafters)
@@ -369,7 +294,7 @@ def test_resume_continues_at_right_step(tiny, tmp_path):
 def test_grad_accum_reads_the_micro_batches_two_ranks_would(tiny, tmp_path):
     """One process accumulating two micro-batches per step reads exactly the samples two
     ranks read with one each (so the two runs compute the same steps); and it trains."""
-    from coral_vllm.training.trainer import Schedule
+    from coral_vllm.training.schedule import Schedule
 
     cfg = _cfg(tiny, tmp_path / "acc", max_steps=3, grad_accum=2)
     train_t, _ = load_splits(tiny["data"], cfg.max_len)
@@ -391,21 +316,6 @@ def test_bad_settings_name_the_field(tiny, tmp_path):
         _cfg(tiny, tmp_path, top_k_groups=32)
     with pytest.raises(ValueError, match="batch_tokens"):
         _cfg(tiny, tmp_path, batch_tokens=0)
-
-
-def test_a_feature_store_the_host_cannot_hold_is_refused_up_front(monkeypatch):
-    """Where the device cannot take the store it goes to the host; one too large for the
-    host too fails before it is allocated, naming its size and the fixes."""
-    from coral_vllm.training import features
-
-    assert features.host_available_bytes() > 0
-    monkeypatch.setattr(features, "host_available_bytes", lambda: 10 * 2**30)
-    cpu = torch.device("cpu")
-    assert features.store_device(1000, 2304, torch.bfloat16, cpu) == cpu
-    with pytest.raises(features.FeatureStoreTooLarge,
-                       match=r"needs 8\.6 GiB \(2,000,000 tokens x 2304 features x 2 bytes\)"
-                             r".*10\.0 GiB available.*--max-conversations.*--fused-layers"):
-        features.store_device(2_000_000, 2304, torch.bfloat16, cpu, place="host")
 
 
 def test_cli_help_and_eagle_preset(tiny, tmp_path, capsys):
@@ -430,7 +340,7 @@ def test_two_layer_run_exports_and_reloads(tiny, tmp_path, fused):
     from coral_vllm.training.cli import main
     from coral_vllm.training.evaluate import load_drafter
     from coral_vllm.training.export import export
-    from coral_vllm.training.target import target_features
+    from coral_vllm.data.target import target_features
 
     out = tmp_path / "deep"
     assert main(["train", "--target", tiny["target"], "--data", tiny["data"], "--out",

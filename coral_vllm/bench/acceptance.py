@@ -23,11 +23,14 @@ import json
 import sys
 from pathlib import Path
 
-from coral_vllm.bench.args import add_drafters_arg, bench_parser, parse_drafters, target_dir
-from coral_vllm.bench.results import device_name, write_json
-from coral_vllm.datasets import BENCHMARKS
+from coral_vllm.bench.args import add_drafters_arg, bench_parser, target_dir
+from coral_vllm.bench.results import write_json
+from coral_vllm.data.eval_sets import BENCHMARKS
+from coral_vllm.named_paths import parse_drafters
+from coral_vllm.runtime.device import device_name
 from coral_vllm.runtime.metrics import SpecDecodeStats, from_llm_metrics
 from coral_vllm.runtime.offline_engine import offline_engine
+from coral_vllm.speculative_config import speculative_config
 
 DATASETS = ("mtbench", "humaneval")
 
@@ -45,8 +48,8 @@ def measure(model: Path, drafter: Path, k: int, prompts: dict[str, list[list[int
             max_tokens: int) -> dict[str, SpecDecodeStats]:
     from vllm import SamplingParams, TokensPrompt
 
-    spec = {"method": "coral", "model": str(drafter), "num_speculative_tokens": k}
-    with offline_engine(model, spec, max_model_len=2048, disable_log_stats=False) as llm:
+    with offline_engine(model, speculative_config(drafter, k), max_model_len=2048,
+                        disable_log_stats=False) as llm:
         out = {}
         for name, ids in prompts.items():
             before = from_llm_metrics(llm.get_metrics())
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     import vllm
     from transformers import AutoTokenizer
 
-    from coral_vllm.datasets import benchmark_prompts
+    from coral_vllm.data.eval_sets import benchmark_prompts
     from coral_vllm.format.checkpoint import read_checkpoint
 
     drafters = parse_drafters(args.drafters)

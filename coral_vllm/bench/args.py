@@ -1,13 +1,12 @@
-"""Command-line pieces the benchmarks share: the target, NAME=DIR drafters, and the
-card's resources per engine (several engines share one card in every benchmark)."""
+"""Command-line pieces the benchmarks share: the target, the drafters option, and the
+card's resources per engine (several engines share one card in every benchmark). The
+NAME=DIR lists themselves are parsed by `coral_vllm.named_paths`."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 from typing import Any
-
-PLAIN = "plain"  # the row label of decoding without a drafter
 
 
 def bench_parser(name: str, doc: str | None, *, target: bool = True
@@ -35,35 +34,9 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
 
 
 def target_dir(args: argparse.Namespace) -> Path:
-    from coral_vllm.models.model_store import fetch_model
+    from coral_vllm.model_store.targets import fetch_model
 
     return Path(args.model) if args.model else fetch_model(gguf=args.gguf)
-
-
-def parse_named(specs: list[str], option: str = "--drafters", what: str = "PATH"
-                ) -> dict[str, Path]:
-    """NAME=PATH ... in order; names are row labels and must be unique. `what` names the
-    path in the error (DIR for a drafter, RUN for a training run)."""
-    out: dict[str, Path] = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise SystemExit(f"{option}: {spec!r} is not NAME={what} "
-                             f"(e.g. coral=./{what.lower()})")
-        if name == PLAIN or name in out:
-            raise SystemExit(f"{option}: name {name!r} is taken; use another label")
-        out[name] = Path(path)
-    return out
-
-
-def parse_drafters(specs: list[str]) -> dict[str, Path]:
-    """--drafters NAME=DIR ...: names are row labels, each directory checked up front."""
-    from coral_vllm.format.checkpoint import is_coral_checkpoint
-
-    out = parse_named(specs, what="DIR")
-    for path in out.values():
-        is_coral_checkpoint(path)  # raises naming the missing directory / config
-    return out
 
 
 def add_engine_resource_args(p: argparse.ArgumentParser, *, gpu_memory_utilization: float,

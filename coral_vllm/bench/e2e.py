@@ -44,18 +44,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from coral_vllm.bench.args import (PLAIN, add_drafters_arg, add_enforce_eager_arg,
+from coral_vllm.bench.args import (add_drafters_arg, add_enforce_eager_arg,
                                    add_engine_resource_args, add_output_args, bench_parser,
-                                   engine_resources, parse_drafters, server_log_dir,
-                                   target_dir)
+                                   engine_resources, server_log_dir, target_dir)
 from coral_vllm.bench.client import Prompt, run_load
-from coral_vllm.bench.results import device_name, write_json
+from coral_vllm.bench.results import write_json
 from coral_vllm.bench.rounds import (add_rounds_args, cell_lines, compare, measure_rounds,
                                      measurement_row, rounds_of, target, target_line)
-from coral_vllm.datasets import BENCHMARKS, benchmark_texts
+from coral_vllm.data.eval_sets import BENCHMARKS, benchmark_texts
 from coral_vllm.format.checkpoint import is_coral_checkpoint, read_checkpoint
+from coral_vllm.named_paths import PLAIN, parse_drafters
+from coral_vllm.runtime.device import device_name
 from coral_vllm.runtime.metrics import histogram_mean, parse_prometheus, prometheus_totals
 from coral_vllm.runtime.server import ServerSpec, fetch_metrics, running_servers
+from coral_vllm.speculative_config import NUM_SPECULATIVE_TOKENS
 
 TEXTS = "texts:"  # --datasets texts:FILE
 TPOT_METRIC = "vllm:request_time_per_output_token_seconds"
@@ -123,12 +125,13 @@ def dataset_arg(spec: str) -> str:
 def dataset_prompts(dataset: str, model: Path) -> tuple[list[Prompt], str]:
     """(prompts, their description in the results) of one --datasets entry."""
     if not dataset.startswith(TEXTS):
-        return (benchmark_texts(dataset), f"coral_vllm.datasets.benchmark_texts({dataset!r}), "
+        return (benchmark_texts(dataset),
+                f"coral_vllm.data.eval_sets.benchmark_texts({dataset!r}), "
                 "chat template, first N per level")
     from transformers import AutoTokenizer
 
-    from coral_vllm.training.splits import DEV_SHARE, SPLIT_BUCKETS
-    from coral_vllm.training.texts import PROMPT_TOKENS, dev_prompts
+    from coral_vllm.data.splits import DEV_SHARE, SPLIT_BUCKETS
+    from coral_vllm.data.texts import PROMPT_TOKENS, dev_prompts
 
     path = dataset[len(TEXTS):]
     prompts = dev_prompts(path, AutoTokenizer.from_pretrained(str(model)))
@@ -231,7 +234,7 @@ def check_targets(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import vllm
 
-    from coral_vllm.models.drafters import default_drafter
+    from coral_vllm.model_store.drafters import default_drafter
 
     model = target_dir(args)
     drafters = parse_drafters(args.drafters) if args.drafters \
@@ -299,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="drafters to compare; a CORAL checkpoint is served as 'coral', a "
                      "plain EAGLE one (`coral-vllm to-eagle`) as 'eagle' (default: "
                      "coral=the shipped drafter)")
-    p.add_argument("-k", type=int, default=3, help="draft tokens per step (default 3)")
+    p.add_argument("-k", type=int, default=NUM_SPECULATIVE_TOKENS,
+                   help=f"draft tokens per step (default {NUM_SPECULATIVE_TOKENS})")
     p.add_argument("--datasets", nargs="+", default=list(BENCHMARKS), type=dataset_arg,
                    metavar="DATASET", help=f"{', '.join(BENCHMARKS)} (chat) or {TEXTS}FILE "
                    "(a base target: the dev split of a `train texts` file, /v1/completions; "

@@ -29,15 +29,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from coral_vllm.bench.args import (PLAIN, add_enforce_eager_arg, add_engine_resource_args,
+from coral_vllm.bench.args import (add_enforce_eager_arg, add_engine_resource_args,
                                    add_output_args, bench_parser, engine_resources,
                                    server_log_dir, target_dir)
 from coral_vllm.bench.client import run_load
-from coral_vllm.bench.results import device_name, write_json
-from coral_vllm.datasets import BENCHMARKS, benchmark_texts
+from coral_vllm.bench.results import write_json
+from coral_vllm.data.eval_sets import BENCHMARKS, benchmark_texts
+from coral_vllm.named_paths import PLAIN
+from coral_vllm.runtime.device import device_name
 from coral_vllm.runtime.metrics import parse_prometheus, prometheus_totals
 from coral_vllm.runtime.server import (RunningServer, ServerSpec, fetch_metrics,
                                        running_server_processes)
+from coral_vllm.speculative_config import NUM_SPECULATIVE_TOKENS
 
 SAMPLED_TEMPERATURE = 0.8
 CANCEL_AFTER_CHUNKS = (1, 12)  # a cancelled stream hangs up after this many chunks
@@ -214,7 +217,7 @@ def _settled_counts(url: str, timeout_s: float = 30.0) -> dict[str, float]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import vllm
 
-    from coral_vllm.models.drafters import default_drafter
+    from coral_vllm.model_store.drafters import default_drafter
 
     model = target_dir(args)
     drafter = Path(args.drafter) if args.drafter else default_drafter()
@@ -268,7 +271,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     p = bench_parser("load", __doc__)
     p.add_argument("--drafter", help="CORAL drafter dir (default: the shipped one)")
-    p.add_argument("-k", type=int, default=3, help="draft tokens per step (default 3)")
+    p.add_argument("-k", type=int, default=NUM_SPECULATIVE_TOKENS,
+                   help=f"draft tokens per step (default {NUM_SPECULATIVE_TOKENS})")
     p.add_argument("--duration-s", type=float, default=180.0,
                    help="seconds of load; requests in flight then finish (default 180)")
     p.add_argument("--warmup-s", type=float,

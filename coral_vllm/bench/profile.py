@@ -23,8 +23,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from coral_vllm.bench.args import add_drafters_arg, bench_parser, parse_drafters, target_dir
-from coral_vllm.bench.results import device_name, write_json
+from coral_vllm.bench.args import add_drafters_arg, bench_parser, target_dir
+from coral_vllm.bench.results import write_json
+from coral_vllm.named_paths import parse_drafters
+from coral_vllm.runtime.device import device_name
+from coral_vllm.speculative_config import METHOD, NUM_SPECULATIVE_TOKENS, speculative_config
 
 RANGE = "coral_bench::propose"
 _SYNC_OPS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
@@ -144,8 +147,8 @@ def profile_variant(model: Path, drafter: Path, k: int, prompts: list[list[int]]
     from coral_vllm.runtime.metrics import from_llm_metrics
     from coral_vllm.runtime.offline_engine import offline_engine
 
-    spec = {"method": "coral" if is_coral_checkpoint(drafter) else "eagle",
-            "model": str(drafter), "num_speculative_tokens": k}
+    spec = speculative_config(drafter, k,
+                              method=METHOD if is_coral_checkpoint(drafter) else "eagle")
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
 
     def one_by_one(llm) -> float:
@@ -182,7 +185,7 @@ def profile_variant(model: Path, drafter: Path, k: int, prompts: list[list[int]]
 def main(argv: list[str] | None = None) -> int:
     ap = bench_parser("profile", __doc__)
     add_drafters_arg(ap)
-    ap.add_argument("-k", type=int, default=3)
+    ap.add_argument("-k", type=int, default=NUM_SPECULATIVE_TOKENS)
     ap.add_argument("--prompts", type=int, default=4, help="MT-bench prompts, one at a time")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--out", default="benchmarks/results/draft_step_profile.json")
@@ -192,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     import vllm
     from transformers import AutoTokenizer
 
-    from coral_vllm.datasets import benchmark_prompts
+    from coral_vllm.data.eval_sets import benchmark_prompts
 
     drafters = parse_drafters(args.drafters)
     model = target_dir(args)

@@ -1,20 +1,11 @@
-"""What every benchmark result file carries: the card it ran on, written atomically."""
+"""Benchmark result files, written atomically (each names the card it ran on:
+`runtime.device.device_name`)."""
 
 from __future__ import annotations
 
 import json
-import platform
 from pathlib import Path
 from typing import Any
-
-
-def device_name() -> str:
-    """The GPU's name, or the CPU (where the engines run in float32)."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"CPU ({platform.machine()}), float32"
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -20,10 +20,12 @@ from pathlib import Path
 
 from coral_vllm.bench.args import bench_parser, target_dir
 from coral_vllm.bench.lossless import binned_tv, noise_bound, token_marginals
-from coral_vllm.bench.results import device_name, write_json
+from coral_vllm.bench.results import write_json
 from coral_vllm.format.checkpoint import write_eagle_checkpoint
-from coral_vllm.models.drafters import default_drafter
+from coral_vllm.model_store.drafters import default_drafter
+from coral_vllm.runtime.device import device_name
 from coral_vllm.runtime.offline_engine import offline_engine
+from coral_vllm.speculative_config import NUM_SPECULATIVE_TOKENS, speculative_config
 
 PROMPT = "Name a colour."
 # eager: many short engines, where start-up dominates and speed does not matter
@@ -47,7 +49,7 @@ def run(model: Path, drafter: Path, stock_dir: Path, k: int, samples: int) -> di
     """Every variant's samples against plain decoding's; `stock_dir` receives the
     drafter as a stock EAGLE checkpoint (the upstream reference)."""
     stock = write_eagle_checkpoint(drafter, stock_dir)
-    coral = {"method": "coral", "model": str(drafter), "num_speculative_tokens": k}
+    coral = speculative_config(drafter, k)
     a, b, t07 = sample(model, None, [1.0, 1.0, 0.7], samples)
     ref = token_marginals(a)
     bound = noise_bound(ref, token_marginals(b))
@@ -57,8 +59,7 @@ def run(model: Path, drafter: Path, stock_dir: Path, k: int, samples: int) -> di
         "coral_probabilistic_draft": sample(
             model, {**coral, "draft_sample_method": "probabilistic"}, [1.0], samples)[0],
         "stock_eagle_greedy_draft": sample(
-            model, {"method": "eagle", "model": str(stock), "num_speculative_tokens": k},
-            [1.0], samples)[0],
+            model, speculative_config(stock, k, method="eagle"), [1.0], samples)[0],
     }
     rows = {name: {"tv": binned_tv(token_marginals(s), ref),
                    "within_noise": binned_tv(token_marginals(s), ref) <= bound}
@@ -73,7 +74,7 @@ def run(model: Path, drafter: Path, stock_dir: Path, k: int, samples: int) -> di
 def main(argv: list[str] | None = None) -> int:
     ap = bench_parser("sampling-check", __doc__)
     ap.add_argument("--drafter", help="CORAL drafter dir (default: the shipped one)")
-    ap.add_argument("-k", type=int, default=3)
+    ap.add_argument("-k", type=int, default=NUM_SPECULATIVE_TOKENS)
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--out", default="benchmarks/results/sampling_check.json")
     args = ap.parse_args(argv)

@@ -14,14 +14,16 @@ import sys
 import time
 from pathlib import Path
 
-from coral_vllm.bench.args import (PLAIN, add_output_args, bench_parser, server_log_dir,
-                                   target_dir)
-from coral_vllm.bench.results import device_name, write_json
+from coral_vllm.bench.args import add_output_args, bench_parser, server_log_dir, target_dir
+from coral_vllm.bench.results import write_json
 from coral_vllm.bench.smoke_prompts import SMOKE_PROMPTS
 from coral_vllm.format.checkpoint import read_checkpoint
-from coral_vllm.models.drafters import default_drafter
+from coral_vllm.model_store.drafters import default_drafter
+from coral_vllm.named_paths import PLAIN
+from coral_vllm.runtime.device import device_name
 from coral_vllm.runtime.metrics import parse_prometheus
 from coral_vllm.runtime.server import fetch_metrics, running_server
+from coral_vllm.speculative_config import NUM_SPECULATIVE_TOKENS
 
 
 def run_variant(model: Path, drafter: Path | None, k: int, prompts: list[str],
@@ -54,7 +56,7 @@ def run_variant(model: Path, drafter: Path | None, k: int, prompts: list[str],
 def main(argv: list[str] | None = None) -> int:
     ap = bench_parser("serve-check", __doc__)
     ap.add_argument("--drafter", help="CORAL drafter dir (default: the shipped one)")
-    ap.add_argument("-k", "--num-speculative-tokens", type=int, default=3)
+    ap.add_argument("-k", "--num-speculative-tokens", type=int, default=NUM_SPECULATIVE_TOKENS)
     ap.add_argument("--max-tokens", type=int, default=128)
     add_output_args(ap, "benchmarks/results/serve_check.json")
     args = ap.parse_args(argv)

@@ -1,6 +1,6 @@
 """A few everyday chat prompts for smoke tests and serving checks.
 
-Not evaluation prompts (MT-bench, HumanEval, GSM8K live in `coral_vllm.datasets` and stay
+Not evaluation prompts (MT-bench, HumanEval, GSM8K live in `coral_vllm.data.eval_sets` and stay
 out of training data); these only exercise the engine.
 """
 

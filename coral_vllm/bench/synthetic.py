@@ -40,14 +40,18 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from coral_vllm.bench.args import (PLAIN, add_enforce_eager_arg, add_engine_resource_args,
+from coral_vllm.bench.args import (add_enforce_eager_arg, add_engine_resource_args,
                                    bench_parser, engine_resources)
 from coral_vllm.bench.e2e import step_time_ratio
-from coral_vllm.bench.results import device_name, write_json
+from coral_vllm.bench.results import write_json
 from coral_vllm.bench.rounds import (add_rounds_args, cell_lines, compare, measure_rounds,
                                      measurement_row, rounds_of, target, target_line)
 from coral_vllm.bench.shapes import TARGET_SHAPES
 from coral_vllm.format.checkpoint import read_checkpoint
+from coral_vllm.format.config import NUM_GROUPS, TOP_K_GROUPS
+from coral_vllm.named_paths import PLAIN
+from coral_vllm.runtime.device import device_name
+from coral_vllm.speculative_config import METHOD, speculative_config
 
 VARIANTS = (PLAIN, "eagle", "static", "coral")
 # throughput ratios reported per cell: name -> (numerator, denominator) variants
@@ -74,7 +78,7 @@ def prepare_shape(shape: dict[str, Any], root: Path, *, num_groups: int,
     """A config-only target dir and the three drafters for it (random weights: the
     drafter checkpoint checks read them; the engines then use dummy weights anyway)."""
     from coral_vllm.format.checkpoint import write_eagle_checkpoint
-    from coral_vllm.models.drafter_init import init_drafter
+    from coral_vllm.model_store.drafter_init import init_drafter
 
     target = root / "target"
     target.mkdir(parents=True, exist_ok=True)
@@ -155,8 +159,8 @@ def engine_worker(variant: str, dirs: dict[str, str | None], k: int, first_lengt
 
         spec = None
         if dirs[variant] is not None:
-            spec = {"method": "eagle" if variant == "eagle" else "coral",
-                    "model": dirs[variant], "num_speculative_tokens": k}
+            spec = speculative_config(dirs[variant], k,
+                                      method="eagle" if variant == "eagle" else METHOD)
             if first_length is not None:
                 spec.update(rejection_sample_method="synthetic",
                             synthetic_acceptance_length=first_length)
@@ -399,8 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--max-tokens", type=int, default=256)
     add_rounds_args(p)
-    p.add_argument("--num-groups", type=int, default=64)
-    p.add_argument("--top-k-groups", type=int, default=8)
+    p.add_argument("--num-groups", type=int, default=NUM_GROUPS)
+    p.add_argument("--top-k-groups", type=int, default=TOP_K_GROUPS)
     p.add_argument("--static-rows", type=int, default=32768,
                    help="active rows of the static drafter (the top_k_groups nearest "
                    "this; default 32768, EAGLE-3's draft vocabulary)")

@@ -19,9 +19,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from coral_vllm.bench.args import PLAIN, add_enforce_eager_arg, bench_parser
-from coral_vllm.bench.results import device_name, write_json
+from coral_vllm.bench.args import add_enforce_eager_arg, bench_parser
+from coral_vllm.bench.results import write_json
 from coral_vllm.bench.smoke_prompts import SMOKE_PROMPTS
+from coral_vllm.named_paths import PLAIN
+from coral_vllm.runtime.device import device_name
+from coral_vllm.speculative_config import NUM_SPECULATIVE_TOKENS, speculative_config
 
 DEFAULT_TP_MODEL = "gemma3-270m"
 PROBE_SEED = 0
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = bench_parser("tp", __doc__)
     ap.add_argument("--drafter", help="CORAL drafter dir (default: the target's default)")
     ap.add_argument("--tensor-parallel-size", "-t", type=int, default=2)
-    ap.add_argument("-k", "--num-speculative-tokens", type=int, default=3)
+    ap.add_argument("-k", "--num-speculative-tokens", type=int, default=NUM_SPECULATIVE_TOKENS)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--dtype", default="float32",
@@ -115,14 +118,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import vllm
 
-    from coral_vllm.models.drafters import default_drafter
-    from coral_vllm.models.model_store import fetch_model
+    from coral_vllm.model_store.drafters import default_drafter
+    from coral_vllm.model_store.targets import fetch_model
 
     model = Path(args.model) if args.model else fetch_model(DEFAULT_TP_MODEL, gguf=args.gguf)
     drafter = Path(args.drafter) if args.drafter else default_drafter(DEFAULT_TP_MODEL)
     hidden = json.loads((drafter / "config.json").read_text())["hidden_size"]
-    spec = {"method": "coral", "model": str(drafter),
-            "num_speculative_tokens": args.num_speculative_tokens}
+    spec = speculative_config(drafter, args.num_speculative_tokens)
     t = args.tensor_parallel_size
     runs = {}
     for name, s in ((PLAIN, None), ("coral", spec)):

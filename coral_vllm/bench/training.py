@@ -1,10 +1,8 @@
-"""Benchmarks of the training module: throughput before/after, and learning curves.
+"""Benchmarks of the training module, read from finished runs' metrics and configs.
 
-    throughput  tokens/s of the trainer at an earlier commit ("before", run from a copy
-                of that commit's package, `--legacy-root`) next to the current trainer's
-                ("after", read from runs' metrics.jsonl: the median of the logged
-                tokens_per_s after the first log row, which holds compilation, caching
-                and warm-up); one JSON row per (preset, version).
+    throughput  tokens/s of the trainer: the median of a run's logged tokens_per_s after
+                the first log row (which holds compilation, caching and warm-up); one
+                JSON row per preset, added to an earlier result's rows (`--extend`).
     curve       held-out offline tau against training tokens per preset, from runs'
                 evaluation rows, joined with vLLM's tau of the exported best drafters
                 (`train vllm-tau` output); JSON + PNG.
@@ -14,8 +12,6 @@
                 and the settings by which the run differs from the first (the baseline),
                 read from the runs' configs, so a row says what was changed.
 
-    coral-vllm bench training throughput --legacy-root .baseline --target T --data D \\
-        --legacy-presets eagle hass coral --out benchmarks/results/train_throughput.json
     coral-vllm bench training throughput --runs eagle=RUN hass=RUN coral=RUN \\
         --extend benchmarks/results/train_throughput.json --out (same file)
     coral-vllm bench training curve --runs eagle=RUN hass=RUN coral=RUN \\
@@ -24,70 +20,28 @@
         --vllm-tau tau.json --out benchmarks/results/ablation.json
 
 Tokens are all real (non-padding) tokens of the batches a step trains on, prompt tokens
-included, in both versions.
+included.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from coral_vllm.bench.args import parse_named
 from coral_vllm.bench.plots import plot_file
-from coral_vllm.bench.results import device_name, write_json
+from coral_vllm.bench.results import write_json
+from coral_vllm.data.shards import read_manifest
+from coral_vllm.named_paths import parse_named
 from coral_vllm.training.config import RESUMABLE_CHANGES
-from coral_vllm.training.data import read_manifest
-
-# Run inside a subprocess whose sys.path starts with the legacy package: times the old
-# trainer between its batch builds (its loop reads every step's loss back to the host,
-# so wall time between two batch builds is that step's time).
-_LEGACY_DRIVER = """
-import json, sys, time
-from coral_vllm.training import trainer
-from coral_vllm.training.config import TrainConfig
-marks = []
-real = trainer.collate
-def collate(batch):
-    out = real(batch)
-    marks.append((time.perf_counter(), int(out["attention_mask"].sum())))
-    return out
-trainer.collate = collate
-args = json.loads(sys.argv[1])
-cfg = TrainConfig.from_preset(args["preset"], **args["cfg"])
-trainer.train(cfg)
-w = args["warmup"]
-seconds = marks[-1][0] - marks[w][0]
-tokens = sum(n for _, n in marks[w:-1])
-print("RESULT " + json.dumps({"tokens_per_s": tokens / seconds, "steps": len(marks) - 1 - w,
-                              "seconds": seconds}))
-"""
-
-
-def legacy_throughput(root: str, preset: str, target: str, data: str, out: str, *,
-                      batch_size: int, max_len: int, steps: int, warmup: int) -> dict[str, Any]:
-    shutil.rmtree(out, ignore_errors=True)  # a fresh run: a resumed one would train nothing
-    cfg = {"target": target, "data": data, "out": out, "batch_size": batch_size,
-           "max_len": max_len, "lr": 3e-4, "max_steps": steps + warmup + 1,
-           "save_every": 10**9, "log_every": 10**9}
-    env_path = str(Path(root).resolve())
-    done = subprocess.run(
-        [sys.executable, "-c", f"import sys; sys.path.insert(0, {env_path!r})\n"
-         + _LEGACY_DRIVER, json.dumps({"preset": preset, "cfg": cfg, "warmup": warmup})],
-        capture_output=True, text=True)
-    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if done.returncode != 0 or line is None:
-        raise RuntimeError(f"legacy trainer ({preset}) failed:\n{done.stderr[-3000:]}")
-    return json.loads(line[len("RESULT "):])
+from coral_vllm.training.run_dir import CONFIG_FILE, METRICS_FILE
 
 
 def run_metrics(run: str | Path) -> list[dict[str, Any]]:
-    path = Path(run) / "metrics.jsonl"
+    path = Path(run) / METRICS_FILE
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
@@ -122,7 +76,7 @@ def one_device(runs: Sequence[str | Path], fallback: str | None) -> str:
 
 def serving_tau_key(run: str | Path) -> str:
     """The tau a run is judged by: router on for presets that serve with it."""
-    cfg = json.loads((Path(run) / "train_config.json").read_text())
+    cfg = json.loads((Path(run) / CONFIG_FILE).read_text())
     return "tau_router" if cfg["serve_router"] else "tau_dense"
 
 
@@ -134,30 +88,19 @@ def steady_tokens_per_s(run: str | Path) -> float:
 
 
 def throughput(args: argparse.Namespace) -> dict[str, Any]:
-    """Rows for --legacy-presets (before) and --runs (after), added to --extend's rows
-    (so the two can be measured in different commands on the same card)."""
+    """A row per --runs preset, added to --extend's rows (so that runs measured in
+    different commands on the same card make one table)."""
     prior = json.loads(Path(args.extend).read_text()) if args.extend else {"rows": []}
     rows = list(prior["rows"])
-    for preset in args.legacy_presets or []:
-        r = legacy_throughput(args.legacy_root, preset, args.target, args.data,
-                              f"{args.work}/legacy-{preset}", batch_size=args.batch_size,
-                              max_len=args.max_len, steps=args.steps, warmup=args.warmup)
-        rows.append({"preset": preset, "version": "before", "tokens_per_s": r["tokens_per_s"],
-                     "measured": f"{args.legacy_commit}: {r['steps']} steps after "
-                                 f"{args.warmup} warm-up, batch {args.batch_size} sequences, "
-                                 f"max_len {args.max_len}"})
-        print(json.dumps(rows[-1]), flush=True)
     devices = set()
-    for preset, run in parse_named(args.runs or [], "--runs", "RUN").items():
+    for preset, run in parse_named(args.runs, "--runs", "RUN").items():
         devices.add(run_device(run, args.device))
-        cfg = json.loads((Path(run) / "train_config.json").read_text())
+        cfg = json.loads((Path(run) / CONFIG_FILE).read_text())
         rows.append({"preset": preset, "version": "after",
                      "tokens_per_s": steady_tokens_per_s(run),
                      "measured": f"median logged rate of {run} (batch_tokens "
                                  f"{cfg['batch_tokens']}, max_len {cfg['max_len']})"})
         print(json.dumps(rows[-1]), flush=True)
-    if args.legacy_presets:
-        devices.add(device_name())
     if args.extend:
         devices.add(prior["device"])
     if len(devices) != 1:
@@ -211,7 +154,7 @@ _NOT_A_LEVER = RESUMABLE_CHANGES | {"init_from"}
 
 def data_summary(run: str | Path) -> dict[str, Any]:
     """What a run's data is: its looping replies' handling and size (from the manifest)."""
-    cfg = json.loads((Path(run) / "train_config.json").read_text())
+    cfg = json.loads((Path(run) / CONFIG_FILE).read_text())
     try:
         m = read_manifest(cfg["data"])
     except FileNotFoundError:
@@ -227,7 +170,7 @@ def ablation(args: argparse.Namespace) -> dict[str, Any]:
     runs = parse_named(args.runs, "--runs", "RUN")
     vllm = vllm_tau_rows(args.vllm_tau)
     device = one_device(list(runs.values()), args.device)
-    configs = {name: json.loads((Path(run) / "train_config.json").read_text())
+    configs = {name: json.loads((Path(run) / CONFIG_FILE).read_text())
                for name, run in runs.items()}
     data = {name: data_summary(run) for name, run in runs.items()}
     evals = {name: run_evals(run) for name, run in runs.items()}
@@ -264,18 +207,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="coral-vllm bench training", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("throughput", help="trainer tokens/s, before and after")
-    t.add_argument("--runs", nargs="+", metavar="PRESET=RUN", help="after: finished runs")
-    t.add_argument("--legacy-presets", nargs="+", help="before: presets to time")
-    t.add_argument("--legacy-root", help="directory holding the earlier coral_vllm package")
-    t.add_argument("--legacy-commit", default="25343e8", help="its commit (recorded)")
-    t.add_argument("--target")
-    t.add_argument("--data")
-    t.add_argument("--work", default="runs/throughput", help="scratch runs of the legacy trainer")
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--max-len", type=int, default=1024)
-    t.add_argument("--steps", type=int, default=20)
-    t.add_argument("--warmup", type=int, default=5)
+    t = sub.add_parser("throughput", help="trainer tokens/s per preset, from finished runs")
+    t.add_argument("--runs", nargs="+", required=True, metavar="PRESET=RUN",
+                   help="finished runs")
     t.add_argument("--extend", help="an earlier result of this command to add rows to")
     t.add_argument("--device", help="the card, for runs whose metrics do not record it")
     t.add_argument("--out", required=True)
@@ -297,9 +231,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     a.add_argument("--device", help="the card, for runs whose metrics do not record it")
     a.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    if args.cmd == "throughput" and args.legacy_presets and not (
-            args.legacy_root and args.target and args.data):
-        ap.error("throughput --legacy-presets needs --legacy-root, --target and --data")
     result = {"throughput": throughput, "curve": curve, "scaling": scaling,
               "ablation": ablation}[args.cmd](args)
     out = Path(args.out)

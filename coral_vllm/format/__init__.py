@@ -1,1 +1,2 @@
-"""What a CORAL drafter is, on disk and as math: no vLLM needed to import any of it."""
+"""What a CORAL drafter is on disk: its config, partition, checkpoint, and the checks
+that run before any engine starts. No vLLM needed to import any of it."""

@@ -147,6 +147,18 @@ class DrafterCheckpoint:
 def read_checkpoint(path: str | os.PathLike[str]) -> DrafterCheckpoint:
     """Reads and self-checks a drafter directory; raises CoralConfigError naming the fix."""
     path = Path(path)
+    config, coral = _read_config(path)
+    weights = path / WEIGHTS_FILE
+    shapes, dtypes, token_order = _read_header(weights)
+    _check_tensors(weights, config, coral, shapes, dtypes)
+    assert token_order is not None
+    validate_token_order(token_order, coral.vocab_size)
+    return DrafterCheckpoint(path, config, coral, shapes, token_order.long())
+
+
+def _read_config(path: Path) -> tuple[dict[str, Any], CoralConfig]:
+    """config.json and its "coral" section, checked on their own and against each other
+    (the weights file must exist too)."""
     if not path.is_dir():
         raise CoralConfigError(
             f'speculative_config "model": drafter directory {str(path)!r} does not exist. '
@@ -172,7 +184,13 @@ def read_checkpoint(path: str | os.PathLike[str]) -> DrafterCheckpoint:
         raise CoralConfigError(
             f'config.json "{EMBED_SCALE}" is {scale!r}; it must be a positive number (how '
             "the target scales token embeddings, e.g. sqrt(hidden_size) for Gemma).")
-    shapes, dtypes, token_order = _read_header(weights)
+    return config, coral
+
+
+def _check_tensors(weights: Path, config: dict[str, Any], coral: CoralConfig,
+                   shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str]) -> None:
+    """Every tensor config.json implies is there in its shape, no layer more, the
+    optional heads fit, and every dtype is one a drafter can have."""
     expected = expected_shapes(config, coral)
     for name, shape in expected.items():
         if name not in shapes:
@@ -203,9 +221,6 @@ def read_checkpoint(path: str | os.PathLike[str]) -> DrafterCheckpoint:
             raise CoralConfigError(
                 f"{weights}: tensor {name!r} has dtype {dtype}, expected one of "
                 f"{list(allowed)}; the file is corrupt or not a CORAL drafter: {_REEXPORT}.")
-    assert token_order is not None
-    validate_token_order(token_order, coral.vocab_size)
-    return DrafterCheckpoint(path, config, coral, shapes, token_order.long())
 
 
 def _read_header(weights: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str],

@@ -1,10 +1,11 @@
 """The `coral` section of a drafter's config.json: what the router and grouped head need.
 
 A CORAL drafter directory is an EAGLE-style Llama drafter checkpoint (a Llama
-`config.json` with one layer, plus `model.safetensors`) whose config carries one more
-section, `"coral"`, described by :class:`CoralConfig`. vLLM's `SpeculativeConfig`
-forbids unknown keys, so every drafter-specific setting lives here, in the checkpoint,
-not on the command line.
+`config.json` of `num_hidden_layers` layers, one by default, or EAGLE-3's layout over
+fused target layers, plus `model.safetensors`; `format.checkpoint`) whose config carries
+one more section, `"coral"`, described by :class:`CoralConfig`. vLLM's
+`SpeculativeConfig` forbids unknown keys, so every drafter-specific setting lives here,
+in the checkpoint, not on the command line.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from typing import Any
 
 FORMAT_VERSION = 1
 DRAFTER_ARCHITECTURE = "EagleCoralLlamaForCausalLM"
+# A new drafter's head, where a command is not told otherwise: 64 vocabulary groups, of
+# which the router activates 8 per drafted token (1/8 of the head's rows)
+NUM_GROUPS = 64
+TOP_K_GROUPS = 8
 PARTITION_STRATEGIES = ("contiguous", "frequency", "cluster")
 ROUTER_ACTIVATIONS = ("silu", "gelu", "relu")
 # How the head picks its active groups per drafted token: the router (CORAL), or always

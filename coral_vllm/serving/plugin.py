@@ -29,13 +29,13 @@ import dataclasses
 import functools
 import hashlib
 import inspect
+import json
 from typing import Any
 
 from coral_vllm.format.config import DRAFTER_ARCHITECTURE, CoralConfigError
 from coral_vllm.format.drafter_config import FUSED_ARCHITECTURE, fused_layers
+from coral_vllm.speculative_config import METHOD, NUM_SPECULATIVE_TOKENS, speculative_config
 
-METHOD = "coral"
-DEFAULT_NUM_SPECULATIVE_TOKENS = 3
 _DRAFTER_CLASSES = {arch: f"coral_vllm.serving.drafter:{arch}"
                     for arch in (DRAFTER_ARCHITECTURE, FUSED_ARCHITECTURE)}
 # The SpeculativeConfig fields the translated config sets beside the user's own keys.
@@ -191,8 +191,8 @@ def check_draft_tensor_parallel(draft_tp: Any, target_tp: int, coral: Any) -> No
     """vLLM's EAGLE path builds the drafter in the target's workers at the target's
     tensor parallel size and shares its vocabulary-sharded LM head, whatever
     "draft_tensor_parallel_size" says; the grouped head follows the shards
-    (`coral_vllm.format.sharded_head`) if the vocabulary splits evenly."""
-    from coral_vllm.format.sharded_head import check_shardable
+    (`coral_vllm.head.sharded_lm_head`) if the vocabulary splits evenly."""
+    from coral_vllm.head.sharded_lm_head import check_shardable
 
     if draft_tp is not None and draft_tp != target_tp:
         raise CoralConfigError(
@@ -217,8 +217,7 @@ def translate_coral_config(spec: dict[str, Any], *, spec_model: str | None = Non
     if not out.get("model"):
         raise CoralConfigError(
             'speculative_config "model" is missing: the coral method needs the drafter '
-            'directory, e.g. {"method": "coral", "model": "/path/to/drafter", '
-            '"num_speculative_tokens": 3}.')
+            f'directory, e.g. {json.dumps(speculative_config("/path/to/drafter"))}.')
     ckpt = read_checkpoint(out["model"])
     if target_model_config is not None:
         text = target_model_config.hf_text_config
@@ -230,7 +229,7 @@ def translate_coral_config(spec: dict[str, Any], *, spec_model: str | None = Non
         check_against_target(ckpt, target, target_name=f"target {target_model_config.model!r}")
     check_draft_tensor_parallel(out.get("draft_tensor_parallel_size"), tensor_parallel_size,
                                 ckpt.coral)
-    k = out.setdefault("num_speculative_tokens", DEFAULT_NUM_SPECULATIVE_TOKENS)
+    k = out.setdefault("num_speculative_tokens", NUM_SPECULATIVE_TOKENS)
     if not isinstance(k, int) or k < 1:
         raise CoralConfigError(
             f'speculative_config "num_speculative_tokens" must be a positive integer, got {k!r}.')

@@ -1,14 +1,20 @@
 """Offline training of CORAL drafters (plain PyTorch + transformers; no vLLM internals).
 
     config.py        TrainConfig (+ presets eagle / hass / coral)
-    target.py        frozen target: post-norm last hidden states (what vLLM feeds EAGLE)
-    data.py          self-distilled data: prompts -> target responses -> token shards
-    model.py         CoralDrafter: fc + one Llama layer (no input norm) + router, named
-                     exactly like the exported checkpoint
-    losses.py        EAGLE/HASS step loss, CSRA (InfoNCE across steps)
-    trainer.py       stage 1 (multi-step, CSRA, resumable, DDP under torchrun)
-    router_train.py  stage 2 (partitions + router, recall@k on held-out data)
-    export.py        the plugin's drafter directory (coral_vllm.format.checkpoint)
-    evaluate.py      offline mean acceptance length tau, router on/off
-    cli.py           `coral-vllm train {data,train,router,export,eval}`
+    model.py         CoralDrafter: fc + N Llama layers + router, named exactly like the
+                     exported checkpoint
+    multi_step.py    HASS's n-step forward: each step reads the features the last predicted
+    losses.py        feature regression, distillation through the head, CSRA, router CE
+    schedule.py      the micro-batches of every step (over ranks), the learning rate
+    run_dir.py       the run directory: resumable state, best checkpoint, metrics
+    trainer.py       stage 1: the training loop (resumable, DDP under torchrun)
+    validate.py      held-out accuracy and the offline chain tau, as training goes
+    router_train.py  stage 2: partitions + router on the frozen drafter (recall@k)
+    export.py        the plugin's drafter directory (`coral_vllm.format.checkpoint`)
+    evaluate.py      offline mean acceptance length tau of exported drafters
+    vllm_tau.py      the offline tau next to vLLM's counters on the same prompts
+    cli.py           `coral-vllm train ...`
+
+The data it trains on (prompts, self-distilled replies, token shards, target features)
+is made by `coral_vllm.data`.
 """

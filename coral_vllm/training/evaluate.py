@@ -8,7 +8,7 @@ output feature feeds the next step, as in vLLM), the target verifies them with o
 forward (no KV cache: simple, exact, slow), and the round yields the accepted prefix
 plus the target's own next token, so tau = mean(accepted + 1). With the router on, each
 draft token is the top-1 over the router's `top_k_groups` groups only
-(`coral_vllm.format.grouped_head`); off, over the whole vocabulary.
+(`coral_vllm.head.grouped_lm_head`); off, over the whole vocabulary.
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ import torch
 from safetensors.torch import load_file
 
 from coral_vllm.format.checkpoint import WEIGHTS_FILE, read_checkpoint
-from coral_vllm.format.grouped_head import grouped_top1
+from coral_vllm.head.grouped_lm_head import grouped_top1
 from coral_vllm.format.partition import grouped_rows, row_token_ids
-from coral_vllm.format.router import select_groups
-from coral_vllm.training.batches import TokenTable
-from coral_vllm.training.features import compute_features
+from coral_vllm.head.router import select_groups
+from coral_vllm.data.batches import TokenTable
+from coral_vllm.data.feature_store import compute_features
 from coral_vllm.training.model import CoralDrafter, build_drafter
-from coral_vllm.training.target import load_target, pick_device, target_features
-from coral_vllm.training.trainer import multi_step_forward
+from coral_vllm.data.target import load_target, pick_device, target_features
+from coral_vllm.training.multi_step import multi_step_forward
 from coral_vllm.training.validate import DraftTop1, EvalSplit, chain_tau
 
 
@@ -169,7 +169,7 @@ def tau_of_drafters(target, drafters: dict[str, CoralDrafter], split: EvalSplit,
 def continuation_split(target, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                        eos_ids: Sequence[int]) -> EvalSplit:
     """Prompts + the target's greedy continuations, with features (what chain_tau replays)."""
-    from coral_vllm.training.self_distill import generate_hf
+    from coral_vllm.data.generators import generate_hf
 
     conts = generate_hf(target, [list(p) for p in prompts], max_new_tokens, 0.0,
                         list(eos_ids), batch_size=8)
@@ -187,7 +187,7 @@ def run_eval(target_path: str, drafters: Sequence[str], benchmarks: Sequence[str
              out_json: str | None = None) -> list[dict[str, Any]]:
     """The `train eval` command: offline tau for every drafter x benchmark x router
     setting, on the target's own greedy continuations (transformers generate)."""
-    from coral_vllm.datasets import benchmark_prompts
+    from coral_vllm.data.eval_sets import benchmark_prompts
 
     dev = pick_device(device)
     target, tok, _ = load_target(target_path, dev)

@@ -14,6 +14,7 @@ and the head selection are independent: any drafter can be exported static.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -22,13 +23,12 @@ from coral_vllm.format.checkpoint import LAYER_PREFIXES, save_checkpoint
 from coral_vllm.format.drafter_config import drafter_llama_config
 from coral_vllm.format.config import CoralConfig
 from coral_vllm.format.partition import contiguous_order, frequency_order
-from coral_vllm.format.router import Router
-from coral_vllm.models.target_heads import read_target_heads
+from coral_vllm.head.router import Router
+from coral_vllm.model_store.target_heads import read_target_heads
 from coral_vllm.training.config import TrainConfig
-from coral_vllm.training.data import load_splits, train_token_counts
-from coral_vllm.training.router_train import ROUTER_FILE
-from coral_vllm.training.target import target_config_dict
-from coral_vllm.training.trainer import BEST_FILE, load_state
+from coral_vllm.data.shards import load_splits, train_token_counts
+from coral_vllm.data.target import target_config_dict
+from coral_vllm.training.run_dir import BEST_FILE, ROUTER_FILE, load_state
 
 
 def export(run_dir: str | Path, dest: str | Path, *, dense: bool = False,
@@ -46,17 +46,11 @@ def export(run_dir: str | Path, dest: str | Path, *, dense: bool = False,
     selection: "router" (CORAL) or "static" (no router; `static_partition`), whose
     `static_rows` picks the top_k_groups nearest that many rows (default: the router's).
     """
+    _check_options(checkpoint, selection, dense, static_rows)
     run = Path(run_dir)
     state = load_state(run)
     if state is None:
         raise FileNotFoundError(f"{run}: no stage-1 state (state/latest.pt); run `train`.")
-    if checkpoint not in ("best", "latest"):
-        raise ValueError(f"checkpoint={checkpoint!r}: choose best or latest")
-    if selection == "static" and dense:
-        raise ValueError("dense and selection='static' exclude each other: a dense drafter "
-                         "scores every row, a static one its first top_k_groups groups")
-    if static_rows is not None and selection != "static":
-        raise ValueError("static_rows sizes a static drafter: pass selection='static' too")
     chosen = (load_state(run, BEST_FILE) if checkpoint == "best" else None) or state
     cfg = TrainConfig.from_dict(state["config"])
     tcfg = target_config_dict(cfg.target) if Path(cfg.target, "config.json").is_file() \
@@ -67,32 +61,18 @@ def export(run_dir: str | Path, dest: str | Path, *, dense: bool = False,
     model = chosen["model"]
     tensors = {k: v.to(torch_dtype) for k, v in model.items()
                if k.startswith(LAYER_PREFIXES)}
-    router_path = run / ROUTER_FILE
-    online = cfg.router_online and "partition.token_order" in model
-    num_groups, top_k, act = cfg.num_groups, cfg.top_k_groups, cfg.router_act
-    if router_path.is_file():
-        r = torch.load(router_path, map_location="cpu", weights_only=False)
-        num_groups, top_k, partition = r["num_groups"], r["top_k_groups"], r["partition"]
-        router_state, order, act = r["router"], r["token_order"], r["router_act"]
-    elif online:
-        partition = cfg.online_partition()
-        router_state = {k[len("router."):]: v for k, v in model.items()
-                        if k.startswith("router.")}
-        order = model["partition.token_order"]
-    else:
-        partition = "contiguous"
-        router_state = Router(d, num_groups, act=act).state_dict()
-        order = contiguous_order(vocab)
+    r = _routing(run, cfg, model, vocab, d)
     if dense:
-        top_k = num_groups
+        r.top_k_groups = r.num_groups
     if selection == "static":
-        partition, router_state, order = "frequency", {}, static_partition(run, cfg, vocab)
-    coral = CoralConfig.for_vocab(vocab, d, num_groups, top_k, partition=partition,
-                                  router_act=act, selection=selection, trained=True)
+        r.partition, r.router, r.token_order = "frequency", {}, static_partition(run, cfg, vocab)
+    coral = CoralConfig.for_vocab(vocab, d, r.num_groups, r.top_k_groups,
+                                  partition=r.partition, router_act=r.router_act,
+                                  selection=selection, trained=True)
     if static_rows is not None:
         coral = coral.with_active_rows(static_rows)
-    tensors.update({f"router.{k}": v.to(torch_dtype) for k, v in router_state.items()})
-    tensors["partition.token_order"] = order.to(torch.int64)
+    tensors.update({f"router.{k}": v.to(torch_dtype) for k, v in r.router.items()})
+    tensors["partition.token_order"] = r.token_order.to(torch.int64)
     if include_heads:
         heads = read_target_heads(cfg.target)
         tensors.update({k: v.to(torch_dtype) for k, v in heads.items()})
@@ -102,10 +82,51 @@ def export(run_dir: str | Path, dest: str | Path, *, dense: bool = False,
                                 "steps_trained": chosen.get("step", state["step"]),
                                 "checkpoint": "best" if chosen is not state else "latest",
                                 "validation": chosen.get("eval"),
-                                "router_stage": router_path.is_file(),
-                                "router_online": online and not router_path.is_file(),
+                                "router_stage": r.source == "stage 2",
+                                "router_online": r.source == "online",
                                 "dense": dense, "selection": selection}
     return save_checkpoint(dest, config, tensors)
+
+
+def _check_options(checkpoint: str, selection: str, dense: bool,
+                   static_rows: int | None) -> None:
+    if checkpoint not in ("best", "latest"):
+        raise ValueError(f"checkpoint={checkpoint!r}: choose best or latest")
+    if selection == "static" and dense:
+        raise ValueError("dense and selection='static' exclude each other: a dense drafter "
+                         "scores every row, a static one its first top_k_groups groups")
+    if static_rows is not None and selection != "static":
+        raise ValueError("static_rows sizes a static drafter: pass selection='static' too")
+
+
+@dataclasses.dataclass
+class _Routing:
+    """The router and partition a drafter is exported with, and where they come from."""
+    num_groups: int
+    top_k_groups: int
+    partition: str
+    router_act: str
+    router: dict[str, torch.Tensor]
+    token_order: torch.Tensor
+    source: str  # "stage 2" (router.pt), "online" (trained beside the drafter), "untrained"
+
+
+def _routing(run: Path, cfg: TrainConfig, model: dict[str, torch.Tensor], vocab: int,
+             d: int) -> _Routing:
+    """Stage 2's router and partition if it ran, else the online router's, else (a run
+    without one) an untrained router over the contiguous partition."""
+    router_path = run / ROUTER_FILE
+    if router_path.is_file():
+        r = torch.load(router_path, map_location="cpu", weights_only=False)
+        return _Routing(r["num_groups"], r["top_k_groups"], r["partition"], r["router_act"],
+                        r["router"], r["token_order"], "stage 2")
+    if cfg.router_online and "partition.token_order" in model:
+        router = {k[len("router."):]: v for k, v in model.items() if k.startswith("router.")}
+        return _Routing(cfg.num_groups, cfg.top_k_groups, cfg.online_partition(),
+                        cfg.router_act, router, model["partition.token_order"], "online")
+    return _Routing(cfg.num_groups, cfg.top_k_groups, "contiguous", cfg.router_act,
+                    Router(d, cfg.num_groups, act=cfg.router_act).state_dict(),
+                    contiguous_order(vocab), "untrained")
 
 
 def static_partition(run: Path, cfg: TrainConfig, vocab: int) -> torch.Tensor:

@@ -35,11 +35,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from coral_vllm.format.checkpoint import LAYER_PREFIXES, OWN_PREFIXES
-from coral_vllm.format.config import CoralConfig
+from coral_vllm.format.config import NUM_GROUPS, CoralConfig
 from coral_vllm.format.drafter_config import EMBED_SCALE, drafter_layer_config
 from coral_vllm.format.drafter_config import fused_layers as config_fused_layers
 from coral_vllm.format.partition import build_token_order, contiguous_order, group_of_token
-from coral_vllm.format.router import Router
+from coral_vllm.head.router import Router
 
 
 TRAINED_PREFIXES = LAYER_PREFIXES + OWN_PREFIXES
@@ -211,7 +211,7 @@ class CoralDrafter(nn.Module):
     by default a drafter's config keeps its own (`fused_layers` of its config), a target's
     gives None (EAGLE)."""
 
-    def __init__(self, target_cfg: dict[str, Any], num_groups: int = 64,
+    def __init__(self, target_cfg: dict[str, Any], num_groups: int = NUM_GROUPS,
                  router_act: str = "silu", num_layers: int | None = None,
                  fused_layers: Sequence[int] | None = None) -> None:
         super().__init__()

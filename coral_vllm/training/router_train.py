@@ -28,16 +28,15 @@ import torch.nn.functional as F
 
 from coral_vllm.format.partition import build_token_order, frequency_order, group_of_token
 from coral_vllm.format.config import PARTITION_STRATEGIES, CoralConfig
-from coral_vllm.format.router import Router
+from coral_vllm.head.router import Router
 from coral_vllm.training.config import TrainConfig
-from coral_vllm.training.batches import Batch, TokenTable, epoch_batches
-from coral_vllm.training.data import MANIFEST, load_splits, train_token_counts
-from coral_vllm.training.features import compute_features
+from coral_vllm.data.batches import Batch, TokenTable, epoch_batches
+from coral_vllm.data.shards import MANIFEST, load_splits, train_token_counts
+from coral_vllm.data.feature_store import compute_features
 from coral_vllm.training.model import CoralDrafter, build_drafter
-from coral_vllm.training.target import load_target, pick_device, split_features
-from coral_vllm.training.trainer import load_state, multi_step_forward
-
-ROUTER_FILE = "router.pt"
+from coral_vllm.data.target import load_target, pick_device, split_features
+from coral_vllm.training.multi_step import multi_step_forward
+from coral_vllm.training.run_dir import ROUTER_FILE, ROUTER_REPORT_FILE, load_state
 
 
 def load_trained_drafter(out: str | Path, target_model, device,
@@ -201,7 +200,7 @@ def run_router_stage(out: str | Path, cfg_overrides: dict[str, Any] | None = Non
                 "num_groups": cfg.num_groups, "top_k_groups": k, "router_act": cfg.router_act,
                 "frequency_order": partitions["frequency"], "report": report},
                out / ROUTER_FILE)
-    (out / "router_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / ROUTER_REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 

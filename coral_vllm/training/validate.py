@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from coral_vllm.format.grouped_head import grouped_logits_torch
+from coral_vllm.head.grouped_lm_head import grouped_logits_torch
 from coral_vllm.format.partition import grouped_rows, row_token_ids
-from coral_vllm.format.router import select_groups
-from coral_vllm.training.target import split_features
-from coral_vllm.training.batches import Batch, TokenTable, epoch_batches
-from coral_vllm.training.head_loss import default_chunk
+from coral_vllm.head.router import select_groups
+from coral_vllm.data.target import split_features
+from coral_vllm.data.batches import Batch, TokenTable, epoch_batches
+from coral_vllm.training.losses import default_chunk
 
 EVAL_BATCH_TOKENS = 1 << 15
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from coral_vllm.training.data import load_dev
+from coral_vllm.data.shards import load_dev
 
 
 def vllm_tau(target: str, drafter: str, prompts: list[list[int]], max_tokens: list[int],
@@ -30,10 +30,10 @@ def vllm_tau(target: str, drafter: str, prompts: list[list[int]], max_tokens: li
 
     from coral_vllm.runtime.metrics import from_llm_metrics
     from coral_vllm.runtime.offline_engine import offline_engine
+    from coral_vllm.speculative_config import speculative_config
 
-    spec = {"method": "coral", "model": str(drafter), "num_speculative_tokens": k}
-    with offline_engine(target, spec, max_model_len=4096, disable_log_stats=False,
-                        enforce_eager=enforce_eager,
+    with offline_engine(target, speculative_config(drafter, k), max_model_len=4096,
+                        disable_log_stats=False, enforce_eager=enforce_eager,
                         gpu_only={"gpu_memory_utilization": 0.5}) as llm:
         before = from_llm_metrics(llm.get_metrics())
         t = time.time()
@@ -49,8 +49,8 @@ def vllm_tau(target: str, drafter: str, prompts: list[list[int]], max_tokens: li
 
 def _split(model, prompts: list[list[int]], conts: list[list[int]], dev):
     """Prompts + continuations as an EvalSplit with the target's features."""
-    from coral_vllm.training.batches import TokenTable
-    from coral_vllm.training.features import compute_features
+    from coral_vllm.data.batches import TokenTable
+    from coral_vllm.data.feature_store import compute_features
     from coral_vllm.training.validate import EvalSplit
 
     samples = [(np.array(p + c), np.r_[np.zeros(len(p)), np.ones(len(c))])
@@ -69,7 +69,7 @@ def offline_taus(target: str, drafters: dict[str, str], prompts: list[list[int]]
     import torch
 
     from coral_vllm.training.evaluate import load_drafter, tau_of_drafters
-    from coral_vllm.training.target import load_target
+    from coral_vllm.data.target import load_target
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, _, _ = load_target(target, dev)
@@ -91,7 +91,7 @@ def compare(target: str, data: str, drafters: dict[str, str], *, k: int = 5,
             out_json: str | None = None) -> dict[str, Any]:
     """Offline vs vLLM tau per drafter on the data directory's dev prompts. vLLM runs
     first (each engine torn down after), then the target for the offline replays."""
-    from coral_vllm.bench.results import device_name
+    from coral_vllm.runtime.device import device_name
 
     table, prompt_lens = load_dev(data, 1 << 20)
     if table is None:

@@ -1,0 +1,1 @@
+"""Training data for CORAL drafters: from pinned sources to token shards and features."""

@@ -1,0 +1,45 @@
+"""The training loss's parts against plain computations (CPU, tiny tensors)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from coral_vllm.training.losses import chunked_soft_ce, csra_loss, soft_ce_reference
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_chunked_soft_ce_matches_plain_loss():
+    """Loss (full and top-K terms), gradient, agreement and target top-1 of the chunked
+    head loss equal the plain [N, V] computation (float32), with chunks that do not
+    divide N."""
+    g = torch.Generator().manual_seed(0)
+    head = torch.randn(300, 32, generator=g)
+    tgt = torch.randn(70, 32, generator=g)
+    preds = (tgt + 0.5 * torch.randn(3, 70, 32, generator=g)).requires_grad_(True)
+    w = torch.tensor([1.0, 0.5, 0.25])
+    w_topk = torch.tensor([0.3, 0.2, 0.1])
+    ce, tk, agree, top1 = chunked_soft_ce(preds, tgt, head, chunk=16, topk=10)
+    (ce * w + tk * w_topk).sum().backward()
+    grad = preds.grad.clone()
+    preds.grad = None
+    ce_ref, tk_ref, agree_ref, top1_ref = soft_ce_reference(preds, tgt, head, topk=10)
+    (ce_ref * w + tk_ref * w_topk).sum().backward()
+    assert torch.allclose(ce, ce_ref, rtol=1e-5, atol=1e-6), (ce, ce_ref)
+    assert torch.allclose(tk, tk_ref, rtol=1e-5, atol=1e-6), (tk, tk_ref)
+    assert torch.allclose(grad, preds.grad, rtol=1e-4, atol=1e-7)
+    assert torch.equal(agree, agree_ref) and torch.equal(top1, top1_ref)
+    assert 0 < int(agree.sum()) < 3 * 70 and (tk > 0).all() and (tk < ce).all()
+
+
+def test_csra_zero_when_steps_agree():
+    torch.manual_seed(0)
+    base = torch.nn.functional.normalize(torch.randn(64, 256), dim=-1)
+    same = torch.stack([base, base, base])
+    noisy = torch.stack([base, torch.randn(64, 256), torch.randn(64, 256)])
+    low, high = csra_loss(same, 0.1), csra_loss(noisy, 0.1)
+    assert torch.isfinite(low) and torch.isfinite(high)
+    assert low < 0.05 < 1.0 < high
+    assert csra_loss(same[:1], 0.1) == 0  # one step: nothing to align
+    assert torch.isfinite(csra_loss(noisy, 0.1, max_positions=16))
