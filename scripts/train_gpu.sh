@@ -4,6 +4,8 @@
 # CORAL_TARGET (its directory) and, for a base model, CORAL_TEXTS (plain-text passages
 # from `coral-vllm train texts` instead of conversations), e.g. CORAL_NAME=gemma3
 # CORAL_TARGET=~/.cache/coral-vllm/models/gemma3-270m CORAL_TEXTS=.gpu-data/texts.jsonl.xz.
+# A target's settings can come as a preset: CORAL_PRESET=qwen2.5-coder-1.5b sources
+# scripts/targets/qwen2.5-coder-1.5b.sh (name, model, prompts, epochs, the ship tables).
 # Run from the repo root after `source scripts/gpu_host_setup.sh`; every stage resumes
 # where the last one stopped (rerun it). Carry .gpu-data/ (the conversations file from
 # `coral-vllm train conversations --out .gpu-data/conversations.jsonl.xz`, and what
@@ -39,6 +41,13 @@
 # Copy them into .gpu-data/ here; every stage, on any later lease, first unpacks into
 # $CORAL_WORK whatever is there and missing there, so the stage rerun resumes.
 set -uo pipefail
+# a target's settings (scripts/targets/NAME.sh), e.g. CORAL_PRESET=qwen2.5-coder-1.5b
+if [ -n "${CORAL_PRESET:-}" ]; then
+  preset=$(dirname "$0")/targets/$CORAL_PRESET.sh
+  [ -f "$preset" ] || { echo "CORAL_PRESET=$CORAL_PRESET: no $preset; choose one of" \
+    $(ls "$(dirname "$0")/targets" | sed 's/\.sh$//'); exit 2; }
+  source "$preset"
+fi
 N=${CORAL_NAME:-smollm2}
 M=${CORAL_TARGET:-$HOME/.cache/coral-vllm/models/smollm2-135m-instruct}
 W=${CORAL_WORK:-/root/coral-work/$N}
@@ -151,7 +160,7 @@ init-target:--init-from-target csra-off:--csra-weight,0 csra-t1:--csra-temperatu
 # by what they are expected to move, so that the first sessions run the likeliest
 LEVERS=${CORAL_LEVERS:-base: steps5:--num-steps,5 depth2:--num-layers,2 \
 distill1:--distill-weight,1.0 ce-only:--feature-loss-weight,0,--distill-weight,1.0 decay08:--step-weight-decay,0.8 \
-csra-off:--csra-weight,0 fused:--fused-layers,auto lr1e-3:--lr,1e-3}
+csra-off:--csra-weight,0 csra-tok:--csra-negatives,other-token fused:--fused-layers,auto lr1e-3:--lr,1e-3}
 case "${1:?stage: data | loops | long | ship | levers | curves | finish | ablate | scaling | collect}" in
   data)  # engines side by side (a 135M target leaves one vLLM engine CPU-bound), then
          # the data from all their parts: looping replies kept (data/), trimmed (data-trim/)
@@ -222,28 +231,39 @@ case "${1:?stage: data | loops | long | ship | levers | curves | finish | ablate
       cp "$R/e2e_${N}_k$k.json" "$O/"
     done ;;
   levers)  # one run per lever (the CORAL preset on data/, CORAL_LEVER_EPOCHS (4) epochs,
-           # one flag changed), CORAL_LEVER_PARALLEL (3) side by side on the GPU (a 135M
-           # target's drafter leaves most of an H200 idle: 2 runs gave ~400k tokens/s
-           # together vs ~250k alone), each resumed from what came back until DONE; then
-           # the table by dev tau, and vLLM's tau on the dev prompts for the best two
+           # one flag changed), in order, CORAL_LEVER_PARALLEL (1) at a time, while a run
+           # can still make CORAL_MIN_RUN_MIN (4) minutes of progress; each resumed from
+           # what came back until DONE; then the table by dev tau, and vLLM's tau on the
+           # dev prompts for the best two. One at a time: on an H200, 3 side by side
+           # trained at ~75k + 65k + 45k tokens/s (185k together), one alone at ~250k.
     data_ready
     unpack_metrics levers
     todo=(); for spec in $LEVERS; do [ -f "$W/runs/lever-${spec%%:*}/DONE" ] || todo+=("$spec"); done
-    for spec in "${todo[@]:0:${CORAL_LEVER_PARALLEL:-3}}"; do
-      name=lever-${spec%%:*} flags=${spec#*:}
-      ( python3 -m coral_vllm.cli train train --preset coral --target "$M" --data "$W/data" \
-          --out "$W/runs/$name" --epochs "${CORAL_LEVER_EPOCHS:-4}" --lr 3e-4 --batch-tokens 32768 \
-          --eval-every 200 --log-every 50 --time-limit-min "$(left_min 1.5)" ${flags//,/ } \
-          ${CORAL_TRAIN_ARGS:-} >> "$R/train_$name.log" 2>&1
-        grep -q "^stage 1 done" "$R/train_$name.log" && touch "$W/runs/$name/DONE" \
-          && cp "$R/train_$name.log" "$W/runs/$name/train.log"
-        echo "$name: $(grep -E '^eval|done|stopped' "$R/train_$name.log" | tail -n 1)" ) &
+    P=${CORAL_LEVER_PARALLEL:-1}
+    for ((i = 0; i < ${#todo[@]}; i += P)); do
+      left=$(left_min 1.5)
+      python3 -c "import sys; sys.exit($left < ${CORAL_MIN_RUN_MIN:-4})" \
+        || { echo "levers: ${todo[*]:i} not run ($left min left)"; break; }
+      for spec in "${todo[@]:i:P}"; do
+        name=lever-${spec%%:*} flags=${spec#*:}
+        ( python3 -m coral_vllm.cli train train --preset coral --target "$M" --data "$W/data" \
+            --out "$W/runs/$name" --epochs "${CORAL_LEVER_EPOCHS:-4}" --lr 3e-4 --batch-tokens 32768 \
+            --eval-every 200 --log-every 50 --time-limit-min "$left" ${flags//,/ } \
+            ${CORAL_TRAIN_ARGS:-} >> "$R/train_$name.log" 2>&1
+          grep -q "^stage 1 done" "$R/train_$name.log" && touch "$W/runs/$name/DONE" \
+            && cp "$R/train_$name.log" "$W/runs/$name/train.log"
+          echo "$name: $(grep -E '^eval|done|stopped' "$R/train_$name.log" | tail -n 1)" ) &
+      done
+      wait
     done
-    wait
     done_runs=$(for spec in $LEVERS; do n=${spec%%:*}; [ -f "$W/runs/lever-$n/DONE" ] \
       && printf '%s=%s ' "$n" "$W/runs/lever-$n"; done)
     [ -f "$W/runs/lever-${LEVERS%%:*}/DONE" ] || { echo "levers: the baseline is not done yet"; exit 0; }
     python3 -m coral_vllm.cli bench training ablation --runs $done_runs --out "$R/ablation.json"
+    cp "$R/ablation.json" "$O/"
+    for spec in $LEVERS; do  # vLLM's tau (an engine start per drafter) once, at the end
+      [ -f "$W/runs/lever-${spec%%:*}/DONE" ] || { echo "levers: not all done; no vLLM tau yet"; exit 0; }
+    done
     best=$(python3 -c "import json; r = json.load(open('$R/ablation.json'))['rows']
 print(' '.join(x['lever'] for x in sorted(r, key=lambda x: -x['heldout_tau'])[:2]))")
     for n in $best; do

@@ -43,3 +43,21 @@ def test_csra_zero_when_steps_agree():
     assert low < 0.05 < 1.0 < high
     assert csra_loss(same[:1], 0.1) == 0  # one step: nothing to align
     assert torch.isfinite(csra_loss(noisy, 0.1, max_positions=16))
+
+
+def test_csra_other_token_negatives():
+    """Positions that share a target token are not each other's negatives: all-distinct
+    tokens change nothing, a shared token lowers the loss (fewer negatives), and a query
+    left with no negative costs 0 with a finite gradient."""
+    torch.manual_seed(0)
+    feats = torch.randn(3, 32, 64, requires_grad=True)
+    plain = csra_loss(feats, 0.1)
+    assert torch.allclose(csra_loss(feats, 0.1, tokens=torch.arange(32)), plain)
+    shared = torch.arange(32) % 4
+    assert csra_loss(feats, 0.1, tokens=shared) < plain
+    sub = csra_loss(feats, 0.1, max_positions=8, tokens=shared,
+                    generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(sub)
+    alone = csra_loss(feats, 0.1, tokens=torch.zeros(32, dtype=torch.long))
+    alone.backward()
+    assert alone == 0 and torch.isfinite(feats.grad).all()

@@ -76,6 +76,8 @@ class TrainConfig:
     csra_weight: float = 0.1
     csra_temperature: float = 0.1
     csra_max_positions: int = 512    # positions sampled per batch (bounds the n^2 matrix)
+    csra_negatives: str = "all"      # all other positions, or "other-token": not those
+                                     # whose target top-1 is the same token
     # drafter shape and init
     num_layers: int = 1              # decoder layers (EAGLE: 1; later ones have an input norm)
     fused_layers: str = ""           # EAGLE-3-style input: "" = the last hidden state (EAGLE),
@@ -110,7 +112,8 @@ class TrainConfig:
         choices = {"feature_store": ("auto", "device", "host"),
                    "partition": ("auto", *PARTITION_STRATEGIES),
                    "router_label": ("ce", "kl"), "router_act": ROUTER_ACTIVATIONS,
-                   "dtype": ("auto", "bfloat16", "bf16", "float32")}
+                   "dtype": ("auto", "bfloat16", "bf16", "float32"),
+                   "csra_negatives": ("all", "other-token")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {allowed}")

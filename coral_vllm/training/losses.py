@@ -146,11 +146,15 @@ def chunked_soft_ce(preds: torch.Tensor, target_feats: torch.Tensor, head: torch
 
 def csra_loss(features: torch.Tensor, temperature: float = 0.1,
               max_positions: int | None = None,
-              generator: torch.Generator | None = None) -> torch.Tensor:
+              generator: torch.Generator | None = None,
+              tokens: torch.Tensor | None = None) -> torch.Tensor:
     """InfoNCE over the drafter's output features across steps.
 
     `features` [n_steps, N, d]: output of step j at position p. For a query (i, p) each
-    (j, p) with j != i is a positive; every (j', p') with p' != p is a negative.
+    (j, p) with j != i is a positive; every (j', p') with p' != p is a negative, except,
+    when `tokens` [N] is given, positions whose token equals p's: two positions that
+    predict the same next token (the target's top-1) should have similar features, so
+    pushing them apart fights the distillation term ("other-token" negatives).
     Per (query, positive) pair:
         -log( exp(s(q, f+)/T) / (exp(s(q, f+)/T) + sum_neg exp(s(q, f-)/T)) ),
     s = cosine similarity; averaged over all pairs. Zero when steps agree and other
@@ -162,7 +166,9 @@ def csra_loss(features: torch.Tensor, temperature: float = 0.1,
         return features.sum() * 0.0
     if max_positions and num > max_positions:
         idx = torch.randperm(num, generator=generator, device="cpu")[:max_positions]
-        features = features[:, idx.to(features.device)]
+        idx = idx.to(features.device)
+        features = features[:, idx]
+        tokens = None if tokens is None else tokens[idx]
         num = max_positions
     z = F.normalize(features.float(), dim=-1).reshape(n * num, -1)
     sim = (z @ z.T) / temperature                               # [nN, nN]
@@ -170,8 +176,13 @@ def csra_loss(features: torch.Tensor, temperature: float = 0.1,
     same_pos = pos_id[:, None] == pos_id[None, :]
     eye = torch.eye(n * num, dtype=torch.bool, device=z.device)
     positive = same_pos & ~eye
-    # log-sum-exp over the negatives of each query, then combine with each positive
-    neg_lse = sim.masked_fill(same_pos, float("-inf")).logsumexp(dim=1, keepdim=True)
+    not_negative = same_pos
+    if tokens is not None:
+        tok = tokens.repeat(n)
+        not_negative = same_pos | (tok[:, None] == tok[None, :])
+    # log-sum-exp over the negatives of each query (-inf where a query has none left:
+    # its pairs then cost 0), then combine with each positive
+    neg_lse = sim.masked_fill(not_negative, float("-inf")).logsumexp(dim=1, keepdim=True)
     pair = torch.logaddexp(sim, neg_lse) - sim                  # -log softmax of the pair
     return pair[positive].mean()
 
@@ -220,7 +231,8 @@ def compute_loss(outs: list[torch.Tensor], feat_tgt: torch.Tensor, loss_pos: tor
     if topk:
         stats["topk_ce"] = topk_ce.detach()
     if cfg.csra_weight > 0 and steps > 1:
-        c = csra_loss(preds, cfg.csra_temperature, cfg.csra_max_positions, generator)
+        c = csra_loss(preds, cfg.csra_temperature, cfg.csra_max_positions, generator,
+                      tokens=top1 if cfg.csra_negatives == "other-token" else None)
         loss = loss + cfg.csra_weight * c
         stats["csra"] = c.detach()
     if group_of is not None:
