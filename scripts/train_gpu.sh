@@ -259,7 +259,8 @@ case "${1:?stage: data | loops | long | ship | levers | curves | finish | ablate
     done_runs=$(for spec in $LEVERS; do n=${spec%%:*}; [ -f "$W/runs/lever-$n/DONE" ] \
       && printf '%s=%s ' "$n" "$W/runs/lever-$n"; done)
     [ -f "$W/runs/lever-${LEVERS%%:*}/DONE" ] || { echo "levers: the baseline is not done yet"; exit 0; }
-    python3 -m coral_vllm.cli bench training ablation --runs $done_runs --out "$R/ablation.json"
+    python3 -m coral_vllm.cli bench training ablation --runs $done_runs --out "$R/ablation.json" \
+      || exit 1
     cp "$R/ablation.json" "$O/"
     for spec in $LEVERS; do  # vLLM's tau (an engine start per drafter) once, at the end
       [ -f "$W/runs/lever-${spec%%:*}/DONE" ] || { echo "levers: not all done; no vLLM tau yet"; exit 0; }

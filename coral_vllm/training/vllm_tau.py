@@ -32,7 +32,10 @@ def vllm_tau(target: str, drafter: str, prompts: list[list[int]], max_tokens: li
     from coral_vllm.runtime.offline_engine import offline_engine
     from coral_vllm.speculative_config import speculative_config
 
-    with offline_engine(target, speculative_config(drafter, k), max_model_len=4096,
+    # as long as the longest request needs (plus k drafted slots), never more than the
+    # target supports: a constant (4096) broke targets with shorter positions
+    need = max(len(p) + m for p, m in zip(prompts, max_tokens)) + k
+    with offline_engine(target, speculative_config(drafter, k), max_model_len=need,
                         disable_log_stats=False, enforce_eager=enforce_eager,
                         gpu_only={"gpu_memory_utilization": 0.5}) as llm:
         before = from_llm_metrics(llm.get_metrics())
