@@ -85,6 +85,7 @@ restore() {  # every .gpu-data/**/$N-PART.tar.xz.* whose folder (data, runs/RUN)
   done
 }
 restore
+long_done() { grep -qs "^stage 1 done" "$R/train_long.log"; }  # the shipped drafter's run
 export_run() {  # run -> bf16 drafter dir -> $O/$N-drafter_RUN.tgz (fits the 16 MiB per file)
   local dense; dense=$([ "$1" = coral ] || echo --dense)
   python3 -m coral_vllm.cli train export --run "$W/runs/$1" --dest "$W/drafters/$1" \
@@ -211,7 +212,9 @@ case "${1:?stage: data | loops | long | ship | levers | curves | finish | ablate
          # (T=0); bench e2e at CORAL_SHIP_K (3 5), batch 1, T=0, MT-bench, plain vs the
          # CORAL_SHIP_E2E heads (router). Other targets: CORAL_ACCEPTANCE_ARGS (e.g.
          # `-k 6 --datasets humaneval mtbench gsm8k`), CORAL_E2E_ARGS (later flags win)
-    grep -q "^stage 1 done" "$R/train_long.log" || { echo "long: not done"; exit 3; }
+    for head in router dense static; do  # exported here, or sent back by an earlier lease
+      [ -d "$W/drafters/long-$head" ] || long_done || { echo "long: not done"; exit 3; }
+    done
     declare -A as=([router]=coral [dense]=dense-head [static]=static)
     for head in router dense static; do
       case $head in dense) flag=--dense ;; static) flag="--selection static" ;; *) flag= ;; esac
@@ -291,12 +294,14 @@ print(' '.join(x['lever'] for x in sorted(r, key=lambda x: -x['heldout_tau'])[:2
       runs=$(cd "$W" && ls -d runs/loops-* 2>/dev/null | while read -r d; do \
         for f in metrics.jsonl train_config.json; do [ -f "$d/$f" ] && echo "$d/$f"; done; done)
       [ -z "$runs" ] || tar -C "$W" -czf "$X/$N-loops.tgz" $runs
-      # the long run: its metrics first (small), then whole (state included: the next
-      # lease resumes it), its drafters
+      # the long run: its metrics first (small); whole (state included: the next lease
+      # resumes it) only while unfinished; its drafters in pieces (Qwen's: ~100 MB each)
       [ -d "$W/runs/long" ] && tar -C "$W" -czf "$X/$N-long-metrics.tgz" \
         $(cd "$W" && ls runs/long/metrics.jsonl runs/long/train_config.json 2>/dev/null)
-      [ -d "$W/runs/long" ] && O=$X pack run-long runs/long
-      [ -d "$W/drafters" ] && tar -C "$W" -czf "$X/$N-drafters.tgz" drafters
+      long_done || { [ -d "$W/runs/long" ] && O=$X pack run-long runs/long; }
+      for d in $(cd "$W" && ls -d drafters/*/ 2>/dev/null); do  # each restored on its own
+        d=${d%/}; O=$X pack "drafter-${d#drafters/}" "$d"
+      done
       # the lever runs: finished ones' metrics, the others whole (resumed next lease)
       done_levers=$(cd "$W" && for d in runs/lever-*/DONE; do d=${d%/DONE}; [ -d "$d" ] && \
         echo "$d/DONE $d/metrics.jsonl $d/train_config.json $d/train.log"; done)
