@@ -33,7 +33,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 # the run starts so that a run spread over many calls and hosts follows one learning-rate
 # schedule to its end.
 RESUMABLE_CHANGES = frozenset({"target", "data", "out", "time_limit_min", "log_every",
-                               "eval_every", "save_every", "feature_store", "grad_accum"})
+                               "eval_every", "save_every", "feature_store", "grad_accum",
+                               "profile_steps"})
 
 
 class PlanChanged(ValueError):
@@ -93,6 +94,8 @@ class TrainConfig:
     eval_heldout_samples: int = 400  # held-out samples the accuracy is measured on
     serve_router: bool = True        # best checkpoint by tau with the router on (else dense)
     save_every: int = 200            # optimizer steps between resumable checkpoints
+    profile_steps: int = 0           # profile this many steps (after 3 warm ones) into
+                                     # RUN/profile.txt (training/profiling.py); 0: off
     # router: trained beside the drafter (online) and/or refit in stage 2
     num_groups: int = NUM_GROUPS
     top_k_groups: int = TOP_K_GROUPS

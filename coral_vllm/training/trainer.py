@@ -44,6 +44,7 @@ from coral_vllm.training.config import TrainConfig
 from coral_vllm.training.losses import compute_loss
 from coral_vllm.training.model import CoralDrafter
 from coral_vllm.training.multi_step import MultiStep, multi_step_forward
+from coral_vllm.training.profiling import StepProfiler
 from coral_vllm.training.run_dir import (append_metrics, check_resume, init_weights,
                                          load_state, save_best, save_state)
 from coral_vllm.training.schedule import Schedule, locate, lr_lambda, slot_generators
@@ -102,6 +103,7 @@ def train(cfg: TrainConfig, device: str | None = None,
     model = distributed(MultiStep(drafter, cfg.num_steps, cfg.context_alignment), run)
     group_of = drafter.group_of_token().to(run.device) if cfg.router_online else None
     meter, rate, last = Meter(), Throughput(tokens_seen), {}
+    profiler = StepProfiler(run.out, cfg.profile_steps if run.rank == 0 else 0, run.device)
     announce(run, state is None, total_steps, per_epoch)
     while step < total_steps:
         epoch, k = locate(step, per_epoch)
@@ -112,6 +114,7 @@ def train(cfg: TrainConfig, device: str | None = None,
             tokens_seen += tokens
         meter.add({"grad_norm": optimizer_step(opt, sched, params, cfg.grad_clip)})
         step += 1
+        profiler.step()
         if run.rank == 0 and (step % cfg.log_every == 0 or step == total_steps):
             last = log_step(run, meter, rate, step, total_steps, epoch, sched, tokens_seen)
         if run.rank == 0 and (cfg.eval_every and step % cfg.eval_every == 0
