@@ -17,6 +17,7 @@
 #   bash scripts/train_gpu.sh loops    # data/ vs data-trim/: two runs side by side, one plan
 #   bash scripts/train_gpu.sh long     # the shipped drafter's run (6 epochs of data/), resumed
 #   bash scripts/train_gpu.sh ship     # its exports, vLLM tau (k=5, MT-bench, HumanEval), e2e
+#   bash scripts/train_gpu.sh profile  # 10 steps of that recipe under torch.profiler
 #   bash scripts/train_gpu.sh levers   # the recipe's levers (LEVERS), 4 epochs each, 3 at a
 #                                      # time, resumed; table by dev tau, vLLM tau of the best 2
 #   bash scripts/train_gpu.sh curves   # EAGLE, HASS, CORAL: 1 epoch each, validated
@@ -162,7 +163,7 @@ init-target:--init-from-target csra-off:--csra-weight,0 csra-t1:--csra-temperatu
 LEVERS=${CORAL_LEVERS:-base: steps5:--num-steps,5 depth2:--num-layers,2 \
 distill1:--distill-weight,1.0 ce-only:--feature-loss-weight,0,--distill-weight,1.0 decay08:--step-weight-decay,0.8 \
 csra-off:--csra-weight,0 csra-tok:--csra-negatives,other-token fused:--fused-layers,auto lr1e-3:--lr,1e-3}
-case "${1:?stage: data | loops | long | ship | levers | curves | finish | ablate | scaling | collect}" in
+case "${1:?stage: data | loops | long | ship | profile | levers | curves | finish | ablate | scaling | collect}" in
   data)  # engines side by side (a 135M target leaves one vLLM engine CPU-bound), then
          # the data from all their parts: looping replies kept (data/), trimmed (data-trim/)
     conversations_ready
@@ -206,6 +207,16 @@ case "${1:?stage: data | loops | long | ship | levers | curves | finish | ablate
       --log-every 50 --time-limit-min "$(left_min 1.5)" ${CORAL_TRAIN_ARGS:-} \
       >> "$R/train_long.log" 2>&1
     echo "long: exit $? $(grep -E '^eval|done|stopped' "$R/train_long.log" | tail -n 2)" ;;
+  profile)  # where a training step's time goes: 10 steps of the long run's recipe under
+             # torch.profiler (after 3 warm ones), a scratch run -> $O/profile_$N.txt
+    data_ready
+    rm -rf "$W/runs/profile"
+    python3 -m coral_vllm.cli train train --preset coral --target "$M" --data "$W/data" \
+      --out "$W/runs/profile" --epochs 6 --lr 3e-4 --batch-tokens 32768 --max-steps 14 \
+      --eval-every 0 --log-every 1 --profile-steps 10 ${CORAL_TRAIN_ARGS:-} \
+      > "$R/train_profile.log" 2>&1 || { tail -n 20 "$R/train_profile.log"; exit 1; }
+    head -n 3 "$W/runs/profile/profile.txt"
+    cp "$W/runs/profile/profile.txt" "$O/profile_$N.txt" ;;
   ship)  # the finished long run exported three ways (router: CORAL; dense: the EAGLE
          # head; static: the frequency partition's first groups, at the router's active
          # rows); vLLM's tau at k=5 (and every smaller k) on all of MT-bench and HumanEval
