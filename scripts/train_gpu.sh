@@ -18,8 +18,8 @@
 #   bash scripts/train_gpu.sh long     # the shipped drafter's run (6 epochs of data/), resumed
 #   bash scripts/train_gpu.sh ship     # its exports, vLLM tau (k=5, MT-bench, HumanEval), e2e
 #   bash scripts/train_gpu.sh profile  # 10 steps of that recipe under torch.profiler
-#   bash scripts/train_gpu.sh levers   # the recipe's levers (LEVERS), 4 epochs each, 3 at a
-#                                      # time, resumed; table by dev tau, vLLM tau of the best 2
+#   bash scripts/train_gpu.sh levers   # the recipe's levers (LEVERS), 4 epochs each, one at
+#                                      # a time, resumed; table by dev tau, vLLM tau of the best 2
 #   bash scripts/train_gpu.sh curves   # EAGLE, HASS, CORAL: 1 epoch each, validated
 #   bash scripts/train_gpu.sh finish   # exports, vLLM tau vs offline tau, tables
 #   bash scripts/train_gpu.sh ablate   # CORAL preset, one lever per run, same data
