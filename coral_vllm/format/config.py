@@ -31,7 +31,8 @@ SELECTIONS = ("router", "static")
 # the n tokens of one draft step share one set of top_k_groups groups picked from all
 # their router scores (`head.shared_lm_head`), so a step reads top_k_groups groups'
 # rows at any batch size, like the static head; at n > 1 a token may lose its own best
-# groups. The default stays "token" until GPU measurements pick one.
+# groups. A static drafter's groups are the same for every token already; it ignores
+# this. The default stays "token" until GPU measurements pick one.
 GROUP_SHARINGS = ("token", "batch")
 GROUP_SHARING = "token"
 

@@ -69,14 +69,17 @@ def _shared_kernel(h_ptr, w_ptr, rt_ptr, gid_ptr, out_ptr, tok_ptr, n_tokens, U,
 
 def _shared_config(n: int, U: int, G: int, config: dict | None) -> dict:
     """Block sizes: the union kernel's token tile; the largest row block that still
-    gives ~4 programs per SM (a few shared groups at small n need small blocks)."""
+    gives ~4 programs per SM (a few shared groups need small blocks to fill the GPU),
+    but not below the token tile, since every program reads the whole tile's hidden
+    states (from L2): below it those reads would outweigh the weight block's. Not yet
+    tuned on a GPU (`config=` overrides; `bench grouped-lm-head` times the defaults)."""
     cfg = dict(config or {})
     bn = cfg.get("BLOCK_N") or min(64, max(16, _next_pow2(n)))
     br = cfg.get("BLOCK_R")
     if br is None:
-        br = 16
+        br = bn
         for cand in (128, 64, 32):
-            if U * triton.cdiv(G, cand) * triton.cdiv(n, bn) >= _TARGET_PROGRAMS:
+            if cand > bn and U * triton.cdiv(G, cand) * triton.cdiv(n, bn) >= _TARGET_PROGRAMS:
                 br = cand
                 break
     return dict(BLOCK_N=bn, BLOCK_R=br, BLOCK_D=cfg.get("BLOCK_D") or 64,
