@@ -76,6 +76,7 @@ KINDS = {
                    sampled_probe=kind_probes.seeded),
     "dense": Kind("smollm2"),
     "static": Kind("smollm2", greedy_probe=kind_probes.loaded_drafter),
+    "shared": Kind("smollm2", greedy_probe=kind_probes.shared_head),
     "two-layer": Kind("smollm2", greedy_probe=kind_probes.two_layer),
     "fused": Kind("smollm2", greedy_probe=kind_probes.fused),
     # greedy only: its static head's q is "static"'s, its eagle3 class's is "fused"'s
@@ -106,14 +107,20 @@ def deepened(src: Path, dest: Path, seed: int = 0) -> Path:
     return save_checkpoint(dest, config, tensors)
 
 
+def with_coral(src: Path, dest: Path, **coral: Any) -> Path:
+    """A copy of the drafter `src` with `coral` settings changed in its config.json."""
+    shutil.copytree(src, dest)
+    config = json.loads((dest / "config.json").read_text())
+    config["coral"].update(coral)
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest
+
+
 def all_groups_active(src: Path, dest: Path) -> Path:
     """`src` with every group active: a dense head served through the coral method (how
     `bench acceptance` serves the EAGLE and HASS baselines)."""
-    shutil.copytree(src, dest)
-    config = json.loads((dest / "config.json").read_text())
-    config["coral"]["top_k_groups"] = config["coral"]["num_groups"]
-    (dest / "config.json").write_text(json.dumps(config))
-    return dest
+    num_groups = json.loads((src / "config.json").read_text())["coral"]["num_groups"]
+    return with_coral(src, dest, top_k_groups=num_groups)
 
 
 class Drafters:
@@ -157,6 +164,8 @@ class Drafters:
             return shipped_drafter()
         if kind == "dense":
             return all_groups_active(shipped_drafter(), out)
+        if kind == "shared":  # the shipped drafter, one set of groups per draft step
+            return with_coral(shipped_drafter(), out, group_sharing="batch")
         if kind == "static":  # the shipped drafter's static-vocabulary twin
             return write_static_checkpoint(shipped_drafter(), out)
         if kind == "two-layer":

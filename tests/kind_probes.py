@@ -87,6 +87,11 @@ def served_head(llm) -> dict:
     return {"head": llm.collective_rpc(wp.served_head, args=(QWEN2_TINY_FEATURES.tolist(),))[0]}
 
 
+def shared_head(llm) -> dict:
+    """The batch-shared drafter: the served head for ROUNDTRIP_FEATURES (one batch)."""
+    return {"head": llm.collective_rpc(wp.served_head, args=(ROUNDTRIP_FEATURES.tolist(),))[0]}
+
+
 def gemma(llm) -> dict:
     """What the drafter shares with Gemma and its heads for GEMMA_FEATURES, then the
     target features of the probe's drafter prefill."""

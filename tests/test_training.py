@@ -172,6 +172,12 @@ def test_train_validates_keeps_best_and_exports(tiny, trained):
     assert cfg["coral_training"]["steps_trained"] == best["step"]
     dense = read_checkpoint(export(trained["out"], tiny["root"] / "dense", dense=True))
     assert dense.coral.top_k_groups == dense.coral.num_groups
+    assert ckpt.coral.group_sharing == "token"
+    from coral_vllm.training.cli import main
+    shared = tiny["root"] / "shared"
+    assert main(["export", "--run", str(trained["out"]), "--dest", str(shared),
+                 "--group-sharing", "batch"]) == 0
+    assert read_checkpoint(shared).coral.group_sharing == "batch"
 
 
 def test_offline_chain_tau_equals_token_by_token_speculation(tiny, trained):

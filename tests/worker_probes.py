@@ -69,7 +69,8 @@ def stale_head_check(worker, h: list) -> tuple[bool, str]:
 
 def served_head(worker, h: list) -> dict:
     """The served drafter's greedy path (`get_top_tokens`) and draft logits for features
-    `h`, and whether it shares the target's own head."""
+    `h` (finite rows per token, and finite for every token), and whether it shares the
+    target's own head."""
     import torch
 
     drafter, target = worker.model_runner.drafter.model, worker.model_runner.model
@@ -79,6 +80,7 @@ def served_head(worker, h: list) -> dict:
         top = drafter.get_top_tokens(h)
     return {"top": top.tolist(), "argmax": logits.argmax(-1).tolist(),
             "rows": torch.isfinite(logits).sum(-1).tolist(),
+            "common_rows": int(torch.isfinite(logits).all(0).sum()),
             "shares_head": drafter.lm_head is target.lm_head}
 
 

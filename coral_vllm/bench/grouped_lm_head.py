@@ -24,6 +24,10 @@ and the two speedups' summaries):
                 k*G rows per token when n*k < N, else scores every row and picks
                 columns) + max over the columns;
 * grouped_ms -- `grouped_top1_triton` (auto path), the hot path: fused top-1;
+* shared_ms  -- batch-shared groups (`group_sharing: "batch"`, `shared_top1_triton`):
+                all n tokens over one list of k groups (token 0's), each row read once
+                for the batch, k*G rows like static_ms; shared_vs_static is
+                static_ms / shared_ms, shared_vs_grouped grouped_ms / shared_ms;
 * per_token_ms / union_ms / dense_path_ms -- the same call with each path forced (tuning
   the rule; dense_path = cuBLAS scores of every row + the Triton column select);
 * grouped_bandwidth_gbs -- bytes the grouped kernel must read (distinct activated groups
@@ -68,7 +72,9 @@ REPS_IN_GRAPH = 8
 PATH_KEYS = {"per_token": "per_token_ms", "union": "union_ms", "dense": "dense_path_ms"}
 # the speedups a row reports: name -> (numerator, denominator) timings
 SPEEDUPS = {"speedup_vs_dense": ("dense_ms", "grouped_ms"),
-            "speedup_vs_static": ("static_ms", "grouped_ms")}
+            "speedup_vs_static": ("static_ms", "grouped_ms"),
+            "shared_vs_static": ("static_ms", "shared_ms"),
+            "shared_vs_grouped": ("grouped_ms", "shared_ms")}
 WORST_CELL_BAR = 0.98  # the issue's target: grouped >= 0.98x dense in every cell
 
 
@@ -165,6 +171,7 @@ def bench_row(glh, torch_ref, timer, d, vocab, n, frac, num_groups, weights, row
 
     import torch
     from coral_vllm.head.static_lm_head import static_top1
+    from coral_vllm.kernels.shared_lm_head import shared_top1_triton
     G = math.ceil(vocab / num_groups)
     k = max(1, round(frac * num_groups))
     sets = [torch.randint(0, num_groups, (n, k), generator=gen).to(device)
@@ -199,7 +206,9 @@ def bench_row(glh, torch_ref, timer, d, vocab, n, frac, num_groups, weights, row
                "static_ms": [(lambda w=weights[i % ncopy]: static_top1(
                    hidden, w, rows, static_rows)) for i in idx],
                "gather_ms": [gather(i) for i in idx],
-               "grouped_ms": [grouped(i, "auto") for i in idx]}
+               "grouped_ms": [grouped(i, "auto") for i in idx],
+               "shared_ms": [(lambda w=weights[i % ncopy], s=sets[i][0]: shared_top1_triton(
+                   hidden, w, rows, s, G)) for i in idx]}
     if alt_paths:
         methods.update({PATH_KEYS[other]: [grouped(i, other) for i in idx]
                         for other in PATH_KEYS if other != auto})
@@ -325,7 +334,8 @@ def run_benchmark(args):
                 print(f"{cell_label(r)} {r['path']:9s} dense {r['dense_ms']:.4f} static "
                       f"{r['static_ms']:.4f} gather {r['gather_ms']:.4f} grouped "
                       f"{r['grouped_ms']:.4f} ms  vs dense {speedup(r, 'speedup_vs_dense')}  "
-                      f"vs static {speedup(r, 'speedup_vs_static')}  "
+                      f"vs static {speedup(r, 'speedup_vs_static')}  shared "
+                      f"{r['shared_ms']:.4f} ms vs static {speedup(r, 'shared_vs_static')}  "
                       f"{r['grouped_bandwidth_gbs']:.0f} GB/s  [{time.time() - t_start:.0f}s]",
                       flush=True)
                 write_json(out, result)  # after every cell: a cut-off run keeps its rows
@@ -338,7 +348,9 @@ def run_benchmark(args):
     result["sweep"] = [] if args.no_sweep or over else sweep(glh, timer, device, gen, tiny)
     result["targets"] = [every_cell_target(
         f"grouped head (auto path) >= {WORST_CELL_BAR}x dense in every cell", rows_out,
-        "speedup_vs_dense", WORST_CELL_BAR, cell_label)]
+        "speedup_vs_dense", WORST_CELL_BAR, cell_label), every_cell_target(
+        "batch-shared head >= 1x static in every cell", rows_out, "shared_vs_static", 1.0,
+        cell_label)]
     write_json(out, result)
     print(f"wrote {out}")
     try:
@@ -347,18 +359,19 @@ def run_benchmark(args):
     except ImportError:
         print(f"matplotlib not installed: no plot (`coral-vllm bench plot {out}` elsewhere)")
     print(f"\n{'shape':14s}     d  vocab   n frac  path       dense_ms static_ms gather_ms "
-          "grouped_ms per_tok_ms   union_ms dense_path   GB/s %copy  vs dense, vs static: "
-          "median [interval] call")
+          "grouped_ms per_tok_ms   union_ms dense_path  shared_ms   GB/s %copy  vs dense, "
+          "vs static, shared vs static: median [interval] call")
     for r in rows_out:
         frac = f"1/{round(1 / r['active_fraction'])}"
         alt = [r.get(key) for key in PATH_KEYS.values()]
         alt = " ".join(f"{a:10.4f}" if a is not None else f"{'-':>10s}" for a in alt)
         print(f"{r['shape']:14s} {r['d']:5d} {r['vocab']:6d} {r['tokens']:3d} {frac:5s} "
               f"{r['path']:9s} {r['dense_ms']:9.4f} {r['static_ms']:9.4f} "
-              f"{r['gather_ms']:9.4f} {r['grouped_ms']:10.4f} {alt} "
+              f"{r['gather_ms']:9.4f} {r['grouped_ms']:10.4f} {alt} {r['shared_ms']:10.4f} "
               f"{r['grouped_bandwidth_gbs']:6.0f} "
               f"{100 * r['grouped_bandwidth_gbs'] / copy_bw:5.1f}  "
-              f"{speedup(r, 'speedup_vs_dense')}, {speedup(r, 'speedup_vs_static')}")
+              f"{speedup(r, 'speedup_vs_dense')}, {speedup(r, 'speedup_vs_static')}, "
+              f"{speedup(r, 'shared_vs_static')}")
     for t in result["targets"]:
         print(target_line(t))
     print(f"total {time.time() - t_start:.0f}s")
@@ -445,6 +458,7 @@ def run_check(args):
                 print(f"V={vocab} G={G} d={d} n={n} k={k} {str(dtype):15s} {path:9s} "
                       f"{'' if cfg is None else str(cfg) + ' '}"
                       f"logits {'ok' if ok else 'FAIL'} top1 {'ok' if ok_top else 'FAIL'}")
+    failures += check_shared(device, gen, cases)
     if device.startswith("cuda"):
         for path in PATH_KEYS:
             vocab, G, d, n, k = 128256, 501, 4096, 8, 32
@@ -482,6 +496,46 @@ def run_check(args):
                 failures.append(("graph", path))
     print("CHECK", "PASSED" if not failures else f"FAILED: {failures}")
     return 0 if not failures else 1
+
+
+def check_shared(device, gen, cases):
+    """The batch-shared kernel against its reference in float64: n tokens over one list
+    of k groups (the ragged last one included); returns the failing cases."""
+    import torch
+    from coral_vllm.head.shared_lm_head import shared_logits_torch
+    from coral_vllm.kernels.shared_lm_head import shared_logits_triton, shared_top1_triton
+    failures = []
+    for vocab, G, d, n, k in cases:
+        N = math.ceil(vocab / G)
+        for dtype in (torch.float32, torch.bfloat16):
+            w = torch.randn(N * G, d, generator=gen).to(dtype)
+            w[vocab:] = 0
+            rows = torch.full((N * G,), -1, dtype=torch.int64)
+            rows[:vocab] = torch.randperm(vocab, generator=gen)
+            groups = torch.randperm(N, generator=gen)[:k]
+            groups[0] = N - 1
+            hidden = torch.randn(n, d, generator=gen)
+            ref, ref_tok = shared_logits_torch(hidden.to(dtype).double(), w.double(), rows,
+                                               groups, G, 0.5)
+            h, wd, rt, gi = (t.to(device) for t in (hidden, w, rows, groups))
+            tol = 1e-4 if dtype == torch.float32 else 1e-2
+            fin = torch.isfinite(ref)
+            mag = float(ref[fin].abs().max().clamp(min=1))
+            L, T = shared_logits_triton(h, wd, rt, gi, G, 0.5)
+            L = L.cpu().double()
+            ok = (torch.equal(T.cpu(), ref_tok) and torch.equal(L.isinf(), ref.isinf())
+                  and float((L[fin] - ref[fin]).abs().max()) <= tol * mag)
+            v, t = shared_top1_triton(h, wd, rt, gi, G, 0.5)
+            rmax = ref.max(1).values
+            ok &= bool(((v.cpu().double() - rmax).abs() <= tol * mag).all())
+            for i, tok in enumerate(t.cpu().tolist()):
+                cols = ref_tok == tok
+                ok &= bool(cols.any()) and float(rmax[i] - ref[i][cols].max()) <= tol * mag
+            print(f"V={vocab} G={G} d={d} n={n} k={k} {str(dtype):15s} shared    "
+                  f"logits + top1 {'ok' if ok else 'FAIL'}")
+            if not ok:
+                failures.append((vocab, G, d, n, k, str(dtype), "shared"))
+    return failures
 
 
 def main(argv=None):

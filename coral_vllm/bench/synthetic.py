@@ -1,6 +1,6 @@
 """Drafter cost at realistic size: target shapes of 1.5B-8B models with dummy weights and
 vLLM's synthetic acceptance, plain decoding vs a dense-head EAGLE drafter vs a static
-draft-vocabulary drafter vs the CORAL drafter.
+draft-vocabulary drafter vs the CORAL drafter, per-token and batch-shared groups.
 
 No trained weights exist here for these targets, so acceptance is SYNTHETIC: vLLM's
 `rejection_sample_method: "synthetic"` accepts draft tokens at a set mean acceptance
@@ -8,7 +8,9 @@ length whatever they are, identically for every drafter. What differs is only wh
 drafter costs per step: the same one-layer EAGLE drafter (random weights), with vLLM's
 dense LM head, with a static reduced vocabulary (EAGLE-3 / FR-Spec: the ~32k most
 frequent rows, one dense GEMM over them, `selection: "static"`), or with CORAL's router +
-grouped head (top-8 of 64 groups, the Triton kernel on CUDA). Throughput differences are
+grouped head (top-8 of 64 groups, the Triton kernel on CUDA), per drafted token
+(`coral`) or one set for the whole draft step (`coral-shared`, `group_sharing:
+"batch"`: k*G rows read per step at any batch, as static). Throughput differences are
 therefore system cost, not acceptance.
 
 One engine per variant, all started at once in their own processes (they share the
@@ -53,11 +55,13 @@ from coral_vllm.named_paths import PLAIN
 from coral_vllm.runtime.device import device_name
 from coral_vllm.speculative_config import METHOD, speculative_config
 
-VARIANTS = (PLAIN, "eagle", "static", "coral")
+CORAL_SHARED = "coral-shared"
+VARIANTS = (PLAIN, "eagle", "static", "coral", CORAL_SHARED)
 # throughput ratios reported per cell: name -> (numerator, denominator) variants
 RATIOS = {f"{a}_vs_{b}": (a, b) for a, b in (
     ("coral", "eagle"), ("coral", "plain"), ("eagle", "plain"), ("coral", "static"),
-    ("static", "eagle"), ("static", "plain"))}
+    ("static", "eagle"), ("static", "plain"), (CORAL_SHARED, "static"),
+    (CORAL_SHARED, "coral"), (CORAL_SHARED, "eagle"))}
 TARGET_ACCEPTANCE = 3.5  # the issues' targets are stated at this synthetic length
 # settings that must match for --resume to keep an earlier run's shapes
 COMPARABLE = ("device", "vllm_version", "acceptance", "acceptance_lengths", "k",
@@ -75,7 +79,7 @@ def static_top_k(shape: dict[str, Any], num_groups: int, rows: int) -> int:
 
 def prepare_shape(shape: dict[str, Any], root: Path, *, num_groups: int,
                   top_k_groups: int, static_rows: int) -> dict[str, Path | None]:
-    """A config-only target dir and the three drafters for it (random weights: the
+    """A config-only target dir and the four drafters for it (random weights: the
     drafter checkpoint checks read them; the engines then use dummy weights anyway)."""
     from coral_vllm.format.checkpoint import write_eagle_checkpoint
     from coral_vllm.model_store.drafter_init import init_drafter
@@ -86,6 +90,10 @@ def prepare_shape(shape: dict[str, Any], root: Path, *, num_groups: int,
     coral = root / "coral"
     if not (coral / "config.json").is_file():
         init_drafter(target, coral, num_groups=num_groups, top_k_groups=top_k_groups)
+    shared = root / CORAL_SHARED
+    if not (shared / "config.json").is_file():
+        init_drafter(target, shared, num_groups=num_groups, top_k_groups=top_k_groups,
+                     group_sharing="batch")
     eagle = root / "eagle"
     if not (eagle / "config.json").is_file():
         write_eagle_checkpoint(coral, eagle)
@@ -95,7 +103,7 @@ def prepare_shape(shape: dict[str, Any], root: Path, *, num_groups: int,
         init_drafter(target, static, num_groups=num_groups, top_k_groups=static_k,
                      partition="frequency", selection="static")
     return {"plain": None, "eagle": eagle, "static": static, "coral": coral,
-            "target": target}
+            CORAL_SHARED: shared, "target": target}
 
 
 def set_synthetic_acceptance(worker: Any, length: float) -> None:
@@ -271,7 +279,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                f"{args.static_rows} most frequent rows (selection static, "
                                "method coral; rows per shape in static_rows)",
                      "coral": f"same layer, router + grouped head, top-{args.top_k_groups}"
-                              f" of {args.num_groups} groups (method coral)"},
+                              f" of {args.num_groups} groups (method coral)",
+                     CORAL_SHARED: f"coral with one set of top-{args.top_k_groups} groups "
+                                   "for all tokens of a draft step (group_sharing batch)"},
         "shapes": {}, "shapes_done": [], "startup_s": {}, "static_rows": {}, "passes": {},
         "rows": [],
     }
@@ -370,7 +380,8 @@ def check_targets(cells: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
     """The issues' targets at synthetic acceptance `TARGET_ACCEPTANCE`, per shape and
     batch: CORAL >= 1.15x dense-head EAGLE at batch 1, never below 0.98x of it, and never
     slower than the static-vocabulary drafter (equal acceptance by construction, so these
-    compare cost only). Met only where the ratio's whole interval clears the bar."""
+    compare cost only); the last two for batch-shared CORAL too. Met only where the
+    ratio's whole interval clears the bar."""
     out = []
     for c in cells:
         if c["synthetic_acceptance_length"] != TARGET_ACCEPTANCE:
@@ -380,7 +391,11 @@ def check_targets(cells: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
                 ] if c["batch"] == 1 else []
         bars += [("coral_vs_eagle", 0.98, f"{where}: CORAL >= 0.98x dense-head EAGLE"),
                  ("coral_vs_static", 1.0,
-                  f"{where}: CORAL no slower than the static-vocabulary drafter")]
+                  f"{where}: CORAL no slower than the static-vocabulary drafter"),
+                 (f"{CORAL_SHARED}_vs_eagle", 0.98,
+                  f"{where}: batch-shared CORAL >= 0.98x dense-head EAGLE"),
+                 (f"{CORAL_SHARED}_vs_static", 1.0,
+                  f"{where}: batch-shared CORAL no slower than the static drafter")]
         out += [target(text, c, name, bar) for name, bar, text in bars if name in c]
     return out
 
@@ -410,8 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "this; default 32768, EAGLE-3's draft vocabulary)")
     p.add_argument("--dtype", help="engine dtype (default: vLLM's choice, bf16 on GPU)")
     add_enforce_eager_arg(p)
-    # four engines (plain, eagle, static, coral) share the card: 4 x 0.22 < 1
-    add_engine_resource_args(p, gpu_memory_utilization=0.22, kv_cache_gib=3, per="engine")
+    # five engines (plain, eagle, static, coral, coral-shared) share the card: 5 x 0.18 < 1
+    add_engine_resource_args(p, gpu_memory_utilization=0.18, kv_cache_gib=3, per="engine")
     p.add_argument("--work-dir", help="where target configs and drafters are written")
     p.add_argument("--out", default="benchmarks/results/e2e_synthetic.json")
     p.add_argument("--resume", metavar="PRIOR.json", help="keep the shapes this earlier "

@@ -26,6 +26,15 @@ ROUTER_ACTIVATIONS = ("silu", "gelu", "relu")
 # the first top_k_groups groups, which under the frequency partition are the most
 # frequent tokens: the static draft vocabulary of EAGLE-3 / FR-Spec, CORAL's baseline.
 SELECTIONS = ("router", "static")
+# Which tokens share a set of active groups. "token": each drafted token scores its own
+# top_k_groups groups (a batch of n reads up to n * top_k_groups groups' rows). "batch":
+# the n tokens of one draft step share one set of top_k_groups groups picked from all
+# their router scores (`head.shared_lm_head`), so a step reads top_k_groups groups'
+# rows at any batch size, like the static head; at n > 1 a token may lose its own best
+# groups. A static drafter's groups are the same for every token already; it ignores
+# this. The default stays "token" until GPU measurements pick one.
+GROUP_SHARINGS = ("token", "batch")
+GROUP_SHARING = "token"
 
 
 class CoralConfigError(ValueError):
@@ -39,7 +48,8 @@ class CoralConfig:
     The vocabulary is split into `num_groups` groups of `group_size` tokens (the last one
     may be ragged: `num_groups * group_size >= vocab_size`). Per drafted token the router
     activates `top_k_groups` of them, so the head reads `top_k_groups / num_groups` of its
-    rows. With `selection: "static"` there is no router: the active rows are always the
+    rows (with `group_sharing: "batch"`, one set of `top_k_groups` for the whole draft
+    step; see `GROUP_SHARINGS`). With `selection: "static"` there is no router: the active rows are always the
     first `top_k_groups` groups (`active_rows` rows), so the partition must be `frequency`.
     """
 
@@ -51,6 +61,7 @@ class CoralConfig:
     partition: str = "frequency"
     router_act: str = "silu"
     selection: str = "router"  # absent in drafters written before the static head
+    group_sharing: str = GROUP_SHARING  # absent in drafters written before batch sharing
     trained: bool = False
     format_version: int = FORMAT_VERSION
 
@@ -100,6 +111,9 @@ class CoralConfig:
              f"is {self.router_act!r}; choose one of {ROUTER_ACTIVATIONS}.")
         need(self.selection in SELECTIONS, "selection",
              f"is {self.selection!r}; choose one of {SELECTIONS}.")
+        need(self.group_sharing in GROUP_SHARINGS, "group_sharing",
+             f"is {self.group_sharing!r}; choose one of {GROUP_SHARINGS} (per drafted "
+             "token, or one set of groups per draft step).")
         need(self.selection != "static" or self.partition == "frequency", "selection",
              'is "static" (the first top_k_groups groups as the draft vocabulary), which '
              'needs "partition": "frequency" so those groups are the most frequent tokens; '

@@ -155,6 +155,31 @@ def _per_token_kernel(h_ptr, w_ptr, rt_ptr, gid_ptr, out_ptr, tok_ptr,
 
 
 @triton.jit
+def _tile_scores(h_rows, w_rows, hmask, cmask, d, d_end, IEEE: tl.constexpr,
+                 UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """[BLOCK_N, BLOCK_R] fp32 dot products of a token tile (rows `h_rows`, masked by
+    `hmask`) with a weight block (rows `w_rows`, masked by `cmask`) over d_end <= d
+    columns: the weight block is streamed once for the whole token tile. Shared by the
+    union kernel and `kernels.shared_lm_head` (inlined by Triton, so each keeps its own
+    software-pipelined loop)."""
+    acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    for d0 in range(0, d_end, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        dmask = dd < d
+        hv = tl.load(h_rows + dd[None, :], mask=hmask[:, None] & dmask[None, :], other=0.0)
+        wv = tl.load(w_rows + dd[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
+        if UPCAST:   # interpreter only: its tl.dot mis-handles bf16 operands
+            acc = tl.dot(hv.to(tl.float32), tl.trans(wv.to(tl.float32)), acc,
+                         input_precision="ieee")
+        elif IEEE:
+            acc = tl.dot(hv, tl.trans(wv), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(hv, tl.trans(wv), acc)
+    return acc
+
+
+@triton.jit
 def _union_kernel(h_ptr, w_ptr, rt_ptr, gid_ptr, out_ptr, tok_ptr,
                   n_tokens, k, d, G, NB, scale, stride_h, stride_w,
                   TOP1: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
@@ -188,19 +213,8 @@ def _union_kernel(h_ptr, w_ptr, rt_ptr, gid_ptr, out_ptr, tok_ptr,
     w_rows = (w_ptr + (g.to(tl.int64) * G + rb * BLOCK_R) * stride_w) + cl[:, None] * stride_w
     tn = tl.arange(0, BLOCK_N)
     h_rows = (h_ptr + tl.program_id(2).to(tl.int64) * BLOCK_N * stride_h) + tn[:, None] * stride_h
-    acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-    for d0 in range(0, d_end, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        dmask = dd < d
-        hv = tl.load(h_rows + dd[None, :], mask=hit[:, None] & dmask[None, :], other=0.0)
-        wv = tl.load(w_rows + dd[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
-        if UPCAST:   # interpreter only: its tl.dot mis-handles bf16 operands
-            acc = tl.dot(hv.to(tl.float32), tl.trans(wv.to(tl.float32)), acc,
-                         input_precision="ieee")
-        elif IEEE:
-            acc = tl.dot(hv, tl.trans(wv), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(hv, tl.trans(wv), acc)
+    acc = _tile_scores(h_rows, w_rows, hit, cmask, d, d_end, IEEE, UPCAST, BLOCK_N,
+                       BLOCK_R, BLOCK_D)
     tok = tl.load(rt_ptr + rows, mask=cmask, other=-1)
     valid = tok >= 0
     logit = tl.where(valid[None, :], acc * scale, float("-inf"))
@@ -485,7 +499,13 @@ def grouped_top1_triton(hidden, grouped_weight, row_tokens, group_ids, group_siz
     scratch_t = torch.empty((n, m), dtype=torch.int64, device=hidden.device)
     _launch(hidden, grouped_weight, row_tokens, group_ids, group_size, scale, scratch_v,
             scratch_t, True, p, cfg, m)
-    block = min(1024, max(16, _next_pow2(m)))
-    _top1_reduce_kernel[(n,)](scratch_v, scratch_t, out_values, out_tokens, m, BLOCK=block,
-                              num_warps=4)
+    return top1_reduce(scratch_v, scratch_t, out_values, out_tokens)
+
+
+def top1_reduce(scratch_v, scratch_t, out_values, out_tokens):
+    """Reduces top-1 partials [n, m] (value, token) to the outputs [n]: the largest value,
+    among equal ones the largest token id."""
+    n, m = scratch_v.shape
+    _top1_reduce_kernel[(n,)](scratch_v, scratch_t, out_values, out_tokens, m,
+                              BLOCK=min(1024, max(16, _next_pow2(m))), num_warps=4)
     return out_values, out_tokens

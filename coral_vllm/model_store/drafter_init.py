@@ -15,7 +15,7 @@ import torch
 
 from coral_vllm.format.checkpoint import expected_shapes, save_checkpoint
 from coral_vllm.format.drafter_config import drafter_llama_config
-from coral_vllm.format.config import NUM_GROUPS, TOP_K_GROUPS, CoralConfig
+from coral_vllm.format.config import GROUP_SHARING, NUM_GROUPS, TOP_K_GROUPS, CoralConfig
 from coral_vllm.format.partition import build_token_order
 from coral_vllm.model_store.target_heads import LM_HEAD, read_target_heads
 
@@ -24,7 +24,8 @@ def init_drafter(target_dir: str | Path, out_dir: str | Path, *,
                  num_groups: int = NUM_GROUPS, top_k_groups: int = TOP_K_GROUPS,
                  partition: str = "contiguous", seed: int = 0,
                  std: float = 0.02, selection: str = "router", num_layers: int = 1,
-                 fused_layers: Sequence[int] | None = None) -> Path:
+                 fused_layers: Sequence[int] | None = None,
+                 group_sharing: str = GROUP_SHARING) -> Path:
     """Writes a random `num_layers`-layer drafter for the target at `target_dir` into
     `out_dir`; with `fused_layers`, one over those target layers (served as eagle3).
 
@@ -33,7 +34,7 @@ def init_drafter(target_dir: str | Path, out_dir: str | Path, *,
     target_config = json.loads((Path(target_dir) / "config.json").read_text())
     coral = CoralConfig.for_vocab(target_config["vocab_size"], target_config["hidden_size"],
                                   num_groups, top_k_groups, partition=partition,
-                                  selection=selection)
+                                  selection=selection, group_sharing=group_sharing)
     config = drafter_llama_config(target_config, coral, num_layers, fused_layers)
     g = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}

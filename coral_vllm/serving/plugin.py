@@ -245,9 +245,10 @@ def translate_coral_config(spec: dict[str, Any], *, spec_model: str | None = Non
     out["method"] = "eagle" if layers is None else "eagle3"
     from vllm.logger import init_logger
     init_logger(__name__).info(
-        "coral: drafter %s (%d layer(s)%s, %d groups of %d, top-%d %s, %s partition%s), k=%d",
+        "coral: drafter %s (%d layer(s)%s, %d groups of %d, top-%d %s per %s, %s "
+        "partition%s), k=%d",
         ckpt.path, ckpt.config["num_hidden_layers"],
         "" if layers is None else f" over target layers {layers} (eagle3)",
         ckpt.coral.num_groups, ckpt.coral.group_size, ckpt.coral.top_k_groups,
-        ckpt.coral.selection, ckpt.coral.partition, "" if ckpt.coral.trained else ", UNTRAINED", k)
+        ckpt.coral.selection, ckpt.coral.group_sharing, ckpt.coral.partition, "" if ckpt.coral.trained else ", UNTRAINED", k)
     return out

@@ -26,7 +26,8 @@ from coral_vllm.data.conversations import DEFAULT_MIX, MIXES
 from coral_vllm.data.loops import DEFAULT_LOOPS, LOOP_MODES
 from coral_vllm.data.splits import DEV_SHARE, HELDOUT_SHARE
 from coral_vllm.data.texts import MAX_CHARS, MAX_PER_SOURCE, MIN_CHARS, PROMPT_TOKENS
-from coral_vllm.format.config import PARTITION_STRATEGIES, SELECTIONS
+from coral_vllm.format.config import (GROUP_SHARING, GROUP_SHARINGS, PARTITION_STRATEGIES,
+                                      SELECTIONS)
 from coral_vllm.training.config import PRESETS, TrainConfig
 
 _FMT = argparse.ArgumentDefaultsHelpFormatter
@@ -273,6 +274,11 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--static-rows", type=int, default=None, metavar="N",
                    help="with --selection static: the top_k_groups nearest N active rows "
                    "(e.g. 32768)")
+    e.add_argument("--group-sharing", choices=GROUP_SHARINGS, default=GROUP_SHARING,
+                   help="token: each drafted token scores its own top_k_groups groups; "
+                   "batch: the tokens of a draft step share one set of top_k_groups "
+                   "groups (rows read per step like the static head at any batch size; "
+                   "a token may lose its own groups at batch > 1)")
     e.add_argument("--checkpoint", choices=["best", "latest"], default="best",
                    help="best: the best validation tau (best.pt)")
     e.add_argument("--include-heads", action="store_true",
@@ -288,7 +294,7 @@ def _export(args: argparse.Namespace) -> int:
         print(export(args.run, args.dest, dense=args.dense,
                      include_heads=args.include_heads, dtype=args.dtype,
                      checkpoint=args.checkpoint, selection=args.selection,
-                     static_rows=args.static_rows))
+                     static_rows=args.static_rows, group_sharing=args.group_sharing))
     except ValueError as e:  # conflicting options, or a drafter that fails its checks
         build_parser().error(f"export: {e}")
     return 0

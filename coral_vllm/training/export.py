@@ -21,7 +21,7 @@ import torch
 
 from coral_vllm.format.checkpoint import LAYER_PREFIXES, save_checkpoint
 from coral_vllm.format.drafter_config import drafter_llama_config
-from coral_vllm.format.config import CoralConfig
+from coral_vllm.format.config import GROUP_SHARING, CoralConfig
 from coral_vllm.format.partition import contiguous_order, frequency_order
 from coral_vllm.head.router import Router
 from coral_vllm.model_store.target_heads import read_target_heads
@@ -34,7 +34,7 @@ from coral_vllm.training.run_dir import BEST_FILE, ROUTER_FILE, load_state
 def export(run_dir: str | Path, dest: str | Path, *, dense: bool = False,
            include_heads: bool = False, dtype: str = "bfloat16",
            checkpoint: str = "best", selection: str = "router",
-           static_rows: int | None = None) -> Path:
+           static_rows: int | None = None, group_sharing: str = GROUP_SHARING) -> Path:
     """Writes `dest` (config.json + model.safetensors); returns its path.
 
     checkpoint: "best" (best.pt, the best validation tau; falls back to the latest state
@@ -45,6 +45,8 @@ def export(run_dir: str | Path, dest: str | Path, *, dense: bool = False,
     router trained beside the drafter.
     selection: "router" (CORAL) or "static" (no router; `static_partition`), whose
     `static_rows` picks the top_k_groups nearest that many rows (default: the router's).
+    group_sharing: "token" (each drafted token its own groups) or "batch" (one set per
+    draft step; `format.config.GROUP_SHARINGS`).
     """
     _check_options(checkpoint, selection, dense, static_rows)
     run = Path(run_dir)
@@ -68,7 +70,8 @@ def export(run_dir: str | Path, dest: str | Path, *, dense: bool = False,
         r.partition, r.router, r.token_order = "frequency", {}, static_partition(run, cfg, vocab)
     coral = CoralConfig.for_vocab(vocab, d, r.num_groups, r.top_k_groups,
                                   partition=r.partition, router_act=r.router_act,
-                                  selection=selection, trained=True)
+                                  selection=selection, group_sharing=group_sharing,
+                                  trained=True)
     if static_rows is not None:
         coral = coral.with_active_rows(static_rows)
     tensors.update({f"router.{k}": v.to(torch_dtype) for k, v in r.router.items()})
