@@ -287,6 +287,7 @@ def test_router_sweep_chooses_by_heldout_recall_and_export_serves_it(tiny, tmp_p
     assert [(r["num_groups"], r["top_k_groups"], r["active_rows"], r["static_head"]["rows"])
             for r in rows] == [(8, 2, 128, 128), (16, 4, 128, 128), (32, 8, 128, 128)]
     assert table["split"]["heldout_samples"] == 8 and table["split"]["heldout_tokens"] > 0
+    assert table["checkpoint"] == {"file": "best.pt", "step": 4}  # what export serves
     for r in rows:  # each setting's own best partition, measured on the held-out split
         recalls = {s: p["recall_at_k"] for s, p in r["partitions"].items()}
         assert r["recall_at_k"] == max(recalls.values()) == recalls[r["partition"]]

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 from coral_vllm.data.target import pick_device
 from coral_vllm.training.router_train import fit_routers, load_run, save_router
-from coral_vllm.training.run_dir import ROUTER_FILE, STATE_FILE, SWEEP_DIR, SWEEP_FILE
+from coral_vllm.training.run_dir import ROUTER_FILE, SWEEP_DIR, SWEEP_FILE
 
 
 def equal_share_settings(group_counts: Sequence[int], share: float) -> list[tuple[int, int]]:
@@ -65,13 +65,14 @@ def run_router_sweep(out: str | Path, group_counts: Sequence[int],
     """`train router --out RUN --sweep-groups N ...`: one stage 2 per group count at the
     active share, each into RUN/router_sweep/NAME/; returns and writes the table."""
     out, dev = Path(out), pick_device(device)
-    cfg, target, drafter, step = load_run(out, cfg_overrides, dev)
+    cfg, target, drafter, checkpoint = load_run(out, cfg_overrides, dev)
     share = share if share is not None else cfg.top_k_groups / cfg.num_groups
     fits = fit_routers(drafter, target, cfg.data, cfg, dev,
                        equal_share_settings(group_counts, share))
     rows = []
     for fit in fits:
         name = setting_name(fit.coral.num_groups, fit.coral.top_k_groups)
+        fit.report["checkpoint"] = checkpoint
         save_router(fit, cfg, out / SWEEP_DIR / name)
         rep = fit.report
         rows.append({"name": name, "router": f"{SWEEP_DIR}/{name}/{ROUTER_FILE}",
@@ -81,7 +82,7 @@ def run_router_sweep(out: str | Path, group_counts: Sequence[int],
                      "partitions": rep["partitions"], "static_head": rep["static_head"]})
     first = fits[0].report
     table = {"run": str(out), "data": cfg.data,
-             "drafter": {"checkpoint": STATE_FILE, "step": step},
+             "checkpoint": checkpoint,
              "active_share": share, "label": cfg.router_label, "num_steps": cfg.num_steps,
              "split": {k: first[k] for k in ("train_samples", "heldout_samples",
                                              "train_tokens", "heldout_tokens")},

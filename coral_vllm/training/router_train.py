@@ -1,8 +1,9 @@
 """Stage 2: freeze the drafter, partition the vocabulary, train the router.
 
-1. Run the trained drafter (all n steps, as it drafts) over the data and keep, per
-   response position, its output feature h, the target's top-1 next token and (for the
-   KL label) the target's probabilities summed per group.
+1. Run the trained drafter (all n steps, as it drafts; the checkpoint `train export`
+   serves by default, best.pt, so the router fits the drafter it ships with) over the
+   data and keep, per response position, its output feature h, the target's top-1 next
+   token and (for the KL label) the target's probabilities summed per group.
 2. For each partition (contiguous, frequency from the data's token counts, cluster of
    LM-head rows) train a fresh router on the training split:
      ce: cross-entropy to the group holding the target's top-1 token   [default]
@@ -14,6 +15,8 @@
    k groups of the frequency partition, what `train export --selection static` serves),
    and keep that partition in `router.pt` too, so the exported static drafter is the one
    the report measured.
+Steps 2-4 run per (num_groups, top_k_groups) setting over the features of one step 1;
+`router_sweep` compares several at equal active rows.
 """
 
 from __future__ import annotations
@@ -37,21 +40,8 @@ from coral_vllm.data.feature_store import compute_features
 from coral_vllm.training.model import CoralDrafter, build_drafter
 from coral_vllm.data.target import load_target, pick_device, split_features
 from coral_vllm.training.multi_step import multi_step_forward
-from coral_vllm.training.run_dir import (ROUTER_FILE, ROUTER_REPORT_FILE, atomic_save,
-                                         load_state)
-
-
-def load_trained_drafter(out: str | Path, target_model, device,
-                         dtype: torch.dtype | None = None) -> tuple[CoralDrafter, TrainConfig]:
-    """The stage-1 drafter of a run directory, in `dtype` (see `build_drafter`)."""
-    state = load_state(out)
-    if state is None:
-        raise FileNotFoundError(f"{out}: no stage-1 state (state/latest.pt); run `train` first.")
-    cfg = TrainConfig.from_dict(state["config"])
-    drafter = build_drafter(state["target_config"], cfg.num_groups, cfg.router_act,
-                            state["model"], target_model, device, dtype, cfg.num_layers,
-                            cfg.fused_layer_ids(state["target_config"]))
-    return drafter, cfg
+from coral_vllm.training.run_dir import (BEST_FILE, ROUTER_FILE, ROUTER_REPORT_FILE,
+                                         STATE_FILE, atomic_save, load_state)
 
 
 @torch.no_grad()
@@ -68,7 +58,7 @@ def collect(drafter: CoralDrafter, target_model, table: TokenTable, num_steps: i
     table = table.subset(np.arange(min(len(table), take)))
     store = compute_features(target_model, table, device, fused_layers=drafter.fused_layers)
     feats, top1, dense1 = [], [], []
-    groups = {k: g.to(device) for k, g in (groups or {}).items()}
+    groups = {k: (g.to(device), int(g.max()) + 1) for k, g in (groups or {}).items()}
     gprobs: dict[str, list[torch.Tensor]] = {k: [] for k in groups}
     head = drafter.lm_head.weight
     for idx in epoch_batches(table.lengths, batch_tokens, seed=0, epoch=0):
@@ -83,8 +73,8 @@ def collect(drafter: CoralDrafter, target_model, table: TokenTable, num_steps: i
             feats.append(h.cpu())
             top1.append(t_logits.argmax(-1).cpu())
             dense1.append((h @ head.float().T).argmax(-1).cpu())
-            for k, g in groups.items():
-                gp = t_probs.new_zeros(len(h), int(g.max()) + 1).index_add_(1, g, t_probs)
+            for k, (g, n) in groups.items():
+                gp = t_probs.new_zeros(len(h), n).index_add_(1, g, t_probs)
                 gprobs[k].append(gp.cpu())
     return {"h": torch.cat(feats)[:max_tokens], "top1": torch.cat(top1)[:max_tokens],
             "dense1": torch.cat(dense1)[:max_tokens],
@@ -213,16 +203,23 @@ def static_head_recall(order: torch.Tensor, coral: CoralConfig,
 
 
 def load_run(out: str | Path, cfg_overrides: dict[str, Any] | None, dev
-             ) -> tuple[TrainConfig, Any, CoralDrafter, int]:
-    """A finished run's (config with the overrides, target, frozen stage-1 drafter of
-    its latest state, that state's step)."""
-    state = load_state(out)
-    if state is None:
+             ) -> tuple[TrainConfig, Any, CoralDrafter, dict[str, Any]]:
+    """A finished run's config (with the overrides), target and frozen drafter, and which
+    checkpoint that is ({"file", "step"}): the one `train export` serves by default
+    (best.pt, else the latest state), so that stage 2 fits and measures its router on the
+    features of the drafter it ships with."""
+    name = BEST_FILE if (Path(out) / BEST_FILE).is_file() else STATE_FILE
+    ckpt = load_state(out, name)
+    if ckpt is None:
         raise FileNotFoundError(f"{out}: no stage-1 state; run `train` first.")
-    cfg = TrainConfig.from_dict({**state["config"], **(cfg_overrides or {})})
+    run_cfg = TrainConfig.from_dict(ckpt["config"])  # the drafter as it was trained
+    cfg = TrainConfig.from_dict({**ckpt["config"], **(cfg_overrides or {})})
     target, _, _ = load_target(cfg.target, dev)
-    drafter, _ = load_trained_drafter(out, target, dev)
-    return cfg, target, drafter, state["step"]
+    tcfg = ckpt["target_config"]
+    drafter = build_drafter(tcfg, run_cfg.num_groups, run_cfg.router_act, ckpt["model"],
+                            target, dev, None, run_cfg.num_layers,
+                            run_cfg.fused_layer_ids(tcfg))
+    return cfg, target, drafter, {"file": name, "step": ckpt["step"]}
 
 
 def save_router(fit: RouterFit, cfg: TrainConfig, dest: Path) -> None:
@@ -243,8 +240,9 @@ def run_router_stage(out: str | Path, cfg_overrides: dict[str, Any] | None = Non
     The router is fitted from scratch, so --num-groups / --top-k-groups may differ from
     the ones stage 1 trained with (its online router is not used)."""
     dev = pick_device(device)
-    cfg, target, drafter, _ = load_run(out, cfg_overrides, dev)
+    cfg, target, drafter, checkpoint = load_run(out, cfg_overrides, dev)
     fit, = fit_routers(drafter, target, cfg.data, cfg, dev)
+    fit.report["checkpoint"] = checkpoint
     save_router(fit, cfg, Path(out))
     return fit.report
 
