@@ -214,8 +214,10 @@ case "${1:?stage: data | loops | long | router | ship | levers | curves | finish
     sweep=$W/runs/long/router_sweep.json
     if [ ! -f "$sweep" ]; then
       data_ready  # the run's held-out split and training counts come from its data
-      left=$(left_min 0.5)
-      python3 -c "import sys; sys.exit($left >= 1)" && { echo "router: not started ($left min left)"; exit 0; }
+      left=$(left_min 0.5)  # (`timeout 0m` would not stop it at all)
+      if python3 -c "import sys; sys.exit($left >= 1)"; then
+        echo "router: not started ($left min left); the next call starts it"; exit 0
+      fi
       timeout "${left}m" python3 -m coral_vllm.cli train router --out "$W/runs/long" \
         --sweep-groups $ROUTER_SWEEP ${CORAL_ROUTER_ARGS:-} > "$R/router_sweep.log" 2>&1
       echo "router: exit $?"
@@ -235,8 +237,9 @@ case "${1:?stage: data | loops | long | router | ship | levers | curves | finish
     [ -f "$W/runs/long/router_sweep.json" ] || { echo "router: not done (run that stage)"; exit 3; }
     declare -A as=([router]=coral [dense]=dense-head [static]=static)
     for head in router dense static; do
-      case $head in
-        dense) flag=--dense ;; static) flag="--selection static --router-sweep" ;; *) flag=--router-sweep ;;
+      case $head in  # router and static: the grouping the router stage chose
+        dense) flag=--dense ;; static) flag="--selection static --router-sweep" ;;
+        *) flag=--router-sweep ;;
       esac
       [ -d "$W/drafters/long-$head" ] || python3 -m coral_vllm.cli train export --run "$W/runs/long" \
         --dest "$W/drafters/long-$head" $flag --dtype bfloat16 > /dev/null || exit 1

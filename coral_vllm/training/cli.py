@@ -322,7 +322,8 @@ def _export(args: argparse.Namespace) -> int:
                      include_heads=args.include_heads, dtype=args.dtype,
                      checkpoint=args.checkpoint, selection=args.selection,
                      static_rows=args.static_rows, router_sweep=args.router_sweep))
-    except (ValueError, FileNotFoundError) as e:  # conflicting options, or a drafter that fails its checks
+    # conflicting options, a missing stage-2 file, or a drafter that fails its checks
+    except (ValueError, FileNotFoundError) as e:
         build_parser().error(f"export: {e}")
     return 0
 
