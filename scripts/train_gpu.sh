@@ -16,6 +16,8 @@
 #                                      # (with CORAL_TEXTS: continues each passage)
 #   bash scripts/train_gpu.sh loops    # data/ vs data-trim/: two runs side by side, one plan
 #   bash scripts/train_gpu.sh long     # the shipped drafter's run (6 epochs of data/), resumed
+#   bash scripts/train_gpu.sh router   # its router refit per group count (CORAL_ROUTER_SWEEP)
+#                                      # at equal active rows; the best by held-out recall
 #   bash scripts/train_gpu.sh ship     # its exports, vLLM tau (k=5, MT-bench, HumanEval), e2e
 #   bash scripts/train_gpu.sh profile  # 10 steps of that recipe under torch.profiler
 #   bash scripts/train_gpu.sh levers   # the recipe's levers (LEVERS), 4 epochs each, one at
@@ -30,7 +32,7 @@
 # Time: a stage stops in time for CORAL_DEADLINE (epoch seconds; default now +
 # CORAL_TIME_LIMIT_MIN, 8.5), leaving what it made usable, so one job can run several
 # stages across the 10-minute commands of a lease.
-# Extra flags for a stage (later flags win): CORAL_DATA_ARGS, CORAL_TRAIN_ARGS,
+# Extra flags for a stage (later flags win): CORAL_DATA_ARGS, CORAL_TRAIN_ARGS, CORAL_ROUTER_ARGS,
 # CORAL_TAU_ARGS, CORAL_ACCEPTANCE_ARGS, CORAL_E2E_ARGS (a small rehearsal on the CPU sets these).
 # Work and results live in $CORAL_WORK (default /root/coral-work/$CORAL_NAME, kept while the host is);
 # each stage also copies what it produced to $OUT (default results/), at most 8 files.
@@ -148,6 +150,9 @@ train_runs() {  # train_runs TGZ NAME:PRESET:FLAGS... (commas for spaces in FLAG
     [ -d "$d" ] && echo "$d/DONE $d/metrics.jsonl $d/train_config.json $d/train.log"; done)
   [ -z "$finished" ] || tar -C "$W" -czf "$O/$N-$tgz.tgz" $finished
 }
+long_done() {  # the long run reached its end (router and ship take its final drafter)
+  grep -q "^stage 1 done" "$R/train_long.log" 2>/dev/null || { echo "long: not done"; return 1; }
+}
 restore_runs() {  # what `curves` sent back, for `finish` on a later lease
   for p in $PRESETS; do
     [ -d "$W/drafters/$p" ] || [ ! -f ".gpu-data/$N-drafter_$p.tgz" ] || {
@@ -158,12 +163,15 @@ restore_runs() {  # what `curves` sent back, for `finish` on a later lease
 # NAME:FLAGS, commas for spaces; the first is the baseline every other run differs from
 ABLATIONS=${CORAL_ABLATIONS:-base: depth2:--num-layers,2 fused:--fused-layers,auto \
 init-target:--init-from-target csra-off:--csra-weight,0 csra-t1:--csra-temperature,1.0}
+# Group counts the router stage compares, each at the long run's active share of the
+# vocabulary (top_k_groups / num_groups, 1/8 for the coral preset: 8, 16, 32 groups active)
+ROUTER_SWEEP=${CORAL_ROUTER_SWEEP:-64 128 256}
 # The recipe levers at a converged budget, NAME:FLAGS as above, the baseline first; ordered
 # by what they are expected to move, so that the first sessions run the likeliest
 LEVERS=${CORAL_LEVERS:-base: steps5:--num-steps,5 depth2:--num-layers,2 \
 distill1:--distill-weight,1.0 ce-only:--feature-loss-weight,0,--distill-weight,1.0 decay08:--step-weight-decay,0.8 \
 csra-off:--csra-weight,0 csra-tok:--csra-negatives,other-token fused:--fused-layers,auto lr1e-3:--lr,1e-3}
-case "${1:?stage: data | loops | long | ship | profile | levers | curves | finish | ablate | scaling | collect}" in
+case "${1:?stage: data | loops | long | router | ship | profile | levers | curves | finish | ablate | scaling | collect}" in
   data)  # engines side by side (a 135M target leaves one vLLM engine CPU-bound), then
          # the data from all their parts: looping replies kept (data/), trimmed (data-trim/)
     conversations_ready
@@ -217,18 +225,50 @@ case "${1:?stage: data | loops | long | ship | profile | levers | curves | finis
       > "$R/train_profile.log" 2>&1 || { tail -n 20 "$R/train_profile.log"; exit 1; }
     head -n 3 "$W/runs/profile/profile.txt"
     cp "$W/runs/profile/profile.txt" "$O/profile_$N.txt" ;;
-  ship)  # the finished long run exported three ways (router: CORAL; dense: the EAGLE
-         # head; static: the frequency partition's first groups, at the router's active
-         # rows); vLLM's tau at k=5 (and every smaller k) on all of MT-bench and HumanEval
-         # (T=0); bench e2e at CORAL_SHIP_K (3 5), batch 1, T=0, MT-bench, plain vs the
-         # CORAL_SHIP_E2E heads (router). Other targets: CORAL_ACCEPTANCE_ARGS (e.g.
-         # `-k 6 --datasets humaneval mtbench gsm8k`), CORAL_E2E_ARGS (later flags win)
-    for head in router dense static; do  # exported here, or sent back by an earlier lease
-      [ -d "$W/drafters/long-$head" ] || long_done || { echo "long: not done"; exit 3; }
+  router)  # stage 2 of the finished long run once per ROUTER_SWEEP group count, all at its
+           # active share (equal k x G rows: one head cost, so recall alone decides), on
+           # one pass of the drafter over the data; the best by recall@k on the run's
+           # held-out split (never a test set) is what ship exports. The table is written
+           # last and marks the stage done; one cut off by the deadline chose nothing and
+           # the next call starts it over (minutes on a GPU).
+    long_done || exit 3
+    sweep=$W/runs/long/router_sweep.json
+    if [ ! -f "$sweep" ]; then
+      data_ready  # the run's held-out split and training counts come from its data
+      left=$(left_min 0.5)  # (`timeout 0m` would not stop it at all)
+      if python3 -c "import sys; sys.exit($left >= 1)"; then
+        echo "router: not started ($left min left); the next call starts it"; exit 0
+      fi
+      timeout "${left}m" python3 -m coral_vllm.cli train router --out "$W/runs/long" \
+        --sweep-groups $ROUTER_SWEEP ${CORAL_ROUTER_ARGS:-} > "$R/router_sweep.log" 2>&1
+      echo "router: exit $?"
+    fi
+    [ -f "$sweep" ] || { tail -n 5 "$R/router_sweep.log"; exit 3; }
+    grep -E '^ +g[0-9]+-k|^chosen' "$R/router_sweep.log"
+    cp "$sweep" "$O/router_sweep_$N.json" ;;
+  ship)  # the finished long run exported three ways (router: CORAL, with the router,
+         # partition and group count the router stage chose; dense: the EAGLE head;
+         # static: the frequency partition's first groups of that grouping, at the
+         # router's active rows); vLLM's tau at k=5 (and every smaller k) on all of
+         # MT-bench and HumanEval (T=0); bench e2e at CORAL_SHIP_K (3 5), batch 1, T=0,
+         # MT-bench, plain vs the CORAL_SHIP_E2E heads (router). Other targets:
+         # CORAL_ACCEPTANCE_ARGS (e.g. `-k 6 --datasets humaneval mtbench gsm8k`),
+         # CORAL_E2E_ARGS (later flags win)
+    # shared: the router head with one set of groups per draft step (group_sharing
+    # batch), exported when CORAL_SHIP_E2E names it
+    declare -A as=([router]=coral [dense]=dense-head [static]=static [shared]=coral-shared)
+    heads_used=$(printf '%s\n' router dense static ${CORAL_SHIP_E2E:-router} | awk '!seen[$0]++')
+    for head in $heads_used; do  # exported here, or sent back by an earlier lease
+      [ -n "${as[$head]:-}" ] || { echo "CORAL_SHIP_E2E: $head? choose of ${!as[*]}"; exit 2; }
+      [ -d "$W/drafters/long-$head" ] && continue
+      long_done || { echo "long: not done"; exit 3; }
+      [ -f "$W/runs/long/router_sweep.json" ] || { echo "router: not done (run that stage)"; exit 3; }
     done
-    declare -A as=([router]=coral [dense]=dense-head [static]=static)
-    for head in router dense static; do
-      case $head in dense) flag=--dense ;; static) flag="--selection static" ;; *) flag= ;; esac
+    for head in $heads_used; do
+      case $head in  # router, static, shared: the grouping the router stage chose
+        dense) flag=--dense ;; static) flag="--selection static --router-sweep" ;;
+        shared) flag="--router-sweep --group-sharing batch" ;; *) flag=--router-sweep ;;
+      esac
       [ -d "$W/drafters/long-$head" ] || python3 -m coral_vllm.cli train export --run "$W/runs/long" \
         --dest "$W/drafters/long-$head" $flag --dtype bfloat16 > /dev/null || exit 1
     done

@@ -257,8 +257,7 @@ def test_static_export_is_the_drafter_the_router_report_measured(tiny, trained, 
     _, held = load_splits(tiny["data"], cfg.max_len, cfg.router_holdout)
     order = drafter.partition.token_order
     ho = collect(drafter, target, held, cfg.num_steps, cfg.batch_tokens,
-                 cfg.router_max_tokens, torch.device("cpu"), {"frequency": order},
-                 c.group_size, c.num_groups)
+                 cfg.router_max_tokens, torch.device("cpu"))
     head = grouped_rows(drafter.lm_head.weight, order, c.num_groups, c.group_size)
     rows = row_token_ids(order, c.num_groups, c.group_size)
     logits = static_logits(ho["h"], head, rows, c.active_rows, c.vocab_size)
@@ -274,6 +273,51 @@ def test_static_export_is_the_drafter_the_router_report_measured(tiny, trained, 
     assert fast[True]["tau"] == pytest.approx(sum(lengths) / len(lengths), abs=1e-12)
     with pytest.raises(SystemExit):  # --static-rows without --selection static
         main(["export", "--run", str(run), "--dest", str(dest), "--static-rows", "64"])
+
+
+def test_router_sweep_chooses_by_heldout_recall_and_export_serves_it(tiny, tmp_path):
+    """`train router --sweep-groups` on a short run: one router per group count at equal
+    active rows (k x G = 128 of 512), each in its own directory (the run's router.pt is
+    not written), the table with the held-out split's size, the static head at the same
+    rows and the setting of best held-out recall chosen; `export --router-sweep` serves
+    that setting's router and partition, and its static twin the same rows."""
+    from coral_vllm.training.cli import main
+    from coral_vllm.training.router_sweep import choose, equal_share_settings
+
+    run = tmp_path / "run"
+    train(_cfg(tiny, run, max_steps=4, eval_every=0))
+    assert main(["router", "--out", str(run), "--sweep-groups", "8", "16", "32",
+                 "--active-share", "0.25", "--router-epochs", "3"]) == 0
+    table = json.loads((run / "router_sweep.json").read_text())
+    rows = table["settings"]
+    assert [(r["num_groups"], r["top_k_groups"], r["active_rows"], r["static_head"]["rows"])
+            for r in rows] == [(8, 2, 128, 128), (16, 4, 128, 128), (32, 8, 128, 128)]
+    assert table["split"]["heldout_samples"] == 8 and table["split"]["heldout_tokens"] > 0
+    assert table["checkpoint"] == {"file": "best.pt", "step": 4}  # what export serves
+    for r in rows:  # each setting's own best partition, measured on the held-out split
+        recalls = {s: p["recall_at_k"] for s, p in r["partitions"].items()}
+        assert r["recall_at_k"] == max(recalls.values()) == recalls[r["partition"]]
+        assert 0 <= r["dense_agreement"] <= 1 and 0 < r["static_head"]["recall_at_k"] < 1
+    chosen = table["chosen"]
+    assert chosen["name"] == max(rows, key=lambda r: r["recall_at_k"])["name"]
+    assert not (run / "router.pt").exists()
+
+    stored = torch.load(run / chosen["router"], weights_only=False)
+    for selection in ("router", "static"):
+        dest = tmp_path / selection
+        assert main(["export", "--run", str(run), "--dest", str(dest), "--router-sweep",
+                     "--selection", selection, "--dtype", "float32"]) == 0
+        ckpt = read_checkpoint(dest)
+        assert (ckpt.coral.num_groups, ckpt.coral.active_rows) == (chosen["num_groups"], 128)
+        order = stored["token_order" if selection == "router" else "frequency_order"]
+        assert torch.equal(ckpt.token_order, order)
+    assert read_checkpoint(tmp_path / "router").coral.partition == chosen["partition"]
+
+    tie = [{"name": n, "num_groups": g, "top_k_groups": 1, "partition": "frequency",
+            "router": "", "recall_at_k": 0.5} for n, g in (("a", 16), ("b", 8))]
+    assert choose(tie)["name"] == "b"  # equal recall: the smaller router
+    with pytest.raises(ValueError, match="not a whole number"):
+        equal_share_settings([8, 10], 0.25)
 
 
 def test_resume_continues_at_right_step(tiny, tmp_path):
@@ -425,7 +469,7 @@ def test_mixed_dtypes_and_router_on_exported_drafter(tiny, trained, tmp_path):
     an exported dense drafter (`train router --drafter`)."""
     from transformers import AutoModelForCausalLM
 
-    from coral_vllm.format.partition import contiguous_order
+    from coral_vllm.format.partition import contiguous_order, group_of_token
     from coral_vllm.training.evaluate import load_drafter, speculative_generate
     from coral_vllm.training.export import export
     from coral_vllm.training.router_train import collect, run_router_on_drafter
@@ -442,8 +486,9 @@ def test_mixed_dtypes_and_router_on_exported_drafter(tiny, trained, tmp_path):
                                      use_router=use_router)
             assert len(r["tokens"]) == 8
         got = collect(drafter, bf16, train_t.subset(np.arange(2)), 2, 256, 10**6, "cpu",
-                      {"contiguous": contiguous_order(VOCAB)}, VOCAB // 16, 16)
+                      {"contiguous": group_of_token(contiguous_order(VOCAB), VOCAB // 16)})
         assert got["h"].dtype == torch.float32 and len(got["h"]) > 0
+        assert got["gprobs"]["contiguous"].shape == (len(got["h"]), 16)
 
     report = run_router_on_drafter(dense, tiny["target"], tiny["data"], tmp_path / "routed",
                                    {"num_groups": 16, "top_k_groups": 4, "router_epochs": 2},

@@ -7,7 +7,8 @@ Typical flow (see each subcommand's --help):
               -> train / held-out / dev splits
     train     stage 1 drafter (--preset eagle|hass|coral) + online router, validated by
               held-out accuracy and offline chain tau on the dev prompts; resumable
-    router    stage 2: refit partitions + router on the finished drafter (recall@k)
+    router    stage 2: refit partitions + router on the finished drafter (recall@k);
+              --sweep-groups: several group counts at equal active rows, the best chosen
     export    drafter directory for the vLLM plugin (best checkpoint by default; --dense,
               --selection static: the baselines with the same trained layer)
     vllm-tau  the offline chain tau next to vLLM's own counters on the data's dev prompts
@@ -221,7 +222,10 @@ def _train(args: argparse.Namespace) -> int:
 def _add_router(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("router", help="stage 2: partitions + router",
                        description="Either --out RUN (a finished `train` run; unset flags "
-                       "keep the values it saved, writes RUN/router.pt for `export`) or "
+                       "keep the values it saved, writes RUN/router.pt for `export`; with "
+                       "--sweep-groups, one router per group count at equal active rows "
+                       "into RUN/router_sweep/, the table and the best by held-out recall "
+                       "in RUN/router_sweep.json, for `export --router-sweep`) or "
                        "--drafter DIR --target T --data D --dest OUT (an exported drafter, "
                        "kept frozen; writes the routed drafter directory OUT).")
     r.add_argument("--out", default=None, help="run directory of a finished `train`")
@@ -239,6 +243,12 @@ def _add_router(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--partition", choices=["auto", *PARTITION_STRATEGIES],
                    default=None, help="auto: best held-out recall@k")
     r.add_argument("--router-label", choices=["ce", "kl"], default=None)
+    r.add_argument("--sweep-groups", type=int, nargs="+", default=None, metavar="N",
+                   help="with --out: these group counts, each with top_k_groups = "
+                   "--active-share x N (equal active rows)")
+    r.add_argument("--active-share", type=float, default=None,
+                   help="with --sweep-groups: share of the vocabulary scored per token "
+                   "(default: the run's top_k_groups / num_groups)")
     r.set_defaults(func=_router)
 
 
@@ -246,6 +256,25 @@ def _router(args: argparse.Namespace) -> int:
     from coral_vllm.training.router_train import run_router_on_drafter, run_router_stage
 
     over = _overrides(args)
+    if args.sweep_groups or args.active_share is not None:
+        from coral_vllm.training.router_sweep import run_router_sweep
+
+        if not (args.out and args.sweep_groups) or args.drafter or {
+                "num_groups", "top_k_groups"} & set(over):
+            build_parser().error("router --sweep-groups needs --out RUN, and sets the group "
+                                 "counts itself (no --drafter, --num-groups, --top-k-groups)")
+        try:
+            table = run_router_sweep(args.out, args.sweep_groups, args.active_share, over,
+                                     device=args.device)
+        except ValueError as e:  # a group count the share does not divide
+            build_parser().error(f"router: {e}")
+        for row in table["settings"]:
+            print(f"{row['name']:>12}  rows {row['active_rows']:>7}  {row['partition']:>10}  "
+                  f"recall@k {row['recall_at_k']:.4f}  dense agreement "
+                  f"{row['dense_agreement']:.4f}  static head "
+                  f"{row['static_head']['recall_at_k']:.4f}")
+        print(f"chosen: {table['chosen']['name']}: {table['chosen']['why']}")
+        return 0
     if args.drafter:
         if not (args.target and args.data and args.dest) or args.out:
             build_parser().error("router --drafter needs --target, --data and --dest "
@@ -279,6 +308,10 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                    "batch: the tokens of a draft step share one set of top_k_groups "
                    "groups (rows read per step like the static head at any batch size; "
                    "a token may lose its own groups at batch > 1)")
+    e.add_argument("--router-sweep", action="store_true",
+                   help="the router, partition and group count `train router "
+                   "--sweep-groups` chose (RUN/router_sweep.json) instead of RUN/router.pt; "
+                   "with --selection static: the static head of that grouping")
     e.add_argument("--checkpoint", choices=["best", "latest"], default="best",
                    help="best: the best validation tau (best.pt)")
     e.add_argument("--include-heads", action="store_true",
@@ -294,8 +327,10 @@ def _export(args: argparse.Namespace) -> int:
         print(export(args.run, args.dest, dense=args.dense,
                      include_heads=args.include_heads, dtype=args.dtype,
                      checkpoint=args.checkpoint, selection=args.selection,
-                     static_rows=args.static_rows, group_sharing=args.group_sharing))
-    except ValueError as e:  # conflicting options, or a drafter that fails its checks
+                     static_rows=args.static_rows, group_sharing=args.group_sharing,
+                     router_sweep=args.router_sweep))
+    # conflicting options, a missing stage-2 file, or a drafter that fails its checks
+    except (ValueError, FileNotFoundError) as e:
         build_parser().error(f"export: {e}")
     return 0
 

@@ -28,13 +28,14 @@ from coral_vllm.model_store.target_heads import read_target_heads
 from coral_vllm.training.config import TrainConfig
 from coral_vllm.data.shards import load_splits, train_token_counts
 from coral_vllm.data.target import target_config_dict
-from coral_vllm.training.run_dir import BEST_FILE, ROUTER_FILE, load_state
+from coral_vllm.training.run_dir import BEST_FILE, ROUTER_FILE, load_state, swept_router_file
 
 
 def export(run_dir: str | Path, dest: str | Path, *, dense: bool = False,
            include_heads: bool = False, dtype: str = "bfloat16",
            checkpoint: str = "best", selection: str = "router",
-           static_rows: int | None = None, group_sharing: str = GROUP_SHARING) -> Path:
+           static_rows: int | None = None, group_sharing: str = GROUP_SHARING,
+           router_sweep: bool = False) -> Path:
     """Writes `dest` (config.json + model.safetensors); returns its path.
 
     checkpoint: "best" (best.pt, the best validation tau; falls back to the latest state
@@ -42,7 +43,8 @@ def export(run_dir: str | Path, dest: str | Path, *, dense: bool = False,
     dense: top_k_groups = num_groups, the grouped head computes every row (baselines).
     include_heads: also store lm_head / embed_tokens (else vLLM shares the target's).
     The router and partition come from stage 2 (`router.pt`) if it ran, else from the
-    router trained beside the drafter.
+    router trained beside the drafter; router_sweep: from the setting the run's router
+    sweep chose (its group count too), for the static head as well.
     selection: "router" (CORAL) or "static" (no router; `static_partition`), whose
     `static_rows` picks the top_k_groups nearest that many rows (default: the router's).
     group_sharing: "token" (each drafted token its own groups) or "batch" (one set per
@@ -63,11 +65,13 @@ def export(run_dir: str | Path, dest: str | Path, *, dense: bool = False,
     model = chosen["model"]
     tensors = {k: v.to(torch_dtype) for k, v in model.items()
                if k.startswith(LAYER_PREFIXES)}
-    r = _routing(run, cfg, model, vocab, d)
+    router_path = swept_router_file(run) if router_sweep else run / ROUTER_FILE
+    r = _routing(router_path, cfg, model, vocab, d)
     if dense:
         r.top_k_groups = r.num_groups
     if selection == "static":
-        r.partition, r.router, r.token_order = "frequency", {}, static_partition(run, cfg, vocab)
+        r.partition, r.router, r.token_order = "frequency", {}, static_partition(
+            router_path, cfg, vocab)
     coral = CoralConfig.for_vocab(vocab, d, r.num_groups, r.top_k_groups,
                                   partition=r.partition, router_act=r.router_act,
                                   selection=selection, group_sharing=group_sharing,
@@ -114,11 +118,10 @@ class _Routing:
     source: str  # "stage 2" (router.pt), "online" (trained beside the drafter), "untrained"
 
 
-def _routing(run: Path, cfg: TrainConfig, model: dict[str, torch.Tensor], vocab: int,
-             d: int) -> _Routing:
-    """Stage 2's router and partition if it ran, else the online router's, else (a run
-    without one) an untrained router over the contiguous partition."""
-    router_path = run / ROUTER_FILE
+def _routing(router_path: Path, cfg: TrainConfig, model: dict[str, torch.Tensor],
+             vocab: int, d: int) -> _Routing:
+    """Stage 2's router and partition (`router_path`) if it ran, else the online
+    router's, else (a run without one) an untrained router over the contiguous partition."""
     if router_path.is_file():
         r = torch.load(router_path, map_location="cpu", weights_only=False)
         return _Routing(r["num_groups"], r["top_k_groups"], r["partition"], r["router_act"],
@@ -132,12 +135,11 @@ def _routing(run: Path, cfg: TrainConfig, model: dict[str, torch.Tensor], vocab:
                     contiguous_order(vocab), "untrained")
 
 
-def static_partition(run: Path, cfg: TrainConfig, vocab: int) -> torch.Tensor:
+def static_partition(router_path: Path, cfg: TrainConfig, vocab: int) -> torch.Tensor:
     """The frequency partition a static drafter serves the first groups of: the one stage
-    2 measured it on (`router.pt`'s `frequency_order`, so the drafter is the one its
+    2 measured it on (`router_path`'s `frequency_order`, so the drafter is the one its
     report's `static_head` describes), else counted from the run's training split the
     way stages 1 and 2 count it."""
-    router_path = run / ROUTER_FILE
     if router_path.is_file():
         order = torch.load(router_path, map_location="cpu",
                            weights_only=False).get("frequency_order")
@@ -145,8 +147,8 @@ def static_partition(run: Path, cfg: TrainConfig, vocab: int) -> torch.Tensor:
             return order
     if not Path(cfg.data).is_dir():
         raise FileNotFoundError(
-            f"{run}: a static drafter takes the frequency partition of the run's training "
-            f"data {cfg.data}, which is not here; export where the data is, or run "
-            f"`coral-vllm train router --out {run}` there first (router.pt keeps it).")
+            f"a static drafter takes the frequency partition of the run's training data "
+            f"{cfg.data}, which is not here, nor is {router_path}; export where the data "
+            f"is, or run `coral-vllm train router --out RUN` there first (router.pt keeps it).")
     train_t, _ = load_splits(cfg.data, cfg.max_len, cfg.router_holdout)
     return frequency_order(train_token_counts(train_t, vocab))

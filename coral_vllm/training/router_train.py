@@ -1,8 +1,9 @@
 """Stage 2: freeze the drafter, partition the vocabulary, train the router.
 
-1. Run the trained drafter (all n steps, as it drafts) over the data and keep, per
-   response position, its output feature h, the target's top-1 next token and (for the
-   KL label) the target's probabilities summed per group.
+1. Run the trained drafter (all n steps, as it drafts; the checkpoint `train export`
+   serves by default, best.pt, so the router fits the drafter it ships with) over the
+   data and keep, per response position, its output feature h, the target's top-1 next
+   token and (for the KL label) the target's probabilities summed per group.
 2. For each partition (contiguous, frequency from the data's token counts, cluster of
    LM-head rows) train a fresh router on the training split:
      ce: cross-entropy to the group holding the target's top-1 token   [default]
@@ -14,13 +15,16 @@
    k groups of the frequency partition, what `train export --selection static` serves),
    and keep that partition in `router.pt` too, so the exported static drafter is the one
    the report measured.
+Steps 2-4 run per (num_groups, top_k_groups) setting over the features of one step 1;
+`router_sweep` compares several at equal active rows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -36,35 +40,26 @@ from coral_vllm.data.feature_store import compute_features
 from coral_vllm.training.model import CoralDrafter, build_drafter
 from coral_vllm.data.target import load_target, pick_device, split_features
 from coral_vllm.training.multi_step import multi_step_forward
-from coral_vllm.training.run_dir import ROUTER_FILE, ROUTER_REPORT_FILE, load_state
-
-
-def load_trained_drafter(out: str | Path, target_model, device,
-                         dtype: torch.dtype | None = None) -> tuple[CoralDrafter, TrainConfig]:
-    """The stage-1 drafter of a run directory, in `dtype` (see `build_drafter`)."""
-    state = load_state(out)
-    if state is None:
-        raise FileNotFoundError(f"{out}: no stage-1 state (state/latest.pt); run `train` first.")
-    cfg = TrainConfig.from_dict(state["config"])
-    drafter = build_drafter(state["target_config"], cfg.num_groups, cfg.router_act,
-                            state["model"], target_model, device, dtype, cfg.num_layers,
-                            cfg.fused_layer_ids(state["target_config"]))
-    return drafter, cfg
+from coral_vllm.training.run_dir import (BEST_FILE, ROUTER_FILE, ROUTER_REPORT_FILE,
+                                         STATE_FILE, atomic_save, load_state)
 
 
 @torch.no_grad()
 def collect(drafter: CoralDrafter, target_model, table: TokenTable, num_steps: int,
             batch_tokens: int, max_tokens: int, device,
-            partitions: dict[str, torch.Tensor], group_size: int, num_groups: int,
+            groups: dict[str, torch.Tensor] | None = None,
             context_alignment: bool = True) -> dict[str, Any]:
     """Drafter features and labels at response positions, over all drafting steps, for
-    the first samples of `table` that give `max_tokens` rows."""
+    the first samples of `table` that give `max_tokens` rows. `groups` (name -> group id
+    of every token) adds the target's probabilities summed per group under each, which
+    only the KL label needs: [rows, num_groups] per grouping is the one part of this
+    that grows with the groupings compared."""
     take = int(np.searchsorted(np.cumsum(table.loss_tokens()) * num_steps, max_tokens) + 1)
     table = table.subset(np.arange(min(len(table), take)))
     store = compute_features(target_model, table, device, fused_layers=drafter.fused_layers)
     feats, top1, dense1 = [], [], []
-    gprobs: dict[str, list[torch.Tensor]] = {k: [] for k in partitions}
-    groups = {k: group_of_token(v, group_size).to(device) for k, v in partitions.items()}
+    groups = {k: (g.to(device), int(g.max()) + 1) for k, g in (groups or {}).items()}
+    gprobs: dict[str, list[torch.Tensor]] = {k: [] for k in groups}
     head = drafter.lm_head.weight
     for idx in epoch_batches(table.lengths, batch_tokens, seed=0, epoch=0):
         batch = Batch.build(table, idx).to(device)
@@ -78,8 +73,8 @@ def collect(drafter: CoralDrafter, target_model, table: TokenTable, num_steps: i
             feats.append(h.cpu())
             top1.append(t_logits.argmax(-1).cpu())
             dense1.append((h @ head.float().T).argmax(-1).cpu())
-            for k, g in groups.items():
-                gp = t_probs.new_zeros(len(h), num_groups).index_add_(1, g, t_probs)
+            for k, (g, n) in groups.items():
+                gp = t_probs.new_zeros(len(h), n).index_add_(1, g, t_probs)
                 gprobs[k].append(gp.cpu())
     return {"h": torch.cat(feats)[:max_tokens], "top1": torch.cat(top1)[:max_tokens],
             "dense1": torch.cat(dense1)[:max_tokens],
@@ -121,54 +116,79 @@ def train_router(h: torch.Tensor, labels: torch.Tensor, gprobs: torch.Tensor | N
     return router.eval()
 
 
-def fit_routers(drafter: CoralDrafter, target, data_dir: str | Path, cfg: TrainConfig, dev
-                ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Router]]:
-    """Partitions + one router each on the frozen drafter; (report, orders, routers).
+@dataclasses.dataclass
+class RouterFit:
+    """Stage 2 at one (num_groups, top_k_groups): what it measured on the held-out split,
+    the partitions it tried (with the frequency one a static head serves, fitted or
+    not) and the router fitted on each."""
+    coral: CoralConfig
+    report: dict[str, Any]
+    partitions: dict[str, torch.Tensor]
+    routers: dict[str, Router]
 
-    Recall@k is measured on the held-out split, and the frequency partition counts
-    tokens of the training split only. `orders` always holds "frequency" (the static
-    drafter's), even where no router was fitted on it.
+    @property
+    def chosen(self) -> str:
+        return self.report["chosen"]
+
+
+def fit_routers(drafter: CoralDrafter, target, data_dir: str | Path, cfg: TrainConfig, dev,
+                settings: Sequence[tuple[int, int]] = ()) -> list[RouterFit]:
+    """Partitions + one router each on the frozen drafter, per (num_groups, top_k_groups)
+    of `settings` (default: the config's one).
+
+    The drafter runs over the data once for every setting: its features and the
+    target's top-1 do not depend on the grouping, so a sweep costs router fits, not
+    drafter passes. Recall@k is measured on the held-out split, and the frequency
+    partition counts tokens of the training split only.
     """
     vocab, d = drafter.vocab_size, drafter.hidden_size
-    coral = CoralConfig.for_vocab(vocab, d, cfg.num_groups, cfg.top_k_groups)
+    corals = [CoralConfig.for_vocab(vocab, d, n, k)
+              for n, k in settings or [(cfg.num_groups, cfg.top_k_groups)]]
     strategies = PARTITION_STRATEGIES if cfg.partition == "auto" else (cfg.partition,)
     train_t, held_t = load_splits(data_dir, cfg.max_len, cfg.router_holdout)
     counts = train_token_counts(train_t, vocab)  # not the held-out split's
-    partitions = {s: build_token_order(s, vocab, cfg.num_groups, token_counts=counts,
-                                       lm_head=drafter.lm_head.weight.detach().float().cpu())
-                  for s in strategies}
+    lm_head = drafter.lm_head.weight.detach().float().cpu()
+    partitions = [{s: build_token_order(s, vocab, c.num_groups, token_counts=counts,
+                                        lm_head=lm_head) for s in strategies} for c in corals]
+    groups = [{s: group_of_token(order, c.group_size) for s, order in parts.items()}
+              for c, parts in zip(corals, partitions)]
+    kl_groups = {f"{i}/{s}": g for i, grps in enumerate(groups) for s, g in grps.items()}
     kw = dict(num_steps=cfg.num_steps, batch_tokens=cfg.batch_tokens, device=dev,
-              partitions=partitions, group_size=coral.group_size, num_groups=cfg.num_groups,
+              groups=kl_groups if cfg.router_label == "kl" else None,
               context_alignment=cfg.context_alignment)
     tr = collect(drafter, target, train_t, max_tokens=cfg.router_max_tokens, **kw)
     ho = collect(drafter, target, held_t, max_tokens=cfg.router_max_tokens, **kw)
-    k = cfg.top_k_groups
-    report: dict[str, Any] = {"top_k_groups": k, "num_groups": cfg.num_groups,
-                              "label": cfg.router_label, "num_steps": cfg.num_steps,
-                              "train_samples": len(train_t), "heldout_samples": len(held_t),
-                              "train_tokens": len(tr["h"]), "heldout_tokens": len(ho["h"]),
-                              "random_recall": k / cfg.num_groups, "partitions": {}}
-    routers = {}
-    for s, order in partitions.items():
-        grp = group_of_token(order, coral.group_size)
-        router = train_router(tr["h"], grp[tr["top1"]], tr["gprobs"][s], cfg.num_groups,
-                              act=cfg.router_act, label=cfg.router_label,
-                              epochs=cfg.router_epochs, lr=cfg.router_lr,
-                              batch_size=cfg.router_batch_size, seed=cfg.seed, device=dev)
-        with torch.no_grad():
-            logits = router(ho["h"].to(dev)).cpu()
-        routers[s] = router
-        report["partitions"][s] = {
-            "recall_at_k": recall_at_k(logits, grp[ho["top1"]], k),
-            "dense_agreement": recall_at_k(logits, grp[ho["dense1"]], k),
-            # the best a context-free router could do: always the k most frequent groups
-            "static_recall": _static_recall(grp[tr["top1"]], grp[ho["top1"]], k,
-                                            cfg.num_groups)}
-    report["chosen"] = max(report["partitions"],
-                           key=lambda s: report["partitions"][s]["recall_at_k"])
-    partitions.setdefault("frequency", frequency_order(counts))
-    report["static_head"] = static_head_recall(partitions["frequency"], coral, ho)
-    return report, partitions, routers
+    fits = []
+    for i, (coral, parts, grps) in enumerate(zip(corals, partitions, groups)):
+        n, k = coral.num_groups, coral.top_k_groups
+        report: dict[str, Any] = {"top_k_groups": k, "num_groups": n,
+                                  "group_size": coral.group_size,
+                                  "active_rows": coral.active_rows,
+                                  "label": cfg.router_label, "num_steps": cfg.num_steps,
+                                  "train_samples": len(train_t),
+                                  "heldout_samples": len(held_t),
+                                  "train_tokens": len(tr["h"]), "heldout_tokens": len(ho["h"]),
+                                  "random_recall": k / n, "partitions": {}}
+        routers = {}
+        for s, grp in grps.items():
+            router = train_router(tr["h"], grp[tr["top1"]], tr["gprobs"].get(f"{i}/{s}"), n,
+                                  act=cfg.router_act, label=cfg.router_label,
+                                  epochs=cfg.router_epochs, lr=cfg.router_lr,
+                                  batch_size=cfg.router_batch_size, seed=cfg.seed, device=dev)
+            with torch.no_grad():
+                logits = router(ho["h"].to(dev)).cpu()
+            routers[s] = router
+            report["partitions"][s] = {
+                "recall_at_k": recall_at_k(logits, grp[ho["top1"]], k),
+                "dense_agreement": recall_at_k(logits, grp[ho["dense1"]], k),
+                # the best a context-free router could do: always the k most frequent groups
+                "static_recall": _static_recall(grp[tr["top1"]], grp[ho["top1"]], k, n)}
+        report["chosen"] = max(report["partitions"],
+                               key=lambda s: report["partitions"][s]["recall_at_k"])
+        parts.setdefault("frequency", frequency_order(counts))
+        report["static_head"] = static_head_recall(parts["frequency"], coral, ho)
+        fits.append(RouterFit(coral, report, parts, routers))
+    return fits
 
 
 def static_head_recall(order: torch.Tensor, coral: CoralConfig,
@@ -182,26 +202,49 @@ def static_head_recall(order: torch.Tensor, coral: CoralConfig,
             "dense_agreement": active[held["dense1"]].float().mean().item()}
 
 
+def load_run(out: str | Path, cfg_overrides: dict[str, Any] | None, dev
+             ) -> tuple[TrainConfig, Any, CoralDrafter, dict[str, Any]]:
+    """A finished run's config (with the overrides), target and frozen drafter, and which
+    checkpoint that is ({"file", "step"}): the one `train export` serves by default
+    (best.pt, else the latest state), so that stage 2 fits and measures its router on the
+    features of the drafter it ships with."""
+    name = BEST_FILE if (Path(out) / BEST_FILE).is_file() else STATE_FILE
+    ckpt = load_state(out, name)
+    if ckpt is None:
+        raise FileNotFoundError(f"{out}: no stage-1 state; run `train` first.")
+    run_cfg = TrainConfig.from_dict(ckpt["config"])  # the drafter as it was trained
+    cfg = TrainConfig.from_dict({**ckpt["config"], **(cfg_overrides or {})})
+    target, _, _ = load_target(cfg.target, dev)
+    tcfg = ckpt["target_config"]
+    drafter = build_drafter(tcfg, run_cfg.num_groups, run_cfg.router_act, ckpt["model"],
+                            target, dev, None, run_cfg.num_layers,
+                            run_cfg.fused_layer_ids(tcfg))
+    return cfg, target, drafter, {"file": name, "step": ckpt["step"]}
+
+
+def save_router(fit: RouterFit, cfg: TrainConfig, dest: Path) -> None:
+    """`dest`/router.pt (what `train export` serves: the chosen partition and its router,
+    and the frequency partition of the static head) and `dest`/router_report.json."""
+    best = fit.chosen
+    atomic_save({"partition": best, "token_order": fit.partitions[best],
+                 "router": {k: v.cpu() for k, v in fit.routers[best].state_dict().items()},
+                 "num_groups": fit.coral.num_groups, "top_k_groups": fit.coral.top_k_groups,
+                 "router_act": cfg.router_act, "frequency_order": fit.partitions["frequency"],
+                 "report": fit.report}, dest / ROUTER_FILE)
+    (dest / ROUTER_REPORT_FILE).write_text(json.dumps(fit.report, indent=2) + "\n")
+
+
 def run_router_stage(out: str | Path, cfg_overrides: dict[str, Any] | None = None,
                      device: str | None = None) -> dict[str, Any]:
-    """The `train router --out RUN` command; writes out/router.pt and out/router_report.json."""
-    out = Path(out)
+    """The `train router --out RUN` command; writes out/router.pt and out/router_report.json.
+    The router is fitted from scratch, so --num-groups / --top-k-groups may differ from
+    the ones stage 1 trained with (its online router is not used)."""
     dev = pick_device(device)
-    state = load_state(out)
-    if state is None:
-        raise FileNotFoundError(f"{out}: no stage-1 state; run `train` first.")
-    cfg = TrainConfig.from_dict({**state["config"], **(cfg_overrides or {})})
-    target, _, _ = load_target(cfg.target, dev)
-    drafter, _ = load_trained_drafter(out, target, dev)
-    report, partitions, routers = fit_routers(drafter, target, cfg.data, cfg, dev)
-    best, k = report["chosen"], cfg.top_k_groups
-    torch.save({"partition": best, "token_order": partitions[best],
-                "router": {k_: v.cpu() for k_, v in routers[best].state_dict().items()},
-                "num_groups": cfg.num_groups, "top_k_groups": k, "router_act": cfg.router_act,
-                "frequency_order": partitions["frequency"], "report": report},
-               out / ROUTER_FILE)
-    (out / ROUTER_REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    cfg, target, drafter, checkpoint = load_run(out, cfg_overrides, dev)
+    fit, = fit_routers(drafter, target, cfg.data, cfg, dev)
+    fit.report["checkpoint"] = checkpoint
+    save_router(fit, cfg, Path(out))
+    return fit.report
 
 
 def run_router_on_drafter(drafter_dir: str | Path, target_path: str | Path,
@@ -230,8 +273,8 @@ def run_router_on_drafter(drafter_dir: str | Path, target_path: str | Path,
                          f"{ckpt.coral.num_groups} (its router shape)")
     target, _, _ = load_target(target_path, dev)
     drafter = load_drafter(drafter_dir, target, dev)
-    report, partitions, routers = fit_routers(drafter, target, data_dir, cfg, dev)
-    best = report["chosen"]
+    fit, = fit_routers(drafter, target, data_dir, cfg, dev)
+    report, partitions, routers, best = fit.report, fit.partitions, fit.routers, fit.chosen
     report.update(drafter=str(drafter_dir), data=str(data_dir), dest=str(dest))
     try:
         report["data_backend"] = json.loads((Path(data_dir) / MANIFEST).read_text()).get(

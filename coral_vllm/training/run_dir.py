@@ -7,6 +7,8 @@
     RUN/train_config.json   the run's settings (`TrainConfig`)
     RUN/router.pt           stage 2's partition and router (`router_train`), if it ran,
     RUN/router_report.json  and what it measured
+    RUN/router_sweep.json   stage 2 over several group counts (`router_sweep`): the table
+    RUN/router_sweep/NAME/  and each setting's router.pt + router_report.json
 
 Checkpoints are written to a temporary name and renamed over the old one, so a crash
 leaves the previous state. No RNG state is kept: every random draw is seeded by (seed,
@@ -32,6 +34,8 @@ METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "train_config.json"
 ROUTER_FILE = "router.pt"
 ROUTER_REPORT_FILE = "router_report.json"
+SWEEP_FILE = "router_sweep.json"
+SWEEP_DIR = "router_sweep"
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -45,6 +49,20 @@ def atomic_save(obj: Any, path: Path) -> None:
 def load_state(out: str | Path, name: str = STATE_FILE) -> dict[str, Any] | None:
     path = Path(out) / name
     return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+
+
+def swept_router_file(run: str | Path) -> Path:
+    """The router.pt of the setting the run's router sweep chose (`train export
+    --router-sweep`); its path is stored relative to the run, which travels."""
+    path = Path(run) / SWEEP_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run}: no {SWEEP_FILE}; run `coral-vllm train router "
+                                f"--out {run} --sweep-groups N [N ...]` first.")
+    chosen = Path(run) / json.loads(path.read_text())["chosen"]["router"]
+    if not chosen.is_file():  # else the export would quietly take another router
+        raise FileNotFoundError(f"{chosen}: the router {SWEEP_FILE} chose is missing; "
+                                "rerun the sweep")
+    return chosen
 
 
 def init_weights(run: str | Path) -> dict[str, Any]:

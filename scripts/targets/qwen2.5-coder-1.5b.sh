@@ -13,8 +13,9 @@
 # ~68k tokens/s an H200 trains this drafter at, so the run fits one lease
 : "${CORAL_TRAIN_ARGS:=--epochs 5}"
 # the tables: tau at k = 1..6 on HumanEval (164), MT-bench (80), GSM8K (100);
-# tok/s at batch 1 and 32, T = 0 and 1, on HumanEval, plain vs router / dense / static
+# tok/s at batch 1 and 32, T = 0 and 1, on HumanEval, plain vs router / dense / static,
+# and the router head with batch-shared groups (what batch 32 costs each way)
 : "${CORAL_ACCEPTANCE_ARGS:=-k 6 --datasets humaneval mtbench gsm8k --limit 164}"
 : "${CORAL_SHIP_K:=5}"
-: "${CORAL_SHIP_E2E:=router dense static}"
+: "${CORAL_SHIP_E2E:=router dense static shared}"
 : "${CORAL_E2E_ARGS:=--datasets humaneval --concurrency 1 32 --requests 16 64 --temperatures 0 1}"
