@@ -254,21 +254,26 @@ case "${1:?stage: data | loops | long | router | ship | profile | levers | curve
          # MT-bench, plain vs the CORAL_SHIP_E2E heads (router). Other targets:
          # CORAL_ACCEPTANCE_ARGS (e.g. `-k 6 --datasets humaneval mtbench gsm8k`),
          # CORAL_E2E_ARGS (later flags win)
-    # shared: the router head with one set of groups per draft step (group_sharing
-    # batch), exported when CORAL_SHIP_E2E names it
+    # shared: the router drafter with one set of groups per draft step (group_sharing
+    # batch), made from long-router when CORAL_SHIP_E2E names it
     declare -A as=([router]=coral [dense]=dense-head [static]=static [shared]=coral-shared)
     heads_used=$(printf '%s\n' router dense static ${CORAL_SHIP_E2E:-router} | awk '!seen[$0]++')
     for head in $heads_used; do  # exported here, or sent back by an earlier lease
       [ -n "${as[$head]:-}" ] || { echo "CORAL_SHIP_E2E: $head? choose of ${!as[*]}"; exit 2; }
-      [ -d "$W/drafters/long-$head" ] && continue
+      [ -d "$W/drafters/long-$head" ] || [ "$head" = shared ] && continue
       long_done || { echo "long: not done"; exit 3; }
       [ -f "$W/runs/long/router_sweep.json" ] || { echo "router: not done (run that stage)"; exit 3; }
     done
     for head in $heads_used; do
       case $head in  # router, static, shared: the grouping the router stage chose
         dense) flag=--dense ;; static) flag="--selection static --router-sweep" ;;
-        shared) flag="--router-sweep --group-sharing batch" ;; *) flag=--router-sweep ;;
+        *) flag=--router-sweep ;;
       esac
+      if [ "$head" = shared ] && [ ! -d "$W/drafters/long-shared" ]; then
+        cp -r "$W/drafters/long-router" "$W/drafters/long-shared" && python3 -c "import json, sys
+p = sys.argv[1] + '/config.json'; c = json.load(open(p)); c['coral']['group_sharing'] = 'batch'
+json.dump(c, open(p, 'w'), indent=2)" "$W/drafters/long-shared" || exit 1
+      fi
       [ -d "$W/drafters/long-$head" ] || python3 -m coral_vllm.cli train export --run "$W/runs/long" \
         --dest "$W/drafters/long-$head" $flag --dtype bfloat16 > /dev/null || exit 1
     done
@@ -351,7 +356,8 @@ print(' '.join(x['lever'] for x in sorted(r, key=lambda x: -x['heldout_tau'])[:2
         $(cd "$W" && ls runs/long/metrics.jsonl runs/long/train_config.json 2>/dev/null)
       long_done || { [ -d "$W/runs/long" ] && O=$X pack run-long runs/long; }
       for d in $(cd "$W" && ls -d drafters/*/ 2>/dev/null); do  # each restored on its own
-        d=${d%/}; O=$X pack "drafter-${d#drafters/}" "$d"
+        d=${d%/}; [ "$d" = drafters/long-shared ] && continue  # ship makes it from long-router
+        O=$X pack "drafter-${d#drafters/}" "$d"
       done
       # the lever runs: finished ones' metrics, the others whole (resumed next lease)
       done_levers=$(cd "$W" && for d in runs/lever-*/DONE; do d=${d%/DONE}; [ -d "$d" ] && \
