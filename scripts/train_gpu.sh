@@ -353,7 +353,8 @@ print(' '.join(x['lever'] for x in sorted(r, key=lambda x: -x['heldout_tau'])[:2
       # the long run: its metrics first (small); whole (state included: the next lease
       # resumes it) only while unfinished; its drafters in pieces (Qwen's: ~100 MB each)
       [ -d "$W/runs/long" ] && tar -C "$W" -czf "$X/$N-long-metrics.tgz" \
-        $(cd "$W" && ls runs/long/metrics.jsonl runs/long/train_config.json 2>/dev/null)
+        $(cd "$W" && ls runs/long/{metrics.jsonl,train_config.json,router_sweep.json,profile.txt} \
+          runs/profile/profile.txt 2>/dev/null)
       long_done || { [ -d "$W/runs/long" ] && O=$X pack run-long runs/long; }
       for d in $(cd "$W" && ls -d drafters/*/ 2>/dev/null); do  # each restored on its own
         d=${d%/}; [ "$d" = drafters/long-shared ] && continue  # ship makes it from long-router
