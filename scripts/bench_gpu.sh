@@ -16,15 +16,16 @@
 # each generation measurement >= 2 s (coral_vllm/bench/rounds.py), and reports medians with
 # intervals; a difference or a met target is called only where the intervals allow it.
 # Systems table (issue 21), one command per shape, in this order, each <= 10 min:
-#   bash scripts/bench_gpu.sh synthetic qwen2.5-1.5b   # ~5-7 min
-#   bash scripts/bench_gpu.sh synthetic llama-3.1-8b   # ~5-7 min
-#   bash scripts/bench_gpu.sh synthetic qwen2.5-7b     # ~5-7 min
+#   bash scripts/bench_gpu.sh synthetic qwen2.5-1.5b   # ~6-7 min
+#   bash scripts/bench_gpu.sh synthetic llama-3.1-8b   # ~6-7 min
+#   bash scripts/bench_gpu.sh synthetic qwen2.5-7b     # ~6-7 min
 #   bash scripts/bench_gpu.sh lm-head                  # ~5-8 min (forced paths and sweep
 #                                                      # dropped past its 300 s --budget)
-# Estimate per shape (not measured yet): start of 4 engines at once with torch.compile,
-# 1.5-2.5 min (less with a warm compile cache), then 4 batch sizes x 4 variants x (5 rounds
-# + 1 pilot pass) of >= 2.2 s each, ~3.5-4 min. Plain, dense-head EAGLE, static (~32k rows)
-# and CORAL at batch 1, 8, 32, 64, synthetic acceptance 3.5 (the targets' length; another
+# Estimate per shape (not measured yet): start of 5 engines at once with torch.compile,
+# 1.5-2.5 min (less with a warm compile cache), then 4 batch sizes x 5 variants x (5 rounds
+# + 1 pilot pass) of >= 2.2 s each, ~4.5 min. Plain, dense-head EAGLE, static (~32k rows),
+# CORAL with per-token groups and CORAL with batch-shared groups (`coral-shared`) at
+# batch 1, 8, 32, 64, synthetic acceptance 3.5 (the targets' length; another
 # with ACCEPTANCE=..., each one more ~3 min). A shape finished on this host ($W) or in the
 # carried benchmarks/results/e2e_synthetic.json (copy each returned file there before the
 # next command on a fresh host) is skipped: naming a done shape again starts no engine.
