@@ -32,10 +32,20 @@ def vllm_tau(target: str, drafter: str, prompts: list[list[int]], max_tokens: li
     from coral_vllm.runtime.offline_engine import offline_engine
     from coral_vllm.speculative_config import speculative_config
 
-    # as long as the longest request needs (plus k drafted slots), never more than the
-    # target supports: a constant (4096) broke targets with shorter positions
+    # 4096, or the target's positions if fewer (a tiny test target has 2048). Not the
+    # longest request's length: near max_model_len vLLM drafts fewer tokens per round,
+    # which changes the rounds it counts (seen: 64 drafts instead of 62)
+    from transformers import AutoConfig
+
+    positions = getattr(AutoConfig.from_pretrained(target).get_text_config(),
+                        "max_position_embeddings", None) or 4096
+    max_len = min(4096, positions)
     need = max(len(p) + m for p, m in zip(prompts, max_tokens)) + k
-    with offline_engine(target, speculative_config(drafter, k), max_model_len=need,
+    if need > max_len:
+        raise ValueError(f"a dev prompt and its continuation need {need} positions, more "
+                         f"than the engine's {max_len}; pass fewer --limit prompts or "
+                         "shorter data (--max-len)")
+    with offline_engine(target, speculative_config(drafter, k), max_model_len=max_len,
                         disable_log_stats=False, enforce_eager=enforce_eager,
                         gpu_only={"gpu_memory_utilization": 0.5}) as llm:
         before = from_llm_metrics(llm.get_metrics())
