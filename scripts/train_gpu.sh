@@ -216,12 +216,13 @@ case "${1:?stage: data | loops | long | router | ship | profile | levers | curve
       >> "$R/train_long.log" 2>&1
     echo "long: exit $? $(grep -E '^eval|done|stopped' "$R/train_long.log" | tail -n 2)" ;;
   profile)  # where a training step's time goes: 10 steps of the long run's recipe under
-             # torch.profiler (after 3 warm ones), a scratch run -> $O/profile_$N.txt
+             # torch.profiler (after 3 warm ones), a scratch run -> $O/profile_$N.txt;
+             # logging as the long run does (a log step reads the device: a sync)
     data_ready
     rm -rf "$W/runs/profile"
     python3 -m coral_vllm.cli train train --preset coral --target "$M" --data "$W/data" \
       --out "$W/runs/profile" --epochs 6 --lr 3e-4 --batch-tokens 32768 --max-steps 14 \
-      --eval-every 0 --log-every 1 --profile-steps 10 ${CORAL_TRAIN_ARGS:-} \
+      --eval-every 0 --log-every 50 --profile-steps 10 ${CORAL_TRAIN_ARGS:-} \
       > "$R/train_profile.log" 2>&1 || { tail -n 20 "$R/train_profile.log"; exit 1; }
     head -n 3 "$W/runs/profile/profile.txt"
     cp "$W/runs/profile/profile.txt" "$O/profile_$N.txt" ;;
