@@ -286,6 +286,7 @@ json.dump(c, open(p, 'w'), indent=2)" "$W/drafters/long-shared" || exit 1
     for k in ${CORAL_SHIP_K:-3 5}; do
       python3 -m coral_vllm.cli bench e2e --model "$M" -k "$k" --drafters $(heads ${CORAL_SHIP_E2E:-router}) \
         --datasets mtbench --temperatures 0 --concurrency 1 --requests 16 --repeats 5 \
+        --speedup-target 1.4 \
         --out "$R/e2e_${N}_k$k.json" --log-dir "$R/logs_e2e_k$k" ${CORAL_E2E_ARGS:-} 2>&1 \
         | grep -v "^INFO\|^(" | tail -n 6
       cp "$R/e2e_${N}_k$k.json" "$O/"

@@ -114,6 +114,27 @@ def test_e2e_cells_pair_every_drafter_with_plain_and_coral_with_every_drafter():
                    "MT-bench, batch 1, T=0: CORAL >= 1.10x HASS": "met"}
 
 
+def test_e2e_targets_follow_the_dataset_and_the_speedup_bar():
+    """HumanEval cells at batch 1 and 32 (the Qwen issue's table): the bar over plain is
+    `--speedup-target`, CORAL is held against the dense-head and static drafters, and a
+    T=1 cell carries no target."""
+    def row(d, conc, t, tok_s):
+        return {"drafter": d, "dataset": "humaneval", "temperature": t, "concurrency": conc,
+                "output_tok_s": sorted(tok_s)[2], "output_tok_s_rounds": tok_s,
+                "tpot_ms": None, "acceptance_length": None}
+
+    rows = [row(d, conc, t, [base * f for f in (1.0, 0.98, 1.02, 1.01, 0.99)])
+            for conc in (1, 32) for t in (0.0, 1.0)
+            for d, base in (("plain", 100), ("coral", 150), ("dense-head", 120), ("static", 160))]
+    got = {t["target"]: t["call"]
+           for t in e2e.check_targets(e2e.summarize(rows, k=5)["ratios"], speedup=1.4)}
+    assert got == {"HumanEval, batch 1, T=0: CORAL >= 1.4x plain": "met",
+                   "HumanEval, batch 1, T=0: CORAL >= 1.10x the dense-head drafter": "met",
+                   "HumanEval, batch 1, T=0: CORAL >= the static-vocabulary drafter": "missed",
+                   "HumanEval, concurrency 32, T=0: CORAL >= the static-vocabulary drafter":
+                   "missed"}
+
+
 def test_synthetic_resume_keeps_only_the_finished_shapes_of_a_run_with_the_same_settings(
         tmp_path, capsys):
     settings = {key: 1 for key in synthetic.COMPARABLE}

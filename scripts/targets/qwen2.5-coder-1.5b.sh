@@ -18,4 +18,4 @@
 : "${CORAL_ACCEPTANCE_ARGS:=-k 6 --datasets humaneval mtbench gsm8k --limit 164}"
 : "${CORAL_SHIP_K:=5}"
 : "${CORAL_SHIP_E2E:=router dense static shared}"
-: "${CORAL_E2E_ARGS:=--datasets humaneval --concurrency 1 32 --requests 16 64 --temperatures 0 1}"
+: "${CORAL_E2E_ARGS:=--datasets humaneval --concurrency 1 32 --requests 16 64 --temperatures 0 1 --speedup-target 2.0}"
