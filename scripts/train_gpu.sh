@@ -27,8 +27,10 @@
 #   bash scripts/train_gpu.sh ablate   # CORAL preset, one lever per run, same data
 #                                              # and budget (CORAL_ABLATIONS), the table
 #   bash scripts/train_gpu.sh scaling  # multi-GPU host: 1/2/4/8 GPUs, same global batch
-#   bash scripts/train_gpu.sh collect  # what data/loops made so far -> $OUT (while or after
-#                                      # they run as a job: scripts/gpu_job.sh)
+#   bash scripts/train_gpu.sh collect  # what the stages made so far (replies, manifests,
+#                                      # logs, metrics, unfinished runs' state, drafters in
+#                                      # pieces) -> $OUT, 8 files a call; `collect more`: the
+#                                      # rest (while or after a job: scripts/gpu_job.sh)
 # Time: a stage stops in time for CORAL_DEADLINE (epoch seconds; default now +
 # CORAL_TIME_LIMIT_MIN, 8.5), leaving what it made usable, so one job can run several
 # stages across the 10-minute commands of a lease.
