@@ -298,7 +298,8 @@ json.dump(c, open(p, 'w'), indent=2)" "$W/drafters/long-shared" || exit 1
            # can still make CORAL_MIN_RUN_MIN (4) minutes of progress; each resumed from
            # what came back until DONE; then the table by dev tau, and vLLM's tau on the
            # dev prompts for the best two. One at a time: on an H200, 3 side by side
-           # trained at ~75k + 65k + 45k tokens/s (185k together), one alone at ~250k.
+           # trained at ~75k + 65k + 46k tokens/s (186k together), one alone at 236k (medians,
+           # another lease; benchmarks/results/train_throughput_levers_side_by_side.json).
     data_ready
     unpack_metrics levers
     todo=(); for spec in $LEVERS; do [ -f "$W/runs/lever-${spec%%:*}/DONE" ] || todo+=("$spec"); done

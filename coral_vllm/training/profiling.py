@@ -1,8 +1,8 @@
 """A window of training steps under torch.profiler: where a step's time goes.
 
-An H200 trains the SmolLM2 drafter at ~250k tokens/s: by a count of its matrix work
-(~0.5 GFLOP a token, most of it the 49k-row head's logits and their gradients) that is
-~125 TFLOP/s, a sixth of the card's bf16 peak (an estimate, not a measurement).
+An H200 trains the SmolLM2 drafter at ~236k tokens/s (the shipped run's median): by a
+count of its matrix work (~0.5 GFLOP a token, most of it the 49k-row head's logits and
+their gradients) that is ~120 TFLOP/s, a sixth of the card's bf16 peak (an estimate).
 Whether a step waits on the device (kernels) or on the host (Python, launches, copies)
 decides what would make it faster, so `train train --profile-steps N` profiles N
 optimizer steps after a few warm ones and writes RUN/profile.txt: per step the wall
