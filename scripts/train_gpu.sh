@@ -107,6 +107,11 @@ unpack_metrics() {  # finished runs' metrics sent back as $N-NAME.tgz (in any .g
 # settings would be other data)
 DATA_ARGS=(--max-new-tokens 512 --max-len 2048 --shards "${CORAL_DATA_ENGINES:-3}" ${CORAL_DATA_ARGS:-})
 CONVERSATIONS=(--conversations "$W/conversations.jsonl.xz" --max-turns "${CORAL_MAX_TURNS:-3}")
+recipe_run() {  # recipe_run DATA RUN FLAGS...: the CORAL recipe's run (one definition of
+  # its preset, lr and batch); FLAGS after it (later flags win: a lever's --lr)
+  python3 -m coral_vllm.cli train train --preset coral --target "$M" --data "$1" --out "$2" \
+    --lr 3e-4 --batch-tokens 32768 "${@:3}"
+}
 conversations_ready() {  # the prompt set, under the one name every stage reads it by
   [ -f "$W/conversations.jsonl.xz" ] || cp "${CORAL_CONVERSATIONS:-.gpu-data/conversations.jsonl.xz}" \
     "$W/conversations.jsonl.xz"
@@ -201,9 +206,8 @@ case "${1:?stage: data | loops | long | router | ship | profile | levers | curve
           # the last evaluation both reached (the deadline may stop them)
     for v in keep trim; do
       d=$W/data; [ "$v" = trim ] && d=$W/data-trim
-      python3 -m coral_vllm.cli train train --preset coral --target "$M" --data "$d" \
-        --out "$W/runs/loops-$v" --epochs 1 --max-steps "${CORAL_LOOPS_STEPS:-400}" --lr 3e-4 \
-        --batch-tokens 32768 --eval-every 50 --log-every 20 --time-limit-min "$(left_min 1.5)" \
+      recipe_run "$d" "$W/runs/loops-$v" --epochs 1 --max-steps "${CORAL_LOOPS_STEPS:-400}" \
+        --eval-every 50 --log-every 20 --time-limit-min "$(left_min 1.5)" \
         ${CORAL_TRAIN_ARGS:-} > "$R/train_loops-$v.log" 2>&1 &
     done
     wait
@@ -212,19 +216,16 @@ case "${1:?stage: data | loops | long | router | ship | profile | levers | curve
   long)  # the shipped drafter's run: one plan (below) to its end, resumed by every later
           # call or lease from what came back; the deadline stops it (state saved)
     data_ready
-    python3 -m coral_vllm.cli train train --preset coral --target "$M" --data "$W/data" \
-      --out "$W/runs/long" --epochs 6 --lr 3e-4 --batch-tokens 32768 --eval-every 200 \
-      --log-every 50 --time-limit-min "$(left_min 1.5)" ${CORAL_TRAIN_ARGS:-} \
-      >> "$R/train_long.log" 2>&1
+    recipe_run "$W/data" "$W/runs/long" --epochs 6 --eval-every 200 --log-every 50 \
+      --time-limit-min "$(left_min 1.5)" ${CORAL_TRAIN_ARGS:-} >> "$R/train_long.log" 2>&1
     echo "long: exit $? $(grep -E '^eval|done|stopped' "$R/train_long.log" | tail -n 2)" ;;
   profile)  # where a training step's time goes: 10 steps of the long run's recipe under
              # torch.profiler (after 3 warm ones), a scratch run -> $O/profile_$N.txt;
              # logging as the long run does (a log step reads the device: a sync)
     data_ready
     rm -rf "$W/runs/profile"
-    python3 -m coral_vllm.cli train train --preset coral --target "$M" --data "$W/data" \
-      --out "$W/runs/profile" --epochs 6 --lr 3e-4 --batch-tokens 32768 --max-steps 14 \
-      --eval-every 0 --log-every 50 --profile-steps 10 ${CORAL_TRAIN_ARGS:-} \
+    recipe_run "$W/data" "$W/runs/profile" --epochs 6 --max-steps 14 --eval-every 0 \
+      --log-every 50 --profile-steps 10 ${CORAL_TRAIN_ARGS:-} \
       > "$R/train_profile.log" 2>&1 || { tail -n 20 "$R/train_profile.log"; exit 1; }
     head -n 3 "$W/runs/profile/profile.txt"
     cp "$W/runs/profile/profile.txt" "$O/profile_$N.txt" ;;
@@ -310,8 +311,7 @@ json.dump(c, open(p, 'w'), indent=2)" "$W/drafters/long-shared" || exit 1
         || { echo "levers: ${todo[*]:i} not run ($left min left)"; break; }
       for spec in "${todo[@]:i:P}"; do
         name=lever-${spec%%:*} flags=${spec#*:}
-        ( python3 -m coral_vllm.cli train train --preset coral --target "$M" --data "$W/data" \
-            --out "$W/runs/$name" --epochs "${CORAL_LEVER_EPOCHS:-4}" --lr 3e-4 --batch-tokens 32768 \
+        ( recipe_run "$W/data" "$W/runs/$name" --epochs "${CORAL_LEVER_EPOCHS:-4}" \
             --eval-every 200 --log-every 50 --time-limit-min "$left" ${flags//,/ } \
             ${CORAL_TRAIN_ARGS:-} >> "$R/train_$name.log" 2>&1
           grep -q "^stage 1 done" "$R/train_$name.log" && touch "$W/runs/$name/DONE" \
