@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from coral_vllm.format.checkpoint import LAYER_PREFIXES, OWN_PREFIXES
 from coral_vllm.format.config import NUM_GROUPS, CoralConfig
@@ -79,6 +80,15 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-b, a), dim=-1)
 
 
+# Attention kernels for training: not cuDNN's. cuDNN builds (and caches) a graph for
+# every new (batch, length) shape, and batches here vary in both: an H200 profile
+# (SmolLM2, session 4, a busy host) spent 65-70 ms of host time in each of the window's 30
+# cuDNN attention calls against ~1.5 ms of kernel time. Flash (causal step 1) and the
+# memory-efficient kernel (HASS masks) need no per-shape build; math for the CPU.
+TRAINING_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                          SDPBackend.MATH]
+
+
 class Attention(nn.Module):
     def __init__(self, d: int, heads: int, kv_heads: int, head_dim: int, theta: float,
                  bias: bool = False, d_in: int | None = None) -> None:
@@ -119,8 +129,9 @@ class Attention(nn.Module):
         if self.kv_heads != self.heads:
             rep = self.heads // self.kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           is_causal=mask is None)  # scale hd^-0.5
+        with sdpa_kernel(TRAINING_SDPA_BACKENDS):
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                               is_causal=mask is None)  # scale hd^-0.5
         return self.o_proj(o.transpose(1, 2).reshape(b, s, self.heads * self.head_dim)), kv
 
 
