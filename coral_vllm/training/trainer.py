@@ -260,10 +260,15 @@ def micro_step(run: Run, model: torch.nn.Module, drafter: CoralDrafter, feats: F
     """Forward and backward of one micro-batch (samples `idx` of the whole split, slot
     `slot` of the step); (its statistics on the device, the tokens all ranks read)."""
     cfg, dev = run.cfg, run.device
-    batch = Batch.build(feats.table, np.array([feats.rows[int(i)] for i in idx])).to(dev)
-    rows = batch.rows.to(feats.store.device)
-    last, f = split_features(feats.store[rows].to(dev, non_blocking=True),
-                             drafter.hidden_size)
+    host = Batch.build(feats.table, np.array([feats.rows[int(i)] for i in idx]))
+    batch = host.to(dev)
+    if feats.store.device.type == dev.type:
+        gathered = feats.store[batch.rows]
+    else:  # a host store: gather with the host's rows (reading the device's back would
+        gathered = feats.store[host.rows]  # wait on it), copy from pinned memory
+        if dev.type == "cuda":
+            gathered = gathered.pin_memory().to(dev, non_blocking=True)
+    last, f = split_features(gathered, drafter.hidden_size)
     feat_in, feat_tgt = f[:, :-1], last[:, 1:]
     noise_gen, csra_gen = slot_generators(cfg.seed, step, slot, dev)
     if cfg.feature_noise > 0:
