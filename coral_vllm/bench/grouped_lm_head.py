@@ -70,7 +70,7 @@ from coral_vllm.runtime.device import device_name
 TOKENS = [1, 4, 16, 64]
 FRACTIONS = [1 / 32, 1 / 16, 1 / 8, 1 / 4]
 NUM_GROUPS = 256
-# tiny: n = 1 takes the per-token path, n = 4 (n*k = N) the union path; the forced paths
+# tiny: n = 1 takes the per-token path, n = 4 (n*k >= N/2) the union path; the forced paths
 # cover the dense one
 TINY_SHAPES = {"tiny": (64, 512)}
 TINY_TOKENS = [1, 4]
