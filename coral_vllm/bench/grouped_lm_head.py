@@ -15,7 +15,11 @@ f = 1/32 .. 1/4), each in --rounds rounds of every method in a rotated order
 (`rounds.py`; a row holds each method's median, and with its intervals every method's
 and the two speedups' summaries):
 
-* dense_ms   -- bf16 `h @ W.T` over the full vocabulary (cuBLAS), logits only;
+* dense_ms   -- bf16 `h @ W.T` over the full vocabulary (cuBLAS), logits only (the
+                issue's baseline, although every grouped method below includes its top-1);
+* dense_top1_ms -- the same plus `argmax(-1)`: what a dense-head drafter runs for a greedy
+                draft (vLLM: `compute_logits(h).argmax(-1)`); speedup_vs_dense_top1 is
+                dense_top1_ms / grouped_ms;
 * static_ms  -- the static draft-vocabulary head at the same active rows (k*G most
                 frequent tokens, `static_top1`: one cuBLAS GEMM over that contiguous
                 slice + max), the EAGLE-3 / FR-Spec baseline; speedup_vs_static is
@@ -81,6 +85,7 @@ REPS_IN_GRAPH = 8
 PATH_KEYS = {"per_token": "per_token_ms", "union": "union_ms", "dense": "dense_path_ms"}
 # the speedups a row reports: name -> (numerator, denominator) timings
 SPEEDUPS = {"speedup_vs_dense": ("dense_ms", "grouped_ms"),
+            "speedup_vs_dense_top1": ("dense_top1_ms", "grouped_ms"),
             "speedup_vs_static": ("static_ms", "grouped_ms"),
             "shared_vs_static": ("static_ms", "shared_ms"),
             "shared_vs_grouped": ("grouped_ms", "shared_ms")}
@@ -194,6 +199,9 @@ def bench_row(glh, torch_ref, timer, d, vocab, n, frac, num_groups, weights, row
     def dense(i):
         return lambda: torch.matmul(hidden, dense_w[i % ncopy].T)
 
+    def dense_top1(i):
+        return lambda: torch.matmul(hidden, dense_w[i % ncopy].T).argmax(-1)
+
     def gather(i):
         def f():
             logits, tokens = torch_ref(hidden, weights[i % ncopy], rows, sets[i], G)
@@ -213,6 +221,7 @@ def bench_row(glh, torch_ref, timer, d, vocab, n, frac, num_groups, weights, row
     auto = glh.choose_path(n, k, num_groups, G, d)
     row["path"] = auto
     methods = {"dense_ms": [dense(i) for i in idx],
+               "dense_top1_ms": [dense_top1(i) for i in idx],
                "static_ms": [(lambda w=weights[i % ncopy]: static_top1(
                    hidden, w, rows, static_rows)) for i in idx],
                "gather_ms": [gather(i) for i in idx],
@@ -344,6 +353,7 @@ def run_benchmark(args):
                 print(f"{cell_label(r)} {r['path']:9s} dense {r['dense_ms']:.4f} static "
                       f"{r['static_ms']:.4f} gather {r['gather_ms']:.4f} grouped "
                       f"{r['grouped_ms']:.4f} ms  vs dense {speedup(r, 'speedup_vs_dense')}  "
+                      f"vs dense top-1 {speedup(r, 'speedup_vs_dense_top1')}  "
                       f"vs static {speedup(r, 'speedup_vs_static')}  shared "
                       f"{r['shared_ms']:.4f} ms vs static {speedup(r, 'shared_vs_static')}  "
                       f"{r['grouped_bandwidth_gbs']:.0f} GB/s  [{time.time() - t_start:.0f}s]",
