@@ -253,12 +253,14 @@ def test_lm_head_benchmark_times_the_static_head_on_the_interpreter(
                                                                             "union"}
     for r in rows:
         iv = r["intervals"]
-        assert set(iv["variants"]) == {"dense_ms", "static_ms", "gather_ms", "grouped_ms",
+        assert set(iv["variants"]) == {"dense_ms", "dense_top1_ms", "static_ms",
+                                       "gather_ms", "grouped_ms",
                                        "per_token_ms", "union_ms", "dense_path_ms",
                                        "shared_ms"} - {f"{r['path']}_ms"}
         assert all(s["rounds"] == MIN_ROUNDS and s["coverage"] == 0.9375
                    for s in iv["variants"].values())
-        for name in ("speedup_vs_dense", "speedup_vs_static", "shared_vs_static"):
+        for name in ("speedup_vs_dense", "speedup_vs_dense_top1", "speedup_vs_static",
+                     "shared_vs_static"):
             s = iv["ratios"][name]
             assert s["median"] == r[name] and s["difference"] in ("higher", "lower", "same")
             assert s["interval"][0] <= r[name] <= s["interval"][1]
@@ -267,6 +269,70 @@ def test_lm_head_benchmark_times_the_static_head_on_the_interpreter(
     assert t["measured"] == min(r["speedup_vs_dense"] for r in rows)
     assert shared["measured"] == min(r["shared_vs_static"] for r in rows)
     assert "vs dense" in stdout and t["call"].upper() in stdout
+
+
+def fake_lm_head_run(tmp_path: Path) -> Path:
+    """A measured run of two cells, 5 rounds each, as `bench lm-head` writes it: the auto
+    path timed as grouped_ms, the other forced paths under their own keys (cell two ran
+    past --budget: only its auto path was timed)."""
+    def cell(n, path, ms):
+        variants = {key: {"values": values, "interval": [min(values), max(values)]}
+                    for key, values in ms.items()}
+        return {"shape": "tiny", "d": 64, "vocab": 512, "tokens": n, "active_fraction": 0.25,
+                "groups": 16, "k": 4, "group_size": 32, "path": path,
+                **{key: sorted(values)[2] for key, values in ms.items()},
+                "speedup_vs_dense": 0.0, "intervals": {"variants": variants}}
+    rows = [cell(1, "per_token", {"dense_ms": [1.0, 1.0, 2.0, 1.0, 1.0],
+                                  "grouped_ms": [0.5, 0.5, 0.5, 0.5, 0.5],
+                                  "union_ms": [2.0, 2.0, 2.0, 2.0, 4.0],
+                                  "dense_path_ms": [1.25, 1.25, 1.25, 1.25, 1.25]}),
+            cell(4, "union", {"dense_ms": [1.0] * 5, "grouped_ms": [0.8] * 5})]
+    path = tmp_path / "lm_head.json"
+    path.write_text(json.dumps({"device": "fake", "rows": rows}))
+    return path
+
+
+def test_lm_head_replay_takes_the_chosen_paths_forced_timings(tmp_path, capsys):
+    """`bench lm-head --replay`: each row at the time its newly chosen path was forced
+    to (the run's auto path: grouped_ms), ratios to dense_ms round by round, the worst
+    cell called as a prediction; a path the run did not time gives no prediction."""
+    from coral_vllm.bench.grouped_lm_head import main, replay
+
+    result = json.loads(fake_lm_head_run(tmp_path).read_text())
+    rep = replay(result, lambda n, k, N, G, d: "union")
+    one, four = rep["cells"]
+    assert (one["measured_path"], one["path"]) == ("per_token", "union")
+    assert one["predicted_ms"] == 2.0
+    # rounds paired: 1/2, 1/2, 2/2, 1/2, 1/4 -> median 0.5, [min, max] over 5 rounds
+    assert one["speedup_vs_dense"] == 0.5
+    assert one["intervals"]["ratios"]["speedup_vs_dense"]["interval"] == [0.25, 1.0]
+    assert four["speedup_vs_dense"] == 1.25 and rep["unmeasured"] == []
+    t = rep["target"]
+    # its interval [0.25, 1.0] straddles the 0.98 bar: undecided, not missed
+    assert t["measured"] == 0.5 and t["call"] == "undecided" and t["cells"] == 2
+    assert t["target"].startswith("PREDICTED") and "tiny n=1 f=1/4" in t["target"]
+
+    rep = replay(result, lambda n, k, N, G, d: "dense" if n == 1 else "per_token")
+    assert rep["cells"][0]["speedup_vs_dense"] == 0.8
+    assert rep["unmeasured"] == ["tiny n=4 f=1/4"] and rep["target"]["cells"] == 1
+
+    assert main(["--replay", str(tmp_path / "lm_head.json")]) == 0
+    out = capsys.readouterr().out
+    assert "a prediction, not a measurement" in out and "PREDICTED" in out
+
+
+def test_lm_head_replay_of_the_committed_run_keeps_unchanged_cells():
+    """On the committed H200 run, a cell whose path the current rule keeps is predicted
+    at exactly its measured ratio, and every path the rule picks was timed."""
+    from coral_vllm.bench.grouped_lm_head import replay
+
+    result = json.loads((Path(__file__).parents[1] / "benchmarks" / "results"
+                         / "lm_head.json").read_text())
+    rep = replay(result)
+    assert rep["unmeasured"] == [] and len(rep["cells"]) == len(result["rows"]) == 80
+    for row, cell in zip(result["rows"], rep["cells"]):
+        if cell["path"] == row["path"]:
+            assert cell["speedup_vs_dense"] == row["speedup_vs_dense"]
 
 
 TINY_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,

@@ -79,7 +79,7 @@ def assert_logits(got, ref, dtype):
 
 # (vocab, G, d, n, k, choices): exact and ragged last groups, n = 1, n > k*G, n > 64
 # (two token tiles in the union path), identical / duplicate choices; "auto" picks
-# per_token, union, dense, dense for them.
+# per_token, union, dense, union for them.
 SHAPES = [
     (128, 16, 64, 1, 3, "random"),
     (130, 11, 48, 5, 3, "dups"),
@@ -178,18 +178,22 @@ def test_single_partial_per_token(path):
 
 
 def test_path_rule():
-    # (n, k, N, G, d): rows of the v1 H100 table the rule was fitted to
-    assert glh.choose_path(1, 32, 256, 501, 4096) == "per_token"
+    # (n, k, N, G, d): cells of the H200 run (benchmarks/results/lm_head.json) the rule
+    # was fitted to; bf16 unless given
+    assert glh.choose_path(1, 64, 256, 501, 4096) == "per_token"   # n*k = N/4
     assert glh.choose_path(4, 16, 256, 192, 576) == "per_token"
-    assert glh.choose_path(4, 64, 256, 501, 4096) == "union"      # n*k >= N
-    assert glh.choose_path(16, 8, 256, 501, 4096) == "union"      # n >= 16
-    assert glh.choose_path(64, 64, 256, 501, 4096) == "union"     # large d: never dense
-    assert glh.choose_path(16, 16, 256, 192, 576) == "union"      # 19 MiB uncovered
-    assert glh.choose_path(16, 32, 256, 192, 576) == "dense"      # 6 MiB uncovered
-    assert glh.choose_path(64, 8, 256, 192, 576) == "dense"
-    assert glh.choose_path(64, 8, 256, 1024, 640) == "union"      # 42 MiB uncovered
-    assert glh.choose_path(16, 64, 256, 1024, 640) == "dense"     # 3 MiB uncovered
-    assert glh.choose_path(64, 64, 256, 1024, 640) == "dense"
+    assert glh.choose_path(4, 32, 256, 501, 4096) == "union"       # n*k = N/2
+    assert glh.choose_path(16, 8, 256, 192, 576) == "union"
+    assert glh.choose_path(16, 64, 256, 192, 576) == "union"       # small head, n < 64
+    assert glh.choose_path(64, 8, 256, 192, 576) == "dense"        # 54 MiB head, c 0.87
+    assert glh.choose_path(64, 64, 256, 192, 576) == "dense"
+    assert glh.choose_path(64, 64, 256, 1024, 640) == "union"      # 320 MiB head
+    assert glh.choose_path(64, 64, 256, 501, 4096) == "union"
+    # the bounds: 128 MiB of head (in bytes, so fp32 halves the rows), coverage 0.8
+    assert glh.choose_path(64, 64, 256, 512, 512) == "dense"       # 128 MiB
+    assert glh.choose_path(64, 64, 256, 512, 512, 4) == "union"    # 256 MiB
+    assert glh.choose_path(64, 7, 256, 192, 576) == "dense"        # c = 0.83
+    assert glh.choose_path(64, 6, 256, 192, 576) == "union"        # c = 0.78
 
 
 def test_auto_uses_every_path():

@@ -15,7 +15,11 @@ f = 1/32 .. 1/4), each in --rounds rounds of every method in a rotated order
 (`rounds.py`; a row holds each method's median, and with its intervals every method's
 and the two speedups' summaries):
 
-* dense_ms   -- bf16 `h @ W.T` over the full vocabulary (cuBLAS), logits only;
+* dense_ms   -- bf16 `h @ W.T` over the full vocabulary (cuBLAS), logits only (the
+                issue's baseline, although every grouped method below includes its top-1);
+* dense_top1_ms -- the same plus `argmax(-1)`: what a dense-head drafter runs for a greedy
+                draft (vLLM: `compute_logits(h).argmax(-1)`); speedup_vs_dense_top1 is
+                dense_top1_ms / grouped_ms;
 * static_ms  -- the static draft-vocabulary head at the same active rows (k*G most
                 frequent tokens, `static_top1`: one cuBLAS GEMM over that contiguous
                 slice + max), the EAGLE-3 / FR-Spec baseline; speedup_vs_static is
@@ -40,12 +44,20 @@ triton.testing.do_bench times that graph's replays (it flushes L2 before each; ~
 replays per measurement) and the median is divided by R. Falls back to plain do_bench if
 capture fails. Target: the grouped head >= 0.98x dense in every cell, met only where
 every cell's interval clears it.
+
+Offline, no GPU: `coral-vllm bench grouped-lm-head --replay benchmarks/results/lm_head.json`
+applies the current `choose_path` to every row of a measured run and prints the auto
+path's ratio to the dense head it would get, taking the chosen path's forced-path timing
+(round by round against dense_ms). That is a prediction for a rule changed after the run,
+not a measurement: the next GPU run times the auto path itself.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -55,13 +67,14 @@ from coral_vllm.bench.args import bench_parser
 from coral_vllm.bench.results import write_json
 from coral_vllm.bench.rounds import (add_rounds_args, compare, every_cell_target, fmt,
                                      measure_rounds, ratio_of, target_line)
+from coral_vllm.bench.stats import ratio_summary
 from coral_vllm.bench.shapes import HEAD_SHAPES
 from coral_vllm.runtime.device import device_name
 
 TOKENS = [1, 4, 16, 64]
 FRACTIONS = [1 / 32, 1 / 16, 1 / 8, 1 / 4]
 NUM_GROUPS = 256
-# tiny: n = 1 takes the per-token path, n = 4 (n*k = N) the union path; the forced paths
+# tiny: n = 1 takes the per-token path, n = 4 (n*k >= N/2) the union path; the forced paths
 # cover the dense one
 TINY_SHAPES = {"tiny": (64, 512)}
 TINY_TOKENS = [1, 4]
@@ -72,6 +85,7 @@ REPS_IN_GRAPH = 8
 PATH_KEYS = {"per_token": "per_token_ms", "union": "union_ms", "dense": "dense_path_ms"}
 # the speedups a row reports: name -> (numerator, denominator) timings
 SPEEDUPS = {"speedup_vs_dense": ("dense_ms", "grouped_ms"),
+            "speedup_vs_dense_top1": ("dense_top1_ms", "grouped_ms"),
             "speedup_vs_static": ("static_ms", "grouped_ms"),
             "shared_vs_static": ("static_ms", "shared_ms"),
             "shared_vs_grouped": ("grouped_ms", "shared_ms")}
@@ -92,6 +106,9 @@ def parse_args(argv=None):
     p.add_argument("--groups", type=int, default=None,
                    help=f"number of groups N (default {NUM_GROUPS}, tiny {TINY_GROUPS})")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--replay", metavar="JSON",
+                   help="no benchmark: the auto ratio the current path rule would get on "
+                        "this measured run (from its forced-path timings)")
     p.add_argument("--budget", type=float, default=300.0,
                    help="seconds; past this, forced-path timings and the sweep are skipped")
     add_rounds_args(p, min_seconds=False)
@@ -167,8 +184,6 @@ def copy_bandwidth_gbs(device, tiny):
 def bench_row(glh, torch_ref, timer, d, vocab, n, frac, num_groups, weights, rows, device,
               gen, rounds, alt_paths=True):
     """One cell: every method prepared once, then timed in `rounds` rotated rounds."""
-    import statistics
-
     import torch
     from coral_vllm.head.static_lm_head import static_top1
     from coral_vllm.kernels.shared_lm_head import shared_top1_triton
@@ -183,6 +198,9 @@ def bench_row(glh, torch_ref, timer, d, vocab, n, frac, num_groups, weights, row
 
     def dense(i):
         return lambda: torch.matmul(hidden, dense_w[i % ncopy].T)
+
+    def dense_top1(i):
+        return lambda: torch.matmul(hidden, dense_w[i % ncopy].T).argmax(-1)
 
     def gather(i):
         def f():
@@ -203,6 +221,7 @@ def bench_row(glh, torch_ref, timer, d, vocab, n, frac, num_groups, weights, row
     auto = glh.choose_path(n, k, num_groups, G, d)
     row["path"] = auto
     methods = {"dense_ms": [dense(i) for i in idx],
+               "dense_top1_ms": [dense_top1(i) for i in idx],
                "static_ms": [(lambda w=weights[i % ncopy]: static_top1(
                    hidden, w, rows, static_rows)) for i in idx],
                "gather_ms": [gather(i) for i in idx],
@@ -334,6 +353,7 @@ def run_benchmark(args):
                 print(f"{cell_label(r)} {r['path']:9s} dense {r['dense_ms']:.4f} static "
                       f"{r['static_ms']:.4f} gather {r['gather_ms']:.4f} grouped "
                       f"{r['grouped_ms']:.4f} ms  vs dense {speedup(r, 'speedup_vs_dense')}  "
+                      f"vs dense top-1 {speedup(r, 'speedup_vs_dense_top1')}  "
                       f"vs static {speedup(r, 'speedup_vs_static')}  shared "
                       f"{r['shared_ms']:.4f} ms vs static {speedup(r, 'shared_vs_static')}  "
                       f"{r['grouped_bandwidth_gbs']:.0f} GB/s  [{time.time() - t_start:.0f}s]",
@@ -386,6 +406,81 @@ def speedup(r: dict[str, Any], name: str) -> str:
     """'x median [low, high] call' of one of a row's speedups (`SPEEDUPS`)."""
     s = ratio_of(r, name)
     return f"x{fmt(s)}" + (f" {s['difference']}" if "difference" in s else "")
+
+
+# --------------------------------------------------------------------------- replay
+
+
+def forced_path_rounds(row: dict[str, Any], path: str) -> list[float] | None:
+    """Per-round ms of `path` forced in a measured row (the auto path the run chose was
+    timed as grouped_ms), or None where the run did not time it (past --budget)."""
+    key = "grouped_ms" if path == row["path"] else PATH_KEYS[path]
+    if key not in row:
+        return None
+    if "intervals" in row:
+        return row["intervals"]["variants"][key]["values"]
+    return [row[key]]
+
+
+def replay(result: dict[str, Any], choose: Callable[..., str] | None = None
+           ) -> dict[str, Any]:
+    """The auto path's ratio to the dense head under `choose` (default: the current
+    `choose_path`, bf16 as in the run) on a measured run, predicted from its forced-path
+    timings: {"cells": one per row, "target": the every-cell target over them,
+    "unmeasured": labels of rows whose chosen path the run did not time}.
+
+    Each cell's ratio is formed round by round (dense_ms over the chosen path's time in
+    the same round), as the benchmark forms speedup_vs_dense, so a cell whose path is
+    unchanged gets exactly its measured ratio."""
+    if choose is None:
+        from coral_vllm.kernels.grouped_lm_head import choose_path as choose
+    cells, unmeasured = [], []
+    for row in result["rows"]:
+        path = choose(row["tokens"], row["k"], row["groups"], row["group_size"], row["d"])
+        cell = {"shape": row["shape"], "tokens": row["tokens"],
+                "active_fraction": row["active_fraction"], "measured_path": row["path"],
+                "path": path}
+        ms = forced_path_rounds(row, path)
+        if ms is None:
+            unmeasured.append(cell_label(row))
+        else:
+            dense = row["intervals"]["variants"]["dense_ms"]["values"] \
+                if "intervals" in row else [row["dense_ms"]]
+            s = ratio_summary(dense, ms)
+            cell.update(predicted_ms=statistics.median(ms), speedup_vs_dense=s["median"],
+                        intervals={"ratios": {"speedup_vs_dense": s}})
+        cells.append(cell)
+    target = every_cell_target(
+        f"PREDICTED from forced-path timings: grouped head (auto path) >= "
+        f"{WORST_CELL_BAR}x dense in every cell", cells, "speedup_vs_dense", WORST_CELL_BAR,
+        cell_label)
+    return {"cells": cells, "target": target, "unmeasured": unmeasured}
+
+
+def run_replay(path: str) -> int:
+    """Prints `replay` of a result file: every cell, the changed paths marked, then the
+    predicted worst cell."""
+    result = json.loads(Path(path).read_text())
+    rep = replay(result)
+    print(f"replay of {path} ({result.get('device', '?')}): the current choose_path on its "
+          "rows, each taken at its forced path's measured time (a prediction, not a "
+          "measurement)")
+    for c in rep["cells"]:
+        moved = f"{c['measured_path']} -> {c['path']}" if c["path"] != c["measured_path"] \
+            else c["path"]
+        if "speedup_vs_dense" in c:
+            print(f"  {cell_label(c):32s} {moved:20s} {c['predicted_ms']:.4f} ms  "
+                  f"vs dense x{fmt(ratio_of(c, 'speedup_vs_dense'))}")
+        else:
+            print(f"  {cell_label(c):32s} {moved:20s} not timed in this run")
+    changed = sum(c["path"] != c["measured_path"] for c in rep["cells"])
+    print(f"{changed} of {len(rep['cells'])} cells change path")
+    if rep["unmeasured"]:
+        print(f"no prediction for {len(rep['unmeasured'])} cells (path not timed): "
+              + ", ".join(rep["unmeasured"]))
+    print(target_line(rep["target"]) + f" ({rep['target']['cells_met']} of "
+          f"{rep['target']['cells']} cells met)")
+    return 0
 
 
 # --------------------------------------------------------------------------- check
@@ -540,6 +635,8 @@ def check_shared(device, gen, cases):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.replay:
+        return run_replay(args.replay)
     if not args.device.startswith("cuda"):
         os.environ.setdefault("TRITON_INTERPRET", "1")
     if args.check:

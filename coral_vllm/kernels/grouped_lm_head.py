@@ -36,31 +36,43 @@ Three paths, chosen from static shapes only (see `choose_path`):
   scores every row (`hidden @ grouped_weight.T`, fp32 accumulation, output in the weight
   dtype like the dense head it replaces), then `_select_kernel` reads only each token's
   k*G active columns of those [n, N*G] scores and writes the logits, or (top-1) one
-  (max, token) per BLOCK columns. Extra bytes over the dense head: the n*k*G selected
-  scores (and, for logits, the outputs). It exists because at small d the union kernel's
-  per-program fixed costs (group-id scan, pipeline prologue, per-slot stores, and in v1
-  a duplicate-slot loop) are spread over only d/64 ~ 9-10 loop iterations: v1 ran
-  1.1-2x slower than cuBLAS on fully covered small heads.
+  (max, token) per BLOCK columns. Extra over the dense head: the select launch and the
+  n*k*G selected scores it reads (and, for logits, the outputs): 3-5 us on the H200 at
+  the 54 MiB head, 4-16 us on the larger ones (top-1). It exists for the small heads, where the
+  union kernel's per-program fixed costs (group-id scan over a [BLOCK_N, BLOCK_K] tile,
+  pipeline prologue, per-slot stores) are spread over only d/64 ~ 9-10 loop iterations.
 
-Path rule (`choose_path`, static shapes; c = 1 - (1 - k/N)^n, the expected fraction of
-groups an independent batch covers):
-* dense if d < DENSE_MAX_D (1024), c >= DENSE_MIN_COVERED (0.8) and the uncovered part
-  of the head, (1 - c) x head bytes, is under DENSE_MAX_UNCOVERED_BYTES (12 MiB).
-  Bytes: skipping that little is all the union kernel can gain, and at small d it pays
-  more than that in fixed costs (~3-7 us a call) and lower bandwidth (1.0-2.4 TB/s vs
-  cuBLAS 2.3-2.7 on H100, v1), while the dense path costs cuBLAS + ~2-4 us. Measured v1
-  crossover (docs/grouped-lm-head-kernel.md): union beat that with 19-42 MiB uncovered
-  (x1.09-1.14 over cuBLAS), not with <= 7 MiB (x0.50-1.00). Coverage: in every v1 row with c < 0.8 a
-  grouped path beat cuBLAS by >= 9%, and without it heads under 12 MiB would always go
-  dense. d: at d >= 3584 union ran at cuBLAS speed even fully covered (x0.94-1.02), so
-  the extra path is not used there;
-* else union if n >= UNION_MIN_TOKENS (16) or n*k >= N: with independent choices the
-  per-token/union byte ratio is n*k / (N*c), i.e. ~1 while n*k << N, 1.3-1.6 at
-  n*k = N and growing with n, while the union path pays a group-id scan per program and
-  pads tokens to a 16-row dot tile;
-* else per-token.
+Path rule (`choose_path`, static shapes only). Fitted to the H200 run of kernel v2
+(`benchmarks/results/lm_head.json`: 5 heads x n in {1, 4, 16, 64} x k in {8, 16, 32, 64}
+of N = 256 groups, bf16, top-1, every path forced in every cell, 5 rounds);
+c = 1 - (1 - k/N)^n is the expected fraction of groups an independent batch covers:
+* per-token if n*k < UNION_MIN_LOAD * N (N/2). Per-token was the faster of the two in all
+  30 cells with n*k <= N/4 (union 2-177% slower), union in all 10 cells at n*k = N/2
+  (per-token 0.3-9% slower) and in all 40 above. With independent choices the
+  per-token/union byte ratio is n*k / (N*c) (1.0-1.1 at n*k = N/4, 1.2-1.3 at N/2,
+  growing with n*k), while the union path pays a group-id scan per program and pads tokens to a
+  16-row dot tile; N/2 is the smallest load at which union was measured faster.
+* dense if n >= DENSE_MIN_TOKENS (64), c >= DENSE_MIN_COVERED (0.8) and the head is at
+  most DENSE_MAX_HEAD_BYTES (128 MiB). At n = 64 (a 64-token union tile, whose fixed cost
+  grows with k: union exceeded cuBLAS by 3.8 / 5.0 / 6.6 / 9.1 us at k = 8..64 on the
+  54 MiB SmolLM2 head, the dense path by 3.1-5.4 us) the dense path was faster on that
+  head in all 4 cells (by 3-13%), while at n = 64 union was faster or within 1% on every
+  head of 320 MiB and up (Gemma-3-270M's and larger), where the dense path's own excess
+  is 5-16 us. At n = 16 union won on the 54 MiB head (the dense path 4-9% slower). The boundary lies between
+  54 and 320 MiB; 128 MiB is about their geometric middle (no head in between was
+  measured). No row at n >= 64 had c < 0.869; the floor keeps the dense path from
+  reading the whole head for a batch that leaves a fifth of it unread.
+* else union.
+On that run the rule's path was the fastest forced path, or within 2% of it, in 79 of 80
+cells; the exception is the two Qwen heads (594-row groups) at n = 16, k = 64, where the
+dense path beat union by 2% (1.5B) and 6% (7B) while on Llama's head union won by 1%:
+no shape feature of one cell is worth a rule. Not measured: n > 64 (the union path then
+streams every covered weight block once per 64-token tile), other GPUs, the logits path
+(same rule; the benchmark times top-1). (The H100 v1 rule, dense at d < 1024 by
+uncovered bytes and union at n >= 16 or n*k >= N, lost 1-10% to union in 6 of its 10
+dense picks on the H200, and its per-token picks at n = 4, k = N/8 lost 0.3-6%.)
 Every path is correct for every shape; `path=` forces one (the benchmark times all
-three, to move the thresholds).
+three; `bench grouped-lm-head --replay` predicts a new rule's ratios from them).
 
 Every output element is written by exactly one program in every path (program
 (group_ids[i, j], rb) in the union path), so outputs need no initialisation. Duplicate
@@ -82,25 +94,26 @@ import torch
 import triton
 import triton.language as tl
 
-UNION_MIN_TOKENS = 16
-DENSE_MAX_D = 1024
+UNION_MIN_LOAD = 0.5          # union from n*k >= N/2 (expected slots per group)
+DENSE_MIN_TOKENS = 64
 DENSE_MIN_COVERED = 0.8
-DENSE_MAX_UNCOVERED_BYTES = 12 << 20
+DENSE_MAX_HEAD_BYTES = 128 << 20
 _TARGET_PROGRAMS = 528  # ~4 per SM on a 132-SM H100
 _ONE_PASS_MAX_COLS = 16384  # dense path top-1: <= 4 loop trips of 4096 columns
 
 
 def choose_path(n: int, k: int, num_groups: int, group_size: int, d: int,
                 itemsize: int = 2) -> str:
-    """Static path rule; see the module docstring."""
+    """Static path rule from shapes and the weight's element size (no data, so it holds
+    under CUDA-graph capture); the constants' evidence is in the module docstring."""
+    if n * k < UNION_MIN_LOAD * num_groups:
+        return "per_token"
     covered = 1.0 - (1.0 - min(k, num_groups) / num_groups) ** n   # expected, independent
-    uncovered_bytes = (1.0 - covered) * num_groups * group_size * d * itemsize
-    if d < DENSE_MAX_D and covered >= DENSE_MIN_COVERED \
-            and uncovered_bytes < DENSE_MAX_UNCOVERED_BYTES:
+    head_bytes = num_groups * group_size * d * itemsize
+    if n >= DENSE_MIN_TOKENS and covered >= DENSE_MIN_COVERED \
+            and head_bytes <= DENSE_MAX_HEAD_BYTES:
         return "dense"
-    if n >= UNION_MIN_TOKENS or n * k >= num_groups:
-        return "union"
-    return "per_token"
+    return "union"
 
 
 def _interpreting() -> bool:

@@ -13,7 +13,8 @@ multiplies it against token tile t (BLOCK_N tokens, one tile while n <= 64) with
 `top1_reduce` reduces to [n]. Unlike the union kernel it launches programs for
 the U shared groups only (no scan of the other N - U), and the rows read per step are
 U*G whatever n is: the static head's count. At n = 1 the shared list is one token's
-own groups, so the call goes to the tuned per-token path of `kernels.grouped_lm_head`.
+own groups, so the call goes to `kernels.grouped_lm_head` with its path rule (the
+per-token path unless U >= N/2).
 
 Graph safety: fixed output shapes, no `.item()`, host decisions from shapes only.
 `groups` are not range-checked (that would need a sync).
@@ -112,7 +113,7 @@ def shared_logits_triton(hidden, grouped_weight, row_tokens, groups, group_size,
     `config`: optional overrides for tuning (BLOCK_N, BLOCK_R, BLOCK_D, num_warps,
     num_stages)."""
     n, U = hidden.shape[0], groups.numel()
-    if n == 1:   # one token's own groups: the per-token path
+    if n == 1:   # one token's own groups: the grouped head's own paths
         logits, tokens = grouped_logits_triton(hidden, grouped_weight, row_tokens,
                                                groups.view(1, U), group_size, scale)
         return logits, tokens.view(-1)
