@@ -12,16 +12,19 @@ sum, argmax, sub, exp, sub, the cast back), all of them memory-bound. On an H200
 row is one program that reads its drafter logits z and target logits t twice, in their
 own dtype (bf16 in training), and writes the gradient once:
 
-* `soft_ce_target` (once per chunk): lse_t = logsumexp(t) and argmax t (the target's
-  top-1), one online pass over t;
+* `soft_ce_target` (once per chunk): the row max m_t and log sum_v exp(t_v - m_t) (their
+  sum is logsumexp(t)), and argmax t (the target's top-1), one online pass over t;
 * `soft_ce_step` (once per chunk and step): pass 1 keeps an online max / sum-exp of z
-  (giving lse_z and argmax z) and sum_v p_v z_v with p = exp(t - lse_t); the row's
+  (giving lse_z and argmax z) and sum_v p_v z_v with p = softmax(t); the row's
   cross-entropy is -sum_v p_v log softmax(z)_v = lse_z - sum_v p_v z_v (p sums to one).
   Pass 2 writes d ce / d z = softmax(z) - p, in z's dtype, over z itself; the caller
   multiplies it by W for the gradient of the drafter's features.
 
-Everything is accumulated in float32; the only rounding beyond the torch path's is the
-order of the sums. Ties in argmax go to the first (lowest) index, torch.argmax's rule.
+Softmaxes are exp((x - max) - log sum exp(x - max)), not exp(x - lse): lse rounded to
+float32 is off by up to half an ulp of the max (1.2e-4 at logits near 2000), which would
+shift every probability by that much relatively; x - max is exact. Everything is
+accumulated in float32; beyond the torch path's rounding there is the order of the
+sums. Ties in argmax go to the first (lowest) index, torch.argmax's rule.
 NaN logits are not handled (torch.argmax would return the NaN's index; here it is
 skipped by the comparisons, and the sums turn NaN).
 
@@ -53,7 +56,8 @@ def _merge_block(x, cols, m, s, best_i, V):
 
 
 @triton.jit
-def _target_kernel(t_ptr, lse_ptr, top1_ptr, V, stride_t, BLOCK_V: tl.constexpr):
+def _target_kernel(t_ptr, max_ptr, log_sum_ptr, top1_ptr, V, stride_t,
+                   BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     t_row = t_ptr + row * stride_t
     cols0 = tl.arange(0, BLOCK_V)
@@ -64,33 +68,35 @@ def _target_kernel(t_ptr, lse_ptr, top1_ptr, V, stride_t, BLOCK_V: tl.constexpr)
         cols = v0 + cols0
         t = tl.load(t_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
         m, s, best_i = _merge_block(t, cols, m, s, best_i, V)
-    tl.store(lse_ptr + row, m + tl.log(s))
+    tl.store(max_ptr + row, m)
+    tl.store(log_sum_ptr + row, tl.log(s))
     tl.store(top1_ptr + row, best_i.to(tl.int64))
 
 
 @triton.jit
-def _step_kernel(z_ptr, t_ptr, lse_t_ptr, ce_ptr, top1_ptr, V, stride_z, stride_t,
-                 BLOCK_V: tl.constexpr):
+def _step_kernel(z_ptr, t_ptr, t_max_ptr, t_log_sum_ptr, ce_ptr, top1_ptr, V, stride_z,
+                 stride_t, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
     t_row = t_ptr + row * stride_t
-    lse_t = tl.load(lse_t_ptr + row)
+    t_max = tl.load(t_max_ptr + row)
+    t_log_sum = tl.load(t_log_sum_ptr + row)
     cols0 = tl.arange(0, BLOCK_V)
     m = float("-inf")
     s = 0.0
     pz = 0.0
     best_i = 0
-    # pass 1: lse_z, argmax z, sum p z
+    # pass 1: max and sum-exp of z, argmax z, sum p z
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + cols0
         mask = cols < V
         z = tl.load(z_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
         t = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        p = tl.exp(t - lse_t)                                # 0 past V
+        p = tl.exp((t - t_max) - t_log_sum)                  # 0 past V
         pz += tl.sum(p * tl.where(mask, z, 0.0), axis=0)     # not 0 * -inf past V
         m, s, best_i = _merge_block(z, cols, m, s, best_i, V)
-    lse_z = m + tl.log(s)
-    tl.store(ce_ptr + row, lse_z - pz)
+    log_s = tl.log(s)
+    tl.store(ce_ptr + row, (m - pz) + log_s)
     tl.store(top1_ptr + row, best_i.to(tl.int64))
     # pass 2: softmax(z) - p over z
     for v0 in range(0, V, BLOCK_V):
@@ -98,7 +104,7 @@ def _step_kernel(z_ptr, t_ptr, lse_t_ptr, ce_ptr, top1_ptr, V, stride_z, stride_
         mask = cols < V
         z = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
         t = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32)
-        g = tl.exp(z - lse_z) - tl.exp(t - lse_t)
+        g = tl.exp((z - m) - log_s) - tl.exp((t - t_max) - t_log_sum)
         tl.store(z_row + cols, g.to(z_ptr.dtype.element_ty), mask=mask)
 
 
@@ -116,32 +122,35 @@ def _check_logits(name: str, x: torch.Tensor) -> None:
 
 
 def soft_ce_target(t: torch.Tensor, block_v: int | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logsumexp of each row [n] float32, argmax of each row [n] int64) of the target's
-    logits t [n, V]: what `soft_ce_step` needs of the target, once per chunk, and the
-    target's top-1 (first index on ties, as torch.argmax). `block_v` (a power of two)
-    overrides the columns per loop iteration (tests)."""
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row max m_t [n] float32, log sum_v exp(t_v - m_t) [n] float32, argmax [n] int64)
+    of the target's logits t [n, V]: what `soft_ce_step` needs of the target, once per
+    chunk (logsumexp(t) is the sum of the first two), and the target's top-1 (first index
+    on ties, as torch.argmax). `block_v` (a power of two) overrides the columns per loop
+    iteration (tests)."""
     _check_logits("t", t)
     n, vocab = t.shape
-    lse = torch.empty(n, dtype=torch.float32, device=t.device)
+    t_max = torch.empty(n, dtype=torch.float32, device=t.device)
+    t_log_sum = torch.empty_like(t_max)
     top1 = torch.empty(n, dtype=torch.int64, device=t.device)
     if n:
-        _target_kernel[(n,)](t, lse, top1, vocab, t.stride(0),
+        _target_kernel[(n,)](t, t_max, t_log_sum, top1, vocab, t.stride(0),
                              **_launch_config(vocab, block_v))
-    return lse, top1
+    return t_max, t_log_sum, top1
 
 
-def soft_ce_step(z: torch.Tensor, t: torch.Tensor, lse_t: torch.Tensor,
-                 block_v: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def soft_ce_step(z: torch.Tensor, t: torch.Tensor, t_max: torch.Tensor,
+                 t_log_sum: torch.Tensor, block_v: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(cross-entropy of each row [n] float32, argmax of each row of z [n] int64) of the
     drafter's logits z [n, V] against the target's distribution softmax(t), and z
     OVERWRITTEN with the gradient of the row's cross-entropy, softmax(z) - softmax(t), in
     z's dtype.
 
-    t [n, V] is in z's dtype, lse_t [n] float32 its row log-sum-exp (`soft_ce_target`).
-    ce_row = logsumexp(z) - sum_v softmax(t)_v z_v = -sum_v p_v log softmax(z)_v.
-    Ties in argmax go to the first index (torch.argmax's rule). `block_v` as in
-    `soft_ce_target`.
+    t [n, V] is in z's dtype, t_max and t_log_sum [n] float32 its row statistics from
+    `soft_ce_target`. ce_row = logsumexp(z) - sum_v softmax(t)_v z_v
+    = -sum_v softmax(t)_v log softmax(z)_v. Ties in argmax go to the first index
+    (torch.argmax's rule). `block_v` as in `soft_ce_target`.
     """
     _check_logits("z", z)
     _check_logits("t", t)
@@ -149,11 +158,12 @@ def soft_ce_step(z: torch.Tensor, t: torch.Tensor, lse_t: torch.Tensor,
         raise ValueError(f"t {tuple(t.shape)} {t.dtype} must match z {tuple(z.shape)} "
                          f"{z.dtype}")
     n, vocab = z.shape
-    if lse_t.shape != (n,) or lse_t.dtype != torch.float32:
-        raise ValueError(f"lse_t {tuple(lse_t.shape)} {lse_t.dtype} must be [{n}] float32")
+    for name, x in (("t_max", t_max), ("t_log_sum", t_log_sum)):
+        if x.shape != (n,) or x.dtype != torch.float32:
+            raise ValueError(f"{name} {tuple(x.shape)} {x.dtype} must be [{n}] float32")
     ce = torch.empty(n, dtype=torch.float32, device=z.device)
     top1 = torch.empty(n, dtype=torch.int64, device=z.device)
     if n:
-        _step_kernel[(n,)](z, t, lse_t, ce, top1, vocab, z.stride(0), t.stride(0),
-                           **_launch_config(vocab, block_v))
+        _step_kernel[(n,)](z, t, t_max, t_log_sum, ce, top1, vocab, z.stride(0),
+                           t.stride(0), **_launch_config(vocab, block_v))
     return ce, top1
