@@ -61,7 +61,8 @@ def check_kernels(z: torch.Tensor, t: torch.Tensor, block_v: int | None = None) 
         assert torch.isfinite(g).all(), key
         scale = ref[key].abs().max().clamp(min=1.0)
         err = (g - ref[key]).abs().max()
-        assert err <= tol * scale, f"{key}: max |err| {float(err):.3g} > {tol} * {float(scale):.3g}"
+        assert err <= tol * scale, \
+            f"{key}: max |err| {float(err):.3g} > {tol} * {float(scale):.3g}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])

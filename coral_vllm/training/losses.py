@@ -96,7 +96,8 @@ def soft_ce_impl(preds: torch.Tensor, topk: int, impl: str = "auto") -> str:
     if impl == "auto":
         return "triton" if preds.is_cuda and not topk else "torch"
     if impl == "triton" and topk:
-        raise ValueError("the soft_ce kernels have no top-K term: impl='triton' needs topk=0")
+        raise ValueError("the soft_ce kernels have no top-K term: impl='triton' needs "
+                         "topk=0")
     return impl
 
 
@@ -112,10 +113,10 @@ class _Outputs:
     grad_topk: torch.Tensor
 
 
-def _chunk_torch(out: _Outputs, rows: slice, preds: torch.Tensor, t_logits: torch.Tensor,
+def _chunk_torch(out: _Outputs, rows: slice, preds: torch.Tensor, target_feats: torch.Tensor,
                  w: torch.Tensor, topk: int) -> None:
     """One chunk of rows, every step, in float32 torch ops (the reference path)."""
-    t_logits = t_logits.float()
+    t_logits = (target_feats[rows].to(w.dtype) @ w.T).float()
     t_probs = t_logits.softmax(-1)
     top1 = out.top1[rows] = t_logits.argmax(-1)
     del t_logits
@@ -140,12 +141,13 @@ def _chunk_torch(out: _Outputs, rows: slice, preds: torch.Tensor, t_logits: torc
         del d_logits, lse, soft
 
 
-def _chunk_triton(out: _Outputs, rows: slice, preds: torch.Tensor, t_logits: torch.Tensor,
-                  w: torch.Tensor) -> None:
+def _chunk_triton(out: _Outputs, rows: slice, preds: torch.Tensor,
+                  target_feats: torch.Tensor, w: torch.Tensor) -> None:
     """One chunk of rows, every step, through the soft_ce kernels: the logits stay in
-    w's dtype and each is read twice (no top-K term)."""
+    w's dtype and each step reads its own and the target's twice (no top-K term)."""
     from coral_vllm.kernels.soft_ce import soft_ce_step, soft_ce_target
 
+    t_logits = target_feats[rows].to(w.dtype) @ w.T
     t_max, t_log_sum, top1 = soft_ce_target(t_logits)
     out.top1[rows] = top1
     for s in range(len(preds)):
@@ -163,22 +165,18 @@ class _ChunkedSoftCE(torch.autograd.Function):
                 chunk: int, topk: int, impl: str) -> tuple[torch.Tensor, ...]:
         steps, n, _ = preds.shape
         ce = torch.zeros(steps, dtype=torch.float32, device=preds.device)
-        grad = torch.empty_like(preds)
         out = _Outputs(ce=ce, topk_ce=torch.zeros_like(ce),
                        agree=torch.zeros(steps, dtype=torch.int64, device=preds.device),
                        top1=torch.empty(n, dtype=torch.int64, device=preds.device),
-                       grad=grad,
-                       grad_topk=torch.empty_like(preds) if topk else grad.new_zeros(()))
+                       grad=torch.empty_like(preds),
+                       grad_topk=torch.empty_like(preds) if topk else preds.new_zeros(()))
         w = head.to(preds.dtype)
         for a in range(0, n, chunk):
             rows = slice(a, min(n, a + chunk))
-            # the target's logits go straight in (no name here keeps them alive: the
-            # torch path frees them once it has their float32 probabilities)
             if impl == "triton":
-                _chunk_triton(out, rows, preds, target_feats[rows].to(w.dtype) @ w.T, w)
+                _chunk_triton(out, rows, preds, target_feats, w)
             else:
-                _chunk_torch(out, rows, preds, target_feats[rows].to(w.dtype) @ w.T, w,
-                             topk)
+                _chunk_torch(out, rows, preds, target_feats, w, topk)
         for total in (out.ce, out.topk_ce, out.grad, out.grad_topk):
             total /= max(1, n)
         ctx.save_for_backward(out.grad, out.grad_topk)
