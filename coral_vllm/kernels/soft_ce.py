@@ -7,8 +7,9 @@ The reference is the torch path of `coral_vllm.training.losses._ChunkedSoftCE` (
 Why a kernel: after the two matmuls (`preds @ W.T` for the drafter, `feats @ W.T` for the
 target) the torch path spends its time in some ten float32 elementwise passes over each
 [chunk, V] tensor (the float copy, softmax, log-sum-exp as max + sub + exp + sum, p * z +
-sum, argmax, sub, exp, sub, the cast back), all of them memory-bound. On an H200 that was
-~77% of the GPU kernel time of a SmolLM2 training step (docs/training.md). Here each
+sum, argmax, sub, exp, sub, the cast back), all of them memory-bound. On an H200 (a
+contended host) that was ~77% of the GPU kernel time of a SmolLM2 training step
+(docs/training.md); what the kernels gain there is not measured yet. Here each
 row is one program that reads its drafter logits z and target logits t twice, in their
 own dtype (bf16 in training), and writes the gradient once:
 
@@ -21,8 +22,9 @@ own dtype (bf16 in training), and writes the gradient once:
   multiplies it by W for the gradient of the drafter's features.
 
 Softmaxes are exp((x - max) - log sum exp(x - max)), not exp(x - lse): lse rounded to
-float32 is off by up to half an ulp of the max (1.2e-4 at logits near 2000), which would
-shift every probability by that much relatively; x - max is exact. Everything is
+float32 is off by up to half an ulp of the max (6e-5 at logits near 2000), which would
+shift every probability by that much relatively; x - max is rounded relative to itself
+(exact near the max), as in torch's softmax. Everything is
 accumulated in float32; beyond the torch path's rounding there is the order of the
 sums. Ties in argmax go to the first (lowest) index, torch.argmax's rule.
 NaN logits are not handled (torch.argmax would return the NaN's index; here it is
