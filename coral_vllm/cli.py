@@ -20,6 +20,8 @@ _BENCH_COMMANDS = {
     "profile": "where a draft step's time goes: timed and profiled proposer in the engine",
     "grouped-lm-head": "grouped LM-head kernel vs dense head: timings, bandwidth; --check: "
                        "GPU correctness",
+    "soft-ce": "drafter training's distillation loss, torch path vs Triton kernels: "
+               "timings, peak memory; --check: the two agree",
     "serve-check": "vllm serve without and with coral: replies, tok/s, acceptance",
     "sampling-check": "T=1 sampling stays the target's distribution (plain vs coral vs "
                       "stock EAGLE)",

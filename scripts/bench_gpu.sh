@@ -3,6 +3,7 @@
 # 10-minute host command (run from the repo root; sources scripts/gpu_host_setup.sh itself).
 #   bash scripts/bench_gpu.sh lm-head             # grouped LM-head kernel vs dense head
 #   bash scripts/bench_gpu.sh lm-head-check       # the kernel's correctness + CUDA graphs
+#   bash scripts/bench_gpu.sh soft-ce             # training loss: soft_ce kernels vs torch (check + soft_ce.json)
 #   bash scripts/bench_gpu.sh serve-check         # vllm serve plain vs coral (shipped drafter)
 #   bash scripts/bench_gpu.sh sampling-check      # T=1: plain vs coral vs stock EAGLE
 #   bash scripts/bench_gpu.sh e2e DATASET T       # SmolLM2: plain / EAGLE / HASS / CORAL, vllm serve
@@ -40,11 +41,13 @@ mkdir -p "$R"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$R/gpu.csv"
 bench() { python3 -m coral_vllm.cli bench "$@"; }
 quiet() { grep -v "^(\|^INFO\|^WARNING\|^\[" | tail -n "$1"; }  # vLLM's log lines out
-case "${1:?lm-head | lm-head-check | serve-check | sampling-check | e2e DATASET T | e2e-k1 | profile | synthetic SHAPE... | load | seeds}" in
+case "${1:?lm-head | lm-head-check | soft-ce | serve-check | sampling-check | e2e DATASET T | e2e-k1 | profile | synthetic SHAPE... | load | seeds}" in
   lm-head)
     bench lm-head --out "$R/lm_head.json" ;;
   lm-head-check)
     bench lm-head --check ;;
+  soft-ce)  # the check first: no timings of a path that disagrees
+    bench soft-ce --check && bench soft-ce --out "$R/soft_ce.json" ;;
   serve-check)
     bench serve-check --out "$R/serve_check.json" --log-dir "$R/logs_serve_check" 2>&1 | quiet 20 ;;
   sampling-check)

@@ -335,6 +335,54 @@ def test_lm_head_replay_of_the_committed_run_keeps_unchanged_cells():
             assert cell["speedup_vs_dense"] == row["speedup_vs_dense"]
 
 
+@pytest.fixture(scope="module")
+def soft_ce_on_the_interpreter(tmp_path_factory):
+    """`coral-vllm bench soft-ce --check` and the benchmark (tiny, one call per
+    measurement) on the CPU through the Triton interpreter, started together as above.
+    {"check"|"bench": (returncode, stdout, stderr)}, and the benchmark's JSON path."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("soft_ce") / "soft_ce.json"
+    procs = {name: subprocess.Popen(
+        [sys.executable, "-m", "coral_vllm.cli", "bench", "soft-ce", "--device", "cpu",
+         "--tiny", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for name, extra in (("check", ["--check"]),
+                            ("bench", ["--reps", "1", "--out", str(out)]))}
+    runs = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=600)
+        runs[name] = (proc.returncode, stdout, stderr)
+    return runs, out
+
+
+def test_soft_ce_check_runs_on_the_interpreter(soft_ce_on_the_interpreter):
+    """`coral-vllm bench soft-ce --check` (the two loss paths agree) runs end to end on
+    the CPU through the Triton interpreter, at the tiny shape."""
+    returncode, stdout, stderr = soft_ce_on_the_interpreter[0]["check"]
+    assert returncode == 0, stdout[-2000:] + stderr[-2000:]
+    assert stdout.count("PASS ") == 2 and "CHECK PASSED" in stdout
+
+
+def test_soft_ce_benchmark_reports_both_paths_and_the_speedup(soft_ce_on_the_interpreter):
+    """`coral-vllm bench soft-ce` (tiny, CPU): one row with both paths timed in the
+    default rounds and the round-paired speedup torch / triton with its interval."""
+    from coral_vllm.bench.stats import MIN_ROUNDS
+
+    runs, out = soft_ce_on_the_interpreter
+    returncode, stdout, stderr = runs["bench"]
+    assert returncode == 0, stdout[-2000:] + stderr[-2000:]
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert result["rounds"] == MIN_ROUNDS and row["torch_ms"] > 0 and row["triton_ms"] > 0
+    iv = row["intervals"]
+    assert set(iv["variants"]) == {"torch_ms", "triton_ms"}
+    s = iv["ratios"]["speedup"]
+    assert s["rounds"] == MIN_ROUNDS and s["median"] == row["speedup"]
+    assert s["interval"][0] <= row["speedup"] <= s["interval"][1]
+    assert "speedup x" in stdout
+
+
 TINY_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
               "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32,
               "vocab_size": 4096, "bos_token_id": 1, "eos_token_id": 2,

@@ -25,6 +25,14 @@ one pass over the target's logits. With `topk` the same pass also gives HASS's t
 distillation term (the target's K most probable tokens only) and its gradient.
 `soft_ce_reference` is the plain version the chunked one is tested against.
 
+Per chunk the softmax work on the logits is float32 torch ops (`_chunk_torch`), about ten
+memory-bound passes over each [chunk, V] tensor: on an H200 most of a training step's
+GPU time (docs/training.md). On CUDA without a top-K term it goes through the Triton
+kernels of `coral_vllm.kernels.soft_ce` instead (`_chunk_triton`: each step reads its
+logits and the target's twice, in their own dtype, and writes the gradient over its
+logits); the torch path stays as their reference (`soft_ce_impl` picks, `impl=` forces
+one).
+
 **CSRA** (`csra_loss`): the drafter's output features for one position at different
 steps should agree (they predict the same next feature) and differ from other
 positions'. The paper leaves temperature, weight, pair choice and negatives open; the
@@ -32,6 +40,8 @@ choices here are settings in TrainConfig (`csra_*`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -73,52 +83,106 @@ def soft_ce_reference(preds: torch.Tensor, target_feats: torch.Tensor, head: tor
     return ce, topk_ce, agree, t_top1
 
 
+SOFT_CE_IMPLS = ("auto", "torch", "triton")
+
+
+def soft_ce_impl(preds: torch.Tensor, topk: int, impl: str = "auto") -> str:
+    """Which path `chunked_soft_ce` takes: "auto" is the Triton kernels
+    (`coral_vllm.kernels.soft_ce`) for CUDA tensors without a top-K term, the torch path
+    otherwise (HASS's top-K term has no kernel). "triton" forces the kernels (on the CPU
+    they need TRITON_INTERPRET=1: tests), "torch" the reference path."""
+    if impl not in SOFT_CE_IMPLS:
+        raise ValueError(f"impl {impl!r} is not one of {SOFT_CE_IMPLS}")
+    if impl == "auto":
+        return "triton" if preds.is_cuda and not topk else "torch"
+    if impl == "triton" and topk:
+        raise ValueError("the soft_ce kernels have no top-K term: impl='triton' needs "
+                         "topk=0")
+    return impl
+
+
+@dataclass
+class _Outputs:
+    """What the chunk loops fill: per step (ce, topk_ce, agree) sums over rows, the
+    target's top-1 per row, and the gradients with respect to preds (not yet / N)."""
+    ce: torch.Tensor
+    topk_ce: torch.Tensor
+    agree: torch.Tensor
+    top1: torch.Tensor
+    grad: torch.Tensor
+    grad_topk: torch.Tensor
+
+
+def _chunk_torch(out: _Outputs, rows: slice, preds: torch.Tensor, target_feats: torch.Tensor,
+                 w: torch.Tensor, topk: int) -> None:
+    """One chunk of rows, every step, in float32 torch ops (the reference path)."""
+    t_logits = (target_feats[rows].to(w.dtype) @ w.T).float()
+    t_probs = t_logits.softmax(-1)
+    top1 = out.top1[rows] = t_logits.argmax(-1)
+    del t_logits
+    if topk:
+        pk, ik = t_probs.topk(topk, dim=-1)
+        mass = pk.sum(-1, keepdim=True)
+    for s in range(len(preds)):
+        d_logits = (preds[s, rows] @ w.T).float()
+        lse = d_logits.logsumexp(-1, keepdim=True)
+        # -sum p log softmax(z) = lse - sum p z   (p sums to one)
+        out.ce[s] += (lse.squeeze(-1) - (t_probs * d_logits).sum(-1)).sum()
+        if topk:
+            out.topk_ce[s] += (mass * lse).sum() - (pk * d_logits.gather(1, ik)).sum()
+        out.agree[s] += (d_logits.argmax(-1) == top1).sum()
+        soft = d_logits.sub_(lse).exp_()                    # softmax(z), in place
+        if topk:  # d/dz of the top-K term: mass * softmax(z) - p on the K tokens
+            g = (soft * mass).scatter_add_(1, ik, -pk)
+            out.grad_topk[s, rows] = (g.to(w.dtype) @ w).to(out.grad.dtype)
+            del g
+        soft.sub_(t_probs)                                  # softmax(z) - p
+        out.grad[s, rows] = (soft.to(w.dtype) @ w).to(out.grad.dtype)
+        del d_logits, lse, soft
+
+
+def _chunk_triton(out: _Outputs, rows: slice, preds: torch.Tensor,
+                  target_feats: torch.Tensor, w: torch.Tensor) -> None:
+    """One chunk of rows, every step, through the soft_ce kernels: the logits stay in
+    w's dtype and each step reads its own and the target's twice (no top-K term)."""
+    from coral_vllm.kernels.soft_ce import soft_ce_step, soft_ce_target
+
+    t_logits = target_feats[rows].to(w.dtype) @ w.T
+    t_max, t_log_sum, top1 = soft_ce_target(t_logits)
+    out.top1[rows] = top1
+    for s in range(len(preds)):
+        z = preds[s, rows] @ w.T
+        ce_rows, z_top1 = soft_ce_step(z, t_logits, t_max, t_log_sum)  # z := softmax(z) - p
+        out.ce[s] += ce_rows.sum()
+        out.agree[s] += (z_top1 == top1).sum()
+        out.grad[s, rows] = (z @ w).to(out.grad.dtype)
+        del z
+
+
 class _ChunkedSoftCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, preds: torch.Tensor, target_feats: torch.Tensor, head: torch.Tensor,
-                chunk: int, topk: int) -> tuple[torch.Tensor, ...]:
+                chunk: int, topk: int, impl: str) -> tuple[torch.Tensor, ...]:
         steps, n, _ = preds.shape
         ce = torch.zeros(steps, dtype=torch.float32, device=preds.device)
-        topk_ce = torch.zeros_like(ce)
-        agree = torch.zeros(steps, dtype=torch.int64, device=preds.device)
-        top1 = torch.empty(n, dtype=torch.int64, device=preds.device)
-        grad = torch.empty_like(preds)
-        grad_topk = torch.empty_like(preds) if topk else grad.new_zeros(())
+        out = _Outputs(ce=ce, topk_ce=torch.zeros_like(ce),
+                       agree=torch.zeros(steps, dtype=torch.int64, device=preds.device),
+                       top1=torch.empty(n, dtype=torch.int64, device=preds.device),
+                       grad=torch.empty_like(preds),
+                       grad_topk=torch.empty_like(preds) if topk else preds.new_zeros(()))
         w = head.to(preds.dtype)
         for a in range(0, n, chunk):
-            b = min(n, a + chunk)
-            t_logits = (target_feats[a:b].to(w.dtype) @ w.T).float()
-            t_probs = t_logits.softmax(-1)
-            top1[a:b] = t_logits.argmax(-1)
-            del t_logits
-            if topk:
-                pk, ik = t_probs.topk(topk, dim=-1)
-                mass = pk.sum(-1, keepdim=True)
-            for s in range(steps):
-                d_logits = (preds[s, a:b] @ w.T).float()
-                lse = d_logits.logsumexp(-1, keepdim=True)
-                # -sum p log softmax(z) = lse - sum p z   (p sums to one)
-                ce[s] += (lse.squeeze(-1) - (t_probs * d_logits).sum(-1)).sum()
-                if topk:
-                    topk_ce[s] += (mass * lse).sum() - (pk * d_logits.gather(1, ik)).sum()
-                agree[s] += (d_logits.argmax(-1) == top1[a:b]).sum()
-                soft = d_logits.sub_(lse).exp_()                    # softmax(z), in place
-                if topk:  # d/dz of the top-K term: mass * softmax(z) - p on the K tokens
-                    g = (soft * mass).scatter_add_(1, ik, -pk)
-                    grad_topk[s, a:b] = (g.to(w.dtype) @ w).to(grad.dtype)
-                    del g
-                soft.sub_(t_probs)                                  # softmax(z) - p
-                grad[s, a:b] = (soft.to(w.dtype) @ w).to(grad.dtype)
-                del d_logits, lse, soft
-        ce /= max(1, n)
-        topk_ce /= max(1, n)
-        grad /= max(1, n)
-        if topk:
-            grad_topk /= max(1, n)
-        ctx.save_for_backward(grad, grad_topk)
+            rows = slice(a, min(n, a + chunk))
+            if impl == "triton":
+                _chunk_triton(out, rows, preds, target_feats, w)
+            else:
+                _chunk_torch(out, rows, preds, target_feats, w, topk)
+        for total in (out.ce, out.topk_ce, out.grad, out.grad_topk):
+            total /= max(1, n)
+        ctx.save_for_backward(out.grad, out.grad_topk)
         ctx.topk = topk
-        ctx.mark_non_differentiable(agree, top1)
-        return ce, topk_ce, agree, top1
+        ctx.mark_non_differentiable(out.agree, out.top1)
+        return out.ce, out.topk_ce, out.agree, out.top1
 
     @staticmethod
     def backward(ctx, grad_ce: torch.Tensor, grad_tk: torch.Tensor, *_unused):
@@ -126,22 +190,26 @@ class _ChunkedSoftCE(torch.autograd.Function):
         out = grad * grad_ce.to(grad.dtype).view(-1, 1, 1)
         if ctx.topk:
             out = out + grad_topk * grad_tk.to(grad.dtype).view(-1, 1, 1)
-        return out, None, None, None, None
+        return out, None, None, None, None, None
 
 
 def chunked_soft_ce(preds: torch.Tensor, target_feats: torch.Tensor, head: torch.Tensor,
-                    chunk: int | None = None, topk: int = 0) -> tuple[torch.Tensor, ...]:
+                    chunk: int | None = None, topk: int = 0, impl: str = "auto"
+                    ) -> tuple[torch.Tensor, ...]:
     """Same outputs as `soft_ce_reference`, differentiable in `preds` only.
 
     The matrix products run in `preds`' dtype (bf16 under autocast on a GPU; float32 on
     the CPU, where it matches the reference to float32 rounding); softmax, log-sum-exp
-    and the loss in float32. Nothing here reads a value back to the host.
+    and the loss in float32. `impl` picks the path (`soft_ce_impl`): on CUDA without a
+    top-K term the Triton kernels do the softmax work on the logits in their own dtype,
+    else float32 torch ops. Nothing here reads a value back to the host.
     """
     if preds.dim() != 3 or preds.shape[1:] != target_feats.shape:
         raise ValueError(f"preds {tuple(preds.shape)} must be [steps, N, d] with "
                          f"target_feats {tuple(target_feats.shape)} = [N, d]")
     return _ChunkedSoftCE.apply(preds, target_feats, head.detach(),
-                                chunk or default_chunk(head.shape[0]), topk)
+                                chunk or default_chunk(head.shape[0]), topk,
+                                soft_ce_impl(preds, topk, impl))
 
 
 def csra_loss(features: torch.Tensor, temperature: float = 0.1,
