@@ -61,3 +61,25 @@ def test_csra_other_token_negatives():
     alone = csra_loss(feats, 0.1, tokens=torch.zeros(32, dtype=torch.long))
     alone.backward()
     assert alone == 0 and torch.isfinite(feats.grad).all()
+
+
+def test_soft_ce_setting_is_checked_and_reaches_the_loss(monkeypatch):
+    """`--soft-ce` names the loss path (the fallback if a card's kernel check fails): a
+    bad value fails naming the setting; compute_loss passes it to chunked_soft_ce."""
+    from types import SimpleNamespace
+
+    from coral_vllm.training import losses
+    from coral_vllm.training.config import TrainConfig
+
+    with pytest.raises(ValueError, match="soft_ce='cuda'"):
+        TrainConfig(soft_ce="cuda")
+    seen = []
+    real = losses.chunked_soft_ce
+    monkeypatch.setattr(losses, "chunked_soft_ce",
+                        lambda *a, **kw: seen.append(kw["impl"]) or real(*a, **kw))
+    d, vocab = 8, 32
+    drafter = SimpleNamespace(lm_head=torch.nn.Linear(d, vocab, bias=False))
+    outs = [torch.randn(1, 5, d) for _ in range(2)]
+    loss, stats = losses.compute_loss(outs, torch.randn(1, 5, d), torch.arange(5), drafter,
+                                      None, TrainConfig(soft_ce="torch", csra_weight=0.0))
+    assert seen == ["torch"] and torch.isfinite(loss) and "ce" in stats

@@ -19,6 +19,9 @@ from typing import Any
 from coral_vllm.format.config import (NUM_GROUPS, PARTITION_STRATEGIES, ROUTER_ACTIVATIONS,
                                       TOP_K_GROUPS)
 
+# how the distillation loss does its softmax work (training/losses.py, soft_ce_impl)
+SOFT_CE_IMPLS = ("auto", "torch", "triton")
+
 PRESETS: dict[str, dict[str, Any]] = {
     "eagle": {"num_steps": 1, "csra_weight": 0.0, "serve_router": False},
     "hass": {"num_steps": 3, "csra_weight": 0.0, "serve_router": False},
@@ -34,7 +37,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # schedule to its end.
 RESUMABLE_CHANGES = frozenset({"target", "data", "out", "time_limit_min", "log_every",
                                "eval_every", "save_every", "feature_store", "grad_accum",
-                               "profile_steps"})
+                               "profile_steps", "soft_ce"})
 
 
 class PlanChanged(ValueError):
@@ -87,6 +90,10 @@ class TrainConfig:
     init_from: str = ""              # a run directory: start from its best drafter (phase 2)
     # target features: computed once per run; "auto" keeps them on the GPU if they fit
     feature_store: str = "auto"      # auto | device | host
+    # the distillation loss's softmax work: auto = the Triton kernels on CUDA without a
+    # top-K term (kernels/soft_ce.py), torch = the plain path (a fallback if a card's
+    # `bench soft-ce --check` fails)
+    soft_ce: str = "auto"            # auto | torch | triton
     # logging / validation / checkpoints
     log_every: int = 10
     eval_every: int = 0              # optimizer steps between validations (0: at the end)
@@ -116,7 +123,8 @@ class TrainConfig:
                    "partition": ("auto", *PARTITION_STRATEGIES),
                    "router_label": ("ce", "kl"), "router_act": ROUTER_ACTIVATIONS,
                    "dtype": ("auto", "bfloat16", "bf16", "float32"),
-                   "csra_negatives": ("all", "other-token")}
+                   "csra_negatives": ("all", "other-token"),
+                   "soft_ce": SOFT_CE_IMPLS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {allowed}")

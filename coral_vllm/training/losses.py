@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from coral_vllm.head.router import Router
-from coral_vllm.training.config import TrainConfig
+from coral_vllm.training.config import SOFT_CE_IMPLS, TrainConfig
 from coral_vllm.training.model import CoralDrafter
 
 
@@ -81,9 +81,6 @@ def soft_ce_reference(preds: torch.Tensor, target_feats: torch.Tensor, head: tor
         topk_ce = -(pk * logq.gather(-1, ik.expand(len(preds), -1, -1))).sum(-1).mean(-1)
     agree = (d_logits.argmax(-1) == t_top1).sum(-1)
     return ce, topk_ce, agree, t_top1
-
-
-SOFT_CE_IMPLS = ("auto", "torch", "triton")
 
 
 def soft_ce_impl(preds: torch.Tensor, topk: int, impl: str = "auto") -> str:
@@ -290,7 +287,8 @@ def compute_loss(outs: list[torch.Tensor], feat_tgt: torch.Tensor, loss_pos: tor
     steps, n = preds.shape[:2]
     feat = feature_loss(preds, tgt)
     topk = cfg.topk_distill if cfg.topk_weight > 0 else 0
-    ce, topk_ce, agree, top1 = chunked_soft_ce(preds, tgt, drafter.lm_head.weight, topk=topk)
+    ce, topk_ce, agree, top1 = chunked_soft_ce(preds, tgt, drafter.lm_head.weight, topk=topk,
+                                               impl=cfg.soft_ce)
     weights = cfg.step_weight_decay ** torch.arange(steps, device=preds.device)
     per_step = (cfg.feature_loss_weight * feat + cfg.distill_weight * ce
                 + cfg.topk_weight * topk_ce)
