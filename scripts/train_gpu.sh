@@ -221,14 +221,16 @@ case "${1:?stage: data | loops | long | router | ship | profile | levers | curve
     echo "long: exit $? $(grep -E '^eval|done|stopped' "$R/train_long.log" | tail -n 2)" ;;
   profile)  # where a training step's time goes: 10 steps of the long run's recipe under
              # torch.profiler (after 3 warm ones), a scratch run -> $O/profile_$N.txt;
-             # logging as the long run does (a log step reads the device: a sync)
+             # logging as the long run does (a log step reads the device: a sync), to
+             # step 100: the rate of steps 51-100 is one unprofiled, early-run figure
     data_ready
     rm -rf "$W/runs/profile"
-    recipe_run "$W/data" "$W/runs/profile" --epochs 6 --max-steps 14 --eval-every 0 \
+    recipe_run "$W/data" "$W/runs/profile" --epochs 6 --max-steps 100 --eval-every 0 \
       --log-every 50 --profile-steps 10 ${CORAL_TRAIN_ARGS:-} \
       > "$R/train_profile.log" 2>&1 || { tail -n 20 "$R/train_profile.log"; exit 1; }
-    head -n 3 "$W/runs/profile/profile.txt"
-    cp "$W/runs/profile/profile.txt" "$O/profile_$N.txt" ;;
+    head -n 3 "$W/runs/profile/profile.txt"; grep "^step" "$R/train_profile.log"
+    cp "$W/runs/profile/profile.txt" "$O/profile_$N.txt"
+    cp "$R/train_profile.log" "$O/train_profile_$N.log" ;;
   router)  # stage 2 of the finished long run once per ROUTER_SWEEP group count, all at its
            # active share (equal k x G rows: one head cost, so recall alone decides), on
            # one pass of the drafter over the data; the best by recall@k on the run's
