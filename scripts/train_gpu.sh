@@ -177,7 +177,7 @@ ROUTER_SWEEP=${CORAL_ROUTER_SWEEP:-64 128 256}
 # by what they are expected to move, so that the first sessions run the likeliest
 LEVERS=${CORAL_LEVERS:-base: steps5:--num-steps,5 depth2:--num-layers,2 \
 distill1:--distill-weight,1.0 ce-only:--feature-loss-weight,0,--distill-weight,1.0 decay08:--step-weight-decay,0.8 \
-csra-off:--csra-weight,0 csra-tok:--csra-negatives,other-token fused:--fused-layers,auto lr1e-3:--lr,1e-3}
+csra-off:--csra-weight,0 csra-tok:--csra-negatives,other-token fused:--fused-layers,auto,--feature-store,online lr1e-3:--lr,1e-3}
 case "${1:?stage: data | loops | long | router | ship | profile | levers | curves | finish | ablate | scaling | collect}" in
   data)  # engines side by side (a 135M target leaves one vLLM engine CPU-bound), then
          # the data from all their parts: looping replies kept (data/), trimmed (data-trim/)

@@ -50,5 +50,6 @@ def test_a_feature_store_the_host_cannot_hold_is_refused_up_front(monkeypatch):
     assert features.store_device(1000, 2304, torch.bfloat16, cpu) == cpu
     with pytest.raises(features.FeatureStoreTooLarge,
                        match=r"needs 8\.6 GiB \(2,000,000 tokens x 2304 features x 2 bytes\)"
-                             r".*10\.0 GiB available.*--max-conversations.*--fused-layers"):
+                             r".*10\.0 GiB available.*--feature-store online.*--max-conversations"
+                             r".*--fused-layers"):
         features.store_device(2_000_000, 2304, torch.bfloat16, cpu, place="host")

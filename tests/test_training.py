@@ -360,12 +360,74 @@ def test_grad_accum_reads_the_micro_batches_two_ranks_would(tiny, tmp_path):
 
 
 def test_bad_settings_name_the_field(tiny, tmp_path):
-    with pytest.raises(ValueError, match="feature_store"):
+    with pytest.raises(ValueError, match="feature_store='gpu': choose one of .*'online'"):
         _cfg(tiny, tmp_path, feature_store="gpu")
     with pytest.raises(ValueError, match="top_k_groups"):
         _cfg(tiny, tmp_path, top_k_groups=32)
     with pytest.raises(ValueError, match="batch_tokens"):
         _cfg(tiny, tmp_path, batch_tokens=0)
+
+
+@pytest.mark.parametrize("fused", [None, [0, 1]])
+def test_online_features_are_the_stores(tiny, fused):
+    """The features the target computes for a micro-batch as it is trained on
+    (feature_store="online") are those the store holds for its rows, pads zero, batch
+    shapes unlike the store's; and the store's are each sample's features computed alone
+    (the target reads right-padded rows without a padding mask)."""
+    from coral_vllm.data.batches import Batch, epoch_batches
+    from coral_vllm.data.feature_store import compute_features, features_of_rows
+    from coral_vllm.data.target import target_features
+
+    table, _ = load_splits(tiny["data"], 2048)
+    model, cpu = tiny["model"], torch.device("cpu")
+    store = compute_features(model, table, cpu, batch_tokens=256, fused_layers=fused)
+    assert store.shape[1] == HIDDEN * (1 + len(fused or ())) and not store[-1].any()
+    # float32 round-off at the largest feature (layer 1's residual stream reaches ~60):
+    # the two sides run the target on batches of other shapes
+    tol = {"rtol": 1e-5, "atol": 1e-6 * float(store.abs().max())}
+    for idx in epoch_batches(table.lengths, 512, seed=1, epoch=0)[:4]:
+        host = Batch.build(table, idx)  # 8 samples padded to 64, the store's 4 to their longest
+        assert host.rows.shape[1] > table.lengths[idx].max()
+        online = features_of_rows(model, table, host.rows.numpy(), cpu, fused)
+        assert online.dtype == store.dtype == torch.float32
+        torch.testing.assert_close(online, store[host.rows], **tol)
+    for i in range(3):
+        ids, _ = table.sample(i)
+        alone = target_features(model, torch.from_numpy(ids)[None], fused_layers=fused)[0]
+        a = int(table.starts[i])
+        torch.testing.assert_close(store[a:a + len(ids)], alone, **tol)
+
+
+@pytest.mark.parametrize("fused", ["", "0,1"])
+def test_online_features_train_as_the_store_does(tiny, tmp_path, fused):
+    """A run with feature_store="online" keeps the target and no training store (the
+    other placements keep a store and free the target), and trains as a run with the
+    store does: the same losses step by step, the same drafter, with or without fused
+    target layers."""
+    from coral_vllm.training.schedule import Schedule
+    from coral_vllm.training.trainer import compute_split_features, start_run
+
+    kw = dict(max_steps=4, grad_accum=2, feature_noise=0.2, fused_layers=fused,
+              eval_heldout_samples=4)
+    online = _cfg(tiny, tmp_path / "online", feature_store="online", **kw)
+    train_t, held_t = load_splits(tiny["data"], online.max_len)
+    for cfg in (online, _cfg(tiny, tmp_path / "store", **kw)):
+        run = start_run(cfg, "cpu")
+        feats = compute_split_features(run, tiny["model"], train_t, held_t,
+                                       Schedule(train_t.lengths, cfg, 1, 0),
+                                       cfg.fused_layer_ids(tiny["model"].config.to_dict()))
+        assert (feats.store is None) == (feats.target is not None) == (cfg is online)
+        assert feats.heldout.feats is not None
+        train(cfg)
+    runs = [tmp_path / "online", tmp_path / "store"]
+    rows = [[json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+            for out in runs]
+    losses = [[r["loss"] for r in run_rows if "loss" in r] for run_rows in rows]
+    assert len(losses[0]) == 4
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
+    a, b = (load_state(out)["model"] for out in runs)
+    for k, v in a.items():
+        torch.testing.assert_close(v, b[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
 def test_cli_help_and_eagle_preset(tiny, tmp_path, capsys):

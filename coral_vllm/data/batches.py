@@ -52,6 +52,13 @@ class TokenTable:
         a, n = int(self.starts[i]), int(self.lengths[i])
         return self.tokens[a:a + n], self.loss_mask[a:a + n]
 
+    def rows(self, idx: np.ndarray, seq_len: int) -> np.ndarray:
+        """[len(idx), seq_len] table rows of the samples `idx`, each from its first token,
+        right-padded with `pad_row` (its token 0): a batch's layout, and the target's."""
+        t = np.arange(seq_len)
+        return np.where(t[None, :] < self.lengths[idx][:, None],
+                        self.starts[idx][:, None] + t[None, :], self.pad_row)
+
     def subset(self, indices: np.ndarray) -> "TokenTable":
         """The samples `indices`, in that order, as a table of their own."""
         return TokenTable.from_samples([self.sample(int(i)) for i in indices],
@@ -118,13 +125,10 @@ class Batch:
     @classmethod
     def build(cls, table: TokenTable, idx: np.ndarray) -> "Batch":
         lens = table.lengths[idx]
-        s = max(3, padded_len(int(lens.max())))
-        t = np.arange(s)
-        rows = np.where(t[None, :] < lens[:, None], table.starts[idx][:, None] + t[None, :],
-                        table.pad_row)
+        rows = table.rows(idx, max(3, padded_len(int(lens.max()))))
         ids = table.tokens[rows]
         # EAGLE alignment: position t reads (f_t, x_{t+1}) and predicts f_{t+1}, x_{t+2}
-        want = np.zeros((len(idx), s - 1), dtype=bool)
+        want = np.zeros((len(idx), rows.shape[1] - 1), dtype=bool)
         want[:, :-1] = table.loss_mask[rows[:, 2:]].astype(bool)
         loss_pos = np.flatnonzero(want)
         return cls(torch.from_numpy(rows), torch.from_numpy(ids[:, 1:].copy()),
@@ -135,6 +139,14 @@ class Batch:
         device = torch.device(device)
         if device.type != "cuda":
             return self
-        move = lambda x: x.pin_memory().to(device, non_blocking=True)  # noqa: E731
-        return dataclasses.replace(self, rows=move(self.rows), ids_in=move(self.ids_in),
-                                   loss_pos=move(self.loss_pos))
+        return dataclasses.replace(self, rows=to_device(self.rows, device),
+                                   ids_in=to_device(self.ids_in, device),
+                                   loss_pos=to_device(self.loss_pos, device))
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without the host waiting for the device: on CUDA the
+    copy goes through pinned memory (non_blocking), queued behind the work before it."""
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)

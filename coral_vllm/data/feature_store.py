@@ -1,4 +1,5 @@
-"""The target's features for every token of a table, computed once and kept on the device.
+"""The target's features for every token of a table, computed once and kept on the device;
+or, when no memory can hold them, a batch's features computed as it is trained on.
 
 A drafter learns from the target's last hidden state after the final norm (what vLLM
 hands an EAGLE drafter), and an EAGLE-3-style one also reads a few layers' residual
@@ -8,8 +9,11 @@ instead of running the target on every batch of every epoch of every preset, rem
 the target's forward from the training step. SmolLM2-135M at 6M tokens x 576 x 2 bytes
 (bf16) is 7 GB, well inside an H200; the store is placed on the CPU instead when the
 device lacks the memory (`place="auto"`), and a batch is then gathered there and copied
-over; one the host cannot hold either is refused before the target runs. (EAGLE-3-style
-fused features on SmolLM2 at 14M tokens: 65 GB.)
+over; one the host cannot hold either is refused before the target runs. EAGLE-3-style
+fused features on SmolLM2 at 25M tokens need 115 GB, more than either: the trainer's
+`feature_store="online"` then keeps no store and runs the target on each micro-batch
+(`features_of_rows`, the function the store is computed with), one target forward per
+micro-batch instead of the memory.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from coral_vllm.data.batches import TokenTable, epoch_batches
+from coral_vllm.data.batches import TokenTable, epoch_batches, to_device
 from coral_vllm.data.target import target_features
 
 FEATURE_BATCH_TOKENS = 1 << 16
@@ -62,9 +66,31 @@ def store_device(num_rows: int, hidden: int, dtype: torch.dtype, device: torch.d
             f"the target feature store needs {need / 2**30:.1f} GiB ({num_rows:,} tokens x "
             f"{hidden} features x {dtype.itemsize} bytes) and the host has "
             f"{available / 2**30:.1f} GiB available, of which {HOST_MEMORY_SHARE:.0%} may "
-            "be used: train on less data (train data --max-conversations N) or read fewer "
-            "target layers (--fused-layers).")
+            "be used: compute each micro-batch's features as it is trained on instead "
+            "(train train --feature-store online: a target forward per micro-batch), train "
+            "on less data (train data --max-conversations N) or read fewer target layers "
+            "(--fused-layers).")
     return torch.device("cpu")
+
+
+@torch.no_grad()
+def features_of_rows(target, table: TokenTable, rows: np.ndarray, device: torch.device,
+                     fused_layers: Sequence[int] | None = None) -> torch.Tensor:
+    """[B, S, width] target features of table rows [B, S] laid out as `TokenTable.rows`
+    lays them out (each sample from its first token, right-padded with `pad_row`), on
+    `device` in the target's dtype: what a store computed by `compute_features` holds
+    for those rows, zero at the pad positions as its pad row is.
+
+    The target reads each row without a padding mask: padding is on the right and
+    attention is causal, so no real token attends to a pad (its features are those the
+    sample alone gives). A mask would cost more: transformers (5.19 here) reads it back
+    from the device to decide whether SDPA may take its causal kernel, and with padding
+    it may not. Without one it still reads the position ids back once per forward (its
+    check for packed sequences), so a training step that calls this waits for the device
+    there once per micro-batch; gathering from a store does not."""
+    ids = to_device(torch.from_numpy(table.tokens[rows]), device)
+    pad = to_device(torch.from_numpy(rows == table.pad_row), device)
+    return target_features(target, ids, None, fused_layers).masked_fill_(pad[..., None], 0)
 
 
 @torch.no_grad()
@@ -80,14 +106,8 @@ def compute_features(target, table: TokenTable, device: torch.device | str, *,
     where = store_device(len(table.tokens), hidden, dtype, device, place)
     store = torch.zeros(len(table.tokens), hidden, dtype=dtype, device=where)
     for idx in epoch_batches(table.lengths, batch_tokens, seed=0, epoch=0):
-        lens = table.lengths[idx]
-        s = int(lens.max())
-        t = np.arange(s)
-        valid = t[None, :] < lens[:, None]
-        rows = np.where(valid, table.starts[idx][:, None] + t[None, :], table.pad_row)
-        ids = torch.from_numpy(table.tokens[rows]).to(device)
-        attn = torch.from_numpy(valid.astype(np.int64)).to(device)
-        feats = target_features(target, ids, attn, fused_layers)
-        sel = torch.from_numpy(valid)
-        store[torch.from_numpy(rows[valid]).to(where)] = feats[sel.to(device)].to(where)
+        rows = table.rows(idx, int(table.lengths[idx].max()))
+        # pad positions write the pad row, with the zero they hold
+        store[torch.from_numpy(rows).to(where)] = features_of_rows(
+            target, table, rows, device, fused_layers).to(where)
     return store

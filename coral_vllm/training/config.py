@@ -88,8 +88,10 @@ class TrainConfig:
                                      # "auto" = vLLM's Llama default (2, N/2, N-3), or "2,15,27"
     init_from_target: bool = False   # copy the target's last N layers into the drafter's
     init_from: str = ""              # a run directory: start from its best drafter (phase 2)
-    # target features: computed once per run; "auto" keeps them on the GPU if they fit
-    feature_store: str = "auto"      # auto | device | host
+    # target features of the training split: computed once per run and kept on the device
+    # or the host ("auto": the device if they fit), or "online": none kept, the target
+    # runs on every micro-batch (for data whose store neither can hold)
+    feature_store: str = "auto"      # auto | device | host | online
     # the distillation loss's softmax work: auto = the Triton kernels on CUDA without a
     # top-K term (kernels/soft_ce.py), torch = the plain path (a fallback if a card's
     # `bench soft-ce --check` fails)
@@ -119,7 +121,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """Bad values fail here, naming the setting, before anything is loaded."""
-        choices = {"feature_store": ("auto", "device", "host"),
+        choices = {"feature_store": ("auto", "device", "host", "online"),
                    "partition": ("auto", *PARTITION_STRATEGIES),
                    "router_label": ("ce", "kl"), "router_act": ROUTER_ACTIVATIONS,
                    "dtype": ("auto", "bfloat16", "bf16", "float32"),

@@ -1,7 +1,8 @@
 """Stage 1: train the drafter (EAGLE / HASS multi-step / CORAL's CSRA), validated as it goes.
 
 One optimizer step:
-    f = target features, computed once for the whole split (data/feature_store.py)
+    f = target features, computed once for the whole split (data/feature_store.py), or
+        for each micro-batch as it is trained on (feature_store="online")
     position t: input (f_t + noise, x_{t+1}), target f_{t+1} (and lm_head(f_{t+1}));
               with fused_layers the input is the fused layers' states at t instead
     n drafter steps, each reading the features the one before predicted (multi_step.py)
@@ -17,7 +18,9 @@ Every `eval_every` steps (and at the end) `validate.py` measures held-out accura
 step and the offline chain tau (k = `eval_k`) on the dev prompts, router on and off; the
 best checkpoint by the tau the preset serves with is kept in `best.pt`.
 
-The loop reads nothing back from the device except on logging and evaluation steps.
+The loop reads nothing back from the device except on logging and evaluation steps (and,
+with feature_store="online", once per micro-batch inside the target's transformers
+forward: `feature_store.features_of_rows`).
 Resumable: the run directory's state (run_dir.py) is written every `save_every` steps,
 at the time limit and at the end; rerunning the same command continues from it.
 Multi-GPU: `torchrun --nproc-per-node N` (DDP); data is sharded by rank (schedule.py).
@@ -35,8 +38,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from coral_vllm.data.batches import Batch, TokenTable
-from coral_vllm.data.feature_store import compute_features
+from coral_vllm.data.batches import Batch, TokenTable, to_device
+from coral_vllm.data.feature_store import compute_features, features_of_rows
 from coral_vllm.data.shards import data_fingerprint, load_dev, load_splits, train_token_counts
 from coral_vllm.data.target import load_target, split_features
 from coral_vllm.runtime.device import device_name
@@ -71,9 +74,25 @@ class Features:
     """What this rank trains and (rank 0) validates on, with the target's features."""
     table: TokenTable          # this rank's training samples
     rows: dict[int, int]       # whole-split sample index -> its row in `table`
-    store: torch.Tensor        # their target features
+    store: torch.Tensor | None  # their target features; None: `target` computes them
     heldout: EvalSplit | None  # rank 0 only
     dev: EvalSplit | None      # rank 0 only, if the data has dev prompts
+    # feature_store="online" only (elsewhere the target is freed once the stores exist):
+    target: torch.nn.Module | None = None
+    fused: list[int] | None = None  # target layers whose states follow its last one
+
+    def of_batch(self, host: Batch, batch: Batch, device: torch.device) -> torch.Tensor:
+        """[B, S, width] target features of a batch's rows (`host`: as built, `batch`: on
+        the device) on `device`: the store's, or (online) the target's run on its tokens,
+        the same values (`features_of_rows` computes the store too)."""
+        if self.store is None:
+            return features_of_rows(self.target, self.table, host.rows.numpy(), device,
+                                    self.fused)
+        if self.store.device.type == device.type:
+            return self.store[batch.rows]
+        # a host store: gather with the host's rows (reading the device's back would wait
+        # on it), copy from pinned memory
+        return to_device(self.store[host.rows], device)
 
 
 def train(cfg: TrainConfig, device: str | None = None,
@@ -188,21 +207,26 @@ def load_drafter_and_features(run: Run, schedule: Schedule, train_all: TokenTabl
 
 def compute_split_features(run: Run, target, train_all: TokenTable, heldout: TokenTable,
                            schedule: Schedule, fused: list[int] | None) -> Features:
-    """Target features of this rank's training samples; on rank 0 also of the first
-    `eval_heldout_samples` held-out samples and of the dev prompts."""
+    """Target features of this rank's training samples (with feature_store="online", the
+    target that computes them per micro-batch instead); on rank 0 also the features of
+    the first `eval_heldout_samples` held-out samples and of the dev prompts, computed
+    once either way (they are small)."""
     cfg, dev = run.cfg, run.device
     local = schedule.local_samples()
     table = train_all.subset(local)
     rows = {int(s): i for i, s in enumerate(local)}
-    store = compute_features(target, table, dev, place=cfg.feature_store, fused_layers=fused)
+    online = cfg.feature_store == "online"
+    store = None if online else compute_features(target, table, dev, place=cfg.feature_store,
+                                                 fused_layers=fused)
+    kept = {"target": target, "fused": fused} if online else {}
     if run.rank != 0:
-        return Features(table, rows, store, None, None)
+        return Features(table, rows, store, None, None, **kept)
     heldout = heldout.subset(np.arange(min(len(heldout), cfg.eval_heldout_samples)))
     held = EvalSplit(heldout, compute_features(target, heldout, dev, fused_layers=fused))
     dev_table, prompt_lens = load_dev(cfg.data, cfg.max_len)
     dev_split = None if dev_table is None else EvalSplit(
         dev_table, compute_features(target, dev_table, dev, fused_layers=fused), prompt_lens)
-    return Features(table, rows, store, held, dev_split)
+    return Features(table, rows, store, held, dev_split, **kept)
 
 
 def make_optimizer(cfg: TrainConfig, drafter: CoralDrafter, dev: torch.device,
@@ -262,13 +286,7 @@ def micro_step(run: Run, model: torch.nn.Module, drafter: CoralDrafter, feats: F
     cfg, dev = run.cfg, run.device
     host = Batch.build(feats.table, np.array([feats.rows[int(i)] for i in idx]))
     batch = host.to(dev)
-    if feats.store.device.type == dev.type:
-        gathered = feats.store[batch.rows]
-    else:  # a host store: gather with the host's rows (reading the device's back would
-        gathered = feats.store[host.rows]  # wait on it), copy from pinned memory
-        if dev.type == "cuda":
-            gathered = gathered.pin_memory().to(dev, non_blocking=True)
-    last, f = split_features(gathered, drafter.hidden_size)
+    last, f = split_features(feats.of_batch(host, batch, dev), drafter.hidden_size)
     feat_in, feat_tgt = f[:, :-1], last[:, 1:]
     noise_gen, csra_gen = slot_generators(cfg.seed, step, slot, dev)
     if cfg.feature_noise > 0:
