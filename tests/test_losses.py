@@ -45,6 +45,30 @@ def test_csra_zero_when_steps_agree():
     assert torch.isfinite(csra_loss(noisy, 0.1, max_positions=16))
 
 
+def test_csra_mean_over_positives_is_the_boolean_index_mean():
+    """The loss averages the positive pairs without a boolean index (no count read back
+    on a GPU): value and gradient equal the indexed mean's, tokens given or not."""
+    torch.manual_seed(0)
+    feats = torch.randn(3, 24, 32, requires_grad=True)
+    shared = torch.arange(24) % 5
+    for tokens in (None, shared):
+        got = csra_loss(feats, 0.1, tokens=tokens)
+        (g_got,) = torch.autograd.grad(got, feats)
+        n, num, _ = feats.shape
+        z = torch.nn.functional.normalize(feats, dim=-1).reshape(n * num, -1)
+        sim = z @ z.T / 0.1
+        pos = torch.arange(num).repeat(n)
+        same = pos[:, None] == pos[None, :]
+        positive = same & ~torch.eye(n * num, dtype=torch.bool)
+        not_neg = same if tokens is None else same | (tokens.repeat(n)[:, None]
+                                                      == tokens.repeat(n)[None, :])
+        lse = sim.masked_fill(not_neg, float("-inf")).logsumexp(dim=1, keepdim=True)
+        want = (torch.logaddexp(sim, lse) - sim)[positive].mean()
+        (g_want,) = torch.autograd.grad(want, feats)
+        assert torch.allclose(got, want, rtol=1e-6)
+        assert torch.allclose(g_got, g_want, rtol=1e-5, atol=1e-8)
+
+
 def test_csra_other_token_negatives():
     """Positions that share a target token are not each other's negatives: all-distinct
     tokens change nothing, a shared token lowers the loss (fewer negatives), and a query

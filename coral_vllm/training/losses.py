@@ -231,7 +231,8 @@ def csra_loss(features: torch.Tensor, temperature: float = 0.1,
         return features.sum() * 0.0
     if max_positions and num > max_positions:
         idx = torch.randperm(num, generator=generator, device="cpu")[:max_positions]
-        idx = idx.to(features.device)
+        if features.is_cuda:  # from pinned memory, not waited for: a pageable copy syncs
+            idx = idx.pin_memory().to(features.device, non_blocking=True)
         features = features[:, idx]
         tokens = None if tokens is None else tokens[idx]
         num = max_positions
@@ -249,7 +250,9 @@ def csra_loss(features: torch.Tensor, temperature: float = 0.1,
     # its pairs then cost 0), then combine with each positive
     neg_lse = sim.masked_fill(not_negative, float("-inf")).logsumexp(dim=1, keepdim=True)
     pair = torch.logaddexp(sim, neg_lse) - sim                  # -log softmax of the pair
-    return pair[positive].mean()
+    # the mean over the positive pairs, each of the n * num queries having n - 1; a
+    # boolean index would read its count back to the host (a sync per step)
+    return pair.masked_fill(~positive, 0.0).sum() / (n * num * (n - 1))
 
 
 def feature_loss(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
