@@ -259,13 +259,14 @@ case "${1:?stage: data | loops | long | router | ship | profile | levers | curve
          # MT-bench and HumanEval (T=0); bench e2e at CORAL_SHIP_K (3 5), batch 1, T=0,
          # MT-bench, plain vs the CORAL_SHIP_E2E heads (router). Other targets:
          # CORAL_ACCEPTANCE_ARGS (e.g. `-k 6 --datasets humaneval mtbench gsm8k`),
-         # CORAL_E2E_ARGS (later flags win)
+         # CORAL_E2E_ARGS (later flags win); CORAL_SHIP_TABLES (acceptance e2e) picks tables,
+         # CORAL_SHIP_TAU (router dense static) the acceptance table's heads
     # shared: the router drafter with one set of groups per draft step (group_sharing
     # batch), made from long-router when CORAL_SHIP_E2E names it
     declare -A as=([router]=coral [dense]=dense-head [static]=static [shared]=coral-shared)
-    heads_used=$(printf '%s\n' router dense static ${CORAL_SHIP_E2E:-router} | awk '!seen[$0]++')
+    heads_used=$(printf '%s\n' ${CORAL_SHIP_TAU:-router dense static} ${CORAL_SHIP_E2E:-router} | awk '!seen[$0]++')
     for head in $heads_used; do  # exported here, or sent back by an earlier lease
-      [ -n "${as[$head]:-}" ] || { echo "CORAL_SHIP_E2E: $head? choose of ${!as[*]}"; exit 2; }
+      [ -n "${as[$head]:-}" ] || { echo "CORAL_SHIP_TAU / CORAL_SHIP_E2E: no head $head; choose of ${!as[*]}"; exit 2; }
       [ -d "$W/drafters/long-$head" ] || [ "$head" = shared ] && continue
       long_done || { echo "long: not done"; exit 3; }
       [ -f "$W/runs/long/router_sweep.json" ] || { echo "router: not done (run that stage)"; exit 3; }
@@ -284,10 +285,14 @@ json.dump(c, open(p, 'w'), indent=2)" "$W/drafters/long-shared" || exit 1
         --dest "$W/drafters/long-$head" $flag --dtype bfloat16 > /dev/null || exit 1
     done
     heads() { for h in "$@"; do printf '%s=%s ' "${as[$h]}" "$W/drafters/long-$h"; done; }
-    python3 -m coral_vllm.cli bench acceptance --model "$M" --drafters $(heads router dense static) \
-      -k 5 --limit 164 --max-tokens 256 --out "$R/acceptance_$N.json" ${CORAL_ACCEPTANCE_ARGS:-} \
-      2>&1 | grep -v "^INFO\|^(\|^WARN" | tail -n 9
-    cp "$R/acceptance_$N.json" "$O/"
+    tables=" ${CORAL_SHIP_TABLES:-acceptance e2e} "  # one lease may take the tau table, the next the timings
+    if [[ $tables == *" acceptance "* ]]; then
+      python3 -m coral_vllm.cli bench acceptance --model "$M" --drafters $(heads ${CORAL_SHIP_TAU:-router dense static}) \
+        -k 5 --limit 164 --max-tokens 256 --out "$R/acceptance_$N.json" ${CORAL_ACCEPTANCE_ARGS:-} \
+        2>&1 | grep -v "^INFO\|^(\|^WARN" | tail -n 9
+      cp "$R/acceptance_$N.json" "$O/"
+    fi
+    [[ $tables == *" e2e "* ]] || exit 0
     for k in ${CORAL_SHIP_K:-3 5}; do
       python3 -m coral_vllm.cli bench e2e --model "$M" -k "$k" --drafters $(heads ${CORAL_SHIP_E2E:-router}) \
         --datasets mtbench --temperatures 0 --concurrency 1 --requests 16 --repeats 5 \
