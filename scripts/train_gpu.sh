@@ -18,6 +18,8 @@
 #   bash scripts/train_gpu.sh long     # the shipped drafter's run (6 epochs of data/), resumed
 #   bash scripts/train_gpu.sh router   # its router refit per group count (CORAL_ROUTER_SWEEP)
 #                                      # at equal active rows; the best by held-out recall
+#   bash scripts/train_gpu.sh pinned   # the router drafter with its first P groups always on,
+#                                      # P by vLLM tau on the dev prompts (ship: head `pinned`)
 #   bash scripts/train_gpu.sh ship     # its exports, vLLM tau (k=5, MT-bench, HumanEval), e2e
 #   bash scripts/train_gpu.sh profile  # 10 steps of that recipe under torch.profiler
 #   bash scripts/train_gpu.sh levers   # the recipe's levers (LEVERS), 4 epochs each, one at
@@ -95,6 +97,18 @@ export_run() {  # run -> bf16 drafter dir -> $O/$N-drafter_RUN.tgz (fits the 16 
   local dense; dense=$([ "$1" = coral ] || echo --dense)
   python3 -m coral_vllm.cli train export --run "$W/runs/$1" --dest "$W/drafters/$1" \
     $dense --dtype bfloat16 > /dev/null && tar -C "$W/drafters" -czf "$O/$N-drafter_$1.tgz" "$1"
+}
+variant() {  # variant SRC DEST KEY=VALUE...: an exported drafter with other "coral" settings
+  # (same weights), checked by reading it back: a bad setting fails naming its field
+  local src=$W/drafters/$1 dest=$W/drafters/$2; shift 2
+  [ -d "$dest" ] && return 0
+  cp -r "$src" "$dest" && python3 -c "import json, sys
+from coral_vllm.format.checkpoint import read_checkpoint
+p = sys.argv[1] + '/config.json'; c = json.load(open(p))
+for kv in sys.argv[2:]:
+    key, value = kv.split('=', 1); c['coral'][key] = json.loads(value) if value[:1].isdigit() else value
+json.dump(c, open(p, 'w'), indent=2); read_checkpoint(sys.argv[1])" "$dest" "$@" \
+    || { rm -rf "$dest"; return 1; }
 }
 unpack_metrics() {  # finished runs' metrics sent back as $N-NAME.tgz (in any .gpu-data
   # subfolder), where $W lacks them
@@ -178,7 +192,7 @@ ROUTER_SWEEP=${CORAL_ROUTER_SWEEP:-64 128 256}
 LEVERS=${CORAL_LEVERS:-base: steps5:--num-steps,5 depth2:--num-layers,2 \
 distill1:--distill-weight,1.0 ce-only:--feature-loss-weight,0,--distill-weight,1.0 decay08:--step-weight-decay,0.8 \
 csra-off:--csra-weight,0 csra-tok:--csra-negatives,other-token fused:--fused-layers,auto,--feature-store,online lr1e-3:--lr,1e-3}
-case "${1:?stage: data | loops | long | router | ship | profile | levers | curves | finish | ablate | scaling | collect}" in
+case "${1:?stage: data | loops | long | router | pinned | ship | profile | levers | curves | finish | ablate | scaling | collect}" in
   data)  # engines side by side (a 135M target leaves one vLLM engine CPU-bound), then
          # the data from all their parts: looping replies kept (data/), trimmed (data-trim/)
     conversations_ready
@@ -252,6 +266,32 @@ case "${1:?stage: data | loops | long | router | ship | profile | levers | curve
     [ -f "$sweep" ] || { tail -n 5 "$R/router_sweep.log"; exit 3; }
     grep -E '^ +g[0-9]+-k|^chosen' "$R/router_sweep.log"
     cp "$sweep" "$O/router_sweep_$N.json" ;;
+  pinned)  # the router drafter with its first P groups pinned (the frequency partition's
+            # most frequent tokens always scored, the router picking the other k - P; see
+            # docs/training.md), P chosen by vLLM's tau on the run's dev prompts (never a
+            # test set) among 0 (the router alone) and CORAL_PINNED (k/4 k/2 3k/4 of its
+            # top_k_groups) -> drafters/long-pinned. CORAL_PINNED_CHOSEN=P (an earlier
+            # lease's choice, $O/pinned_dev_tau_$N.json) makes it without the sweep.
+    [ -d "$W/drafters/long-router" ] || { echo "pinned: no long-router drafter (ship's export)"; exit 3; }
+    if [ -z "${CORAL_PINNED_CHOSEN:-}" ]; then
+      data_ready
+      k=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['coral']['top_k_groups'])" \
+        "$W/drafters/long-router/config.json")
+      specs="p0=$W/drafters/long-router"
+      for p in ${CORAL_PINNED:-$((k / 4)) $((k / 2)) $((3 * k / 4))}; do
+        variant long-router "long-router-p$p" "pinned_groups=$p" || exit 1
+        specs="$specs p$p=$W/drafters/long-router-p$p"
+      done
+      python3 -m coral_vllm.cli train vllm-tau --target "$M" --data "$W/data" --k 5 \
+        --drafters $specs --json "$R/pinned_dev_tau_$N.json" ${CORAL_TAU_ARGS:-} 2>&1 | grep '^{' || exit 1
+      cp "$R/pinned_dev_tau_$N.json" "$O/"
+      CORAL_PINNED_CHOSEN=$(python3 -c "import json, sys
+rows = json.load(open(sys.argv[1]))['rows']  # the best vLLM tau; ties to fewer pinned groups
+best = max(rows, key=lambda r: (r['vllm_tau'], -int(r['drafter'][1:])))
+print(best['drafter'][1:])" "$R/pinned_dev_tau_$N.json") || exit 1
+    fi
+    echo "pinned: P = $CORAL_PINNED_CHOSEN"
+    variant long-router long-pinned "pinned_groups=$CORAL_PINNED_CHOSEN" ;;
   ship)  # the finished long run exported three ways (router: CORAL, with the router,
          # partition and group count the router stage chose; dense: the EAGLE head;
          # static: the frequency partition's first groups of that grouping, at the
@@ -263,11 +303,12 @@ case "${1:?stage: data | loops | long | router | ship | profile | levers | curve
          # CORAL_SHIP_TAU (router dense static) the acceptance table's heads
     # shared: the router drafter with one set of groups per draft step (group_sharing
     # batch), made from long-router when CORAL_SHIP_E2E names it
-    declare -A as=([router]=coral [dense]=dense-head [static]=static [shared]=coral-shared)
+    declare -A as=([router]=coral [dense]=dense-head [static]=static [shared]=coral-shared
+      [pinned]=coral-pinned)
     heads_used=$(printf '%s\n' ${CORAL_SHIP_TAU:-router dense static} ${CORAL_SHIP_E2E:-router} | awk '!seen[$0]++')
     for head in $heads_used; do  # exported here, or sent back by an earlier lease
       [ -n "${as[$head]:-}" ] || { echo "CORAL_SHIP_TAU / CORAL_SHIP_E2E: no head $head; choose of ${!as[*]}"; exit 2; }
-      [ -d "$W/drafters/long-$head" ] || [ "$head" = shared ] && continue
+      [ -d "$W/drafters/long-$head" ] || [ "$head" = shared ] || [ "$head" = pinned ] && continue
       long_done || { echo "long: not done"; exit 3; }
       [ -f "$W/runs/long/router_sweep.json" ] || { echo "router: not done (run that stage)"; exit 3; }
     done
@@ -276,10 +317,9 @@ case "${1:?stage: data | loops | long | router | ship | profile | levers | curve
         dense) flag=--dense ;; static) flag="--selection static --router-sweep" ;;
         *) flag=--router-sweep ;;
       esac
-      if [ "$head" = shared ] && [ ! -d "$W/drafters/long-shared" ]; then
-        cp -r "$W/drafters/long-router" "$W/drafters/long-shared" && python3 -c "import json, sys
-p = sys.argv[1] + '/config.json'; c = json.load(open(p)); c['coral']['group_sharing'] = 'batch'
-json.dump(c, open(p, 'w'), indent=2)" "$W/drafters/long-shared" || exit 1
+      if [ "$head" = shared ]; then variant long-router long-shared group_sharing=batch || exit 1; fi
+      if [ "$head" = pinned ] && [ ! -d "$W/drafters/long-pinned" ]; then
+        echo "ship: no long-pinned drafter; run the pinned stage first"; exit 3
       fi
       [ -d "$W/drafters/long-$head" ] || python3 -m coral_vllm.cli train export --run "$W/runs/long" \
         --dest "$W/drafters/long-$head" $flag --dtype bfloat16 > /dev/null || exit 1
@@ -369,7 +409,8 @@ print(' '.join(x['lever'] for x in sorted(r, key=lambda x: -x['heldout_tau'])[:2
           runs/profile/profile.txt 2>/dev/null)
       long_done || { [ -d "$W/runs/long" ] && O=$X pack run-long runs/long; }
       for d in $(cd "$W" && ls -d drafters/*/ 2>/dev/null); do  # each restored on its own
-        d=${d%/}; [ "$d" = drafters/long-shared ] && continue  # ship makes it from long-router
+        d=${d%/}; case $d in drafters/long-shared|drafters/long-pinned|drafters/long-router-p*)
+          continue ;; esac  # variants of long-router, remade from it (the pinned choice: its json)
         O=$X pack "drafter-${d#drafters/}" "$d"
       done
       # the lever runs: finished ones' metrics, the others whole (resumed next lease)
