@@ -300,7 +300,8 @@ print(best['drafter'][1:])" "$R/pinned_dev_tau_$N.json") || exit 1
          # MT-bench, plain vs the CORAL_SHIP_E2E heads (router). Other targets:
          # CORAL_ACCEPTANCE_ARGS (e.g. `-k 6 --datasets humaneval mtbench gsm8k`),
          # CORAL_E2E_ARGS (later flags win); CORAL_SHIP_TABLES (acceptance e2e) picks tables,
-         # CORAL_SHIP_TAU (router dense static) the acceptance table's heads
+         # CORAL_SHIP_TAU (router dense static) the acceptance table's heads, CORAL_SHIP_TAG
+         # a suffix for its file (acceptance_NAME_TAG.json)
     # shared: the router drafter with one set of groups per draft step (group_sharing
     # batch), made from long-router when CORAL_SHIP_E2E names it
     declare -A as=([router]=coral [dense]=dense-head [static]=static [shared]=coral-shared
@@ -326,11 +327,12 @@ print(best['drafter'][1:])" "$R/pinned_dev_tau_$N.json") || exit 1
     done
     heads() { for h in "$@"; do printf '%s=%s ' "${as[$h]}" "$W/drafters/long-$h"; done; }
     tables=" ${CORAL_SHIP_TABLES:-acceptance e2e} "  # one lease may take the tau table, the next the timings
+    tag=${CORAL_SHIP_TAG:+_$CORAL_SHIP_TAG}  # a later table beside the first (e.g. pinned)
     if [[ $tables == *" acceptance "* ]]; then
       python3 -m coral_vllm.cli bench acceptance --model "$M" --drafters $(heads ${CORAL_SHIP_TAU:-router dense static}) \
-        -k 5 --limit 164 --max-tokens 256 --out "$R/acceptance_$N.json" ${CORAL_ACCEPTANCE_ARGS:-} \
+        -k 5 --limit 164 --max-tokens 256 --out "$R/acceptance_$N$tag.json" ${CORAL_ACCEPTANCE_ARGS:-} \
         2>&1 | grep -v "^INFO\|^(\|^WARN" | tail -n 9
-      cp "$R/acceptance_$N.json" "$O/"
+      cp "$R/acceptance_$N$tag.json" "$O/"
     fi
     [[ $tables == *" e2e "* ]] || exit 0
     for k in ${CORAL_SHIP_K:-3 5}; do
