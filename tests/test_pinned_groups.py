@@ -112,3 +112,36 @@ def test_the_choice_is_best_recall_then_fewer_pinned_then_earlier_partition():
     old = {"chosen": "frequency", "partitions": parts}
     assert chosen_selection(old) == {"partition": "frequency", "pinned_groups": 0,
                                      "recall_at_k": 0.85, "dense_agreement": 0.8}
+
+
+@pytest.mark.engine
+def test_engine_serves_the_pinned_groups(runs, drafters):
+    """Served through vLLM (the "pinned" kind: the shipped drafter with 4 of its 8
+    groups pinned), the draft logits are the dense head restricted to groups 0..3 plus
+    the router's top 4 of groups 4..63 (computed here without `top_groups`), and the
+    greedy path drafts their argmax."""
+    from transformers import AutoModelForCausalLM
+
+    from coral_vllm.format.partition import group_of_token
+    from coral_vllm.training.evaluate import load_drafter
+    from drafter_kinds import PINNED
+    from kind_probes import ROUNDTRIP_FEATURES
+
+    loaded = runs.greedy("pinned")["loaded"]
+    target = AutoModelForCausalLM.from_pretrained(str(drafters.target("smollm2")),
+                                                  dtype=torch.float32)
+    ref = load_drafter(drafters.drafter("pinned"), target, device="cpu")
+    c = ref.coral
+    assert (c.pinned_groups, c.top_k_groups, c.partition) == (PINNED, 8, "frequency")
+    h = ROUNDTRIP_FEATURES
+    with torch.no_grad():
+        dense = ref.lm_head(h).float()
+        logits = ref.router(h)
+    token_group = group_of_token(ref.partition.token_order, c.group_size)
+    active = token_group.unsqueeze(0) < PINNED
+    for row, order in enumerate(logits[:, PINNED:].argsort(dim=-1, descending=True)):
+        active[row] |= torch.isin(token_group, order[: c.top_k_groups - PINNED] + PINNED)
+    expected = dense.masked_fill(~active, float("-inf"))
+    torch.testing.assert_close(loaded["logits"], expected, rtol=1e-5, atol=1e-4)
+    assert torch.equal(loaded["top"], expected.argmax(-1))
+    assert (torch.isfinite(loaded["logits"]).sum(-1) == c.active_rows).all()
