@@ -138,9 +138,11 @@ def test_engine_serves_the_pinned_groups(runs, drafters):
         dense = ref.lm_head(h).float()
         logits = ref.router(h)
     token_group = group_of_token(ref.partition.token_order, c.group_size)
-    active = token_group.unsqueeze(0) < PINNED
+    active = (token_group < PINNED).repeat(len(h), 1)
     for row, order in enumerate(logits[:, PINNED:].argsort(dim=-1, descending=True)):
         active[row] |= torch.isin(token_group, order[: c.top_k_groups - PINNED] + PINNED)
+    plain = [set(row.tolist()) for row in logits.topk(c.top_k_groups).indices]
+    assert any(not set(range(PINNED)) <= row for row in plain)  # pinning changes groups
     expected = dense.masked_fill(~active, float("-inf"))
     torch.testing.assert_close(loaded["logits"], expected, rtol=1e-5, atol=1e-4)
     assert torch.equal(loaded["top"], expected.argmax(-1))
