@@ -210,7 +210,9 @@ def _check_drafter(args: argparse.Namespace) -> int:
                              target_name=f"target {args.target!r}")
     c = ckpt.coral
     print(f"ok: {ckpt.path}: {c.num_groups} groups x {c.group_size} tokens, top-{c.top_k_groups}"
-          f" ({c.active_fraction:.1%} of the head per token), {c.partition} partition, "
+          f" ({c.active_fraction:.1%} of the head per token"
+          f"{f', the first {c.pinned_groups} always' if c.pinned_groups else ''}), "
+          f"{c.partition} partition, "
           f"{'trained' if c.trained else 'UNTRAINED'}, "
           f"{'own' if ckpt.has_own_lm_head else 'shared'} LM head")
     if args.tensor_parallel_size > 1:

@@ -16,6 +16,7 @@ import torch
 
 from coral_vllm.bench.smoke_prompts import SMOKE_PROMPTS
 from coral_vllm.data.target import load_target, target_features
+from coral_vllm.head.router import top_groups
 from coral_vllm.head.shared_lm_head import shared_groups
 from coral_vllm.model_store.drafters import shipped_drafter
 from coral_vllm.model_store.targets import fetch_model
@@ -49,7 +50,7 @@ def main() -> None:
         h, nxt = torch.cat(feats), torch.cat(nexts)
         router = drafter.router(h)
         dense = (h @ drafter.lm_head.weight.T.to(h.dtype)).argmax(-1)
-    k = c.top_k_groups
+    k, pinned = c.top_k_groups, c.pinned_groups
 
     def inside(sets: torch.Tensor, idx: torch.Tensor) -> dict[str, float]:
         hit = lambda toks: (sets == group_of[toks[idx]].unsqueeze(1)).any(1).float().mean()  # noqa: E731
@@ -57,14 +58,14 @@ def main() -> None:
 
     every = torch.arange(len(nxt))
     rows = {"static": inside(torch.arange(k).expand(len(nxt), k), every),
-            "per_token": inside(router.topk(k, -1).indices, every)}
+            "per_token": inside(top_groups(router, k, pinned), every)}
     for n in BATCHES:
         runs = []
         for _ in range(SHUFFLES):  # batches of n positions drawn at random from all replies
             perm = torch.randperm(len(nxt))[: (len(nxt) // n) * n]
             sets = torch.empty(len(nxt), k, dtype=torch.long)
             for s in range(0, len(perm), n):
-                sets[perm[s:s + n]] = shared_groups(router[perm[s:s + n]], k)
+                sets[perm[s:s + n]] = shared_groups(router[perm[s:s + n]], k, pinned)
             runs.append(inside(sets[perm], perm))
         rows[f"batch_shared_n{n}"] = {key: round(sum(r[key] for r in runs) / SHUFFLES, 4)
                                       for key in runs[0]}

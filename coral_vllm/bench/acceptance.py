@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from coral_vllm.data.eval_sets import benchmark_prompts
     from coral_vllm.format.checkpoint import read_checkpoint
+    from coral_vllm.training.router_train import chosen_selection
 
     drafters = parse_drafters(args.drafters)
     model = target_dir(args)
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     recall = {}  # held-out recall@k of each head selection, from the router report
     if args.router_report:
         rep = json.loads(Path(args.router_report).read_text())
-        recall["router"] = rep["partitions"][rep["chosen"]]["recall_at_k"]
+        recall["router"] = chosen_selection(rep)["recall_at_k"]
         recall["static"] = rep.get("static_head", {}).get("recall_at_k")
     rows = []
     for name, path in drafters.items():

@@ -25,7 +25,8 @@ def write_static_checkpoint(src: str | os.PathLike[str], dest: str | os.PathLike
     """Writes the static twin of drafter `src` to `dest`; CoralConfigError (naming the
     fix) if `src`'s partition is not frequency-ranked."""
     ckpt = read_checkpoint(src)
-    coral = dataclasses.replace(ckpt.coral, selection="static")
+    # all of its groups fixed: a routed source's pinned groups are among them
+    coral = dataclasses.replace(ckpt.coral, selection="static", pinned_groups=0)
     if rows is not None:
         coral = coral.with_active_rows(rows)
     tensors = {k: v for k, v in load_file(str(ckpt.path / WEIGHTS_FILE)).items()

@@ -11,6 +11,9 @@ Which groups (`shared_groups`): score_g = max_i p[i, g] + 1[g is some token's ar
 group], p the router's softmax. Probabilities are <= 1, so every token's best group
 ranks ahead of the rest (all of them are in when n <= U), then the groups some token
 likes most. At n = 1 the set is the token's own top k, the per-token candidate set.
+With pinned groups (`coral.pinned_groups` p) the set is groups 0..p-1 plus the top k - p
+of the same scores over the other groups (`router.top_groups`); a token whose best
+group is pinned is covered already, and at n = 1 the set is again the token's own.
 The trade-off: at n > 1 a token may lose its other groups to the batch, so acceptance
 can drop with batch size; never correctness, because every token is scored over
 exactly the shared rows and probabilistic drafting scatters exactly those logits into
@@ -26,14 +29,16 @@ from __future__ import annotations
 import torch
 
 from coral_vllm.head.grouped_lm_head import column_tokens, head_backend
+from coral_vllm.head.router import top_groups
 
 
-def shared_groups(router_logits: torch.Tensor, k: int) -> torch.Tensor:
-    """The k group ids [k] int64 the whole batch shares, from router logits [n, N]."""
+def shared_groups(router_logits: torch.Tensor, k: int, pinned: int = 0) -> torch.Tensor:
+    """The k group ids [k] int64 the whole batch shares, from router logits [n, N]; the
+    first `pinned` groups always among them."""
     p = router_logits.float().softmax(dim=-1)
     best = p.new_zeros(p.shape[-1]).index_fill(0, p.argmax(dim=-1), 1.0)
     score = p.amax(dim=0) + best
-    return torch.topk(score, k, sorted=False).indices
+    return top_groups(score, k, pinned)
 
 
 def shared_logits_torch(hidden: torch.Tensor, grouped_weight: torch.Tensor,

@@ -6,7 +6,9 @@ in ahead of its vLLM base class:
 
 - `get_top_tokens(h)` (the greedy draft path, taken when vLLM's
   `use_local_argmax_reduction` is on, which the `coral` method turns on): the router
-  picks `top_k_groups` groups per token and the grouped head returns the best token among
+  picks `top_k_groups` groups per token (with `pinned_groups` p, the first p groups of
+  the frequency partition always and its top `top_k_groups - p` of the rest:
+  `head.router.top_groups`) and the grouped head returns the best token among
   their rows. No [n, V] tensor is built; on CUDA the Triton kernel reads only the rows of
   the active groups.
 - `compute_logits(h)` (probabilistic drafting, or vLLM paths that want logits): the
@@ -114,9 +116,9 @@ class CoralHeadMixin:
         self.row_tokens = rows
         logger.info(
             "coral: grouped head %s on %s (%s), %d groups x %d rows, top-%d (%s, "
-            "group_sharing %s)", tuple(self.grouped_weight.shape), weight.device,
+            "%d pinned, group_sharing %s)", tuple(self.grouped_weight.shape), weight.device,
             head_backend(weight), c.num_groups, c.group_size, c.top_k_groups, c.selection,
-            c.group_sharing)
+            c.pinned_groups, c.group_sharing)
 
     def _attach_sharded_head(self) -> None:
         """Re-groups this rank's shard of the head (vLLM 0.26 has no `tp_rank` on the
@@ -165,13 +167,14 @@ class CoralHeadMixin:
     def _shared_groups(self, h: torch.Tensor) -> torch.Tensor:
         """The batch's one set of groups [k] (`group_sharing: "batch"`)."""
         return shared_groups(self.router(h.to(self.router.w1.weight.dtype)),
-                             self.coral.top_k_groups)
+                             self.coral.top_k_groups, self.coral.pinned_groups)
 
     def _active_groups(self, h: torch.Tensor) -> torch.Tensor:
         """Every token's groups [n, k] (batch-shared: the same row for every token)."""
         if self.batch_shared:
             return self._shared_groups(h).expand(h.shape[0], -1)
-        return select_groups(self.router, h, self.coral.top_k_groups)
+        return select_groups(self.router, h, self.coral.top_k_groups,
+                             self.coral.pinned_groups)
 
     def get_top_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor:
         self._check_head_once()

@@ -270,8 +270,8 @@ def _router(args: argparse.Namespace) -> int:
             build_parser().error(f"router: {e}")
         for row in table["settings"]:
             print(f"{row['name']:>12}  rows {row['active_rows']:>7}  {row['partition']:>10}  "
-                  f"recall@k {row['recall_at_k']:.4f}  dense agreement "
-                  f"{row['dense_agreement']:.4f}  static head "
+                  f"pinned {row['pinned_groups']:>3}  recall@k {row['recall_at_k']:.4f}  "
+                  f"dense agreement {row['dense_agreement']:.4f}  static head "
                   f"{row['static_head']['recall_at_k']:.4f}")
         print(f"chosen: {table['chosen']['name']}: {table['chosen']['why']}")
         return 0
@@ -310,8 +310,14 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                    "a token may lose its own groups at batch > 1)")
     e.add_argument("--router-sweep", action="store_true",
                    help="the router, partition and group count `train router "
-                   "--sweep-groups` chose (RUN/router_sweep.json) instead of RUN/router.pt; "
+                   "--sweep-groups` chose (RUN/router_sweep.json) instead of RUN/router.pt, "
+                   "with its pinned groups; "
                    "with --selection static: the static head of that grouping")
+    e.add_argument("--pinned-groups", type=int, default=None, metavar="N",
+                   help="the routed drafter's first N groups of the frequency partition "
+                   "always active, the router picking the other top_k_groups - N "
+                   "(default: what `train router` chose by held-out recall, 0 without "
+                   "it); 0 <= N < top_k_groups")
     e.add_argument("--checkpoint", choices=["best", "latest"], default="best",
                    help="best: the best validation tau (best.pt)")
     e.add_argument("--include-heads", action="store_true",
@@ -328,7 +334,7 @@ def _export(args: argparse.Namespace) -> int:
                      include_heads=args.include_heads, dtype=args.dtype,
                      checkpoint=args.checkpoint, selection=args.selection,
                      static_rows=args.static_rows, group_sharing=args.group_sharing,
-                     router_sweep=args.router_sweep))
+                     router_sweep=args.router_sweep, pinned_groups=args.pinned_groups))
     # conflicting options, a missing stage-2 file, or a drafter that fails its checks
     except (ValueError, FileNotFoundError) as e:
         build_parser().error(f"export: {e}")

@@ -7,8 +7,9 @@ is tested against: round by round, the drafter proposes k tokens in a chain (its
 output feature feeds the next step, as in vLLM), the target verifies them with one full
 forward (no KV cache: simple, exact, slow), and the round yields the accepted prefix
 plus the target's own next token, so tau = mean(accepted + 1). With the router on, each
-draft token is the top-1 over the router's `top_k_groups` groups only
-(`coral_vllm.head.grouped_lm_head`); off, over the whole vocabulary.
+draft token is the top-1 over the router's `top_k_groups` groups only, its pinned groups
+included (`head.router.top_groups`, `coral_vllm.head.grouped_lm_head`); off, over the
+whole vocabulary.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class DraftHead:
         if use_router:
             c = drafter.coral  # type: ignore[attr-defined]
             order = drafter.partition.token_order
-            self.k, self.G = c.top_k_groups, c.group_size
+            self.k, self.pinned, self.G = c.top_k_groups, c.pinned_groups, c.group_size
             self.weight = grouped_rows(self.head, order, c.num_groups, c.group_size)
             self.rows = row_token_ids(order, c.num_groups, c.group_size).to(order.device)
 
@@ -97,7 +98,7 @@ class DraftHead:
         h = h.reshape(1, -1)
         if not self.use_router:
             return int((h.float() @ self.head.T).argmax(-1))
-        groups = select_groups(self.drafter.router, h, self.k)
+        groups = select_groups(self.drafter.router, h, self.k, self.pinned)
         h = h.float()
         return int(grouped_top1(h, self.weight, self.rows, groups, self.G)[1])
 
@@ -154,8 +155,7 @@ def tau_of_drafters(target, drafters: dict[str, CoralDrafter], split: EvalSplit,
             feature_splits[reads] = with_drafter_features(split, target, drafter)
         drafter_split = feature_splits[reads]
         c = drafter.coral  # type: ignore[attr-defined]
-        top1 = DraftTop1(drafter.lm_head.weight, drafter.partition.token_order,
-                         c.num_groups, c.group_size, c.top_k_groups)
+        top1 = DraftTop1(drafter.lm_head.weight, drafter.partition.token_order, c)
         fwd = lambda ids, f, n: multi_step_forward(  # noqa: E731
             drafter, ids, f.to(drafter_dtype(drafter)), n, True)
         r = chain_tau(fwd, drafter_split, top1, drafter.router, k, dev, autocast=False)

@@ -9,7 +9,9 @@ the grouped head computes every row. A *static* export (the EAGLE-3 / FR-Spec st
 draft vocabulary) keeps the trained layers and the run's grouping but no router:
 `selection: "static"` over the frequency partition, with the CORAL drafter's
 `top_k_groups` (equal active rows) unless `static_rows` sizes it. Depth, fused features
-and the head selection are independent: any drafter can be exported static.
+and the head selection are independent: any drafter can be exported static. A routed
+export pins the groups stage 2 chose (`pinned_groups`, 0 where it did not run or chose
+none; `format.config.PINNED_GROUPS`) unless `pinned_groups` overrides it.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def export(run_dir: str | Path, dest: str | Path, *, dense: bool = False,
            include_heads: bool = False, dtype: str = "bfloat16",
            checkpoint: str = "best", selection: str = "router",
            static_rows: int | None = None, group_sharing: str = GROUP_SHARING,
-           router_sweep: bool = False) -> Path:
+           router_sweep: bool = False, pinned_groups: int | None = None) -> Path:
     """Writes `dest` (config.json + model.safetensors); returns its path.
 
     checkpoint: "best" (best.pt, the best validation tau; falls back to the latest state
@@ -49,8 +51,10 @@ def export(run_dir: str | Path, dest: str | Path, *, dense: bool = False,
     `static_rows` picks the top_k_groups nearest that many rows (default: the router's).
     group_sharing: "token" (each drafted token its own groups) or "batch" (one set per
     draft step; `format.config.GROUP_SHARINGS`).
+    pinned_groups: the routed drafter's always-active first groups instead of the count
+    stage 2 chose (the drafter's config checks it: below top_k_groups, frequency partition).
     """
-    _check_options(checkpoint, selection, dense, static_rows)
+    _check_options(checkpoint, selection, dense, static_rows, pinned_groups)
     run = Path(run_dir)
     state = load_state(run)
     if state is None:
@@ -67,15 +71,17 @@ def export(run_dir: str | Path, dest: str | Path, *, dense: bool = False,
                if k.startswith(LAYER_PREFIXES)}
     router_path = swept_router_file(run) if router_sweep else run / ROUTER_FILE
     r = _routing(router_path, cfg, model, vocab, d)
-    if dense:
-        r.top_k_groups = r.num_groups
+    if pinned_groups is not None:
+        r.pinned_groups = pinned_groups
+    if dense:  # every group is active: nothing to pin
+        r.top_k_groups, r.pinned_groups = r.num_groups, 0
     if selection == "static":
-        r.partition, r.router, r.token_order = "frequency", {}, static_partition(
-            router_path, cfg, vocab)
+        r.partition, r.router, r.pinned_groups, r.token_order = "frequency", {}, 0, \
+            static_partition(router_path, cfg, vocab)
     coral = CoralConfig.for_vocab(vocab, d, r.num_groups, r.top_k_groups,
                                   partition=r.partition, router_act=r.router_act,
                                   selection=selection, group_sharing=group_sharing,
-                                  trained=True)
+                                  pinned_groups=r.pinned_groups, trained=True)
     if static_rows is not None:
         coral = coral.with_active_rows(static_rows)
     tensors.update({f"router.{k}": v.to(torch_dtype) for k, v in r.router.items()})
@@ -96,7 +102,7 @@ def export(run_dir: str | Path, dest: str | Path, *, dense: bool = False,
 
 
 def _check_options(checkpoint: str, selection: str, dense: bool,
-                   static_rows: int | None) -> None:
+                   static_rows: int | None, pinned_groups: int | None) -> None:
     if checkpoint not in ("best", "latest"):
         raise ValueError(f"checkpoint={checkpoint!r}: choose best or latest")
     if selection == "static" and dense:
@@ -104,6 +110,10 @@ def _check_options(checkpoint: str, selection: str, dense: bool,
                          "scores every row, a static one its first top_k_groups groups")
     if static_rows is not None and selection != "static":
         raise ValueError("static_rows sizes a static drafter: pass selection='static' too")
+    if pinned_groups is not None and (dense or selection == "static"):
+        raise ValueError("pinned_groups pins groups beside the router's picks: a dense "
+                         "drafter scores every group and a static one fixes all of its "
+                         "groups; leave it out, or export the routed drafter")
 
 
 @dataclasses.dataclass
@@ -116,16 +126,18 @@ class _Routing:
     router: dict[str, torch.Tensor]
     token_order: torch.Tensor
     source: str  # "stage 2" (router.pt), "online" (trained beside the drafter), "untrained"
+    pinned_groups: int = 0  # stage 2's choice; the online router pins none
 
 
 def _routing(router_path: Path, cfg: TrainConfig, model: dict[str, torch.Tensor],
              vocab: int, d: int) -> _Routing:
     """Stage 2's router and partition (`router_path`) if it ran, else the online
-    router's, else (a run without one) an untrained router over the contiguous partition."""
+    router's, else (a run without one) an untrained router over the contiguous partition.
+    A router.pt written before pinned groups pins none."""
     if router_path.is_file():
         r = torch.load(router_path, map_location="cpu", weights_only=False)
         return _Routing(r["num_groups"], r["top_k_groups"], r["partition"], r["router_act"],
-                        r["router"], r["token_order"], "stage 2")
+                        r["router"], r["token_order"], "stage 2", r.get("pinned_groups", 0))
     if cfg.router_online and "partition.token_order" in model:
         router = {k[len("router."):]: v for k, v in model.items() if k.startswith("router.")}
         return _Routing(cfg.num_groups, cfg.top_k_groups, cfg.online_partition(),

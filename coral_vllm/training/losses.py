@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from coral_vllm.head.router import Router
+from coral_vllm.head.router import Router, top_groups
 from coral_vllm.training.config import SOFT_CE_IMPLS, TrainConfig
 from coral_vllm.training.model import CoralDrafter
 
@@ -270,7 +270,7 @@ def router_loss(router: Router, preds: torch.Tensor, label: torch.Tensor, k: int
     logits = router(preds.detach().flatten(0, 1).to(router.w1.weight.dtype))
     label = label.repeat(len(preds))
     loss = F.cross_entropy(logits.float(), label)
-    chosen = logits.topk(k, dim=-1).indices
+    chosen = top_groups(logits, k)  # the online router pins nothing
     return loss, (chosen == label[:, None]).any(-1).double().mean()
 
 

@@ -10,7 +10,11 @@ The drafter runs over the data once for all settings (`fit_routers`).
 
 What chooses: recall@k on the run's held-out split (the data's held-out shards, or the
 tail `router_holdout` keeps out of training), the same split for every setting; ties go
-to fewer groups (a smaller router). Test sets (MT-bench, HumanEval, GSM8K) choose nothing.
+to fewer groups (a smaller router), then to fewer pinned groups. Test sets (MT-bench,
+HumanEval, GSM8K) choose nothing. Within a setting stage 2 has chosen the partition and
+the pinned groups (`router_train.choose_selection`: under the frequency partition the
+first p groups always active, p in `pinned_candidates`), so the sweep's choice is
+(group count, partition, pinned groups).
 Each setting is written to RUN/router_sweep/NAME/ (the run's own router.pt is left as
 it is) and the table to RUN/router_sweep.json, last, so a sweep cut short chooses nothing;
 `train export --router-sweep` serves the chosen one.
@@ -24,7 +28,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from coral_vllm.data.target import pick_device
-from coral_vllm.training.router_train import fit_routers, load_run, save_router
+from coral_vllm.training.router_train import (chosen_selection, fit_routers, load_run,
+                                               save_router)
 from coral_vllm.training.run_dir import ROUTER_FILE, SWEEP_DIR, SWEEP_FILE
 
 
@@ -46,16 +51,20 @@ def setting_name(num_groups: int, top_k_groups: int) -> str:
 
 
 def choose(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The row of best held-out recall@k (its chosen partition's), ties to fewer groups;
-    with the reason, next to the runner-up."""
-    ranked = sorted(rows, key=lambda r: (-r["recall_at_k"], r["num_groups"]))
+    """The row of best held-out recall@k (its chosen partition's and pinned groups'), ties
+    to fewer groups, then fewer pinned groups; with the reason, next to the runner-up.
+    Rows written before pinned groups pin none."""
+    ranked = sorted(rows, key=lambda r: (-r["recall_at_k"], r["num_groups"],
+                                         r.get("pinned_groups", 0)))
     best = ranked[0]
+    pinned = best.get("pinned_groups", 0)
     why = (f"highest held-out recall@k of {len(rows)} settings at equal active rows: "
-           f"{best['recall_at_k']:.4f} ({best['name']}, {best['partition']} partition)")
+           f"{best['recall_at_k']:.4f} ({best['name']}, {best['partition']} partition, "
+           f"{pinned} pinned groups)")
     if len(ranked) > 1:
         why += f"; next {ranked[1]['recall_at_k']:.4f} ({ranked[1]['name']})"
     return {k: best[k] for k in ("name", "num_groups", "top_k_groups", "partition",
-                                 "router")} | {"why": why}
+                                 "router")} | {"pinned_groups": pinned, "why": why}
 
 
 def run_router_sweep(out: str | Path, group_counts: Sequence[int],
@@ -78,7 +87,7 @@ def run_router_sweep(out: str | Path, group_counts: Sequence[int],
         rows.append({"name": name, "router": f"{SWEEP_DIR}/{name}/{ROUTER_FILE}",
                      **{k: rep[k] for k in ("num_groups", "top_k_groups", "group_size",
                                             "active_rows", "random_recall")},
-                     "partition": fit.chosen, **rep["partitions"][fit.chosen],
+                     **rep["partitions"][fit.chosen], **chosen_selection(rep),
                      "partitions": rep["partitions"], "static_head": rep["static_head"]})
     first = fits[0].report
     table = {"run": str(out), "data": cfg.data,

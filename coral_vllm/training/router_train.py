@@ -9,8 +9,13 @@
      ce: cross-entropy to the group holding the target's top-1 token   [default]
      kl: KL(group-summed target probs || softmax(router(h)))
 3. Report on the held-out split recall@k = P(target top-1 lies in the k chosen groups)
-   and dense-agreement = P(the drafter's dense top-1 lies in them); keep the partition
-   with the best recall (or the one asked for) in `out/router.pt`.
+   and dense-agreement = P(the drafter's dense top-1 lies in them). Under the frequency
+   partition also with p pinned groups (`pinned_candidates`: the first p groups always
+   active, the router's top k - p of the rest; `format.config.PINNED_GROUPS` says why):
+   the same router, only its selection masks the pinned groups out of its top k. Keep
+   the (partition, pinned) of best recall, ties to fewer pinned groups (the plain router
+   unless pinning measurably helps), then to the earlier partition (or the partition
+   asked for) in `out/router.pt`.
 4. Report the same for the static drafter at equal rows (`static_head`: always the first
    k groups of the frequency partition, what `train export --selection static` serves),
    and keep that partition in `router.pt` too, so the exported static drafter is the one
@@ -32,7 +37,7 @@ import torch.nn.functional as F
 
 from coral_vllm.format.partition import build_token_order, frequency_order, group_of_token
 from coral_vllm.format.config import PARTITION_STRATEGIES, CoralConfig
-from coral_vllm.head.router import Router
+from coral_vllm.head.router import Router, top_groups
 from coral_vllm.training.config import TrainConfig
 from coral_vllm.data.batches import Batch, TokenTable, epoch_batches
 from coral_vllm.data.shards import MANIFEST, load_splits, train_token_counts
@@ -81,9 +86,38 @@ def collect(drafter: CoralDrafter, target_model, table: TokenTable, num_steps: i
             "gprobs": {k: torch.cat(v)[:max_tokens] for k, v in gprobs.items()}}
 
 
-def recall_at_k(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
-    chosen = logits.topk(k, dim=-1).indices
+def recall_at_k(logits: torch.Tensor, labels: torch.Tensor, k: int, pinned: int = 0) -> float:
+    """Share of rows whose label group is among the k groups the drafter would score
+    (`top_groups`: the router's picks beside `pinned` always-active groups)."""
+    chosen = top_groups(logits, k, pinned)
     return (chosen == labels.unsqueeze(1)).any(1).float().mean().item()
+
+
+def pinned_candidates(k: int) -> list[int]:
+    """The pinned-group counts stage 2 measures under the frequency partition: 0, k/4,
+    k/2 and 3k/4 (rounded half up), distinct and below k (the router keeps a pick)."""
+    return sorted({(k * q + 2) // 4 for q in range(4)} - {k})
+
+
+def choose_selection(partitions: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The (partition, pinned_groups) of best held-out recall@k among the measured ones
+    (a partition's own recall is pinned 0): ties go to fewer pinned groups, then to the
+    earlier partition; with its recall and dense agreement."""
+    candidates = [{"partition": s, "pinned_groups": 0, "recall_at_k": r["recall_at_k"],
+                   "dense_agreement": r["dense_agreement"]} for s, r in partitions.items()]
+    candidates += [{"partition": s, **p} for s, r in partitions.items()
+                   for p in r.get("pinned", ())]
+    return max(candidates, key=lambda c: (c["recall_at_k"], -c["pinned_groups"]))
+
+
+def chosen_selection(report: dict[str, Any]) -> dict[str, Any]:
+    """What a router report chose ({"partition", "pinned_groups", "recall_at_k",
+    "dense_agreement"}); a report written before pinned groups chose pinned 0."""
+    if "selection" in report:
+        return report["selection"]
+    part = report["partitions"][report["chosen"]]
+    return {"partition": report["chosen"], "pinned_groups": 0,
+            "recall_at_k": part["recall_at_k"], "dense_agreement": part["dense_agreement"]}
 
 
 def train_router(h: torch.Tensor, labels: torch.Tensor, gprobs: torch.Tensor | None,
@@ -129,6 +163,10 @@ class RouterFit:
     @property
     def chosen(self) -> str:
         return self.report["chosen"]
+
+    @property
+    def pinned_groups(self) -> int:
+        return self.report["selection"]["pinned_groups"]
 
 
 def fit_routers(drafter: CoralDrafter, target, data_dir: str | Path, cfg: TrainConfig, dev,
@@ -179,16 +217,26 @@ def fit_routers(drafter: CoralDrafter, target, data_dir: str | Path, cfg: TrainC
                 logits = router(ho["h"].to(dev)).cpu()
             routers[s] = router
             report["partitions"][s] = {
-                "recall_at_k": recall_at_k(logits, grp[ho["top1"]], k),
-                "dense_agreement": recall_at_k(logits, grp[ho["dense1"]], k),
+                **_heldout_recall(logits, grp, ho, k, 0),
                 # the best a context-free router could do: always the k most frequent groups
                 "static_recall": _static_recall(grp[tr["top1"]], grp[ho["top1"]], k, n)}
-        report["chosen"] = max(report["partitions"],
-                               key=lambda s: report["partitions"][s]["recall_at_k"])
+            if s == "frequency":  # its first groups are the most frequent tokens
+                report["partitions"][s]["pinned"] = [
+                    {"pinned_groups": p, **_heldout_recall(logits, grp, ho, k, p)}
+                    for p in pinned_candidates(k) if p]
+        report["selection"] = choose_selection(report["partitions"])
+        report["chosen"] = report["selection"]["partition"]
         parts.setdefault("frequency", frequency_order(counts))
         report["static_head"] = static_head_recall(parts["frequency"], coral, ho)
         fits.append(RouterFit(coral, report, parts, routers))
     return fits
+
+
+def _heldout_recall(logits: torch.Tensor, group: torch.Tensor, held: dict[str, Any],
+                    k: int, pinned: int) -> dict[str, float]:
+    """Held-out recall@k and dense agreement of router `logits` with `pinned` groups."""
+    return {"recall_at_k": recall_at_k(logits, group[held["top1"]], k, pinned),
+            "dense_agreement": recall_at_k(logits, group[held["dense1"]], k, pinned)}
 
 
 def static_head_recall(order: torch.Tensor, coral: CoralConfig,
@@ -223,12 +271,14 @@ def load_run(out: str | Path, cfg_overrides: dict[str, Any] | None, dev
 
 
 def save_router(fit: RouterFit, cfg: TrainConfig, dest: Path) -> None:
-    """`dest`/router.pt (what `train export` serves: the chosen partition and its router,
-    and the frequency partition of the static head) and `dest`/router_report.json."""
+    """`dest`/router.pt (what `train export` serves: the chosen partition, pinned groups
+    and router, and the frequency partition of the static head) and
+    `dest`/router_report.json."""
     best = fit.chosen
     atomic_save({"partition": best, "token_order": fit.partitions[best],
                  "router": {k: v.cpu() for k, v in fit.routers[best].state_dict().items()},
                  "num_groups": fit.coral.num_groups, "top_k_groups": fit.coral.top_k_groups,
+                 "pinned_groups": fit.pinned_groups,
                  "router_act": cfg.router_act, "frequency_order": fit.partitions["frequency"],
                  "report": fit.report}, dest / ROUTER_FILE)
     (dest / ROUTER_REPORT_FILE).write_text(json.dumps(fit.report, indent=2) + "\n")
@@ -254,8 +304,9 @@ def run_router_on_drafter(drafter_dir: str | Path, target_path: str | Path,
                           report_path: str | Path | None = None) -> dict[str, Any]:
     """`train router --drafter DIR --target T --data D --dest OUT`: stage 2 starting from an
     EXPORTED drafter (no run directory). The drafter stays frozen; `dest` is the same
-    checkpoint with the chosen partition, the trained router and top_k_groups set, in
-    the source checkpoint's dtype. num_steps defaults to the drafter's training steps."""
+    checkpoint with the chosen partition and pinned groups, the trained router and
+    top_k_groups set, in the source checkpoint's dtype. num_steps defaults to the
+    drafter's training steps."""
     from safetensors.torch import load_file
 
     from coral_vllm.format.checkpoint import WEIGHTS_FILE, read_checkpoint, save_checkpoint
@@ -287,10 +338,11 @@ def run_router_on_drafter(drafter_dir: str | Path, target_path: str | Path,
                     for k, v in routers[best].state_dict().items()})
     tensors["partition.token_order"] = partitions[best].to(torch.int64).cpu()
     coral = dict(src_cfg["coral"], partition=best, top_k_groups=cfg.top_k_groups,
-                 selection="router", trained=True)
+                 selection="router", pinned_groups=fit.pinned_groups, trained=True)
     config = dict(src_cfg, coral=coral)
     config["coral_training"] = dict(src_cfg.get("coral_training") or {}, router_stage=True,
                                     router_report={"chosen": best,
+                                                   "selection": report["selection"],
                                                    "partitions": report["partitions"]})
     save_checkpoint(dest, config, tensors)
     if report_path:

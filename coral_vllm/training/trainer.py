@@ -382,8 +382,7 @@ def evaluate(run: Run, drafter: CoralDrafter, feats: Features, rate: Throughput,
     if it beats `best` by the tau the preset serves with; returns the best so far."""
     cfg, t_eval = run.cfg, time.time()
     c = drafter.coral_config(cfg.top_k_groups)
-    top1 = DraftTop1(drafter.lm_head.weight, drafter.partition.token_order, cfg.num_groups,
-                     c.group_size, cfg.top_k_groups)
+    top1 = DraftTop1(drafter.lm_head.weight, drafter.partition.token_order, c)
     drafter.eval()
     res = validate(lambda ids, f, n: multi_step_forward(drafter, ids, f, n, True),
                    heldout=feats.heldout, dev=feats.dev, top1=top1, router=drafter.router,

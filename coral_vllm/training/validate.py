@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from coral_vllm.format.config import CoralConfig
 from coral_vllm.head.grouped_lm_head import grouped_logits_torch
 from coral_vllm.format.partition import grouped_rows, row_token_ids
 from coral_vllm.head.router import select_groups
@@ -44,15 +45,18 @@ class EvalSplit:
 
 
 class DraftTop1:
-    """Top-1 tokens of drafter features: dense head, and the router's groups only (the
-    first k groups when `router` is None: a static drafter)."""
+    """Top-1 tokens of drafter features: dense head, and the router's groups only, as
+    `coral` serves them (its pinned groups included; the first k groups when `router`
+    is None: a static drafter)."""
 
-    def __init__(self, head: torch.Tensor, token_order: torch.Tensor, num_groups: int,
-                 group_size: int, top_k_groups: int) -> None:
+    def __init__(self, head: torch.Tensor, token_order: torch.Tensor,
+                 coral: CoralConfig) -> None:
         self.head = head
-        self.k, self.group_size = top_k_groups, group_size
-        self.grouped = grouped_rows(head, token_order, num_groups, group_size)
-        self.rows = row_token_ids(token_order, num_groups, group_size).to(head.device)
+        self.k, self.pinned = coral.top_k_groups, coral.pinned_groups
+        self.group_size = coral.group_size
+        self.grouped = grouped_rows(head, token_order, coral.num_groups, coral.group_size)
+        self.rows = row_token_ids(token_order, coral.num_groups,
+                                  coral.group_size).to(head.device)
         self.chunk = default_chunk(head.shape[0])
 
     @torch.no_grad()
@@ -61,7 +65,7 @@ class DraftTop1:
         for a in range(0, len(h), self.chunk):
             c = h[a:a + self.chunk]
             dense.append((c.to(self.head.dtype) @ self.head.T).float().argmax(-1))
-            groups = select_groups(router, c, self.k)
+            groups = select_groups(router, c, self.k, self.pinned)
             # the plugin's torch reference (the Triton kernel computes the same function)
             logits, tokens = grouped_logits_torch(c, self.grouped, self.rows, groups,
                                                   self.group_size)
