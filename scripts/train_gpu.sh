@@ -244,6 +244,8 @@ case "${1:?stage: data | loops | long | router | pinned | ship | profile | lever
       > "$R/train_profile.log" 2>&1 || { tail -n 20 "$R/train_profile.log"; exit 1; }
     head -n 3 "$W/runs/profile/profile.txt"; grep "^step" "$R/train_profile.log"
     cp "$W/runs/profile/profile.txt" "$O/profile_$N.txt"
+    cp "$W/runs/profile/profile.json" "$O/profile_$N.json"
+    cp "$W/runs/profile/metrics.jsonl" "$O/profile_metrics_$N.jsonl"  # the steps 51-100 rate
     cp "$R/train_profile.log" "$O/train_profile_$N.log" ;;
   router)  # stage 2 of the finished long run once per ROUTER_SWEEP group count, all at its
            # active share (equal k x G rows: one head cost, so recall alone decides), on
@@ -407,8 +409,8 @@ print(' '.join(x['lever'] for x in sorted(r, key=lambda x: -x['heldout_tau'])[:2
       # the long run: its metrics first (small); whole (state included: the next lease
       # resumes it) only while unfinished; its drafters in pieces (Qwen's: ~100 MB each)
       [ -d "$W/runs/long" ] && tar -C "$W" -czf "$X/$N-long-metrics.tgz" \
-        $(cd "$W" && ls runs/long/{metrics.jsonl,train_config.json,router_sweep.json,profile.txt} \
-          runs/profile/profile.txt 2>/dev/null)
+        $(cd "$W" && ls runs/long/{metrics.jsonl,train_config.json,router_sweep.json,profile.txt,profile.json} \
+          runs/profile/profile.txt runs/profile/profile.json 2>/dev/null)
       long_done || { [ -d "$W/runs/long" ] && O=$X pack run-long runs/long; }
       for d in $(cd "$W" && ls -d drafters/*/ 2>/dev/null); do  # each restored on its own
         d=${d%/}; case $d in drafters/long-shared|drafters/long-pinned|drafters/long-router-p*)

@@ -1,6 +1,8 @@
 """`train train --profile-steps`: the profiler watches a window of steps and says where
 their time went (training/profiling.py)."""
 
+import json
+
 import torch
 
 from coral_vllm.training.profiling import WARM_STEPS, StepProfiler
@@ -15,6 +17,10 @@ def test_profile_window_written_once(tmp_path):
     text = (tmp_path / "profile.txt").read_text()
     assert text.startswith("profiled steps: 2 (after 3 warm ones)")
     assert "wall per step:" in text and "aten::mm" in text
+    summary = json.loads((tmp_path / "profile.json").read_text())
+    assert summary["device"] == "cpu" and summary["profiled_steps"] == 2
+    shown = float(text.split("wall per step: ")[1].split(" ms")[0])
+    assert abs(shown - summary["wall_ms_per_step"]) <= 0.06  # the same figure, rounded
 
 
 def test_profile_off_writes_nothing(tmp_path):
@@ -22,6 +28,7 @@ def test_profile_off_writes_nothing(tmp_path):
     for _ in range(WARM_STEPS + 3):
         prof.step()
     assert not (tmp_path / "profile.txt").exists()
+    assert not (tmp_path / "profile.json").exists()
 
 
 class _Evt:

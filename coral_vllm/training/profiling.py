@@ -7,7 +7,8 @@ Whether a step waits on the device (kernels) or on the host (Python, launches, c
 decides what would make it faster, so `train train --profile-steps N` profiles N
 optimizer steps after a few warm ones and writes RUN/profile.txt: per step the wall
 time and the time the device spent in kernels (their ratio is how busy it was), then
-the operators by device time and by host time. The steps stay part of the run (the
+the operators by device time and by host time. RUN/profile.json holds the same
+per-step figures (and the sync sites), the record a table cites. The steps stay part of the run (the
 profiler only watches), so a profiled run is the same run.
 
 Device time counts kernel events only: the first H200 profile (session 4) summed every
@@ -20,6 +21,7 @@ cudaStreamSynchronize calls a step without saying from where.
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from collections import Counter
@@ -120,3 +122,11 @@ class StepProfiler:
             lines += [avgs.table(sort_by="self_cuda_time_total", row_limit=TOP_OPS), ""]
         lines += [avgs.table(sort_by="self_cpu_time_total", row_limit=TOP_OPS)]
         (self.out / "profile.txt").write_text("\n".join(lines) + "\n")
+        summary = {"device": torch.cuda.get_device_name() if self.cuda else "cpu",
+                   "profiled_steps": self.steps, "warm_steps": WARM_STEPS,
+                   "wall_ms_per_step": round(wall * 1e3, 2),
+                   "kernel_ms_per_step": round(kernel_s * 1e3, 2),
+                   "kernel_share_of_wall": round(kernel_s / max(wall, 1e-9), 4)}
+        if self.cuda:
+            summary |= {"syncs_per_step": len(syncs) / self.steps, "sync_sites": sync_sites(syncs)}
+        (self.out / "profile.json").write_text(json.dumps(summary, indent=2) + "\n")
