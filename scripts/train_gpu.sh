@@ -271,16 +271,18 @@ case "${1:?stage: data | loops | long | router | pinned | ship | profile | lever
   pinned)  # the router drafter with its first P groups pinned (the frequency partition's
             # most frequent tokens always scored, the router picking the other k - P; see
             # docs/training.md), P chosen by vLLM's tau on the run's dev prompts (never a
-            # test set) among 0 (the router alone) and CORAL_PINNED (k/4 k/2 3k/4 of its
-            # top_k_groups) -> drafters/long-pinned. CORAL_PINNED_CHOSEN=P (an earlier
+            # test set) among 0 (the router alone) and CORAL_PINNED (default: stage 2's
+            # candidates, k/4 k/2 3k/4 of its top_k_groups) -> drafters/long-pinned. CORAL_PINNED_CHOSEN=P (an earlier
             # lease's choice, $O/pinned_dev_tau_$N.json) makes it without the sweep.
     [ -d "$W/drafters/long-router" ] || { echo "pinned: no long-router drafter (ship's export)"; exit 3; }
     if [ -z "${CORAL_PINNED_CHOSEN:-}" ]; then
       data_ready
-      k=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['coral']['top_k_groups'])" \
-        "$W/drafters/long-router/config.json")
+      pins=${CORAL_PINNED:-$(python3 -c "import json, sys
+from coral_vllm.training.router_train import pinned_candidates  # stage 2's candidates
+k = json.load(open(sys.argv[1]))['coral']['top_k_groups']
+print(*[p for p in pinned_candidates(k) if p])" "$W/drafters/long-router/config.json")}
       specs="p0=$W/drafters/long-router"
-      for p in ${CORAL_PINNED:-$((k / 4)) $((k / 2)) $((3 * k / 4))}; do
+      for p in $pins; do
         variant long-router "long-router-p$p" "pinned_groups=$p" || exit 1
         specs="$specs p$p=$W/drafters/long-router-p$p"
       done
