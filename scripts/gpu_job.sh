@@ -8,11 +8,20 @@
 #   bash scripts/gpu_job.sh wait NAME MINUTES   until the job ends or MINUTES pass, then the
 #                                               log's tail; exit: the job's status once it
 #                                               ended, 99 while it still runs
+#   bash scripts/gpu_job.sh send DIR            what DIR (a job's OUT) holds and no earlier
+#                                               call sent -> $OUT, within what one reply
+#                                               brings back (8 files, 60 MiB, counting what
+#                                               $OUT holds): pieces (*.tar.xz.NN) first, as
+#                                               the rest is small and remade; sent files move
+#                                               to DIR/sent (kept for a retry); prints what is
+#                                               left. A plain `cp DIR/* $OUT` past 8 files
+#                                               loses the rest silently (session 6 lost its
+#                                               generated data that way).
 # Jobs live in $CORAL_JOBS (default /root/coral-jobs), gone with the host.
 set -uo pipefail
 J=${CORAL_JOBS:-/root/coral-jobs}
 mkdir -p "$J"
-case "${1:?start NAME CMD... | wait NAME MINUTES}" in
+case "${1:?start NAME CMD... | wait NAME MINUTES | send DIR}" in
   start)
     name=${2:?name}; shift 2
     rm -f "$J/$name.rc"
@@ -30,5 +39,20 @@ case "${1:?start NAME CMD... | wait NAME MINUTES}" in
       echo "$name ended: exit $(cat "$J/$name.rc")"; exit "$(cat "$J/$name.rc")"
     fi
     echo "$name still running"; exit 99 ;;
-  *) echo "unknown verb $1: start | wait" >&2; exit 2 ;;
+  send)
+    dir=${2:?dir}; out=${OUT:?OUT: the folder whose files come back}
+    mkdir -p "$dir/sent"
+    files=$(find "$out" -maxdepth 1 -type f | wc -l)
+    bytes=$(find "$out" -maxdepth 1 -type f -printf '%s\n' | awk '{s += $1} END {print s + 0}')
+    left=0
+    for f in $(cd "$dir" && { ls -p | grep -v / | grep -E '\.tar\.xz\.[0-9]+$'; \
+                              ls -p | grep -v / | grep -vE '\.tar\.xz\.[0-9]+$'; }); do
+      size=$(stat -c %s "$dir/$f")
+      if [ "$files" -ge 8 ] || [ $((bytes + size)) -gt $((60 << 20)) ]; then
+        left=$((left + 1)); continue
+      fi
+      cp "$dir/$f" "$out/" && mv "$dir/$f" "$dir/sent/" && files=$((files + 1)) bytes=$((bytes + size))
+    done
+    [ "$left" = 0 ] && echo "send: all sent" || echo "send: $left file(s) left in $dir: send again" ;;
+  *) echo "unknown verb $1: start | wait | send" >&2; exit 2 ;;
 esac

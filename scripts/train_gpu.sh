@@ -71,8 +71,9 @@ pack() {  # pack PART DIR [tar options]: $W/DIR -> $O/$N-PART.tar.xz.NN
   ls -l "$O/$name".tar.xz.* | awk -v n="$name" \
     '{s += $5} END {printf "%s: %d piece(s), %.1f MiB\n", n, NR, s / 2^20}'
 }
-left_min() {  # minutes to the deadline, less $1
-  python3 -c "print(round(max(0.0, ($DEADLINE - $(date +%s)) / 60 - ${1:-0}), 2))"
+left_min() {  # minutes to the deadline, less $1; never 0, which --time-limit-min reads as
+  # "no limit": a stage at its deadline gets 0.01 and starts nothing
+  python3 -c "print(round(max(0.01, ($DEADLINE - $(date +%s)) / 60 - ${1:-0}), 2))"
 }
 pieces() {  # every piece of the pack named $1 anywhere under .gpu-data, in order (the
   # pieces of one pack may come up in different commands' folders)
@@ -126,9 +127,13 @@ recipe_run() {  # recipe_run DATA RUN FLAGS...: the CORAL recipe's run (one defi
   python3 -m coral_vllm.cli train train --preset coral --target "$M" --data "$1" --out "$2" \
     --lr 3e-4 --batch-tokens 32768 "${@:3}"
 }
-conversations_ready() {  # the prompt set, under the one name every stage reads it by
-  [ -f "$W/conversations.jsonl.xz" ] || cp "${CORAL_CONVERSATIONS:-.gpu-data/conversations.jsonl.xz}" \
-    "$W/conversations.jsonl.xz"
+conversations_ready() {  # the prompt set, under the one name every stage reads it by;
+  # missing, the stage stops here naming it (not in a traceback after the target loads)
+  local src=${CORAL_CONVERSATIONS:-.gpu-data/conversations.jsonl.xz}
+  [ -f "$W/conversations.jsonl.xz" ] && return 0
+  [ -f "$src" ] || { echo "$N: no prompt set $src (CORAL_CONVERSATIONS): carry its folder" \
+    "($(dirname "$src")) in this call"; exit 2; }
+  cp "$src" "$W/conversations.jsonl.xz"
 }
 data_ready() {  # the data of `data`, rebuilt from its replies (parts) where only they came back
   conversations_ready
