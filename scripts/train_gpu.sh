@@ -29,6 +29,7 @@
 #   bash scripts/train_gpu.sh ablate   # CORAL preset, one lever per run, same data
 #                                              # and budget (CORAL_ABLATIONS), the table
 #   bash scripts/train_gpu.sh scaling  # multi-GPU host: 1/2/4/8 GPUs, same global batch
+#   bash scripts/train_gpu.sh check STAGE...  # their carried inputs are here (first call)
 #   bash scripts/train_gpu.sh collect  # what the stages made so far (replies, manifests,
 #                                      # logs, metrics, unfinished runs' state, drafters in
 #                                      # pieces) -> $OUT, 8 files a call; `collect more`: the
@@ -197,7 +198,28 @@ ROUTER_SWEEP=${CORAL_ROUTER_SWEEP:-64 128 256}
 LEVERS=${CORAL_LEVERS:-base: steps5:--num-steps,5 depth2:--num-layers,2 \
 distill1:--distill-weight,1.0 ce-only:--feature-loss-weight,0,--distill-weight,1.0 decay08:--step-weight-decay,0.8 \
 csra-off:--csra-weight,0 csra-tok:--csra-negatives,other-token fused:--fused-layers,auto,--feature-store,online lr1e-3:--lr,1e-3}
-case "${1:?stage: data | loops | long | router | pinned | ship | profile | levers | curves | finish | ablate | scaling | collect}" in
+case "${1:?stage: data | loops | long | router | pinned | ship | profile | levers | curves | finish | ablate | scaling | collect | check}" in
+  check)  # check STAGE...: what those stages read that must come up with the job's first
+          # call (the prompt set; for ship, the evaluation sets' wheels), so that a folder
+          # not carried is named in that call's reply, not minutes later in the job's log
+    shift; bad=0
+    for stage in "$@"; do
+      case $stage in
+        data|loops|long|router|pinned|profile|levers|curves|ablate)
+          src=${CORAL_CONVERSATIONS:-.gpu-data/conversations.jsonl.xz}
+          [ -f "$W/conversations.jsonl.xz" ] || [ -f "$src" ] \
+            || { echo "$N $stage: no prompt set $src (CORAL_CONVERSATIONS): carry $(dirname "$src")"; bad=1; } ;;
+        ship)
+          python3 -c "import sys
+from coral_vllm.data.sources import EVAL_SETS
+from coral_vllm.data.wheels import cached_wheel, wheel_cache
+gone = [p for p in EVAL_SETS if cached_wheel(p) is None]
+gone and print(f'$N ship: no wheel of {\", \".join(gone)} in {wheel_cache()} (CORAL_VLLM_WHEELS): '
+               'carry the folder \`coral-vllm wheels --dest DIR\` filled')
+sys.exit(bool(gone))" || bad=1 ;;
+      esac
+    done
+    [ "$bad" = 0 ] && echo "$N: inputs of $* here"; exit "$bad" ;;
   data)  # engines side by side (a 135M target leaves one vLLM engine CPU-bound), then
          # the data from all their parts: looping replies kept (data/), trimmed (data-trim/)
     conversations_ready

