@@ -123,6 +123,7 @@ unpack_metrics() {  # finished runs' metrics sent back as $N-NAME.tgz (in any .g
 # settings would be other data)
 DATA_ARGS=(--max-new-tokens 512 --max-len 2048 --shards "${CORAL_DATA_ENGINES:-3}" ${CORAL_DATA_ARGS:-})
 CONVERSATIONS=(--conversations "$W/conversations.jsonl.xz" --max-turns "${CORAL_MAX_TURNS:-3}")
+PROMPTS=${CORAL_CONVERSATIONS:-.gpu-data/conversations.jsonl.xz}  # copied there once
 recipe_run() {  # recipe_run DATA RUN FLAGS...: the CORAL recipe's run (one definition of
   # its preset, lr and batch); FLAGS after it (later flags win: a lever's --lr)
   python3 -m coral_vllm.cli train train --preset coral --target "$M" --data "$1" --out "$2" \
@@ -130,11 +131,10 @@ recipe_run() {  # recipe_run DATA RUN FLAGS...: the CORAL recipe's run (one defi
 }
 conversations_ready() {  # the prompt set, under the one name every stage reads it by;
   # missing, the stage stops here naming it (not in a traceback after the target loads)
-  local src=${CORAL_CONVERSATIONS:-.gpu-data/conversations.jsonl.xz}
   [ -f "$W/conversations.jsonl.xz" ] && return 0
-  [ -f "$src" ] || { echo "$N: no prompt set $src (CORAL_CONVERSATIONS): carry its folder" \
-    "($(dirname "$src")) in this call"; exit 2; }
-  cp "$src" "$W/conversations.jsonl.xz"
+  [ -f "$PROMPTS" ] || { echo "$N: no prompt set $PROMPTS (CORAL_CONVERSATIONS): carry its folder" \
+    "($(dirname "$PROMPTS")) in this call"; exit 2; }
+  cp "$PROMPTS" "$W/conversations.jsonl.xz"
 }
 data_ready() {  # the data of `data`, rebuilt from its replies (parts) where only they came back
   conversations_ready
@@ -206,9 +206,8 @@ case "${1:?stage: data | loops | long | router | pinned | ship | profile | lever
     for stage in "$@"; do
       case $stage in
         data|loops|long|router|pinned|profile|levers|curves|ablate)
-          src=${CORAL_CONVERSATIONS:-.gpu-data/conversations.jsonl.xz}
-          [ -f "$W/conversations.jsonl.xz" ] || [ -f "$src" ] \
-            || { echo "$N $stage: no prompt set $src (CORAL_CONVERSATIONS): carry $(dirname "$src")"; bad=1; } ;;
+          [ -f "$W/conversations.jsonl.xz" ] || [ -f "$PROMPTS" ] \
+            || { echo "$N $stage: no prompt set $PROMPTS (CORAL_CONVERSATIONS): carry $(dirname "$PROMPTS")"; bad=1; } ;;
         ship)
           python3 -c "import sys
 from coral_vllm.data.sources import EVAL_SETS
