@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from coral_vllm.bench.load import Outcome, Template, summarize
+from coral_vllm.bench.load import Outcome, Template, error_chain, summarize
 
 FIELDS = {"device", "requests", "concurrency", "failed", "mismatched", "cancelled",
           "duration_s", "p50_ttft_ms", "p99_ttft_ms", "rss_mb_start", "rss_mb_end"}
@@ -25,6 +25,18 @@ def test_only_greedy_replies_read_to_the_end_are_compared():
     assert (r["requests"], r["failed"], r["mismatched"], r["cancelled"], r["compared"]) == \
         (6, 2, 1, 1, 2)
     assert r["mismatches"][0]["coral"] == "y" and r["p50_ttft_ms"] == 300.0
+
+
+def test_a_failure_is_recorded_with_its_causes():
+    """The OpenAI client's connection error names nothing; its httpx cause must show."""
+    try:
+        try:
+            raise ConnectionResetError("peer closed connection")
+        except ConnectionResetError as e:
+            raise RuntimeError("Connection error.") from e
+    except RuntimeError as e:
+        msg = error_chain(e)
+    assert msg == "RuntimeError: Connection error. <- ConnectionResetError: peer closed connection"
 
 
 @pytest.mark.engine

@@ -59,15 +59,27 @@ async def _send(client: Any, model: str, prompt: Prompt, max_tokens: int,
     return r.usage.completion_tokens, r.choices[0].text
 
 
-async def _run(base_url: str, prompts: list[Prompt], concurrency: int, max_tokens: int,
-               temperature: float, model: str | None) -> LoadResult:
+def openai_client(base_url: str, concurrency: int, timeout_s: float) -> Any:
+    """An AsyncOpenAI client for a local `vllm serve`: no retries (a failure is counted,
+    not hidden), at most `concurrency` connections, and a fresh connection per request.
+
+    No keep-alive on purpose: under load, uvicorn's keep-alive timer can close a connection
+    the client is reusing (encode/uvicorn#824, #1637), which the client sees as
+    `APIConnectionError` although the server and the engine are fine. (CI once saw 1 such
+    error in 168 requests at 64 streams, its cause unrecorded then: `load.error_chain`
+    records it now.) A loopback connect costs well under a millisecond."""
     import httpx
     from openai import AsyncOpenAI
 
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with AsyncOpenAI(base_url=base_url + "/v1", api_key="EMPTY", max_retries=0,
-                           timeout=1800, http_client=httpx.AsyncClient(limits=limits,
-                                                                       timeout=1800)) as client:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=0)
+    return AsyncOpenAI(base_url=base_url + "/v1", api_key="EMPTY", max_retries=0,
+                       timeout=timeout_s,
+                       http_client=httpx.AsyncClient(limits=limits, timeout=timeout_s))
+
+
+async def _run(base_url: str, prompts: list[Prompt], concurrency: int, max_tokens: int,
+               temperature: float, model: str | None) -> LoadResult:
+    async with openai_client(base_url, concurrency, timeout_s=1800) as client:
         if model is None:
             model = (await client.models.list()).data[0].id
         gate = asyncio.Semaphore(concurrency)

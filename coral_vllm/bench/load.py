@@ -32,7 +32,7 @@ from typing import Any
 from coral_vllm.bench.args import (add_enforce_eager_arg, add_engine_resource_args,
                                    add_output_args, bench_parser, engine_resources,
                                    server_log_dir, target_dir)
-from coral_vllm.bench.client import run_load
+from coral_vllm.bench.client import openai_client, run_load
 from coral_vllm.bench.results import write_json
 from coral_vllm.data.eval_sets import BENCHMARKS, benchmark_texts
 from coral_vllm.named_paths import PLAIN
@@ -135,8 +135,21 @@ async def _stream_one(client: Any, model: str, t: Template,
                 break
         out.text = "".join(chunks)
     except Exception as e:  # noqa: BLE001 - every failure is counted, none stops the load
-        out.error = f"{type(e).__name__}: {e}"
+        out.error = error_chain(e)
     return out
+
+
+def error_chain(e: BaseException) -> str:
+    """`Type: message` of an exception and of each cause below it: the OpenAI client's
+    `APIConnectionError: Connection error.` says nothing until its httpx cause is named."""
+    parts = []
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        parts.append(f"{type(cur).__name__}: {cur}")
+        cur = cur.__cause__ or cur.__context__
+    return " <- ".join(parts)
 
 
 async def _drive(server: RunningServer, pool: list[Template], *, concurrency: int,
@@ -144,17 +157,11 @@ async def _drive(server: RunningServer, pool: list[Template], *, concurrency: in
                  rng: random.Random) -> tuple[list[Outcome], list[tuple[float, float]]]:
     """Keeps `concurrency` streams in flight until `duration_s` has passed (those in
     flight then finish), sampling the server's memory meanwhile."""
-    import httpx
-    from openai import AsyncOpenAI
-
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     outcomes: list[Outcome] = []
     rss: list[tuple[float, float]] = []
     t_start = time.monotonic()
     deadline = t_start + duration_s
-    async with AsyncOpenAI(base_url=server.url + "/v1", api_key="EMPTY", max_retries=0,
-                           timeout=600, http_client=httpx.AsyncClient(limits=limits,
-                                                                      timeout=600)) as client:
+    async with openai_client(server.url, concurrency, timeout_s=600) as client:
         model = (await client.models.list()).data[0].id
 
         async def user() -> None:
@@ -260,6 +267,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               "sampled_temperature": SAMPLED_TEMPERATURE,
                               "prompts": f"benchmark_texts of {', '.join(BENCHMARKS)}, in turn"},
         "cancel_fraction": args.cancel_fraction, "ttft": "client side, first content chunk",
+        "client": "openai AsyncOpenAI, streaming, a fresh connection per request, no retries",
         "rss": "coral server process tree; start = first sample after warm-up",
         "rss_mb_series": [[round(t, 1), round(mb, 1)] for t, mb in rss[::10]],
         "server_after": settled, "spec_decode": spec.to_dict(),
