@@ -131,8 +131,8 @@ def train_router(h: torch.Tensor, labels: torch.Tensor, gprobs: torch.Tensor | N
     It starts at the group prior alone (output weights zero, bias the log prior), which
     ranks the groups as a static head does, and keeps the epoch (0 = that start) of best
     recall@k on a validation slice of its rows (the last `val_share`, which it does not
-    train on). A router this size memorises its rows (training recall 1.0 at 360k SmolLM2
-    rows) and loses held-out recall as it does, so the last epoch is not the one to keep;
+    train on). A router of d x d + d x N weights can memorise a few hundred thousand rows
+    and lose held-out recall as it does, so the last epoch is not the one to keep;
     the stage's own held-out split, which it reports, stays unseen. Returns the router
     and the fit's record: the validation recall per epoch and the epoch kept."""
     torch.manual_seed(seed)
