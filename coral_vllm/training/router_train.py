@@ -150,14 +150,12 @@ def train_router(h: torch.Tensor, labels: torch.Tensor, gprobs: torch.Tensor | N
         with torch.no_grad():
             return recall_at_k(router(h[n_fit:].to(device)).cpu(), labels[n_fit:], k)
 
-    curve = [val_recall()] if n_val else []
-    best = (curve[0] if curve else -1.0, 0, copy.deepcopy(router.state_dict()))
     opt = torch.optim.AdamW(router.parameters(), lr=lr, betas=(0.9, 0.95))
     g = torch.Generator().manual_seed(seed)
-    for epoch in range(1, epochs + 1):
-        perm = torch.randperm(n_fit, generator=g)
-        for i in range(0, n_fit, batch_size):
-            idx = perm[i: i + batch_size]
+    curve: list[float] = []
+    kept, kept_state = epochs, None
+    for epoch in range(epochs + 1):  # epoch 0: the prior alone, measured before any step
+        for idx in torch.randperm(n_fit, generator=g).split(batch_size) if epoch else ():
             logits = router(h[idx].to(device))
             if label == "kl":
                 loss = F.kl_div(logits.log_softmax(-1), gprobs[idx].to(device),
@@ -169,11 +167,10 @@ def train_router(h: torch.Tensor, labels: torch.Tensor, gprobs: torch.Tensor | N
             opt.step()
         if n_val:
             curve.append(val_recall())
-            if curve[-1] > best[0]:
-                best = (curve[-1], epoch, copy.deepcopy(router.state_dict()))
-    if n_val:
-        router.load_state_dict(best[2])
-    kept = best[1] if n_val else epochs
+            if curve[-1] > max(curve[:-1], default=-1.0):
+                kept, kept_state = epoch, copy.deepcopy(router.state_dict())
+    if kept_state is not None:
+        router.load_state_dict(kept_state)
     return router.eval(), {"val_rows": n_val, "val_recall": [round(r, 4) for r in curve],
                            "epoch_kept": kept}
 
