@@ -5,9 +5,14 @@
 # the one that starts it (issued back to back, since an idle host is given back after
 # ~30 s) wait for it and bring back what it has made so far.
 #   bash scripts/gpu_job.sh start NAME CMD...   run CMD detached; log in $CORAL_JOBS/NAME.log
-#   bash scripts/gpu_job.sh wait NAME MINUTES   until the job ends or MINUTES pass, then the
+#   bash scripts/gpu_job.sh wait NAME MINUTES [DIR]
+#                                               until the job ends, MINUTES pass or DIR (a
+#                                               job's OUT) holds a file to send, then the
 #                                               log's tail; exit: the job's status once it
-#                                               ended, 99 while it still runs
+#                                               ended, 99 while it still runs, 3 at once
+#                                               when this host never ran it. With DIR the
+#                                               call can send what the job made as soon as
+#                                               it is made, not when the minutes are up
 #   bash scripts/gpu_job.sh send DIR            what DIR (a job's OUT) holds and no earlier
 #                                               call sent -> $OUT, within what one reply
 #                                               brings back (8 files, 60 MiB, counting what
@@ -32,13 +37,21 @@ case "${1:?start NAME CMD... | wait NAME MINUTES | send DIR}" in
     echo "started $name (pid $!), log $J/$name.log" ;;
   wait)
     name=${2:?name}
+    # no log: this host never ran the job, so the lease's host was replaced (session 8 lost
+    # one between two calls) and the job and its files went with it; say so now rather
+    # than spend the call's minutes waiting on nothing
+    [ -f "$J/$name.log" ] || { echo "no job $name on this host: a fresh host (the job's" \
+      "host was given back, and its job and files with it); start again"; exit 3; }
     until=$(python3 -c "import time; print(int(time.time() + 60 * ${3:?minutes}))")
-    while [ ! -f "$J/$name.rc" ] && [ "$(date +%s)" -lt "$until" ]; do sleep 5; done
+    dir=${4:-}
+    to_send() { [ -n "$dir" ] && [ -n "$(find "$dir" -maxdepth 1 -type f -print -quit 2>/dev/null)" ]; }
+    while [ ! -f "$J/$name.rc" ] && [ "$(date +%s)" -lt "$until" ] && ! to_send; do sleep 5; done
     tail -n "${CORAL_JOB_TAIL:-30}" "$J/$name.log"
     if [ -f "$J/$name.rc" ]; then
       echo "$name ended: exit $(cat "$J/$name.rc")"; exit "$(cat "$J/$name.rc")"
     fi
-    echo "$name still running"; exit 99 ;;
+    to_send && echo "$name still running; files to send in $dir" || echo "$name still running"
+    exit 99 ;;
   send)
     dir=${2:?dir}; out=${OUT:?OUT: the folder whose files come back}
     mkdir -p "$dir/sent"

@@ -66,9 +66,13 @@ DEADLINE=${CORAL_DEADLINE:-$(python3 -c "import time; print(int(time.time() + 60
 PRESETS=${CORAL_PRESETS:-eagle hass coral}
 mkdir -p "$W" "$R" "$O"
 runs() { for p in $PRESETS; do printf '%s=%s ' "$p" "$W/runs/$p"; done; }
-pack() {  # pack PART DIR [tar options]: $W/DIR -> $O/$N-PART.tar.xz.NN
-  local name=$N-$1 dir=$2; shift 2
-  tar -C "$W" -cf - "$@" "$dir" | xz -T0 -6 | split -b 15M -d - "$O/$name.tar.xz."
+pack() {  # pack PART DIR [tar options]: $W/DIR -> $O/$N-PART.tar.xz.NN, each piece
+  # moved into $O whole (a job's OUT is sent while the job runs: a piece still being
+  # written must not be), replacing an earlier pack of that name
+  local name=$N-$1 dir=$2 tmp; shift 2
+  tmp=$O/.packing-$name; rm -rf "$tmp" && mkdir -p "$tmp"
+  tar -C "$W" -cf - "$@" "$dir" | xz -T0 -6 | split -b 15M -d - "$tmp/$name.tar.xz."
+  rm -f "$O/$name".tar.xz.*; mv "$tmp"/* "$O/" && rmdir "$tmp"
   ls -l "$O/$name".tar.xz.* | awk -v n="$name" \
     '{s += $5} END {printf "%s: %d piece(s), %.1f MiB\n", n, NR, s / 2^20}'
 }
@@ -219,29 +223,40 @@ sys.exit(bool(gone))" || bad=1 ;;
       esac
     done
     [ "$bad" = 0 ] && echo "$N: inputs of $* here"; exit "$bad" ;;
-  data)  # engines side by side (a 135M target leaves one vLLM engine CPU-bound), then
-         # the data from all their parts: looping replies kept (data/), trimmed (data-trim/)
+  data)  # engines side by side (a 135M target leaves one vLLM engine CPU-bound), each
+         # packing its replies ($N-dataS) into $O the moment it ends: they are what cannot be
+         # remade, and session 8 lost a host, and 6 minutes of replies, while the data was
+         # still being written from them. Then the data from all their parts: looping
+         # replies kept (data/), trimmed (data-trim/)
     conversations_ready
     prompts=("${CONVERSATIONS[@]}")
     [ -n "${CORAL_TEXTS:-}" ] && prompts=(--texts "$CORAL_TEXTS")
     E=${CORAL_DATA_ENGINES:-3}
     gen=(python3 -m coral_vllm.cli train data --target "$M" "${prompts[@]}" "${DATA_ARGS[@]}")
+    shard_parts() { [ "$E" -gt 1 ] && echo "data/parts/shard$1-of-$E" || echo data/parts; }
+    pack_shard() { [ -d "$W/$(shard_parts "$1")" ] && pack "data$1" "$(shard_parts "$1")" --exclude='*.tmp'; }
     tl=$(left_min "${CORAL_DATA_RESERVE_MIN:-0}")
     for s in $(seq 0 $((E - 1))); do  # own compile caches: the engines start at once
-      VLLM_CACHE_ROOT=$HOME/.cache/vllm-engine$s "${gen[@]}" --out "$W/data" --shard "$s" \
-        --time-limit-min "$tl" > "$R/data_engine$s.log" 2>&1 &
+      ( VLLM_CACHE_ROOT=$HOME/.cache/vllm-engine$s "${gen[@]}" --out "$W/data" --shard "$s" \
+          --time-limit-min "$tl" > "$R/data_engine$s.log" 2>&1
+        pack_shard "$s" >> "$R/data_engine$s.log" 2>&1 ) &
     done
     wait
     for s in $(seq 0 $((E - 1))); do echo "engine $s: $(grep '^{' "$R/data_engine$s.log" | tail -n 1)"; done
-    # parts an engine did not make (it failed) are generated here by one engine, in time
+    # parts an engine did not make (it failed) are generated here by one engine, in time;
+    # the shards it added to are packed again
+    made=$(find "$W/data/parts" -type f ! -name '*.tmp' 2>/dev/null | sort)
     "${gen[@]}" --out "$W/data" --loops keep --time-limit-min "$(left_min "${CORAL_DATA_RESERVE_MIN:-0}")" \
       2>&1 | grep -v "^INFO\|^(" | tail -n 5
+    for s in $(seq 0 $((E - 1))); do
+      comm -13 <(echo "$made") <(find "$W/data/parts" -type f ! -name '*.tmp' | sort) \
+        | grep -q "$W/$(shard_parts "$s")/" && pack_shard "$s"
+    done
     [ -f "$W/data/manifest.json" ] || { echo "data: none written (see $R/data_engine*.log)"; exit 1; }
     mkdir -p "$W/data-trim" && ln -sfn "$W/data/parts" "$W/data-trim/parts"
     "${gen[@]}" --out "$W/data-trim" --loops trim --write-only | tail -n 1
     cp "$W/data/manifest.json" "$O/dataset_manifest_$N.json"
-    cp "$W/data-trim/manifest.json" "$O/dataset_manifest_${N}_trim.json"
-    pack data data/parts --exclude='*.tmp' ;;
+    cp "$W/data-trim/manifest.json" "$O/dataset_manifest_${N}_trim.json" ;;
   loops)  # the two data sets side by side on one GPU, one plan, compared by dev tau at
           # the last evaluation both reached (the deadline may stop them)
     for v in keep trim; do
@@ -426,7 +441,7 @@ print(' '.join(x['lever'] for x in sorted(r, key=lambda x: -x['heldout_tau'])[:2
     if [ "${2:-}" != more ]; then
       rm -rf "$X" && mkdir -p "$X"
       # the replies, unless they came up from here (then this machine has them)
-      [ -d "$W/data/parts" ] && [ -z "$(pieces "$N-data.tar.xz")" ] \
+      [ -d "$W/data/parts" ] && [ -z "$(find -L .gpu-data -name "$N-data*.tar.xz.00" 2>/dev/null)" ] \
         && O=$X pack data data/parts --exclude='*.tmp'
       [ -f "$W/data/manifest.json" ] && cp "$W/data/manifest.json" "$X/dataset_manifest_$N.json"
       [ -f "$W/data-trim/manifest.json" ] && cp "$W/data-trim/manifest.json" "$X/dataset_manifest_${N}_trim.json"

@@ -2,12 +2,16 @@
 
 A reply brings back at most 8 files from $OUT and drops the rest without failing the
 command, so `gpu_job.sh send` is what keeps a job's results from being lost: pieces of
-generated data or drafters first, within the cap, each file once. `train_gpu.sh check`
+generated data or drafters first, within the cap, each file once. `gpu_job.sh wait` ends
+at once on a host that never ran the job (a replaced host) and as soon as the job has a
+file to send, so a call neither waits on nothing nor holds results. `train_gpu.sh check`
 names an input not carried in the call that starts a job, before the job spends the
 lease on stages that would stop for it."""
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +56,34 @@ def test_send_keeps_within_sixty_mib(tmp_path: Path) -> None:
             f.truncate(15 << 20)
     assert "1 file(s) left" in _send(job_out, out)
     assert len(list(out.iterdir())) == 4
+
+
+def _wait(jobs: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "scripts/gpu_job.sh", "wait", *args], cwd=REPO,
+                          env={**os.environ, "CORAL_JOBS": str(jobs)}, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_wait_on_a_host_that_never_ran_the_job_ends_at_once(tmp_path: Path) -> None:
+    got = _wait(tmp_path / "jobs", "c", "5")  # 5 minutes asked for; the timeout is 60 s
+    assert got.returncode == 3 and "no job c on this host" in got.stdout
+
+
+def test_wait_ends_when_the_job_has_a_file_to_send(tmp_path: Path) -> None:
+    jobs, job_out = tmp_path / "jobs", tmp_path / "job-out"
+    (job_out / "sent").mkdir(parents=True)
+    started = subprocess.run(["bash", "scripts/gpu_job.sh", "start", "c", "sleep", "120"],
+                             cwd=REPO, env={**os.environ, "CORAL_JOBS": str(jobs)},
+                             check=True, capture_output=True, text=True).stdout
+    pid = int(re.search(r"pid (\d+)", started).group(1))  # its own session's leader
+    try:
+        (job_out / "sent" / "old.json").write_text("{}")  # sent already: not a reason
+        assert _wait(jobs, "c", "0.05", str(job_out)).stdout.strip().endswith("c still running")
+        (job_out / "run-data0.tar.xz.00").write_bytes(b"x")
+        got = _wait(jobs, "c", "5", str(job_out))
+        assert got.returncode == 99 and "files to send" in got.stdout
+    finally:
+        os.killpg(pid, signal.SIGTERM)
 
 
 def _check(tmp_path: Path, *stages: str, **env: str) -> subprocess.CompletedProcess:
