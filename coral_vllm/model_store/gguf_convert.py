@@ -8,7 +8,10 @@ Two converters write the same directory (tested tensor by tensor, `tests/test_gg
   the `gguf` package (numpy; the function transformers' GGUF loader calls too), renamed to
   its HF name, un-permuted where llama.cpp permuted it, cast to the dtype and copied into
   a safetensors file laid out up front (`SafetensorsFile`), by a pool of threads. No model
-  is built; the metadata (config, tokenizer) is read at the same time.
+  is built; the metadata (config, tokenizer) is read at the same time, in two processes
+  of their own: transformers parses a GGUF's metadata in pure Python (for Qwen's 152k
+  vocabulary, 19 s for the config and 15 s for the tokenizer on this machine), and in
+  threads the two parses took turns on the GIL with each other and the dequantising.
 - `transformers` (anything transformers' GGUF loader reads, e.g. Gemma-3, whose norms
   llama.cpp stores shifted by one): it loads the model from the GGUF and, since
   transformers refuses `save_pretrained` on such a model, copies the state dict into a
@@ -22,10 +25,12 @@ generation config's stop ids include a chat model's end-of-turn token.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 import time
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import (FIRST_EXCEPTION, Future, ProcessPoolExecutor,
+                                ThreadPoolExecutor, wait)
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,12 +84,11 @@ def convert_gguf(gguf_path: str | os.PathLike[str], out: str | os.PathLike[str],
     shutil.rmtree(tmp_out, ignore_errors=True)
     tmp_out.mkdir(parents=True)
     if converter == "direct":
-        tokenizer = _convert_direct(reader, gguf_path, tmp_out, getattr(torch, dtype),
-                                    workers)
+        _convert_direct(reader, gguf_path, tmp_out, getattr(torch, dtype), workers)
     else:
         _convert_transformers(gguf_path, tmp_out, getattr(torch, dtype))
-        tokenizer = write_tokenizer(gguf_path, reader.fields, tmp_out)
-    fix_generation_config(tmp_out, tokenizer, end_of_turn)
+        write_tokenizer(gguf_path, special_token_flags(reader.fields), tmp_out)
+    fix_generation_config(tmp_out, end_of_turn)
     print(f"[coral-vllm] {converter} conversion to {dtype}: "
           f"{time.perf_counter() - start:.1f} s", flush=True)
     shutil.rmtree(out, ignore_errors=True)
@@ -107,25 +111,32 @@ def load_config(gguf_path: Path, dtype: torch.dtype) -> Any:
     return config
 
 
-def write_tokenizer(gguf_path: Path, fields: Any, out: Path) -> Any:
-    """Saves the tokenizer (chat template included) with the GGUF's add_bos/add_eos flags
-    (`fields`: the GGUF's metadata), which transformers' GGUF loader drops (5.19): without
-    them Gemma would lose the <bos> it is trained to start with. Returns it."""
+def special_token_flags(fields: Any) -> dict[str, bool]:
+    """The GGUF's add_bos/add_eos flags (`fields`: its metadata) that it sets, e.g.
+    {"add_bos_token": True}; transformers' GGUF loader drops them (5.19), and without
+    them Gemma would lose the <bos> it is trained to start with."""
+    return {f"add_{t}_token": bool(fields[f"tokenizer.ggml.add_{t}_token"].contents())
+            for t in ("bos", "eos") if f"tokenizer.ggml.add_{t}_token" in fields}
+
+
+def write_tokenizer(gguf_path: Path, flags: dict[str, bool], out: Path) -> None:
+    """Saves the tokenizer (chat template included) with `flags` set (from
+    `special_token_flags`; each rewrites tokenizer.json's post-processor)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    for t in ("bos", "eos"):
-        if f"tokenizer.ggml.add_{t}_token" in fields:  # rewrites tokenizer.json's post-processor
-            setattr(tokenizer, f"add_{t}_token",
-                    bool(fields[f"tokenizer.ggml.add_{t}_token"].contents()))
+    for name, value in flags.items():
+        setattr(tokenizer, name, value)
     tokenizer.save_pretrained(out)
-    return tokenizer
 
 
-def fix_generation_config(path: Path, tokenizer: Any, end_of_turn: str | None) -> None:
+def fix_generation_config(path: Path, end_of_turn: str | None) -> None:
     """GGUF conversion leaves a chat model's end-of-turn token out of the stop ids."""
     import json
 
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)  # the one written there
     gen_file = path / "generation_config.json"
     gen = json.loads(gen_file.read_text()) if gen_file.exists() else {}
     eos = {tokenizer.eos_token_id}
@@ -200,20 +211,17 @@ def _permuted_heads(fields: Any, arch: str) -> dict[str, int]:
 
 
 def _convert_direct(reader: Any, gguf_path: Path, out: Path, dtype: torch.dtype,
-                    workers: int | None) -> Any:
-    """The weights, config.json, generation_config.json and the tokenizer (returned),
-    without building a model. Every tensor's name and shape, hence the file's layout, is
-    in the GGUF's tensor index; the config and the tokenizer (pure Python parses of the
-    GGUF, seconds for a 152k vocabulary) are read by two of the threads while the others
-    dequantise (numpy, which releases the GIL)."""
+                    workers: int | None) -> None:
+    """The weights, config.json, generation_config.json and the tokenizer, without
+    building a model. Every tensor's name and shape, hence the file's layout, is in the
+    GGUF's tensor index; the config and the tokenizer (pure Python parses of the GGUF) are
+    read by two processes (spawned: the parent holds threads) while threads dequantise
+    (numpy, which releases the GIL)."""
     import torch
-    import transformers
     from gguf import dequantize
 
     from coral_vllm.model_store.safetensors_file import SafetensorsFile
 
-    # transformers imports its classes on first use, which two threads must not do at once
-    transformers.AutoConfig, transformers.AutoTokenizer  # noqa: B018
     arch = str(reader.fields["general.architecture"].contents())
     permuted = _permuted_heads(reader.fields, arch)
     tensors = {hf_tensor_name(t.name): t for t in reader.tensors}
@@ -230,23 +238,24 @@ def _convert_direct(reader: Any, gguf_path: Path, out: Path, dtype: torch.dtype,
             w = w.copy()
         f.write(name, torch.from_numpy(w).reshape(layout[name][0]).to(dtype))
 
-    # `workers` threads dequantise, two more read the metadata; torch's own threads
-    # would multiply with them (each cast would start a team of one per core)
+    # `workers` threads dequantise; torch's own threads would multiply with them (each
+    # cast would start a team of one per core)
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor((workers or os.cpu_count() or 1) + 2) as pool:
-            tokenizer = pool.submit(write_tokenizer, gguf_path, reader.fields, out)
-            config = pool.submit(load_config, gguf_path, dtype)
+        with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as meta, \
+                ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+            tokenizer = meta.submit(write_tokenizer, gguf_path,
+                                    special_token_flags(reader.fields), out)
+            config = meta.submit(load_config, gguf_path, dtype)
             with SafetensorsFile(out / WEIGHTS_FILE, layout) as f:
                 biggest_first = sorted(tensors, key=lambda n: -tensors[n].n_elements)
                 _finish_all([pool.submit(convert, name) for name in biggest_first])
-            config = config.result()
+            config, _ = config.result(), tokenizer.result()
     finally:
         torch.set_num_threads(torch_threads)
     _check_layout(config, layout)
     _write_config(config, out)
-    return tokenizer.result()
 
 
 def _finish_all(jobs: list[Future]) -> None:
