@@ -252,6 +252,7 @@ sys.exit(bool(gone))" || bad=1 ;;
       comm -13 <(echo "$made") <(find "$W/data/parts" -type f ! -name '*.tmp' | sort) \
         | grep -q "$W/$(shard_parts "$s")/" && pack_shard "$s"
     done
+    touch "$W/data/parts.packed"  # `collect` need not pack them again
     [ -f "$W/data/manifest.json" ] || { echo "data: none written (see $R/data_engine*.log)"; exit 1; }
     mkdir -p "$W/data-trim" && ln -sfn "$W/data/parts" "$W/data-trim/parts"
     "${gen[@]}" --out "$W/data-trim" --loops trim --write-only | tail -n 1
@@ -440,8 +441,9 @@ print(' '.join(x['lever'] for x in sorted(r, key=lambda x: -x['heldout_tau'])[:2
     X=$W/outbox
     if [ "${2:-}" != more ]; then
       rm -rf "$X" && mkdir -p "$X"
-      # the replies, unless they came up from here (then this machine has them)
-      [ -d "$W/data/parts" ] && [ -z "$(find -L .gpu-data -name "$N-data*.tar.xz.00" 2>/dev/null)" ] \
+      # the replies, unless the data stage sent them or they came up from here
+      [ -d "$W/data/parts" ] && [ ! -f "$W/data/parts.packed" ] \
+        && [ -z "$(find -L .gpu-data -name "$N-data*.tar.xz.00" 2>/dev/null)" ] \
         && O=$X pack data data/parts --exclude='*.tmp'
       [ -f "$W/data/manifest.json" ] && cp "$W/data/manifest.json" "$X/dataset_manifest_$N.json"
       [ -f "$W/data-trim/manifest.json" ] && cp "$W/data-trim/manifest.json" "$X/dataset_manifest_${N}_trim.json"

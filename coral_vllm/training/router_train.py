@@ -56,14 +56,16 @@ def collect(drafter: CoralDrafter, target_model, table: TokenTable, num_steps: i
             groups: dict[str, torch.Tensor] | None = None,
             context_alignment: bool = True) -> dict[str, Any]:
     """Drafter features and labels at response positions, over all drafting steps, for
-    the first samples of `table` that give `max_tokens` rows. `groups` (name -> group id
-    of every token) adds the target's probabilities summed per group under each, which
-    only the KL label needs: [rows, num_groups] per grouping is the one part of this
-    that grows with the groupings compared."""
+    the first samples of `table` that give `max_tokens` rows, with each row's sample
+    ("sample": a position's rows at every step share its label, so a validation split
+    must take whole samples). `groups` (name -> group id of every token) adds the
+    target's probabilities summed per group under each, which only the KL label needs:
+    [rows, num_groups] per grouping is the one part of this that grows with the
+    groupings compared."""
     take = int(np.searchsorted(np.cumsum(table.loss_tokens()) * num_steps, max_tokens) + 1)
     table = table.subset(np.arange(min(len(table), take)))
     store = compute_features(target_model, table, device, fused_layers=drafter.fused_layers)
-    feats, top1, dense1 = [], [], []
+    feats, top1, dense1, samples = [], [], [], []
     groups = {k: (g.to(device), int(g.max()) + 1) for k, g in (groups or {}).items()}
     gprobs: dict[str, list[torch.Tensor]] = {k: [] for k in groups}
     head = drafter.lm_head.weight
@@ -73,17 +75,20 @@ def collect(drafter: CoralDrafter, target_model, table: TokenTable, num_steps: i
         last, f = split_features(f, drafter.hidden_size)
         t_logits = (last[:, 1:].flatten(0, 1)[batch.loss_pos].float() @ head.float().T)
         t_probs = t_logits.softmax(-1)
+        sample = torch.from_numpy(idx)[batch.loss_pos.cpu() // batch.ids_in.shape[1]]
         for out in multi_step_forward(drafter, batch.ids_in, f[:, :-1], num_steps,
                                       context_alignment):
             h = out.flatten(0, 1)[batch.loss_pos].float()
             feats.append(h.cpu())
             top1.append(t_logits.argmax(-1).cpu())
             dense1.append((h @ head.float().T).argmax(-1).cpu())
+            samples.append(sample)
             for k, (g, n) in groups.items():
                 gp = t_probs.new_zeros(len(h), n).index_add_(1, g, t_probs)
                 gprobs[k].append(gp.cpu())
     return {"h": torch.cat(feats)[:max_tokens], "top1": torch.cat(top1)[:max_tokens],
             "dense1": torch.cat(dense1)[:max_tokens],
+            "sample": torch.cat(samples)[:max_tokens],
             "gprobs": {k: torch.cat(v)[:max_tokens] for k, v in gprobs.items()}}
 
 
@@ -121,41 +126,56 @@ def chosen_selection(report: dict[str, Any]) -> dict[str, Any]:
             "recall_at_k": part["recall_at_k"], "dense_agreement": part["dense_agreement"]}
 
 
+def validation_rows(samples: torch.Tensor, share: float, seed: int) -> torch.Tensor:
+    """Mask of the rows of a random `share` of the distinct `samples` (each row's
+    sample id): whole samples, every row of each, so that no validation position has a
+    near-twin (the same position at another drafting step, same label) in the fit."""
+    ids = samples.unique()
+    pick = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))
+    return torch.isin(samples, ids[pick[:int(len(ids) * share)]])
+
+
 def train_router(h: torch.Tensor, labels: torch.Tensor, gprobs: torch.Tensor | None,
-                 num_groups: int, k: int, *, act: str = "silu", label: str = "ce",
-                 epochs: int = 5, lr: float = 1e-3, batch_size: int = 1024,
-                 val_share: float = 0.1, seed: int = 0,
+                 num_groups: int, k: int, *, samples: torch.Tensor, act: str = "silu",
+                 label: str = "ce", epochs: int = 5, lr: float = 1e-3,
+                 batch_size: int = 1024, val_share: float = 0.1, seed: int = 0,
                  device=None) -> tuple[Router, dict[str, Any]]:
-    """Fits Router(h) -> group logits. `label`: 'ce' (labels) or 'kl' (gprobs).
+    """Fits Router(h) -> group logits. `label`: 'ce' (labels) or 'kl' (gprobs);
+    `samples`: each row's sample id.
 
     It starts at the group prior alone (output weights zero, bias the log prior), which
     ranks the groups as a static head does, and keeps the epoch (0 = that start) of best
-    recall@k on a validation slice of its rows (the last `val_share`, which it does not
-    train on). A router of d x d + d x N weights can memorise a few hundred thousand rows
-    and lose held-out recall as it does, so the last epoch is not the one to keep;
-    the stage's own held-out split, which it reports, stays unseen. Returns the router
-    and the fit's record: the validation recall per epoch and the epoch kept."""
+    recall@k on validation rows it does not train on: those of `val_share` of the
+    samples (`validation_rows`). A router of d x d + d x N weights can memorise a few
+    hundred thousand rows and lose held-out recall as it does, so the last epoch is not
+    the one to keep; the stage's own held-out split, which it reports, stays unseen.
+    Validation by samples, not rows: a slice of the last rows (session 7's) holds the
+    later drafting steps of positions whose earlier steps the fit trains on, so it
+    rewards memorising (docs/training.md, Stage 2). Returns the router and the fit's
+    record: the validation rows and samples, the recall per epoch and the epoch kept."""
     torch.manual_seed(seed)
     device = device or h.device
-    n_val = int(len(h) * val_share)
-    n_fit = len(h) - n_val
+    val = validation_rows(samples, val_share, seed)
+    fit_rows, val_rows = (~val).nonzero().squeeze(1), val.nonzero().squeeze(1)
     router = Router(h.shape[1], num_groups, act=act).to(device)
     with torch.no_grad():
-        prior = (gprobs[:n_fit].float().mean(0) if label == "kl" and gprobs is not None else
-                 torch.bincount(labels[:n_fit], minlength=num_groups).float() / max(1, n_fit))
+        prior = (gprobs[fit_rows].float().mean(0) if label == "kl" and gprobs is not None
+                 else torch.bincount(labels[fit_rows], minlength=num_groups).float()
+                 / max(1, len(fit_rows)))
         router.w2.weight.zero_()
         router.w2.bias.copy_(prior.clamp_min(1e-6).log().to(device))
 
     def val_recall() -> float:
         with torch.no_grad():
-            return recall_at_k(router(h[n_fit:].to(device)).cpu(), labels[n_fit:], k)
+            return recall_at_k(router(h[val_rows].to(device)).cpu(), labels[val_rows], k)
 
     opt = torch.optim.AdamW(router.parameters(), lr=lr, betas=(0.9, 0.95))
     g = torch.Generator().manual_seed(seed)
     curve: list[float] = []
     kept, kept_state = epochs, None
     for epoch in range(epochs + 1):  # epoch 0: the prior alone, measured before any step
-        for idx in torch.randperm(n_fit, generator=g).split(batch_size) if epoch else ():
+        for idx in fit_rows[torch.randperm(len(fit_rows), generator=g)].split(batch_size) \
+                if epoch else ():
             logits = router(h[idx].to(device))
             if label == "kl":
                 loss = F.kl_div(logits.log_softmax(-1), gprobs[idx].to(device),
@@ -165,14 +185,15 @@ def train_router(h: torch.Tensor, labels: torch.Tensor, gprobs: torch.Tensor | N
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        if n_val:
+        if len(val_rows):
             curve.append(val_recall())
             if curve[-1] > max(curve[:-1], default=-1.0):
                 kept, kept_state = epoch, copy.deepcopy(router.state_dict())
     if kept_state is not None:
         router.load_state_dict(kept_state)
-    return router.eval(), {"val_rows": n_val, "val_recall": [round(r, 4) for r in curve],
-                           "epoch_kept": kept}
+    return router.eval(), {"val_rows": len(val_rows),
+                           "val_samples": int(samples[val_rows].unique().numel()),
+                           "val_recall": [round(r, 4) for r in curve], "epoch_kept": kept}
 
 
 @dataclasses.dataclass
@@ -235,7 +256,7 @@ def fit_routers(drafter: CoralDrafter, target, data_dir: str | Path, cfg: TrainC
         routers = {}
         for s, grp in grps.items():
             router, fit = train_router(tr["h"], grp[tr["top1"]], tr["gprobs"].get(f"{i}/{s}"),
-                                       n, k, act=cfg.router_act, label=cfg.router_label,
+                                       n, k, samples=tr["sample"], act=cfg.router_act, label=cfg.router_label,
                                        epochs=cfg.router_epochs, lr=cfg.router_lr,
                                        batch_size=cfg.router_batch_size, seed=cfg.seed,
                                        device=dev)
