@@ -244,14 +244,12 @@ sys.exit(bool(gone))" || bad=1 ;;
     wait
     for s in $(seq 0 $((E - 1))); do echo "engine $s: $(grep '^{' "$R/data_engine$s.log" | tail -n 1)"; done
     # parts an engine did not make (it failed) are generated here by one engine, in time;
-    # the shards it added to are packed again
+    # if it made any, the shards are packed again
     made=$(find "$W/data/parts" -type f ! -name '*.tmp' 2>/dev/null | sort)
     "${gen[@]}" --out "$W/data" --loops keep --time-limit-min "$(left_min "${CORAL_DATA_RESERVE_MIN:-0}")" \
       2>&1 | grep -v "^INFO\|^(" | tail -n 5
-    for s in $(seq 0 $((E - 1))); do
-      comm -13 <(echo "$made") <(find "$W/data/parts" -type f ! -name '*.tmp' | sort) \
-        | grep -q "$W/$(shard_parts "$s")/" && pack_shard "$s"
-    done
+    [ "$(find "$W/data/parts" -type f ! -name '*.tmp' 2>/dev/null | sort)" = "$made" ] \
+      || for s in $(seq 0 $((E - 1))); do pack_shard "$s"; done
     touch "$W/data/parts.packed"  # `collect` need not pack them again
     [ -f "$W/data/manifest.json" ] || { echo "data: none written (see $R/data_engine*.log)"; exit 1; }
     mkdir -p "$W/data-trim" && ln -sfn "$W/data/parts" "$W/data-trim/parts"

@@ -9,9 +9,9 @@ Two converters write the same directory (tested tensor by tensor, `tests/test_gg
   its HF name, un-permuted where llama.cpp permuted it, cast to the dtype and copied into
   a safetensors file laid out up front (`SafetensorsFile`), by a pool of threads. No model
   is built; the metadata (config, tokenizer) is read at the same time, in two processes
-  of their own: transformers parses a GGUF's metadata in pure Python (for Qwen's 152k
-  vocabulary, 19 s for the config and 15 s for the tokenizer on this machine), and in
-  threads the two parses took turns on the GIL with each other and the dequantising.
+  of their own: transformers parses a GGUF's metadata in pure Python (tens of seconds for
+  Qwen's 152k vocabulary), which in threads took turns on the GIL with each other and
+  with the dequantising.
 - `transformers` (anything transformers' GGUF loader reads, e.g. Gemma-3, whose norms
   llama.cpp stores shifted by one): it loads the model from the GGUF and, since
   transformers refuses `save_pretrained` on such a model, copies the state dict into a

@@ -70,12 +70,13 @@ def collect(drafter: CoralDrafter, target_model, table: TokenTable, num_steps: i
     gprobs: dict[str, list[torch.Tensor]] = {k: [] for k in groups}
     head = drafter.lm_head.weight
     for idx in epoch_batches(table.lengths, batch_tokens, seed=0, epoch=0):
-        batch = Batch.build(table, idx).to(device)
+        host = Batch.build(table, idx)
+        batch = host.to(device)
+        sample = torch.from_numpy(idx)[host.loss_pos // host.ids_in.shape[1]]  # host side
         f = store[batch.rows.to(store.device)].to(device, drafter.fc.weight.dtype)
         last, f = split_features(f, drafter.hidden_size)
         t_logits = (last[:, 1:].flatten(0, 1)[batch.loss_pos].float() @ head.float().T)
         t_probs = t_logits.softmax(-1)
-        sample = torch.from_numpy(idx)[batch.loss_pos.cpu() // batch.ids_in.shape[1]]
         for out in multi_step_forward(drafter, batch.ids_in, f[:, :-1], num_steps,
                                       context_alignment):
             h = out.flatten(0, 1)[batch.loss_pos].float()
@@ -256,7 +257,8 @@ def fit_routers(drafter: CoralDrafter, target, data_dir: str | Path, cfg: TrainC
         routers = {}
         for s, grp in grps.items():
             router, fit = train_router(tr["h"], grp[tr["top1"]], tr["gprobs"].get(f"{i}/{s}"),
-                                       n, k, samples=tr["sample"], act=cfg.router_act, label=cfg.router_label,
+                                       n, k, samples=tr["sample"], act=cfg.router_act,
+                                       label=cfg.router_label,
                                        epochs=cfg.router_epochs, lr=cfg.router_lr,
                                        batch_size=cfg.router_batch_size, seed=cfg.seed,
                                        device=dev)
