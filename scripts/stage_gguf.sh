@@ -19,6 +19,10 @@
 # there). Later commands get the directory with `coral-vllm fetch-model NAME` (no
 # download, no --gguf).
 #
+# With --detach (on the last piece's call) the conversion runs as a job
+# (scripts/gpu_job.sh) named convert-NAME that first waits for the bundle's install, so
+# the call returns at once and no call waits on either.
+#
 # Idempotent and resumable: a piece already stored is not copied again, pieces can come
 # in any order and a call can be repeated; once joined and converted, any piece's call
 # only prints the model directory. Exit 0 while pieces are missing (it lists them),
@@ -60,7 +64,19 @@ if [ ! -f "$GGUF" ]; then
   mv "$GGUF.partial" "$GGUF"
 fi
 
-[ -f "${CORAL_SITE:-/root/coral-site}/env.sh" ] || {
+SITE=${CORAL_SITE:-/root/coral-site}
+case "${2:-}" in
+  --detach)  # the conversion as a job that waits for the bundle; this call returns now, so
+    # the bundle's install (itself a job) and the conversion overlap the calls still
+    # bringing pieces up. A later command waits for it: gpu_job.sh wait convert-NAME MIN
+    bash scripts/gpu_job.sh start "convert-$NAME" bash scripts/stage_gguf.sh "$PIECE" --after-bundle
+    exit 0 ;;
+  --after-bundle)  # (the job's side of --detach)
+    for _ in $(seq 300); do [ -f "$SITE/.ready" ] && break; sleep 2; done ;;
+  "") ;;
+  *) echo "stage_gguf.sh: unknown option $2 (--detach: convert in a job)"; exit 2 ;;
+esac
+[ -f "$SITE/.ready" ] || {
   echo "$NAME: GGUF joined in $GGUF; stage the vLLM bundle (../shared/gpu-host/README.md), then rerun with any piece to convert"; exit 0; }
 source scripts/gpu_host_setup.sh > /tmp/gpu_host_setup.log 2>&1 || { tail -n 20 /tmp/gpu_host_setup.log; exit 1; }
 python3 -m coral_vllm.cli fetch-model "$NAME" --gguf "$GGUF"

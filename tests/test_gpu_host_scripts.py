@@ -6,9 +6,12 @@ generated data or drafters first, within the cap, each file once. `gpu_job.sh wa
 at once on a host that never ran the job (a replaced host) and as soon as the job has a
 file to send, so a call neither waits on nothing nor holds results. `train_gpu.sh check`
 names an input not carried in the call that starts a job, before the job spends the
-lease on stages that would stop for it."""
+lease on stages that would stop for it. `stage_gguf.sh --detach` joins the last piece
+and leaves the conversion to a job that waits for the bundle, so the calls still
+bringing pieces up are not held."""
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import signal
@@ -119,3 +122,37 @@ def test_check_passes_when_the_inputs_are_here(tmp_path: Path) -> None:
                  CORAL_VLLM_WHEELS=str(wheels))
     assert got.returncode == 0, got.stdout + got.stderr
     assert "inputs of long ship here" in got.stdout
+
+
+def test_stage_gguf_detach_joins_and_leaves_the_conversion_to_a_job(tmp_path: Path) -> None:
+    """The last piece's call returns at once with the GGUF joined and checked; the job
+    waits for the bundle's install (.ready), and only then goes on (here to a bundle whose
+    env.sh fails, so the job ends there, having run nothing else)."""
+    body = os.urandom(1000)
+    piece, site, jobs = tmp_path / "pieces" / "p00", tmp_path / "site", tmp_path / "jobs"
+    piece.mkdir(parents=True)
+    site.mkdir()
+    (piece / "tiny.gguf.p00").write_bytes(body)
+    digest = hashlib.sha256(body).hexdigest()
+    (piece / "MANIFEST").write_text(f"model tiny\nsha256 {digest}\nbytes 1000\n"
+                                    f"piece p00 {digest} 1000\n")
+    (site / "env.sh").write_text("echo 'fake bundle: not staged'; return 1\n")
+    env = {**os.environ, "CORAL_SITE": str(site), "CORAL_JOBS": str(jobs),
+           "CORAL_GGUF_STORE": str(tmp_path / "store")}
+    got = subprocess.run(["bash", "scripts/stage_gguf.sh", str(piece), "--detach"], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=30)
+    assert got.returncode == 0, got.stdout + got.stderr
+    assert "tiny: all pieces present; joining" in got.stdout and "started convert-tiny" in got.stdout
+    assert (tmp_path / "store" / "tiny" / "tiny.gguf").read_bytes() == body
+    pid = int(re.search(r"pid (\d+)", got.stdout).group(1))
+    try:
+        waited = _wait(jobs, "convert-tiny", "0.05")
+        assert waited.returncode == 99  # waiting for the bundle
+        (site / ".ready").write_text("")
+        waited = _wait(jobs, "convert-tiny", "0.5")
+        assert waited.returncode == 1 and "fake bundle: not staged" in waited.stdout
+    finally:
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
