@@ -340,7 +340,8 @@ print(best['drafter'][1:])" "$R/pinned_dev_tau_$N.json") || exit 1
          # partition and group count the router stage chose; dense: the EAGLE head;
          # static: the frequency partition's first groups of that grouping, at the
          # router's active rows); vLLM's tau at k=5 (and every smaller k) on all of
-         # MT-bench and HumanEval (T=0); bench e2e at CORAL_SHIP_K (3 5), batch 1, T=0,
+         # MT-bench and HumanEval (T=0; the heads' engines side by side on the one
+         # GPU, the same counters); bench e2e at CORAL_SHIP_K (3 5), batch 1, T=0,
          # MT-bench, plain vs the CORAL_SHIP_E2E heads (router). Other targets:
          # CORAL_ACCEPTANCE_ARGS (e.g. `-k 6 --datasets humaneval mtbench gsm8k`),
          # CORAL_E2E_ARGS (later flags win); CORAL_SHIP_TABLES (acceptance e2e) picks tables,
@@ -373,8 +374,10 @@ print(best['drafter'][1:])" "$R/pinned_dev_tau_$N.json") || exit 1
     tables=" ${CORAL_SHIP_TABLES:-acceptance e2e} "  # one lease may take the tau table, the next the timings
     tag=${CORAL_SHIP_TAG:+_$CORAL_SHIP_TAG}  # a later table beside the first (e.g. pinned)
     if [[ $tables == *" acceptance "* ]]; then
-      python3 -m coral_vllm.cli bench acceptance --model "$M" --drafters $(heads ${CORAL_SHIP_TAU:-router dense static}) \
-        -k 5 --limit 164 --max-tokens 256 --out "$R/acceptance_$N$tag.json" ${CORAL_ACCEPTANCE_ARGS:-} \
+      tau_heads=(${CORAL_SHIP_TAU:-router dense static})  # their engines side by side
+      python3 -m coral_vllm.cli bench acceptance --model "$M" --drafters $(heads "${tau_heads[@]}") \
+        -k 5 --limit 164 --max-tokens 256 --engines ${#tau_heads[@]} \
+        --out "$R/acceptance_$N$tag.json" ${CORAL_ACCEPTANCE_ARGS:-} \
         2>&1 | grep -v "^INFO\|^(\|^WARN" | tail -n 9
       cp "$R/acceptance_$N$tag.json" "$O/"
     fi

@@ -13,12 +13,14 @@ from typing import Callable, Sequence
 
 import torch
 
+from coral_vllm.runtime.engine_args import GPU_SHARE
+
 Reply = tuple[list[int], bool]  # generated ids without the end-of-turn token, ended?
 Generate = Callable[[list[list[int]], list[int]], list[Reply]]
 
 
 def vllm_generator(target: str, max_model_len: int, temperature: float, seed: int,
-                   gpu_share: float = 0.88) -> Generate:
+                   gpu_share: float = GPU_SHARE) -> Generate:
     """Many sequences in flight through vLLM's offline engine (the GPU path); several
     engines can share one GPU (`gpu_share` each), since a small target leaves vLLM's
     per-step CPU work, not the GPU, as the limit."""

@@ -47,6 +47,7 @@ from coral_vllm.data.splicers import ChatSplicer, TextSplicer
 from coral_vllm.data.splits import DEV_SHARE, HELDOUT_SHARE, split_of
 from coral_vllm.data.target import target_config_dict
 from coral_vllm.data.texts import PROMPT_TOKENS, read_passages
+from coral_vllm.runtime.engine_args import GPU_SHARE
 
 MIN_REPLY_ROOM = 32  # a turn is asked only if this many reply tokens (or max_new_tokens) fit
 # time a vLLM engine's start (~100 s compiling on an H200) and its first part need; a
@@ -338,7 +339,7 @@ def build_data(target: str, out_dir: str, conversations: str | None = None, *,
                        dev_share, heldout_share)
     if backend == "auto":
         backend = "vllm" if generator is None and _vllm_on_gpu() else "transformers"
-    gpu_share = 0.88 / (shards if shard is not None else 1)  # engines share one GPU
+    gpu_share = GPU_SHARE / (shards if shard is not None else 1)  # engines share one GPU
     gen = Generation((lambda: generator) if generator is not None else
                      lambda: _engine(backend, target, max_len, temperature, seed, batch_size,
                                      setup, gpu_share),

@@ -13,6 +13,8 @@ from typing import Any
 from coral_vllm.runtime.device import on_cpu
 
 CPU_KV_CACHE_BYTES = 1 << 30
+# of a GPU's memory, what the engines on it take together (each its 1/n when n share it)
+GPU_SHARE = 0.88
 
 
 def engine_defaults(**gpu_only: Any) -> dict[str, Any]:
