@@ -33,7 +33,9 @@
 #   bash scripts/train_gpu.sh collect  # what the stages made so far (replies, manifests,
 #                                      # logs, metrics, unfinished runs' state, drafters in
 #                                      # pieces) -> $OUT, 8 files a call; `collect more`: the
-#                                      # rest (while or after a job: scripts/gpu_job.sh)
+#                                      # rest (while or after a job: scripts/gpu_job.sh);
+#                                      # `collect feed`: all of it, into a job's OUT as it
+#                                      # is sent
 # Time: a stage stops in time for CORAL_DEADLINE (epoch seconds; default now +
 # CORAL_TIME_LIMIT_MIN, 8.5), leaving what it made usable, so one job can run several
 # stages across the 10-minute commands of a lease.
@@ -438,9 +440,11 @@ print(' '.join(x['lever'] for x in sorted(r, key=lambda x: -x['heldout_tau'])[:2
       --vllm-tau "$R/levers_vllm_tau_dev.json" --out "$R/ablation.json" && cp "$R/ablation.json" "$O/" ;;
   collect)  # for the commands that wait on a job: what it made so far (the replies, the
             # manifests, logs, run metrics) packed into $W/outbox, then sent to $OUT at
-            # most 8 files / 60 MiB a command: `collect more` sends the rest, if any
+            # most 8 files / 60 MiB a command: `collect more` sends the rest, if any;
+            # `collect feed` (a job's last stage; `collect more feed` after a collect)
+            # keeps refilling the job's OUT as the waiting commands send it
     X=$W/outbox
-    if [ "${2:-}" != more ]; then
+    if [[ " $* " != *" more "* ]]; then  # collect, collect feed: pack afresh
       rm -rf "$X" && mkdir -p "$X"
       # the replies, unless the data stage sent them or they came up from here
       [ -d "$W/data/parts" ] && [ ! -f "$W/data/parts.packed" ] \
@@ -471,12 +475,22 @@ print(' '.join(x['lever'] for x in sorted(r, key=lambda x: -x['heldout_tau'])[:2
         [ -f "$W/$d/DONE" ] || O=$X pack "run-${d#runs/}" "$d" --exclude=best.pt
       done
     fi
-    sent=0 bytes=0
-    for f in $(ls "$X" | sort); do
-      size=$(stat -c %s "$X/$f")
-      [ $((bytes + size)) -gt $((60 << 20)) ] || [ "$sent" -ge 8 ] && break
-      mv "$X/$f" "$O/" && sent=$((sent + 1)) bytes=$((bytes + size))
-    done
+    batch() {  # the outbox's next 8 files / 60 MiB -> $O
+      local f size sent=0 bytes=0
+      for f in $(ls "$X" | sort); do
+        size=$(stat -c %s "$X/$f")
+        [ $((bytes + size)) -gt $((60 << 20)) ] || [ "$sent" -ge 8 ] && break
+        mv "$X/$f" "$O/" && sent=$((sent + 1)) bytes=$((bytes + size))
+      done
+    }
+    batch
+    if [[ " $* " == *" feed "* ]]; then  # in a job whose $O other commands send (gpu_job.sh
+      # send moves what it sent out of it): the next batch each time $O is empty, until
+      # the outbox is, or 10 minutes past the deadline
+      while [ -n "$(ls "$X")" ] && [ "$(date +%s)" -lt $((DEADLINE + 600)) ]; do
+        [ -z "$(find "$O" -maxdepth 1 -type f -print -quit)" ] && batch; sleep 3
+      done
+    fi
     ls -l "$O"; left=$(ls "$X" | wc -l)
     [ "$left" = 0 ] && echo "outbox empty" || echo "$left file(s) left: run \`collect more\`" ;;
   curves)

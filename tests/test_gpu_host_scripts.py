@@ -6,7 +6,8 @@ generated data or drafters first, within the cap, each file once. `gpu_job.sh wa
 at once on a host that never ran the job (a replaced host) and as soon as the job has a
 file to send, so a call neither waits on nothing nor holds results. `train_gpu.sh check`
 names an input not carried in the call that starts a job, before the job spends the
-lease on stages that would stop for it. `stage_gguf.sh --detach` joins the last piece
+lease on stages that would stop for it. `train_gpu.sh collect feed` refills a job's OUT each time it has been sent, until all
+is out. `stage_gguf.sh --detach` joins the last piece
 and leaves the conversion to a job that waits for the bundle, so the calls still
 bringing pieces up are not held."""
 from __future__ import annotations
@@ -17,6 +18,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,3 +158,39 @@ def test_stage_gguf_detach_joins_and_leaves_the_conversion_to_a_job(tmp_path: Pa
             os.killpg(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
+
+
+def test_collect_feed_refills_the_jobs_out_as_it_is_sent(tmp_path: Path) -> None:
+    """Ten files to collect (nine drafters' pieces and the logs): eight go into the job's
+    OUT at once; once a send has emptied it, the other two; then the outbox is empty."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    for i in range(9):
+        (work / "drafters" / f"d{i}").mkdir(parents=True)
+        (work / "drafters" / f"d{i}" / "model.safetensors").write_bytes(os.urandom(100))
+    feed = subprocess.Popen(
+        ["bash", "scripts/train_gpu.sh", "collect", "feed"], cwd=REPO, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env={**os.environ, "CORAL_NAME": "check-test", "CORAL_WORK": str(work),
+             "OUT": str(out), "CORAL_DEADLINE": str(int(time.time()) + 60)})
+    try:
+        def files() -> list[str]:
+            return sorted(p.name for p in out.iterdir() if p.is_file()) if out.exists() else []
+
+        for _ in range(300):
+            if len(files()) == 8:
+                break
+            time.sleep(0.1)
+        first = files()
+        assert len(first) == 8 and feed.poll() is None  # waiting for a send
+        time.sleep(4)
+        assert files() == first  # nothing more while OUT still holds them
+        (out / "sent").mkdir()
+        for name in first:
+            (out / name).rename(out / "sent" / name)  # what gpu_job.sh send does
+        said, _ = feed.communicate(timeout=30)
+    finally:
+        feed.kill()
+    assert feed.returncode == 0 and "outbox empty" in said
+    second = files()
+    assert len(second) == 2 and not set(first) & set(second)
+    assert "check-test-logs.tgz" in first + second
