@@ -47,4 +47,4 @@ assert any(e.value == p.__name__ + ':register' for e in m.entry_points(group='vl
   fi
   python3 -m coral_vllm.cli fetch-model smollm2-135m-instruct --gguf "$CORAL_MODELS/SmolLM2-135M-Instruct.Q4_1.gguf"
 ) 9> /tmp/coral-vllm-setup.lock || return 1
-[ -d "$REPO/.gpu-data" ] && export CORAL_VLLM_WHEELS=$REPO/.gpu-data
+if [ -d "$REPO/.gpu-data" ]; then export CORAL_VLLM_WHEELS=$REPO/.gpu-data; fi  # (status 0 without)
