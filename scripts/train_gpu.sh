@@ -483,13 +483,14 @@ print(' '.join(x['lever'] for x in sorted(r, key=lambda x: -x['heldout_tau'])[:2
         mv "$X/$f" "$O/" && sent=$((sent + 1)) bytes=$((bytes + size))
       done
     }
-    batch
     if [[ " $* " == *" feed "* ]]; then  # in a job whose $O other commands send (gpu_job.sh
       # send moves what it sent out of it): the next batch each time $O is empty, until
       # the outbox is, or 10 minutes past the deadline
       while [ -n "$(ls "$X")" ] && [ "$(date +%s)" -lt $((DEADLINE + 600)) ]; do
         [ -z "$(find "$O" -maxdepth 1 -type f -print -quit)" ] && batch; sleep 3
       done
+    else
+      batch
     fi
     ls -l "$O"; left=$(ls "$X" | wc -l)
     [ "$left" = 0 ] && echo "outbox empty" || echo "$left file(s) left: run \`collect more\`" ;;
