@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
               "prompts_per_dataset": {d: len(p) for d, p in prompts.items()},
               "max_tokens": args.max_tokens,
               "measured_by": "vLLM spec-decode counters (chain drafting, target verifying)",
+              "engines_at_a_time": args.engines,  # (the same counters either way)
               "rows": rows}
     write_json(Path(args.out), result)
     return 0
