@@ -87,10 +87,13 @@ pieces() {  # every piece of the pack named $1 anywhere under .gpu-data, in orde
   find -L .gpu-data -name "$1.[0-9][0-9]" 2>/dev/null | awk -F/ '{print $NF "\t" $0}' \
     | sort | cut -f2
 }
-restore() {  # every .gpu-data/**/$N-PART.tar.xz.* whose folder (data, runs/RUN) $W lacks
+restore() {  # every .gpu-data/**/$N-PART.tar.xz.* whose folder (data, runs/RUN) $W lacks;
+  # PART as `pack` names them, so that another target's pieces whose name starts with this
+  # one's (qwen2.5-coder-1.5b-all-data0 beside qwen2.5-coder-1.5b) are not taken for its
   local first name top
   for first in $(find -L .gpu-data -name "$N-*.tar.xz.00" 2>/dev/null | sort); do
     name=$(basename "${first%.00}")
+    [[ ${name#"$N-"} =~ ^(data[0-9]*|run-.+|drafter-.+)\.tar\.xz$ ]] || continue
     if [ -n "$(pieces "$name" | awk -F/ '{print $NF}' | uniq -d)" ]; then
       echo "restore: two copies of a piece of $name under .gpu-data; carry one:"; pieces "$name"
       continue

@@ -6,18 +6,22 @@ generated data or drafters first, within the cap, each file once. `gpu_job.sh wa
 at once on a host that never ran the job (a replaced host) and as soon as the job has a
 file to send, so a call neither waits on nothing nor holds results. `train_gpu.sh check`
 names an input not carried in the call that starts a job, before the job spends the
-lease on stages that would stop for it. `train_gpu.sh collect feed` refills a job's OUT each time it has been sent, until all
+lease on stages that would stop for it. Every stage first restores the pieces carried for its target, and only those (not another
+target's whose name starts with its own). `train_gpu.sh collect feed` refills a job's OUT each time it has been sent, until all
 is out. `stage_gguf.sh --detach` joins the last piece
 and leaves the conversion to a job that waits for the bundle, so the calls still
 bringing pieces up are not held."""
 from __future__ import annotations
 
 import hashlib
+import io
+import lzma
 import os
 import re
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -194,3 +198,34 @@ def test_collect_feed_refills_the_jobs_out_as_it_is_sent(tmp_path: Path) -> None
     second = files()
     assert len(second) == 2 and not set(first) & set(second)
     assert "check-test-logs.tgz" in first + second
+
+
+def _piece(path: Path, folder: str) -> None:
+    """A pack of one: `folder` (one file in it) as tar.xz, the way `pack` cuts them."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        for name, kind in ((folder, tarfile.DIRTYPE), (f"{folder}/x", tarfile.REGTYPE)):
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            tar.addfile(info, io.BytesIO(b"") if kind == tarfile.REGTYPE else None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(lzma.compress(raw.getvalue()))
+
+
+def test_restore_takes_its_targets_pieces_not_a_longer_named_targets(tmp_path: Path) -> None:
+    """Pieces of `t` and of `t-all` carried together (run from a folder holding them as its
+    .gpu-data): a stage of `t` restores its own data shard and run, not `t-all`'s."""
+    carried = tmp_path / ".gpu-data" / "s"
+    _piece(carried / "t-data0.tar.xz.00", "data/parts/shard0-of-2")
+    _piece(carried / "t-run-long.tar.xz.00", "runs/long")
+    _piece(carried / "t-all-data1.tar.xz.00", "data/parts/shard1-of-2")
+    prompts = tmp_path / "c.jsonl.xz"
+    prompts.write_bytes(b"")
+    work = tmp_path / "work"
+    got = subprocess.run(["bash", str(REPO / "scripts" / "train_gpu.sh"), "check", "long"],
+                         cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "CORAL_NAME": "t", "CORAL_WORK": str(work),
+                              "OUT": str(tmp_path / "out"), "CORAL_CONVERSATIONS": str(prompts)})
+    assert got.returncode == 0, got.stdout + got.stderr
+    assert (work / "data/parts/shard0-of-2/x").exists() and (work / "runs/long/x").exists()
+    assert not (work / "data/parts/shard1-of-2").exists()
