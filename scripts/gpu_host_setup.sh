@@ -7,7 +7,7 @@
 #    kernels included) importable and writes the `vllm.general_plugins` entry point
 #    vLLM loads the plugin by;
 #  - installs carried wheels (.whl/: accelerate, for GGUF loading) into the staged site;
-#  - points the dataset loaders at carried dataset wheels (.gpu-data/);
+#  - points the dataset loaders at carried dataset wheels (.gpu-data/w/);
 #  - converts the default target from the staged GGUF (once per host).
 # Host layout, each overridable: CORAL_SITE (staged vLLM, default /root/coral-site),
 # CORAL_MODELS (staged GGUF files, default /root/models).
@@ -47,4 +47,8 @@ assert any(e.value == p.__name__ + ':register' for e in m.entry_points(group='vl
   fi
   python3 -m coral_vllm.cli fetch-model smollm2-135m-instruct --gguf "$CORAL_MODELS/SmolLM2-135M-Instruct.Q4_1.gguf"
 ) 9> /tmp/coral-vllm-setup.lock || return 1
-if [ -d "$REPO/.gpu-data" ]; then export CORAL_VLLM_WHEELS=$REPO/.gpu-data; fi  # (status 0 without)
+# The evaluation sets' wheels: a CORAL_VLLM_WHEELS already set stays (jobs source this again
+# in every stage); else the folder scripts/gpu_carry.sh fills. Status 0 without either.
+if [ -z "${CORAL_VLLM_WHEELS:-}" ] && [ -d "$REPO/.gpu-data/w" ]; then
+  export CORAL_VLLM_WHEELS=$REPO/.gpu-data/w
+fi

