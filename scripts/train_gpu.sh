@@ -103,7 +103,10 @@ restore() {  # every .gpu-data/**/$N-PART.tar.xz.* whose folder (data, runs/RUN)
   done
 }
 restore
-long_done() { grep -qs "^stage 1 done" "$R/train_long.log"; }  # the shipped drafter's run
+long_done() {  # the long run (the shipped drafter's) reached its end: its log says so, here
+  # or in the run folder where the finished run came back from a lease without its state
+  grep -qs "^stage 1 done" "$R/train_long.log" "$W/runs/long/train_long.log"
+}
 export_run() {  # run -> bf16 drafter dir -> $O/$N-drafter_RUN.tgz (fits the 16 MiB per file)
   local dense; dense=$([ "$1" = coral ] || echo --dense)
   python3 -m coral_vllm.cli train export --run "$W/runs/$1" --dest "$W/drafters/$1" \
@@ -185,9 +188,6 @@ train_runs() {  # train_runs TGZ NAME:PRESET:FLAGS... (commas for spaces in FLAG
   local finished; finished=$(cd "$W" && for d in runs/*/DONE; do d=${d%/DONE}; \
     [ -d "$d" ] && echo "$d/DONE $d/metrics.jsonl $d/train_config.json $d/train.log"; done)
   [ -z "$finished" ] || tar -C "$W" -czf "$O/$N-$tgz.tgz" $finished
-}
-long_done() {  # the long run reached its end (router and ship take its final drafter)
-  grep -q "^stage 1 done" "$R/train_long.log" 2>/dev/null || { echo "long: not done"; return 1; }
 }
 restore_runs() {  # what `curves` sent back, for `finish` on a later lease
   for p in $PRESETS; do
@@ -274,6 +274,7 @@ sys.exit(bool(gone))" || bad=1 ;;
       trim="$W/runs/loops-trim" --out "$R/loops.json" && cat "$R/loops.json" ;;
   long)  # the shipped drafter's run: one plan (below) to its end, resumed by every later
           # call or lease from what came back; the deadline stops it (state saved)
+    long_done && { echo "long: done"; exit 0; }  # (a run restored without state starts nothing)
     data_ready
     recipe_run "$W/data" "$W/runs/long" --epochs 6 --eval-every 200 --log-every 50 \
       --time-limit-min "$(left_min 1.5)" ${CORAL_TRAIN_ARGS:-} >> "$R/train_long.log" 2>&1
@@ -298,7 +299,7 @@ sys.exit(bool(gone))" || bad=1 ;;
            # held-out split (never a test set) is what ship exports. The table is written
            # last and marks the stage done; one cut off by the deadline chose nothing and
            # the next call starts it over (minutes on a GPU).
-    long_done || exit 3
+    long_done || { echo "long: not done"; exit 3; }
     sweep=$W/runs/long/router_sweep.json
     if [ ! -f "$sweep" ]; then
       data_ready  # the run's held-out split and training counts come from its data
@@ -460,11 +461,18 @@ print(' '.join(x['lever'] for x in sorted(r, key=lambda x: -x['heldout_tau'])[:2
         for f in metrics.jsonl train_config.json; do [ -f "$d/$f" ] && echo "$d/$f"; done; done)
       [ -z "$runs" ] || tar -C "$W" -czf "$X/$N-loops.tgz" $runs
       # the long run: its metrics first (small); whole (state included: the next lease
-      # resumes it) only while unfinished; its drafters in pieces (Qwen's: ~100 MB each)
+      # resumes it) while unfinished; finished but not exported (ship did not get to it),
+      # its best.pt and log without the state (the optimizer's moments: 2/3 of it), what
+      # router and ship need; its drafters in pieces (Qwen's: ~100 MB each)
       [ -d "$W/runs/long" ] && tar -C "$W" -czf "$X/$N-long-metrics.tgz" \
         $(cd "$W" && ls runs/long/{metrics.jsonl,train_config.json,router_sweep.json,profile.txt,profile.json} \
           runs/profile/profile.txt runs/profile/profile.json 2>/dev/null)
-      long_done || { [ -d "$W/runs/long" ] && O=$X pack run-long runs/long; }
+      if ! long_done; then
+        [ -d "$W/runs/long" ] && O=$X pack run-long runs/long
+      elif [ -z "$(ls -d "$W"/drafters/long-* 2>/dev/null)" ]; then
+        cp "$R/train_long.log" "$W/runs/long/" 2>/dev/null
+        O=$X pack run-long runs/long --exclude=state
+      fi
       for d in $(cd "$W" && ls -d drafters/*/ 2>/dev/null); do  # each restored on its own
         d=${d%/}; case $d in drafters/long-shared|drafters/long-pinned|drafters/long-router-p*)
           continue ;; esac  # variants of long-router, remade from it (the pinned choice: its json)

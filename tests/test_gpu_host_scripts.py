@@ -11,7 +11,9 @@ target's whose name starts with its own). `train_gpu.sh collect feed` refills a 
 is out. `stage_gguf.sh --detach` joins the last piece
 and leaves the conversion to a job that waits for the bundle, so the calls still
 bringing pieces up are not held. `gpu_host_setup.sh` points the evaluation sets' loaders
-at the carried wheels folder and keeps a value already set when a stage sources it again."""
+at the carried wheels folder and keeps a value already set when a stage sources it again.
+A long run that ended before `ship` exported it goes back as best.pt and its log, and
+counts as done where it is restored."""
 from __future__ import annotations
 
 import hashlib
@@ -230,6 +232,45 @@ def test_restore_takes_its_targets_pieces_not_a_longer_named_targets(tmp_path: P
     assert got.returncode == 0, got.stdout + got.stderr
     assert (work / "data/parts/shard0-of-2/x").exists() and (work / "runs/long/x").exists()
     assert not (work / "data/parts/shard1-of-2").exists()
+
+
+def test_a_finished_unexported_run_comes_back_without_state_and_counts_as_done(
+        tmp_path: Path) -> None:
+    """`collect` after a long run ended but before `ship` exported it: the run goes back as
+    best.pt and its log, not its state; carried to a fresh host, it is restored, `long`
+    finds it done (starts nothing) and router / ship may take it."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    run = work / "runs" / "long"
+    (run / "state").mkdir(parents=True)
+    (run / "state" / "latest.pt").write_bytes(os.urandom(4096))
+    (run / "best.pt").write_bytes(os.urandom(1024))
+    (run / "metrics.jsonl").write_text("{}\n")
+    (work / "results").mkdir()
+    (work / "results" / "train_long.log").write_text("stage 1 done: 9 steps\n")
+    env = {**os.environ, "CORAL_NAME": "t", "OUT": str(out)}
+    got = subprocess.run(["bash", str(REPO / "scripts" / "train_gpu.sh"), "collect"],
+                         cwd=tmp_path, capture_output=True, text=True,
+                         env={**env, "CORAL_WORK": str(work)})
+    assert got.returncode == 0, got.stdout + got.stderr
+    pieces = sorted(out.glob("t-run-long.tar.xz.*"))
+    assert pieces, got.stdout
+    with tarfile.open(fileobj=io.BytesIO(lzma.decompress(b"".join(
+            p.read_bytes() for p in pieces)))) as tar:
+        names = set(tar.getnames())
+    assert {"runs/long/best.pt", "runs/long/train_long.log"} <= names
+    assert not any("state" in n for n in names), names
+
+    host = tmp_path / "host"
+    (host / ".gpu-data" / "s10").mkdir(parents=True)
+    for p in pieces:
+        (host / ".gpu-data" / "s10" / p.name).write_bytes(p.read_bytes())
+    fresh = subprocess.run(["bash", str(REPO / "scripts" / "train_gpu.sh"), "long"],
+                           cwd=host, capture_output=True, text=True,
+                           env={**env, "CORAL_WORK": str(host / "work"),
+                                "OUT": str(host / "out")})
+    assert fresh.returncode == 0 and "long: done" in fresh.stdout, fresh.stdout + fresh.stderr
+    assert (host / "work" / "runs" / "long" / "best.pt").read_bytes() == \
+        (run / "best.pt").read_bytes()
 
 
 def _wheels_after_setup(repo: Path, site: Path, preset: str | None) -> str:

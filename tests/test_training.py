@@ -180,6 +180,28 @@ def test_train_validates_keeps_best_and_exports(tiny, trained):
     assert read_checkpoint(shared).coral.group_sharing == "batch"
 
 
+def test_a_run_that_travelled_as_best_pt_alone_exports_the_same_drafter(tiny, trained,
+                                                                      tmp_path):
+    """A finished run sent back without its state (the optimizer's moments: ~3x the
+    drafter) exports from best.pt what the whole run exports; `latest` says what is missing."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from coral_vllm.training.export import export
+
+    light = tmp_path / "run"
+    light.mkdir()
+    for f in ("best.pt", "metrics.jsonl", "train_config.json"):
+        shutil.copy(trained["out"] / f, light / f)
+    whole = load_file(export(trained["out"], tmp_path / "whole") / "model.safetensors")
+    alone = load_file(export(light, tmp_path / "alone") / "model.safetensors")
+    assert whole.keys() == alone.keys()
+    assert all(torch.equal(whole[k], alone[k]) for k in whole)
+    with pytest.raises(FileNotFoundError, match=r"no state/latest.pt \(checkpoint latest\)"):
+        export(light, tmp_path / "latest", checkpoint="latest")
+
+
 def test_offline_chain_tau_equals_token_by_token_speculation(tiny, trained):
     """The batched replay (validate.chain_tau) gives exactly the rounds and accepted
     drafts of real chain speculation (draft k, verify, accept the prefix) with the dense

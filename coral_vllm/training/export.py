@@ -30,7 +30,8 @@ from coral_vllm.model_store.target_heads import read_target_heads
 from coral_vllm.training.config import TrainConfig
 from coral_vllm.data.shards import load_splits, train_token_counts
 from coral_vllm.data.target import target_config_dict
-from coral_vllm.training.run_dir import BEST_FILE, ROUTER_FILE, load_state, swept_router_file
+from coral_vllm.training.run_dir import BEST_FILE, ROUTER_FILE, STATE_FILE, load_state, \
+    swept_router_file
 
 
 def export(run_dir: str | Path, dest: str | Path, *, dense: bool = False,
@@ -56,10 +57,18 @@ def export(run_dir: str | Path, dest: str | Path, *, dense: bool = False,
     """
     _check_options(checkpoint, selection, dense, static_rows, pinned_groups)
     run = Path(run_dir)
-    state = load_state(run)
-    if state is None:
-        raise FileNotFoundError(f"{run}: no stage-1 state (state/latest.pt); run `train`.")
-    chosen = (load_state(run, BEST_FILE) if checkpoint == "best" else None) or state
+    latest, best = load_state(run), load_state(run, BEST_FILE)
+    if latest is None and best is None:
+        raise FileNotFoundError(f"{run}: no stage-1 state ({STATE_FILE} or {BEST_FILE}); "
+                                "run `train`.")
+    if checkpoint == "latest" and latest is None:
+        raise FileNotFoundError(f"{run}: no {STATE_FILE} (checkpoint latest); the run "
+                                f"came without its state: export its {BEST_FILE} "
+                                "(checkpoint best)")
+    # A finished run may travel as best.pt alone (its state holds the optimizer: ~3x
+    # the size); config, target sizes and step are in either file.
+    chosen = (best if checkpoint == "best" else None) or latest
+    state = latest or best
     cfg = TrainConfig.from_dict(state["config"])
     tcfg = target_config_dict(cfg.target) if Path(cfg.target, "config.json").is_file() \
         else dict(state["target_config"])
