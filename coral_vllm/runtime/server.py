@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -108,24 +109,48 @@ def running_server_processes(specs: dict[str, ServerSpec], *, startup_timeout: f
     """`running_servers`, yielding each server's process id with its URL."""
     procs: dict[str, tuple[subprocess.Popen, Path]] = {}
     urls: dict[str, str] = {}
+    with _sigterm_raises():
+        try:
+            for name, spec in specs.items():
+                port = free_port()
+                cmd = serve_command(spec, port)
+                log_file = Path(spec.log_path) if spec.log_path else Path(
+                    tempfile.mkstemp(suffix=".log", prefix=f"vllm-serve-{name}-")[1])
+                env = {**os.environ, "VLLM_HOST_IP": "127.0.0.1"}
+                with open(log_file, "w") as log:
+                    procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                                    env=env, start_new_session=True), log_file)
+                urls[name] = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + startup_timeout
+            for name, (proc, log_file) in procs.items():
+                _wait_healthy(urls[name], proc, deadline - time.monotonic(), log_file, progress)
+            yield {name: RunningServer(urls[name], proc.pid)
+                   for name, (proc, _) in procs.items()}
+        finally:
+            for proc, _ in procs.values():
+                _stop(proc)
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While servers run, SIGTERM (a `timeout`, a job's stop) raises SystemExit, so that
+    they are stopped on the way out: each is in a session of its own, out of reach of a
+    signal to our process group, and Python's default SIGTERM exits without unwinding,
+    which would leave them holding the GPU for whatever runs next. A second SIGTERM is
+    ignored while they stop. Only the main thread can set a handler; elsewhere, as before."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_exit(signum: int, _frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, raise_exit)
     try:
-        for name, spec in specs.items():
-            port = free_port()
-            cmd = serve_command(spec, port)
-            log_file = Path(spec.log_path) if spec.log_path else Path(
-                tempfile.mkstemp(suffix=".log", prefix=f"vllm-serve-{name}-")[1])
-            env = {**os.environ, "VLLM_HOST_IP": "127.0.0.1"}
-            with open(log_file, "w") as log:
-                procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                                env=env, start_new_session=True), log_file)
-            urls[name] = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + startup_timeout
-        for name, (proc, log_file) in procs.items():
-            _wait_healthy(urls[name], proc, deadline - time.monotonic(), log_file, progress)
-        yield {name: RunningServer(urls[name], proc.pid) for name, (proc, _) in procs.items()}
+        yield
     finally:
-        for proc, _ in procs.values():
-            _stop(proc)
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float, log_file: Path,
