@@ -307,8 +307,11 @@ sys.exit(bool(gone))" || bad=1 ;;
       if python3 -c "import sys; sys.exit($left >= 1)"; then
         echo "router: not started ($left min left); the next call starts it"; exit 0
       fi
+      # --data, --target: where they are now (the run's config holds the paths it was
+      # trained with, elsewhere when the run was restored under another CORAL_WORK)
       timeout "${left}m" python3 -m coral_vllm.cli train router --out "$W/runs/long" \
-        --sweep-groups $ROUTER_SWEEP ${CORAL_ROUTER_ARGS:-} > "$R/router_sweep.log" 2>&1
+        --data "$W/data" --target "$M" --sweep-groups $ROUTER_SWEEP ${CORAL_ROUTER_ARGS:-} \
+        > "$R/router_sweep.log" 2>&1
       echo "router: exit $?"
     fi
     [ -f "$sweep" ] || { tail -n 5 "$R/router_sweep.log"; exit 3; }

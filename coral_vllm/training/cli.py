@@ -230,8 +230,10 @@ def _add_router(sub: argparse._SubParsersAction) -> None:
                        "kept frozen; writes the routed drafter directory OUT).")
     r.add_argument("--out", default=None, help="run directory of a finished `train`")
     r.add_argument("--drafter", default=None, help="exported drafter directory")
-    r.add_argument("--target", default=None, help="with --drafter: the target model")
-    r.add_argument("--data", default=None, help="with --drafter: data directory")
+    r.add_argument("--target", default=None, help="with --drafter: the target model; with "
+                   "--out: instead of the path in the run's config (a run restored elsewhere)")
+    r.add_argument("--data", default=None, help="with --drafter: data directory; with --out: "
+                   "instead of the path in the run's config")
     r.add_argument("--dest", default=None, help="with --drafter: routed drafter to write")
     r.add_argument("--report", default=None, help="with --drafter: also write the report here")
     r.add_argument("--device", default=None)
