@@ -198,6 +198,8 @@ def test_a_run_that_travelled_as_best_pt_alone_exports_the_same_drafter(tiny, tr
     alone = load_file(export(light, tmp_path / "alone") / "model.safetensors")
     assert whole.keys() == alone.keys()
     assert all(torch.equal(whole[k], alone[k]) for k in whole)
+    trained_as = json.loads((tmp_path / "alone" / "config.json").read_text())["coral_training"]
+    assert trained_as["checkpoint"] == "best"  # what it is, though the run has no state
     with pytest.raises(FileNotFoundError, match=r"no state/latest.pt \(checkpoint latest\)"):
         export(light, tmp_path / "latest", checkpoint="latest")
 

@@ -57,21 +57,19 @@ def export(run_dir: str | Path, dest: str | Path, *, dense: bool = False,
     """
     _check_options(checkpoint, selection, dense, static_rows, pinned_groups)
     run = Path(run_dir)
-    latest, best = load_state(run), load_state(run, BEST_FILE)
-    if latest is None and best is None:
-        raise FileNotFoundError(f"{run}: no stage-1 state ({STATE_FILE} or {BEST_FILE}); "
-                                "run `train`.")
-    if checkpoint == "latest" and latest is None:
-        raise FileNotFoundError(f"{run}: no {STATE_FILE} (checkpoint latest); the run "
-                                f"came without its state: export its {BEST_FILE} "
-                                "(checkpoint best)")
-    # A finished run may travel as best.pt alone (its state holds the optimizer: ~3x
-    # the size); config, target sizes and step are in either file.
-    chosen = (best if checkpoint == "best" else None) or latest
-    state = latest or best
-    cfg = TrainConfig.from_dict(state["config"])
+    best = load_state(run, BEST_FILE) if checkpoint == "best" else None
+    chosen = best or load_state(run)  # the latest state: asked for, or no best.pt
+    if chosen is None:
+        raise FileNotFoundError(
+            f"{run}: no {STATE_FILE} (checkpoint latest); the run came without its state: "
+            f"export its {BEST_FILE} (checkpoint best)" if checkpoint == "latest" else
+            f"{run}: no stage-1 state ({BEST_FILE} or {STATE_FILE}); run `train`.")
+    # Either file holds the run's config, the target's sizes and the step, so best.pt
+    # alone exports (a finished run may travel without its state: the optimizer's
+    # moments make it ~3x the size), and the state is never read when best.pt is there.
+    cfg = TrainConfig.from_dict(chosen["config"])
     tcfg = target_config_dict(cfg.target) if Path(cfg.target, "config.json").is_file() \
-        else dict(state["target_config"])
+        else dict(chosen["target_config"])
     vocab, d = tcfg["vocab_size"], tcfg["hidden_size"]
     torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16,
                    "float32": torch.float32}[dtype]
@@ -101,8 +99,8 @@ def export(run_dir: str | Path, dest: str | Path, *, dense: bool = False,
     config = drafter_llama_config(tcfg, coral, cfg.num_layers, cfg.fused_layer_ids(tcfg))
     config["torch_dtype"] = config["dtype"] = dtype
     config["coral_training"] = {"num_steps": cfg.num_steps, "csra_weight": cfg.csra_weight,
-                                "steps_trained": chosen.get("step", state["step"]),
-                                "checkpoint": "best" if chosen is not state else "latest",
+                                "steps_trained": chosen["step"],
+                                "checkpoint": "best" if best is not None else "latest",
                                 "validation": chosen.get("eval"),
                                 "router_stage": r.source == "stage 2",
                                 "router_online": r.source == "online",
