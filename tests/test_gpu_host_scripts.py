@@ -6,14 +6,15 @@ generated data or drafters first, within the cap, each file once. `gpu_job.sh wa
 at once on a host that never ran the job (a replaced host) and as soon as the job has a
 file to send, so a call neither waits on nothing nor holds results. `train_gpu.sh check`
 names an input not carried in the call that starts a job, before the job spends the
-lease on stages that would stop for it. Every stage first restores the pieces carried for its target, and only those (not another
-target's whose name starts with its own). `train_gpu.sh collect feed` refills a job's OUT each time it has been sent, until all
-is out. `stage_gguf.sh --detach` joins the last piece
-and leaves the conversion to a job that waits for the bundle, so the calls still
-bringing pieces up are not held. `gpu_host_setup.sh` points the evaluation sets' loaders
-at the carried wheels folder and keeps a value already set when a stage sources it again.
-A long run that ended before `ship` exported it goes back as best.pt and its log, and
-counts as done where it is restored."""
+lease on stages that would stop for it. Every stage first restores the pieces carried for
+its target, and only those (not another target's whose name starts with its own).
+`train_gpu.sh collect feed` refills a job's OUT each time it has been sent, until all is
+out. `stage_gguf.sh --detach` joins the last piece and leaves the conversion to a job
+that waits for the bundle, so the calls still bringing pieces up are not held.
+`gpu_host_setup.sh` points the evaluation sets' loaders at the carried wheels folder and
+keeps a value already set when a stage sources it again. A long run that ended before
+`ship` exported it goes back as best.pt and its log, and counts as done where it is
+restored."""
 from __future__ import annotations
 
 import hashlib

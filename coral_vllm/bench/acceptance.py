@@ -14,8 +14,8 @@ its steps at other positions of the same (greedy, lossless) text, so the two agr
 expectation, not to the digit. One engine per drafter instead of one per k.
 
 `--engines N` measures N drafters at a time, each engine in its own process with 1/N of
-the GPU's memory share and its own compile cache, so that their starts overlap. The table is the one a drafter at a time makes, since tau comes
-from counters, not timings.
+the GPU's memory share and its own compile cache, so that their starts overlap. The table
+is the one a drafter at a time makes, since tau comes from counters, not timings.
 
     coral-vllm bench acceptance --drafters eagle=DIR hass=DIR coral=DIR \\
         --router-report benchmarks/results/router_report_smollm2.json
