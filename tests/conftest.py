@@ -8,14 +8,23 @@ fast tier, `pytest -m "not engine"`, deselects them); collection fails if one do
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
-from coral_vllm.model_store.drafter_init import init_drafter
-from coral_vllm.model_store.targets import fetch_model
-from drafter_kinds import Drafters
-from engine_runs import EngineRuns
+if not torch.cuda.is_available():
+    # The Triton kernels' tests run them in Triton's interpreter on a CPU. The variable
+    # must be set before anything imports triton (vLLM does, on import): a kernel defined
+    # before it is compiled for a GPU and fails in the interpreter ("Cannot call
+    # @triton.jit'd outside of the scope of a kernel"). Set here, before any test module.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from coral_vllm.model_store.drafter_init import init_drafter  # noqa: E402
+from coral_vllm.model_store.targets import fetch_model  # noqa: E402
+from drafter_kinds import Drafters  # noqa: E402
+from engine_runs import EngineRuns  # noqa: E402
 
 ENGINE_FIXTURES = {"runs"}
 
@@ -33,8 +42,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def one_thread():
     """Tiny tensors: one thread is as fast, and immune to OpenMP spin-waiting when the
     CI box is shared (2 threads on 2 busy cores made test_training.py 40x slower)."""
-    import torch
-
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

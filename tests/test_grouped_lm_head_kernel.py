@@ -9,14 +9,10 @@ of the chosen groups. Outputs are poisoned first so an unwritten element fails.
 from __future__ import annotations
 
 import math
-import os
 import zlib
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 try:
     import triton  # noqa: F401

@@ -7,14 +7,10 @@ every token (`test_grouped_lm_head_kernel.reference` with one group list repeate
 from __future__ import annotations
 
 import math
-import os
 import zlib
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 try:
     import triton  # noqa: F401

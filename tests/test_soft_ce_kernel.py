@@ -5,13 +5,9 @@ bfloat16 (loose), with argmax ties and very peaked rows."""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 try:
     import triton  # noqa: F401
